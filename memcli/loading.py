@@ -1,0 +1,356 @@
+"""Finding a checkpoint, planning its tensors, and streaming them into a model and an initial state.
+
+Loading is apart from modelling: `model.py` never reads a file. Weights are read tensor by tensor
+(the memory tensor layer by layer) from the safetensors shards, converted — and quantized — on the
+way to the device, so the peak host memory is about one tensor, not the 39 GB checkpoint.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from .config import ConfigError, ModelConfig, read_config
+from .model import Projection, Selector, Transformer
+from .state import CHECKPOINT_ORIGIN, LongTermMemory, MemoryState, new_generator
+
+# Short names users type; the hub ids are the published checkpoints.
+ALIASES = {
+    "memoryllm-8b-chat": "YuWangX/memoryllm-8b-chat",
+    "memoryllm-8b": "YuWangX/memoryllm-8b",
+    "mplus-8b": "YuWangX/mplus-8b",
+    "memoryllm-7b": "YuWangX/memoryllm-7b",
+}
+HUB_PATTERNS = ["*.json", "*.safetensors", "tokenizer*", "*.model", "*.jinja"]
+PROJECTIONS = {
+    "q_proj": "self_attn",
+    "k_proj": "self_attn",
+    "v_proj": "self_attn",
+    "o_proj": "self_attn",
+    "gate_proj": "mlp",
+    "up_proj": "mlp",
+    "down_proj": "mlp",
+}
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be found, trusted or read; the message is one line."""
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    name: str
+    shape: tuple[int, ...]
+    dtype: str  # safetensors code: "F32", "U8"
+
+
+# --------------------------------------------------------------------------- the plan
+def weight_plan(cfg: ModelConfig, ltm_rows: list[int] | None = None) -> list[TensorSpec]:
+    """Every tensor the official `save_pretrained` writes for this config, in state_dict order.
+
+    `ltm_rows`: the per-layer LTM length of an M+ file (not knowable from config alone);
+    defaults to `ltm_initial_size`.
+    """
+    d, L, f = cfg.hidden_size, cfg.num_layers, "F32"
+    kv_out = cfg.num_kv_heads * cfg.head_dim
+    q_out = cfg.num_heads * cfg.head_dim
+    plan = [
+        TensorSpec("memory", (L, cfg.memory_rows, d), f),
+        TensorSpec("new_memory_positional_emb", (1, 1, d), f),
+        TensorSpec("bos_embedding", (L, 1, d), f),
+    ]
+    if cfg.family != "mplus":
+        plan.append(TensorSpec("initialized", (), "U8"))
+    plan.append(TensorSpec("model.embed_tokens.weight", (cfg.vocab_size, d), f))
+    shapes = {
+        "q_proj": (q_out, d),
+        "k_proj": (kv_out, d),
+        "v_proj": (kv_out, d),
+        "o_proj": (d, q_out),
+        "gate_proj": (cfg.intermediate_size, d),
+        "up_proj": (cfg.intermediate_size, d),
+        "down_proj": (d, cfg.intermediate_size),
+    }
+    for i in range(L):
+        prefix = f"model.layers.{i}."
+        if cfg.family == "mplus":
+            s = cfg.selector_hidden_dim
+            selectors = ["query_proj", "key_proj"] + (["encoder_query_proj"] if cfg.add_encoder_retriever else [])
+            for sel in selectors:
+                plan.append(TensorSpec(f"{prefix}self_attn.{sel}.0.weight", (2 * s, d), f))
+                plan.append(TensorSpec(f"{prefix}self_attn.{sel}.2.weight", (s, 2 * s), f))
+        for proj, shape in shapes.items():
+            name = f"{prefix}{PROJECTIONS[proj]}.{proj}"
+            if proj in cfg.lora_targets:
+                r = cfg.lora_rank
+                plan.append(TensorSpec(f"{name}.base_layer.weight", shape, f))
+                for ab, ab_shape in (("lora_A", (r, shape[1])), ("lora_B", (shape[0], r))):
+                    for adapter in ("default", "decoder_adapter"):
+                        plan.append(TensorSpec(f"{name}.{ab}.{adapter}.weight", ab_shape, f))
+            else:
+                plan.append(TensorSpec(f"{name}.weight", shape, f))
+        plan.append(TensorSpec(f"{prefix}input_layernorm.weight", (d,), f))
+        plan.append(TensorSpec(f"{prefix}post_attention_layernorm.weight", (d,), f))
+    plan.append(TensorSpec("model.norm.weight", (d,), f))
+    plan.append(TensorSpec("lm_head.weight", (cfg.vocab_size, d), f))
+    if cfg.family == "mplus":
+        rows = ltm_rows or [cfg.ltm_initial_size] * L
+        s = cfg.selector_hidden_dim
+        for kind, shape in (("ltm", (d,)), ("ltm_keys", (s,)), ("ltm_recall_frequencies", ()), ("ltm_ages", ())):
+            for i in range(L):
+                plan.append(TensorSpec(f"{kind}.{i}", (rows[i], *shape), f))
+    return plan
+
+
+# --------------------------------------------------------------------------- finding files
+def resolve_checkpoint(model: str, revision: str | None = None) -> Path:
+    """A local folder, or a hub id / alias fetched through huggingface_hub (HF_HOME, HF_HUB_OFFLINE)."""
+    local = Path(model).expanduser()
+    if local.is_dir():
+        return local
+    repo_id = ALIASES.get(model, model)
+    if repo_id.count("/") != 1 or local.suffix:
+        raise CheckpointError(f"model {model!r} is neither a folder nor a hub id (known: {', '.join(ALIASES)})")
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import LocalEntryNotFoundError
+
+    try:
+        return Path(snapshot_download(repo_id, revision=revision, allow_patterns=HUB_PATTERNS))
+    except LocalEntryNotFoundError:
+        raise CheckpointError(
+            f"model {repo_id} is not downloaded and the hub cannot be reached (offline); "
+            f"run `memcli pull {model}` with a network connection"
+        ) from None
+    except Exception as err:  # the hub client raises many kinds; the user needs one line
+        raise CheckpointError(f"cannot fetch {repo_id}: {str(err).splitlines()[0]}") from None
+
+
+class CheckpointReader:
+    """Lazy, per-tensor access to a checkpoint's weight files (safetensors; pickle only on request)."""
+
+    def __init__(self, folder: Path, allow_pickle: bool = False):
+        from safetensors import safe_open
+
+        self.folder = Path(folder)
+        self._files: dict[str, object] = {}
+        self._where: dict[str, Path] = {}
+        shards = sorted(self.folder.glob("*.safetensors"))
+        index = self.folder / "model.safetensors.index.json"
+        if index.exists():
+            weight_map = json.loads(index.read_text())["weight_map"]
+            self._where = {name: self.folder / file for name, file in weight_map.items()}
+        elif shards:
+            for shard in shards:
+                with safe_open(str(shard), "pt") as handle:
+                    for name in handle.keys():
+                        self._where[name] = shard
+        elif list(self.folder.glob("*.bin")):
+            if not allow_pickle:
+                raise CheckpointError(
+                    f"{self.folder} has only pickle (.bin) weights, which can run code when loaded; "
+                    "convert them to safetensors or pass --allow-pickle if you trust the source"
+                )
+            self._load_pickle()
+        else:
+            raise CheckpointError(f"{self.folder} has no weight files (*.safetensors)")
+        self._safe_open = safe_open
+
+    def _load_pickle(self) -> None:
+        self._pickled: dict[str, torch.Tensor] = {}
+        for shard in sorted(self.folder.glob("*.bin")):
+            # weights_only refuses arbitrary objects; mmap keeps host memory bounded.
+            self._pickled.update(torch.load(shard, map_location="cpu", weights_only=True, mmap=True))
+        self._where = {name: Path("<pickle>") for name in self._pickled}
+
+    def names(self) -> set[str]:
+        return set(self._where)
+
+    def _handle(self, name: str):
+        path = self._where[name]
+        if path not in self._files:
+            self._files[path] = self._safe_open(str(path), "pt")
+        return self._files[path]
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        if name not in self._where:
+            raise CheckpointError(f"checkpoint {self.folder} lacks tensor {name}")
+        if hasattr(self, "_pickled"):
+            return tuple(self._pickled[name].shape)
+        return tuple(self._handle(name).get_slice(name).get_shape())
+
+    def get(self, name: str, index: int | None = None) -> torch.Tensor:
+        """One tensor (or its `index`-th slice along dim 0), read from disk now."""
+        if name not in self._where:
+            raise CheckpointError(f"checkpoint {self.folder} lacks tensor {name}")
+        if hasattr(self, "_pickled"):
+            t = self._pickled[name]
+            return (t if index is None else t[index]).clone()
+        if index is None:
+            return self._handle(name).get_tensor(name)
+        return self._handle(name).get_slice(name)[index]
+
+
+def check_plan(reader: CheckpointReader, cfg: ModelConfig) -> list[TensorSpec]:
+    """The plan for this file (LTM lengths read from it); every planned tensor must be present with its shape."""
+    ltm_rows = None
+    if cfg.family == "mplus":
+        ltm_rows = [reader.shape(f"ltm.{i}")[0] for i in range(cfg.num_layers)]
+    plan = weight_plan(cfg, ltm_rows)
+    for spec in plan:
+        if spec.name == "initialized" and spec.name not in reader.names():
+            continue  # an absent flag means a trained (initialized) pool
+        shape = reader.shape(spec.name)
+        if shape != spec.shape:
+            raise CheckpointError(
+                f"tensor {spec.name} has shape {list(shape)}, config.json implies {list(spec.shape)}"
+            )
+    return plan
+
+
+# --------------------------------------------------------------------------- building
+def dense_mode(dtype: torch.dtype) -> str:
+    return {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}[dtype]
+
+
+def load_model(
+    folder: Path,
+    device: str | torch.device = "cpu",
+    dtype: torch.dtype = torch.float32,
+    quant: str | None = None,
+    rope_precision: str | None = None,
+    allow_pickle: bool = False,
+) -> tuple[Transformer, CheckpointReader]:
+    """Weights only: the model, plus the open reader (for `initial_state`)."""
+    from . import quant as quantization
+    from .config import DEFAULT_ROPE_PRECISION
+
+    cfg = read_config(folder)
+    reader = CheckpointReader(folder, allow_pickle=allow_pickle)
+    check_plan(reader, cfg)
+    device = torch.device(device)
+    quant = quant or dense_mode(dtype)
+    quantization.check_mode_supported(quant, device)
+    model = Transformer(cfg, rope_precision or DEFAULT_ROPE_PRECISION[cfg.family])
+
+    def dense(name: str) -> torch.Tensor:
+        return reader.get(name).to(device=device, dtype=dtype)
+
+    for i, block in enumerate(model.layers):
+        prefix = f"model.layers.{i}."
+        for proj, parent_name in PROJECTIONS.items():
+            name = f"{prefix}{parent_name}.{proj}"
+            parent = getattr(block, parent_name)
+            lora = proj in cfg.lora_targets
+            base = quantization.make_linear(
+                reader.get(f"{name}.base_layer.weight" if lora else f"{name}.weight"), quant, device, dtype
+            )
+            if proj == "o_proj":
+                parent.o_proj = base
+                continue
+            module = Projection(base, cfg.lora_scale)
+            if lora:
+                for adapter, stored in (("encoder", "default"), ("decoder", "decoder_adapter")):
+                    module.add_adapter(
+                        adapter, dense(f"{name}.lora_A.{stored}.weight"), dense(f"{name}.lora_B.{stored}.weight")
+                    )
+            setattr(parent, proj, module)
+        block.input_layernorm.weight.data = dense(f"{prefix}input_layernorm.weight")
+        block.post_attention_layernorm.weight.data = dense(f"{prefix}post_attention_layernorm.weight")
+        if cfg.family == "mplus":
+            for sel in ("query_proj", "key_proj"):
+                setattr(block, sel, Selector(dense(f"{prefix}self_attn.{sel}.0.weight"),
+                                             dense(f"{prefix}self_attn.{sel}.2.weight")))
+    model.embed_tokens = nn.Embedding.from_pretrained(dense("model.embed_tokens.weight"), freeze=True)
+    # lm_head stays 16-bit: it is read once per generated token and quantizing it costs accuracy
+    # on every logit for ~0.5 GB of savings.
+    model.lm_head = quantization.make_linear(reader.get("lm_head.weight"), dense_mode(dtype), device, dtype)
+    model.norm.weight.data = dense("model.norm.weight")
+    model.bos_embedding = dense("bos_embedding")
+    model.new_memory_positional_emb = dense("new_memory_positional_emb")
+    model.eval()
+    return model, reader
+
+
+def initial_state(
+    reader: CheckpointReader,
+    cfg: ModelConfig,
+    device: str | torch.device = "cpu",
+    dtype: torch.dtype = torch.float32,
+    seed: int | None = None,
+    ltm_device: str | torch.device = "cpu",
+) -> MemoryState:
+    """The checkpoint's built-in memory: the state every new pool starts from."""
+    L, n = cfg.num_layers, cfg.memory_rows
+    slots = torch.empty(L, n, cfg.hidden_size, dtype=dtype, device=device)
+    for l in range(L):  # layer by layer: the fp32 memory tensor alone is 6.7 GB
+        slots[l] = reader.get("memory", l).to(device=device, dtype=dtype)
+    initialized = True
+    if "initialized" in reader.names():
+        initialized = bool(reader.get("initialized").item())
+    state = MemoryState(
+        slots=slots,
+        order=torch.arange(n, device=device).repeat(L, 1),
+        initialized=initialized,
+        origin=torch.full((L, n), CHECKPOINT_ORIGIN, dtype=torch.int64, device=device),
+        generator=new_generator(seed),
+    )
+    if cfg.family == "mplus":
+        state.stm_ages = torch.zeros(L, n, dtype=torch.float64, device=device)
+        state.ltm = _checkpoint_ltm(reader, cfg, dtype, ltm_device, device)
+    return state
+
+
+def _checkpoint_ltm(reader, cfg, dtype, ltm_device, key_device) -> LongTermMemory:
+    L, d, s = cfg.num_layers, cfg.hidden_size, cfg.selector_hidden_dim
+    lengths = [reader.shape(f"ltm.{l}")[0] for l in range(L)]
+    width = max(lengths)
+    if width == 0:
+        raise CheckpointError("the M+ checkpoint has an empty long-term memory; retrieval needs at least one row")
+    ltm = LongTermMemory(
+        rows=torch.zeros(L, width, d, dtype=dtype, device=ltm_device),
+        keys=torch.zeros(L, width, s, dtype=dtype, device=key_device),
+        birth_age=torch.zeros(L, width, dtype=torch.float64),
+        birth_update=torch.zeros(width, dtype=torch.int64),
+        origin=torch.full((L, width), CHECKPOINT_ORIGIN, dtype=torch.int64),
+        size=width,
+        ids=[],
+        recall=[],
+        cache_start=width,
+    )
+    for l, n in enumerate(lengths):
+        ltm.rows[l, :n] = reader.get(f"ltm.{l}").to(dtype)
+        ltm.keys[l, :n] = reader.get(f"ltm_keys.{l}").to(dtype)
+        # the official put_ltm_to_numpy truncates ages to int32; keep that, exactly (no bf16 detour)
+        ltm.birth_age[l, :n] = reader.get(f"ltm_ages.{l}").double().trunc()
+        ltm.ids.append(torch.arange(n))
+        ltm.recall.append(reader.get(f"ltm_recall_frequencies.{l}").float().double())
+    return ltm
+
+
+def open_checkpoint(model: str, revision: str | None = None, **kwargs) -> tuple[Transformer, MemoryState]:
+    """Convenience for scripts: resolve, load weights, and build the checkpoint's initial state."""
+    folder = resolve_checkpoint(model, revision)
+    seed = kwargs.pop("seed", None)
+    transformer, reader = load_model(folder, **kwargs)
+    state = initial_state(reader, transformer.cfg, kwargs.get("device", "cpu"), kwargs.get("dtype", torch.float32), seed)
+    return transformer, state
+
+
+__all__ = [
+    "ALIASES",
+    "CheckpointError",
+    "CheckpointReader",
+    "ConfigError",
+    "TensorSpec",
+    "check_plan",
+    "initial_state",
+    "load_model",
+    "open_checkpoint",
+    "resolve_checkpoint",
+    "weight_plan",
+]
+

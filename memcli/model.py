@@ -1,0 +1,227 @@
+"""The MemoryLLM / M+ transformer: a Llama decoder whose every layer reads a prefix of stored rows.
+
+Every forward in memcli is the same shape: at layer l a *prefix* of rows contributes keys and values
+only, the real rows (`x`) get queries, and query i sees the whole prefix plus real rows 0..i
+(a bottom-right-aligned causal mask). The prefix is
+  - reading (a question, generation):  [bos_l ; (M+: retrieved LTM rows) ; memory_l]
+  - writing (injection):                [bos_l ; the first min(c, K) of the newest K memory rows]
+Keys and values live in a per-layer buffer `KV`: the prefix occupies [0, start), a forward writes its
+own rows at [start, start + T) and attends over [0, start + T). Prefix rows are never carried from
+layer to layer: each layer supplies its own (reference-semantics §3).
+
+LoRA (8b, M+): q/k/v/gate/up/down carry two adapters, "encoder" (injection) and "decoder" (everything
+else), applied unmerged on top of the base projection: y = W x + scale * B (A x). Base projections
+come from `memcli.quant.make_linear`, so they may be 4-bit, 8-bit or 16/32-bit.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .config import ModelConfig, RopeSpec
+
+ENCODER, DECODER = "encoder", "decoder"
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim), requires_grad=False)
+        self.eps = eps
+
+    def forward(self, x: Tensor) -> Tensor:
+        # Llama: normalise in fp32, cast back, then scale (the order matters in bf16).
+        h = x.float()
+        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * h.to(x.dtype)
+
+
+class Rotary:
+    """cos/sin for arbitrary integer positions, computed in fp32 as transformers does."""
+
+    def __init__(self, spec: RopeSpec, precision: str = "fp32"):
+        self.spec = spec
+        self.precision = precision
+        inv = spec.inv_freq()
+        if precision == "bf16":
+            inv = inv.to(torch.bfloat16).float()
+        self.inv_freq = inv
+
+    def cos_sin(self, positions: Tensor, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+        inv = self.inv_freq.to(positions.device)
+        if self.precision == "fp16-table":
+            # 7b test_qa path: fp16 positions (rounded above 2048), fp16 scale, fp16 outer product.
+            p = positions.to(torch.float16) * torch.tensor(self.spec.position_scale, dtype=torch.float16)
+            freqs = (p[:, None] * inv.to(torch.float16)[None, :]).float()
+        else:
+            p = positions.float()
+            if self.spec.kind == "linear":
+                p = p / self.spec.factor
+            elif self.spec.kind == "interpolate":
+                p = p * self.spec.position_scale
+            freqs = p[:, None] * inv[None, :]
+        emb = torch.cat((freqs, freqs), dim=-1)
+        return emb.cos().to(dtype), emb.sin().to(dtype)
+
+
+def apply_rotary(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+    """x: [..., T, D]; cos/sin: [T, D]. Rotate-half convention."""
+    half = x.shape[-1] // 2
+    rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+    return x * cos + rotated * sin
+
+
+class Projection(nn.Module):
+    """A (possibly quantized) base projection plus optional unmerged LoRA adapters."""
+
+    def __init__(self, base: nn.Module, scale: float = 0.0):
+        super().__init__()
+        self.base = base
+        self.scale = scale
+        self.lora_a = nn.ParameterDict()
+        self.lora_b = nn.ParameterDict()
+
+    def add_adapter(self, name: str, a: Tensor, b: Tensor) -> None:
+        self.lora_a[name] = nn.Parameter(a, requires_grad=False)
+        self.lora_b[name] = nn.Parameter(b, requires_grad=False)
+
+    def forward(self, x: Tensor, adapter: str | None) -> Tensor:
+        y = self.base(x)
+        if adapter is not None and adapter in self.lora_a:
+            y = y + F.linear(F.linear(x, self.lora_a[adapter]), self.lora_b[adapter]) * self.scale
+        return y
+
+
+class Selector(nn.Module):
+    """M+ retrieval projector: Linear(d, 2s) -> SiLU -> Linear(2s, s), no bias."""
+
+    def __init__(self, first: Tensor, second: Tensor):
+        super().__init__()
+        self.first = nn.Parameter(first, requires_grad=False)
+        self.second = nn.Parameter(second, requires_grad=False)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return F.linear(F.silu(F.linear(x, self.first)), self.second)
+
+
+@dataclass
+class KV:
+    """One layer's key/value buffer: [1, H_kv, capacity, D]; rows [0, start) are the prefix."""
+
+    k: Tensor
+    v: Tensor
+    start: int
+
+
+def attend(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
+    """q: [1, H, T, D] over k/v: [1, H_kv, S, D]; query i sees keys 0..S-T+i (bottom-right causal)."""
+    t, s = q.shape[-2], k.shape[-2]
+    mask = None
+    if t > 1:
+        mask = torch.ones(t, s, dtype=torch.bool, device=q.device).tril(diagonal=s - t)
+    return F.scaled_dot_product_attention(
+        q, k, v, attn_mask=mask, enable_gqa=q.shape[1] != k.shape[1]
+    )
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.num_heads, self.num_kv_heads, self.head_dim = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+        # filled by the loader
+        self.q_proj: Projection
+        self.k_proj: Projection
+        self.v_proj: Projection
+        self.o_proj: nn.Module
+
+    def keys_values(self, xn: Tensor, cos: Tensor, sin: Tensor, adapter: str | None) -> tuple[Tensor, Tensor]:
+        """Normalised rows [1, T, d] -> rotated keys and values [1, H_kv, T, D]."""
+        t = xn.shape[1]
+        k = self.k_proj(xn, adapter).view(1, t, self.num_kv_heads, self.head_dim).transpose(1, 2)
+        v = self.v_proj(xn, adapter).view(1, t, self.num_kv_heads, self.head_dim).transpose(1, 2)
+        return apply_rotary(k, cos, sin), v
+
+    def forward(self, xn: Tensor, cos: Tensor, sin: Tensor, kv: KV, adapter: str | None) -> Tensor:
+        t = xn.shape[1]
+        q = self.q_proj(xn, adapter).view(1, t, self.num_heads, self.head_dim).transpose(1, 2)
+        q = apply_rotary(q, cos, sin)
+        k, v = self.keys_values(xn, cos, sin, adapter)
+        end = kv.start + t
+        kv.k[:, :, kv.start : end] = k
+        kv.v[:, :, kv.start : end] = v
+        out = attend(q, kv.k[:, :, :end], kv.v[:, :, :end])
+        return self.o_proj(out.transpose(1, 2).reshape(1, t, self.num_heads * self.head_dim))
+
+
+class MLP(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.gate_proj: Projection
+        self.up_proj: Projection
+        self.down_proj: Projection
+
+    def forward(self, x: Tensor, adapter: str | None) -> Tensor:
+        return self.down_proj(F.silu(self.gate_proj(x, adapter)) * self.up_proj(x, adapter), adapter)
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.self_attn = Attention(cfg)
+        self.mlp = MLP()
+        # M+ retrieval projectors (None for MemoryLLM)
+        self.query_proj: Selector | None = None
+        self.key_proj: Selector | None = None
+
+    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, kv: KV, adapter: str | None) -> Tensor:
+        h = x + self.self_attn(self.input_layernorm(x), cos, sin, kv, adapter)
+        return h + self.mlp(self.post_attention_layernorm(h), adapter)
+
+    def prefix_keys_values(self, rows: Tensor, cos: Tensor, sin: Tensor, adapter: str | None):
+        """Keys/values of prefix rows [1, P, d]: they are normalised but get no query, residual or MLP."""
+        return self.self_attn.keys_values(self.input_layernorm(rows), cos, sin, adapter)
+
+
+class Transformer(nn.Module):
+    """Weights only. Memory contents live in `memcli.state.MemoryState`, never here."""
+
+    def __init__(self, cfg: ModelConfig, rope_precision: str = "fp32"):
+        super().__init__()
+        self.cfg = cfg
+        self.layers = nn.ModuleList(Block(cfg) for _ in range(cfg.num_layers))
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.rotary = Rotary(cfg.rope, rope_precision)
+        # filled by the loader
+        self.embed_tokens: nn.Embedding
+        self.lm_head: nn.Module
+        self.register_buffer("bos_embedding", torch.empty(0), persistent=False)  # [L, 1, d]
+        self.register_buffer("new_memory_positional_emb", torch.empty(0), persistent=False)  # [1, 1, d]
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.bos_embedding.dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.bos_embedding.device
+
+    def new_kv(self, capacity: int) -> list[KV]:
+        shape = (1, self.cfg.num_kv_heads, capacity, self.cfg.head_dim)
+        return [
+            KV(torch.empty(shape, dtype=self.dtype, device=self.device),
+               torch.empty(shape, dtype=self.dtype, device=self.device), 0)
+            for _ in self.layers
+        ]
+
+    def cos_sin(self, start: int, length: int) -> tuple[Tensor, Tensor]:
+        positions = torch.arange(start, start + length, device=self.device)
+        return self.rotary.cos_sin(positions, self.dtype)
+
+    def logits(self, x: Tensor) -> Tensor:
+        return self.lm_head(self.norm(x))

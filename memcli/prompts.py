@@ -1,0 +1,54 @@
+"""Tokenizer loading and the prompts the official README builds (reference-semantics §6.1).
+
+The models never see a BOS token: each layer has its own trained `bos_embedding` in front of the
+memory. So contexts and base-model questions are encoded without special tokens, and the chat
+template's leading BOS is cut off.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+BASE_QUESTION = "Question: {question} Answer:"
+
+
+def load_tokenizer(folder: Path):
+    """The checkpoint's own tokenizer. Never runs remote code."""
+    import transformers
+
+    transformers.logging.set_verbosity_error()
+    return transformers.AutoTokenizer.from_pretrained(str(folder), trust_remote_code=False)
+
+
+def has_chat_template(tokenizer) -> bool:
+    return bool(getattr(tokenizer, "chat_template", None))
+
+
+def context_ids(tokenizer, text: str) -> list[int]:
+    return tokenizer(text, add_special_tokens=False).input_ids
+
+
+def chat_prompt_ids(tokenizer, messages: list[dict]) -> list[int]:
+    ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
+    if isinstance(ids, dict) or hasattr(ids, "input_ids"):
+        ids = ids["input_ids"]
+    ids = list(ids)
+    if ids and ids[0] == tokenizer.bos_token_id:
+        ids = ids[1:]
+    return ids
+
+
+def question_ids(tokenizer, question: str) -> list[int]:
+    """Chat models get their chat template; base models a `Question: ... Answer:` prompt."""
+    if has_chat_template(tokenizer):
+        return chat_prompt_ids(tokenizer, [{"role": "user", "content": question}])
+    return context_ids(tokenizer, BASE_QUESTION.format(question=question))
+
+
+def stop_ids(tokenizer, eos_token_id: int | None) -> tuple[int, ...]:
+    """eos plus, where the vocabulary has it, `<|eot_id|>` (the chat model's two terminators)."""
+    ids = {i for i in (eos_token_id, tokenizer.eos_token_id) if i is not None}
+    eot = tokenizer.convert_tokens_to_ids("<|eot_id|>")
+    if isinstance(eot, int) and eot != tokenizer.unk_token_id and eot is not None:
+        ids.add(eot)
+    return tuple(sorted(ids))

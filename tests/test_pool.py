@@ -1,0 +1,106 @@
+"""Pools: a state saved, reloaded, forked and bound to its model (tiny fixture models)."""
+
+import pytest
+import torch
+
+from memcli import pool as pools
+from memcli.config import read_config
+from memcli.engine import Engine
+from memcli.loading import initial_state, load_model
+from memcli.store import PoolStore
+
+from .support import fixture_checkpoint
+
+
+def _setup(variant):
+    folder = fixture_checkpoint(variant)
+    model, reader = load_model(folder)
+    cfg = model.cfg
+    binding = pools.Binding(str(folder), cfg.family, cfg.fingerprint())
+    return model, reader, binding
+
+
+def _assert_same_state(a, b):
+    assert torch.equal(a.memory(), b.memory())
+    assert torch.equal(a.order, b.order) and torch.equal(a.origin, b.origin)
+    assert a.update_count == b.update_count and a.initialized == b.initialized
+    assert torch.equal(a.generator.get_state(), b.generator.get_state())
+    if a.ltm is not None:
+        assert torch.equal(a.stm_ages, b.stm_ages)
+        la, lb = a.ltm, b.ltm
+        assert (la.size, la.cache_start, la.update_step) == (lb.size, lb.cache_start, lb.update_step)
+        for l in range(a.num_layers):
+            assert torch.equal(la.ids[l], lb.ids[l]) and torch.equal(la.recall[l], lb.recall[l])
+            assert torch.equal(la.rows[l, la.ids[l]], lb.rows[l, lb.ids[l]])
+        assert torch.equal(la.rows[:, : la.size], lb.rows[:, : lb.size])
+
+
+@pytest.mark.parametrize("variant", ["memoryllm-8b-tiny", "mplus-8b-tiny", "memoryllm-7b-tiny"])
+def test_save_reload_is_exact_and_writes_only_what_changed(variant):
+    model, reader, binding = _setup(variant)
+    store = PoolStore()
+    state = initial_state(reader, model.cfg, seed=3)
+    pool = pools.create(store, "p", binding, state)
+    base_bytes = store.info("p").bytes_on_disk
+    engine = Engine(model)
+    ids = torch.arange(20)[None] + 5
+    for step in range(5):
+        engine.update(state, engine.inject(state, ids + step), origin=step)
+        with store.writer("p"):
+            pools.save(store, pool)
+        _assert_same_state(state, pools.load(store, "p", binding).state)
+    manifest = store.read_manifest("p")
+    # after five updates the pool is base + patches, not five copies of the memory
+    assert any(p.startswith("stm-patch") for p in manifest["parts"])
+    assert store.info("p").bytes_on_disk < 3 * base_bytes
+
+
+def test_patches_compact_into_a_new_base():
+    model, reader, binding = _setup("memoryllm-8b-tiny")
+    store = PoolStore()
+    state = initial_state(reader, model.cfg, seed=1)
+    pool = pools.create(store, "p", binding, state)
+    engine = Engine(model)
+    n_updates = state.num_rows // model.cfg.num_tokens + 1
+    for step in range(n_updates):
+        engine.update(state, engine.inject(state, torch.arange(16)[None] + step))
+        with store.writer("p"):
+            pools.save(store, pool)
+    parts = store.read_manifest("p")["parts"]
+    assert sum(p.startswith("stm-patch") for p in parts) < n_updates
+    _assert_same_state(state, pools.load(store, "p", binding).state)
+
+
+def test_fork_is_independent_and_binding_is_checked():
+    model, reader, binding = _setup("memoryllm-8b-tiny")
+    store = PoolStore()
+    state = initial_state(reader, model.cfg, seed=2)
+    pools.create(store, "src", binding, state)
+    store.fork("src", "dst")
+    fork = pools.load(store, "dst", binding)
+    engine = Engine(model)
+    engine.update(fork.state, engine.inject(fork.state, torch.arange(16)[None]))
+    with store.writer("dst"):
+        pools.save(store, fork)
+    _assert_same_state(state, pools.load(store, "src", binding).state)
+    assert not torch.equal(pools.load(store, "dst", binding).state.memory(), state.memory())
+    other = pools.Binding("elsewhere", "mplus", "0" * 16)
+    with pytest.raises(pools.PoolModelMismatch, match="belongs to model"):
+        pools.load(store, "src", other)
+
+
+def test_retention_counts_rows_per_source():
+    model, reader, binding = _setup("memoryllm-8b-tiny")
+    store = PoolStore()
+    state = initial_state(reader, model.cfg, seed=4)
+    pool = pools.create(store, "p", binding, state)
+    engine = Engine(model)
+    k = model.cfg.num_tokens
+    for chunk in range(3):
+        engine.update(state, engine.inject(state, torch.arange(16)[None] + chunk), origin=chunk)
+    pool.sources = [{"path": "a.txt", "first_chunk": 0, "chunks": 1}, {"path": "b.txt", "first_chunk": 1, "chunks": 2}]
+    report = pools.retention(pool, k)
+    total = sum(r["rows_in_stm"] for r in report)
+    assert total == int((state.origin >= 0).sum())
+    assert report[1]["rows_written"] == 2 * k * state.num_layers
+    assert 0 < report[0]["share_retained"] <= 1

@@ -1,0 +1,415 @@
+"""The Python API: everything the command line does, callable and testable without it.
+
+    app = Memcli()                                   # settings from config file / environment
+    report = app.inject("work", ["notes.pdf"])       # files -> 512-token chunks -> memory updates
+    answer = app.ask("work", "When does the train leave?", on_text=print)
+
+A loaded model is kept per model name, so switching pools never reloads weights. Inject holds the
+pool's writer lock for its whole run and commits after every file (and every `COMMIT_EVERY` chunks
+of a long file), so an interruption keeps every committed chunk and nothing half-written; running
+the same command again skips what is already in and resumes a file where it stopped.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import time
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import BinaryIO, Callable, Iterable
+
+import torch
+
+from . import pool as pools
+from .chunking import MIN_CHUNK_TOKENS, ChunkingError, chunk_token_ids, encode_pieces
+from .engine import Engine, Generation, Sampling
+from .extract import ExtractError, Skipped, Source, discover, iter_text, sha256_of
+from .loading import initial_state, load_model, resolve_checkpoint
+from .prompts import context_ids, load_tokenizer, question_ids, stop_ids
+from .settings import Settings, load_settings
+from .store import PoolStore, validate_name
+
+DEFAULT_CHUNK_TOKENS = 512
+COMMIT_EVERY = 64  # chunks of one long file between commits (bounds the work an interruption loses)
+
+
+class MemcliError(Exception):
+    """A user-facing failure; str() is one line."""
+
+
+@dataclass
+class LoadedModel:
+    name: str
+    folder: Path
+    engine: Engine
+    tokenizer: object
+    binding: pools.Binding
+    state_dtype: torch.dtype
+    device: str
+
+    @property
+    def cfg(self):
+        return self.engine.cfg
+
+    def max_input_tokens(self) -> int:
+        """Longest question (+ answer) or chunk the model was trained for (`max_seq_length`)."""
+        raw = self.cfg.raw
+        return int(raw.get("max_seq_length") or 2 * self.cfg.num_tokens)
+
+
+@dataclass
+class FileResult:
+    path: str
+    status: str  # "injected" | "skipped" | "already" | "resumed"
+    reason: str = ""
+    chunks: int = 0
+    tokens: int = 0
+
+
+@dataclass
+class InjectReport:
+    pool: str
+    model: str
+    files: list[FileResult] = field(default_factory=list)
+    chunks: int = 0
+    tokens: int = 0
+    seconds: float = 0.0
+    interrupted: bool = False
+
+    @property
+    def skipped(self) -> list[FileResult]:
+        return [f for f in self.files if f.status == "skipped"]
+
+    def to_json(self) -> dict:
+        return {
+            "pool": self.pool,
+            "model": self.model,
+            "chunks": self.chunks,
+            "tokens": self.tokens,
+            "seconds": round(self.seconds, 3),
+            "tokens_per_second": round(self.tokens / self.seconds, 1) if self.seconds else None,
+            "interrupted": self.interrupted,
+            "files": [f.__dict__ for f in self.files],
+        }
+
+
+class InjectInterrupted(MemcliError):
+    def __init__(self, report: InjectReport):
+        super().__init__("interrupted; every completed file and committed chunk is kept")
+        self.report = report
+
+
+@dataclass
+class Event:
+    """Progress of an inject, for a progress display."""
+
+    kind: str  # "file" | "chunk" | "skip" | "commit"
+    path: str = ""
+    chunks: int = 0  # chunks done in this file
+    tokens: int = 0  # tokens done in this run
+    bytes_done: int = 0
+    bytes_total: int | None = None
+    reason: str = ""
+
+
+@dataclass
+class Answer:
+    text: str
+    tokens: list[int]
+    prompt_tokens: int
+    seconds_to_first_token: float
+    seconds: float
+    stopped: bool  # ended on a stop token (not on max_new_tokens)
+
+    def to_json(self) -> dict:
+        decode = len(self.tokens) - 1
+        decode_seconds = self.seconds - self.seconds_to_first_token
+        return {
+            "answer": self.text,
+            "prompt_tokens": self.prompt_tokens,
+            "new_tokens": len(self.tokens),
+            "seconds_to_first_token": round(self.seconds_to_first_token, 4),
+            "seconds": round(self.seconds, 4),
+            "decode_tokens_per_second": round(decode / decode_seconds, 2) if decode > 0 and decode_seconds > 0 else None,
+            "stopped": self.stopped,
+        }
+
+
+def _now() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="seconds")
+
+
+class Memcli:
+    def __init__(self, settings: Settings | None = None, store: PoolStore | None = None):
+        self.settings = settings or load_settings()
+        self.store = store or PoolStore()
+        self._models: dict[str, LoadedModel] = {}
+        self._pools: dict[str, pools.Pool] = {}  # pools kept in memory by chat sessions
+
+    # ------------------------------------------------------------------ models
+    def model(self, name: str | None = None) -> LoadedModel:
+        name = name or self.settings.model
+        if name not in self._models:
+            from .config import ConfigError
+            from .loading import CheckpointError
+
+            try:
+                folder = resolve_checkpoint(name)
+                device = self.settings.resolved_device()
+                dtype = self.settings.resolved_dtype()
+                transformer, reader = load_model(folder, device=device, dtype=dtype,
+                                                 quant=self.settings.resolved_quant())
+            except (ConfigError, CheckpointError, ValueError) as err:
+                raise MemcliError(str(err)) from None
+            cfg = transformer.cfg
+            loaded = LoadedModel(
+                name=name,
+                folder=folder,
+                engine=Engine(transformer),
+                tokenizer=load_tokenizer(folder),
+                binding=pools.Binding(name, cfg.family, cfg.fingerprint()),
+                state_dtype=dtype,
+                device=device,
+            )
+            loaded.reader = reader  # for initial states of new pools
+            self._models[name] = loaded
+        return self._models[name]
+
+    # ------------------------------------------------------------------ pools
+    def _pool_model(self, name: str, model: str | None) -> LoadedModel:
+        """The model a pool is bound to (or, for a new pool, the requested/default one)."""
+        if self.store.exists(name):
+            binding = pools.read_binding(self.store, name)
+            if model is not None and model != binding.model:
+                loaded = self.model(model)
+                pools.check_binding(name, binding, loaded.binding)
+                return loaded
+            return self.model(binding.model)
+        return self.model(model)
+
+    def open_pool(self, name: str, model: str | None = None, create: bool = False) -> tuple[LoadedModel, pools.Pool]:
+        validate_name(name)
+        if name in self._pools:
+            pool = self._pools[name]
+            return self.model(pool.binding.model), pool
+        if not self.store.exists(name) and not create:
+            raise MemcliError(f"pool {name} does not exist (memcli pool ls lists pools; inject creates one)")
+        loaded = self._pool_model(name, model)
+        if self.store.exists(name):
+            pool = pools.load(self.store, name, loaded.binding, device=loaded.device, dtype=loaded.state_dtype)
+        else:
+            state = initial_state(loaded.reader, loaded.cfg, loaded.device, loaded.state_dtype)
+            pool = pools.create(self.store, name, loaded.binding, state)
+        return loaded, pool
+
+    def keep_open(self, name: str) -> None:
+        """Keep a pool's state in memory across calls (chat sessions)."""
+        self._pools[name] = self.open_pool(name)[1]
+
+    # ------------------------------------------------------------------ inject
+    def inject(
+        self,
+        pool_name: str,
+        paths: Iterable[str],
+        *,
+        model: str | None = None,
+        chunk_tokens: int | None = None,
+        glob: str | None = None,
+        force: bool = False,
+        stdin: BinaryIO | None = None,
+        on_event: Callable[[Event], None] | None = None,
+    ) -> InjectReport:
+        validate_name(pool_name)
+        paths = list(paths)
+        if not paths:
+            raise MemcliError("nothing to inject: give at least one file, folder or - for stdin")
+        loaded = self._pool_model(pool_name, model) if self.store.exists(pool_name) else self.model(model)
+        limit = loaded.max_input_tokens()
+        if chunk_tokens is None:
+            chunk_tokens = min(DEFAULT_CHUNK_TOKENS, limit)
+        if chunk_tokens < MIN_CHUNK_TOKENS:
+            raise MemcliError(f"--chunk-tokens must be at least {MIN_CHUNK_TOKENS} (the model card's minimum), not {chunk_tokens}")
+        if chunk_tokens > limit:
+            raise MemcliError(f"--chunk-tokens {chunk_tokens} is longer than {loaded.name} reads at once ({limit} tokens)")
+        emit = on_event or (lambda event: None)
+        report = InjectReport(pool=pool_name, model=loaded.name)
+        started = time.perf_counter()
+        with self.store.writer(pool_name):
+            _, pool = self.open_pool(pool_name, model=loaded.name, create=True)
+            try:
+                for item in discover(paths, glob=glob):
+                    if isinstance(item, Skipped):
+                        report.files.append(FileResult(item.path, "skipped", item.reason))
+                        emit(Event("skip", item.path, reason=item.reason))
+                        continue
+                    report.files.append(self._inject_source(loaded, pool, item, chunk_tokens, force, stdin, report, emit))
+            except KeyboardInterrupt:
+                report.interrupted = True
+                self._discard_unsaved(pool_name, loaded, pool)
+                report.seconds = time.perf_counter() - started
+                raise InjectInterrupted(report) from None
+        report.seconds = time.perf_counter() - started
+        return report
+
+    def _discard_unsaved(self, name: str, loaded: LoadedModel, pool: pools.Pool) -> None:
+        """After an interruption or a failed file, return to the last committed state."""
+        fresh = pools.load(self.store, name, loaded.binding, device=loaded.device, dtype=loaded.state_dtype)
+        pool.state, pool.sources, pool.next_chunk, pool.version, pool.parts = (
+            fresh.state, fresh.sources, fresh.next_chunk, fresh.version, fresh.parts)
+        loaded.engine.forget_prefix()
+
+    def _inject_source(self, loaded, pool, source: Source, chunk_tokens, force, stdin, report, emit) -> FileResult:
+        engine, tokenizer = loaded.engine, loaded.tokenizer
+        try:
+            if source.kind == "stdin":
+                # stdin can be read once: keep its text (bounded by what the user piped) to hash it
+                text = "".join(iter_text(source, stdin=stdin))
+                digest = hashlib.sha256(text.encode()).hexdigest()
+                pieces: Iterable[str] = [text]
+            else:
+                digest = sha256_of(source)
+                pieces = iter_text(source)
+        except ExtractError as err:
+            emit(Event("skip", source.path, reason=str(err)))
+            return FileResult(source.path, "skipped", str(err))
+        entry = pool.source_by_hash(digest)
+        if entry is not None and entry.get("complete") and not force:
+            emit(Event("skip", source.path, reason="already in the pool"))
+            return FileResult(source.path, "already", "already in the pool (use --force to inject it again)")
+        resume_after = entry["chunks"] if entry is not None and not entry.get("complete") and not force else 0
+        if entry is None or force or entry.get("complete") or entry["first_chunk"] + entry["chunks"] != pool.next_chunk:
+            entry = {
+                "id": len(pool.sources),
+                "path": source.path,
+                "kind": source.kind,
+                "sha256": digest,
+                "bytes": source.size,
+                "tokens": 0,
+                "chunks": 0,
+                "first_chunk": pool.next_chunk,
+                "complete": False,
+                "time": _now(),
+            }
+            pool.sources.append(entry)
+        emit(Event("file", source.path, bytes_total=source.size))
+        done = 0
+        try:
+            chunks = chunk_token_ids(encode_pieces(pieces, lambda t: context_ids(tokenizer, t)), chunk_tokens)
+            for index, chunk in enumerate(chunks):
+                if index < resume_after:
+                    continue  # committed by an earlier, interrupted run
+                delta = engine.inject(pool.state, torch.tensor([chunk]))
+                engine.update(pool.state, delta, origin=pool.next_chunk)
+                pool.next_chunk += 1
+                entry["chunks"] += 1
+                entry["tokens"] += len(chunk)
+                done += 1
+                report.chunks += 1
+                report.tokens += len(chunk)
+                emit(Event("chunk", source.path, chunks=done, tokens=report.tokens))
+                if done % COMMIT_EVERY == 0:
+                    pools.save(self.store, pool)
+                    emit(Event("commit", source.path, chunks=done))
+        except (ExtractError, ChunkingError) as err:
+            # Only what this file added since its last commit is undone.
+            self._discard_unsaved(pool.name, loaded, pool)
+            emit(Event("skip", source.path, reason=str(err)))
+            return FileResult(source.path, "skipped", str(err))
+        entry["complete"] = True
+        entry["time"] = _now()
+        pools.save(self.store, pool)
+        status = "resumed" if resume_after else "injected"
+        return FileResult(source.path, status, chunks=done, tokens=entry["tokens"])
+
+    # ------------------------------------------------------------------ ask
+    def ask(
+        self,
+        pool_name: str,
+        question: str,
+        *,
+        max_new_tokens: int = 256,
+        sampling: Sampling | None = None,
+        on_text: Callable[[str], None] | None = None,
+    ) -> Answer:
+        if not question or not question.strip():
+            raise MemcliError("the question is empty")
+        loaded, pool = self.open_pool(pool_name)
+        ids = question_ids(loaded.tokenizer, question.strip())
+        limit = loaded.max_input_tokens()
+        if len(ids) + max_new_tokens > limit:
+            raise MemcliError(
+                f"the question is {len(ids)} tokens and the answer may take {max_new_tokens}; "
+                f"{loaded.name} reads at most {limit} tokens after its memory (shorten it or lower --max-new-tokens)"
+            )
+        tokenizer = loaded.tokenizer
+        stops = stop_ids(tokenizer, loaded.cfg.eos_token_id)
+        emitted = ""
+        tokens: list[int] = []
+        first_token_at: list[float] = []
+        started = time.perf_counter()
+
+        def on_token(token: int) -> None:
+            nonlocal emitted
+            if not first_token_at:
+                first_token_at.append(time.perf_counter())
+            tokens.append(token)
+            if token in stops:
+                return
+            text = tokenizer.decode(tokens, skip_special_tokens=True)
+            # hold back an incomplete UTF-8 sequence until the next token completes it
+            if text.endswith("\ufffd"):
+                return
+            if on_text is not None and len(text) > len(emitted):
+                on_text(text[len(emitted):])
+            emitted = text
+
+        generation: Generation = loaded.engine.generate(
+            pool.state, torch.tensor([ids]), max_new_tokens=max_new_tokens, stop_ids=stops,
+            sampling=sampling, on_token=on_token,
+        )
+        finished = time.perf_counter()
+        text = tokenizer.decode([t for t in generation.tokens if t not in stops], skip_special_tokens=True)
+        if on_text is not None and len(text) > len(emitted):
+            on_text(text[len(emitted):])
+        return Answer(
+            text=text,
+            tokens=generation.tokens,
+            prompt_tokens=len(ids),
+            seconds_to_first_token=(first_token_at[0] if first_token_at else finished) - started,
+            seconds=finished - started,
+            stopped=bool(generation.tokens) and generation.tokens[-1] in stops,
+        )
+
+    # ------------------------------------------------------------------ pool info
+    def pool_info(self, name: str) -> dict:
+        """Manifest facts plus, per source, how much of it is still in memory."""
+        validate_name(name)
+        info = self.store.info(name)
+        meta = info.meta or {}
+        binding = meta.get("model", {})
+        result = {
+            "name": info.name,
+            "model": binding.get("model"),
+            "family": binding.get("family"),
+            "version": info.version,
+            "created": info.created,
+            "updated": info.updated,
+            "bytes_on_disk": info.bytes_on_disk,
+            "sources": meta.get("sources", []),
+            "chunks": sum(s.get("chunks", 0) for s in meta.get("sources", [])),
+            "tokens": sum(s.get("tokens", 0) for s in meta.get("sources", [])),
+        }
+        if meta.get("sources"):
+            pool = pools.load(self.store, name)
+            num_tokens = self._num_tokens(pool)
+            result["retention"] = pools.retention(pool, num_tokens)
+        return result
+
+    def _num_tokens(self, pool: pools.Pool) -> int:
+        patch_rows = pool.parts.get("stm_patch_rows") or []
+        if patch_rows:
+            return patch_rows[0]
+        # rows written per chunk = rows each update replaced: derive from the origin table
+        written = int((pool.state.origin >= 0).sum()) // max(pool.state.num_layers, 1)
+        return max(written // max(pool.next_chunk, 1), 1) if pool.next_chunk else 0

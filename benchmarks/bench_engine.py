@@ -1,0 +1,202 @@
+"""Engine benchmark: prints one JSON object (device, versions, timings, memory, floors).
+
+    python benchmarks/bench_engine.py --scale fixture              # tiny fixture model, CPU, seconds
+    python benchmarks/bench_engine.py --scale medium               # width 1024, real 12,800-row memory
+    python benchmarks/bench_engine.py --scale real --layers 2      # memoryllm-8b shapes, 2 layers (CPU)
+    python benchmarks/bench_engine.py --scale real --device cuda --quant nf4 \
+        --out benchmarks/results/$(date +%F)-h100-nf4.json        # all 32 layers on a GPU
+
+Floors (written into the JSON as `floor_*`, computed from the config, batch 1, bf16 activations):
+  inject  : FLOPs = 2 * active params * (c + K + 1) per chunk (q/o/MLP on c rows, k/v on all rows)
+            -> at 990 TFLOP/s (H100 bf16 dense) an 8b 512-token chunk is ~8 TFLOP = 8 ms, 64k tok/s.
+  ask TTFT: with memory K/V cached, reading the weights once (4-bit ~4.6 GB incl. 16-bit lm_head) plus
+            the memory K/V (1.68 GB bf16) at 3.35 TB/s = ~1.9 ms; compute for a 32-token question is
+            ~0.5 TFLOP + attention, < 1 ms.
+  decode  : per token the same bytes (weights + memory K/V) = ~1.9 ms at 3.35 TB/s.
+  update  : 256 rows x 32 layers x 4096 x 2 B = 67 MB moved (slot table), plus K/V for those rows.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import resource
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "benchmarks"))
+
+from make_checkpoint import config_like, make_checkpoint  # noqa: E402
+
+from memcli.engine import Engine  # noqa: E402
+from memcli.loading import CheckpointReader, check_plan, initial_state, load_model  # noqa: E402
+from memcli.config import read_config  # noqa: E402
+
+FIXTURE = REPO.parent / "shared" / "conformance" / "memoryllm-8b-tiny" / "checkpoint"
+BENCH_DIR = REPO / ".bench"
+PEAKS = {  # dense bf16 FLOP/s, memory bytes/s
+    "H100": (990e12, 3.35e12),
+    "H200": (990e12, 4.8e12),
+}
+
+
+def rss_bytes() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * resource.getpagesize()
+
+
+def peak_rss_bytes() -> int:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def sync(device: str) -> None:
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def timed(device, fn, repeat=1):
+    sync(device)
+    start = time.perf_counter()
+    for _ in range(repeat):
+        out = fn()
+    sync(device)
+    return (time.perf_counter() - start) / repeat, out
+
+
+def checkpoint_for(args) -> Path:
+    if args.checkpoint:
+        return Path(args.checkpoint)
+    if args.scale == "fixture":
+        return FIXTURE
+    layers = args.layers if args.layers else (None if args.scale == "medium" else 32)
+    name = f"{args.scale}-{layers or 'default'}"
+    folder = BENCH_DIR / name
+    if not (folder / "config.json").exists():
+        make_checkpoint(folder, config_like("memoryllm-8b", layers, medium=args.scale == "medium"))
+    return folder
+
+
+def active_params_per_token(cfg) -> int:
+    d, q, kv = cfg.hidden_size, cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim
+    return cfg.num_layers * (2 * d * q + 2 * d * kv + 3 * d * cfg.intermediate_size)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--scale", choices=("fixture", "medium", "real"), default="fixture")
+    parser.add_argument("--checkpoint")
+    parser.add_argument("--layers", type=int)
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--dtype", choices=("fp32", "bf16", "fp16"), default=None)
+    parser.add_argument("--quant", default=None)
+    parser.add_argument("--chunks", type=int, default=4)
+    parser.add_argument("--new-tokens", type=int, default=16)
+    parser.add_argument("--out")
+    args = parser.parse_args()
+    device = args.device
+    dtype_name = args.dtype or ("bf16" if device.startswith("cuda") else "fp32")
+    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[dtype_name]
+    folder = checkpoint_for(args)
+    cfg = read_config(folder)
+
+    reader = CheckpointReader(folder)
+    largest = max(
+        (torch.Size(s.shape).numel() * (1 if s.dtype == "U8" else torch.finfo(dtype).bits // 8))
+        for s in check_plan(reader, cfg)
+    )
+    baseline_rss = rss_bytes()
+    load_seconds, (model, reader) = timed(device, lambda: load_model(folder, device=device, dtype=dtype, quant=args.quant))
+    state_seconds, state = timed(device, lambda: initial_state(reader, cfg, device=device, dtype=dtype, seed=0))
+    after_rss = rss_bytes()
+    peak_rss = peak_rss_bytes()
+    engine, reference = Engine(model), Engine(model, reference=True)
+
+    limit = int(cfg.raw.get("max_seq_length") or 2 * cfg.num_tokens)
+    chunk = min(512, limit)
+    question_len = min(32, limit - args.new_tokens)
+    gen = torch.Generator().manual_seed(0)
+    vocab = min(cfg.vocab_size, 32000)
+    chunks = [torch.randint(0, vocab, (1, chunk), generator=gen) for _ in range(args.chunks)]
+    question = torch.randint(0, vocab, (1, question_len), generator=gen).to(device)
+
+    if device.startswith("cuda"):
+        torch.cuda.reset_peak_memory_stats()
+    # memory K/V: first read builds them, later reads reuse them
+    kv_build, _ = timed(device, lambda: engine.logits(state, question, all_rows=False))
+    warm_logits, _ = timed(device, lambda: engine.logits(state, question, all_rows=False), repeat=3)
+
+    inject_time = update_time = 0.0
+    for ids in chunks:
+        t_inject, delta = timed(device, lambda: engine.inject(state, ids.to(device)))
+        t_update, _ = timed(device, lambda: engine.update(state, delta))
+        inject_time += t_inject
+        update_time += t_update
+
+    first_token, _ = timed(device, lambda: engine.generate(state, question, 1), repeat=2)
+    ref_first_token, _ = timed(device, lambda: reference.generate(state, question, 1), repeat=2)
+    ask, cached = timed(device, lambda: engine.generate(state, question, args.new_tokens), repeat=2)
+    ref_ask, recomputed = timed(device, lambda: reference.generate(state, question, args.new_tokens), repeat=2)
+    decode = (ask - first_token) / max(len(cached.tokens) - 1, 1)
+
+    result = {
+        "benchmark": "engine",
+        "scale": args.scale,
+        "checkpoint": str(folder),
+        "model": {"family": cfg.family, "layers": cfg.num_layers, "hidden": cfg.hidden_size,
+                  "memory_rows": cfg.memory_rows, "vocab": cfg.vocab_size},
+        "device": torch.cuda.get_device_name(0) if device.startswith("cuda") else f"cpu ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)",
+        "dtype": dtype_name,
+        "quant": args.quant or dtype_name,
+        "versions": {"torch": torch.__version__, "bitsandbytes": _bnb_version(), "python": platform.python_version()},
+        "load_seconds": round(load_seconds + state_seconds, 3),
+        "host_rss_before_load_bytes": baseline_rss,
+        "host_rss_after_load_bytes": after_rss,
+        "host_peak_rss_bytes": peak_rss,
+        # what loading needed beyond what stays resident: on a GPU everything beyond the baseline
+        "load_host_overhead_bytes": (peak_rss - baseline_rss) if device.startswith("cuda") else max(peak_rss - after_rss, 0),
+        "load_bound_bytes": int(1.5 * largest + 2**30),
+        "largest_tensor_converted_bytes": largest,
+        "memory_kv_build_seconds": round(kv_build - warm_logits, 4),
+        "inject_tokens_per_second": round(chunk * len(chunks) / inject_time, 1),
+        "inject_chunk_tokens": chunk,
+        "update_seconds": round(update_time / len(chunks), 5),
+        "ask_ttft_seconds": round(first_token, 4),
+        "ask_ttft_reference_seconds": round(ref_first_token, 4),
+        "ttft_speedup": round(ref_first_token / first_token, 2),
+        "decode_tokens_per_second": round(1 / decode, 2) if decode > 0 else None,
+        "repeated_ask_seconds": round(ask, 4),
+        "repeated_ask_reference_seconds": round(ref_ask, 4),
+        "repeated_ask_speedup": round(ref_ask / ask, 2),
+        "repeated_ask_identical_greedy": cached.tokens == recomputed.tokens,
+        "floor_inject_flops_per_chunk": 2 * active_params_per_token(cfg) * (chunk + cfg.num_tokens + 1),
+    }
+    if device.startswith("cuda"):
+        result["peak_device_memory_bytes"] = torch.cuda.max_memory_allocated()
+        name = result["device"]
+        peak = next((v for k, v in PEAKS.items() if k in name), None)
+        if peak:
+            result["floor_inject_tokens_per_second"] = round(chunk / (result["floor_inject_flops_per_chunk"] / peak[0]), 1)
+    text = json.dumps(result, indent=2)
+    print(text)
+    if args.out:
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).write_text(text + "\n")
+
+
+def _bnb_version() -> str | None:
+    try:
+        import bitsandbytes
+
+        return bitsandbytes.__version__
+    except Exception:
+        return None
+
+
+if __name__ == "__main__":
+    main()

@@ -136,7 +136,6 @@ class CheckpointReader:
         from safetensors import safe_open
 
         self.folder = Path(folder)
-        self._files: dict[str, object] = {}
         self._where: dict[str, Path] = {}
         shards = sorted(self.folder.glob("*.safetensors"))
         index = self.folder / "model.safetensors.index.json"
@@ -169,29 +168,32 @@ class CheckpointReader:
     def names(self) -> set[str]:
         return set(self._where)
 
-    def _handle(self, name: str):
-        path = self._where[name]
-        if path not in self._files:
-            self._files[path] = self._safe_open(str(path), "pt")
-        return self._files[path]
-
-    def shape(self, name: str) -> tuple[int, ...]:
+    def _open(self, name: str):
+        """A fresh handle per read: a handle kept open keeps its mmapped pages resident, and
+        a 39 GB checkpoint would then count fully against host memory."""
         if name not in self._where:
             raise CheckpointError(f"checkpoint {self.folder} lacks tensor {name}")
+        return self._safe_open(str(self._where[name]), "pt")
+
+    def shape(self, name: str) -> tuple[int, ...]:
         if hasattr(self, "_pickled"):
+            if name not in self._pickled:
+                raise CheckpointError(f"checkpoint {self.folder} lacks tensor {name}")
             return tuple(self._pickled[name].shape)
-        return tuple(self._handle(name).get_slice(name).get_shape())
+        with self._open(name) as handle:
+            return tuple(handle.get_slice(name).get_shape())
 
     def get(self, name: str, index: int | None = None) -> torch.Tensor:
         """One tensor (or its `index`-th slice along dim 0), read from disk now."""
-        if name not in self._where:
-            raise CheckpointError(f"checkpoint {self.folder} lacks tensor {name}")
         if hasattr(self, "_pickled"):
+            if name not in self._pickled:
+                raise CheckpointError(f"checkpoint {self.folder} lacks tensor {name}")
             t = self._pickled[name]
             return (t if index is None else t[index]).clone()
-        if index is None:
-            return self._handle(name).get_tensor(name)
-        return self._handle(name).get_slice(name)[index]
+        with self._open(name) as handle:
+            if index is None:
+                return handle.get_tensor(name)
+            return handle.get_slice(name)[index].clone()
 
 
 def check_plan(reader: CheckpointReader, cfg: ModelConfig) -> list[TensorSpec]:

@@ -257,18 +257,31 @@ def _is_nospace(exc: BaseException) -> bool:
 def _hash_file(path: Path) -> tuple[str, int]:
     """sha256 hex and size of a file, never following a symlink."""
     fd = os.open(path, os.O_RDONLY | _O_NOFOLLOW | _O_CLOEXEC | _O_BINARY)
+    try:
+        return _hash_fd(fd)
+    finally:
+        os.close(fd)
+
+
+def _hash_fd(fd: int) -> tuple[str, int]:
+    """sha256 hex and size of an open file, read from its start (the offset is untouched)."""
     h = hashlib.sha256()
-    size = 0
-    with open(fd, "rb", buffering=0) as f:
-        buf = bytearray(_CHUNK)
-        view = memoryview(buf)
-        while True:
-            n = f.readinto(buf)
-            if not n:
-                break
-            h.update(view[:n])
-            size += n
-    return h.hexdigest(), size
+    buf = bytearray(_CHUNK)
+    view = memoryview(buf)
+    offset = 0
+    while True:
+        n = os.preadv(fd, [buf], offset) if hasattr(os, "preadv") else _pread_into(fd, buf, offset)
+        if not n:
+            break
+        h.update(view[:n])
+        offset += n
+    return h.hexdigest(), offset
+
+
+def _pread_into(fd: int, buf: bytearray, offset: int) -> int:  # pragma: no cover - no preadv
+    data = os.pread(fd, len(buf), offset)
+    buf[: len(data)] = data
+    return len(data)
 
 
 def _pid_start_time(pid: int) -> str | None:
@@ -423,6 +436,8 @@ class _Held:
 
 _HELD: dict[tuple[str, str], _Held] = {}
 _RETRY: Any = object()  # _try_lock: nothing conclusive happened, look again
+_BRIEF_PURPOSES = ("cleanup", "rename", "remove")
+_BRIEF_GRACE_S = 5.0
 _HELD_GUARD = threading.Lock()
 
 
@@ -486,6 +501,8 @@ class PoolStore:
 
     def __init__(self, root: Path | None = None):
         self.root = Path(root) if root is not None else paths.pools_dir()
+        self._cache: dict[str, tuple[bytes, dict]] = {}  # name -> (manifest bytes, parsed)
+        self._seen: dict[str, tuple[int, frozenset]] = {}  # name -> last read_manifest's (version, parts)
 
     # ---------------------------------------------------------------- paths & checks
 
@@ -493,7 +510,7 @@ class PoolStore:
         return self.root / validate_name(name)
 
     def _key(self, name: str) -> tuple[str, str]:
-        return (os.path.abspath(self.root), name)
+        return (os.path.realpath(self.root), name)
 
     def _dir_state(self, name: str) -> str:
         """'absent', 'symlink', 'notdir', 'ok' (has manifest), 'leftover' (no manifest and
@@ -580,7 +597,10 @@ class PoolStore:
                 raise PoolCorrupt(f"{what}: manifest.json has an invalid entry for part {pid}")
         return m
 
-    def _load_manifest(self, name: str) -> tuple[Path, dict]:
+    def _load_manifest(self, name: str, shared: bool = False) -> tuple[Path, dict]:
+        """Read, parse and check a pool's manifest. shared=True may return a cached dict
+        (when the file's bytes are unchanged) that the caller must not modify: reading
+        many parts then costs one small read each, not one JSON parse of a large meta."""
         p = self._dir(name)
         state = self._dir_state(name)
         if state in ("absent", "leftover"):
@@ -603,6 +623,9 @@ class PoolStore:
             os.close(fd)
         if len(raw) > _MAX_MANIFEST_BYTES:
             raise PoolCorrupt(f"pool {name}: manifest.json is implausibly large")
+        cached = self._cache.get(name)
+        if shared and cached is not None and cached[0] == raw:
+            return p, cached[1]
         try:
             m = json.loads(raw.decode("utf-8"))
         except UnicodeDecodeError:
@@ -615,6 +638,8 @@ class PoolStore:
         # The folder name is authoritative: a crash inside rename() may leave the old
         # name in the manifest (cleanup() rewrites it).
         m["name"] = name
+        if shared:
+            self._cache[name] = (raw, m)
         return p, m
 
     def _manifest_bytes(self, m: dict) -> bytes:
@@ -622,6 +647,12 @@ class PoolStore:
 
     def _write_manifest(self, pool_dir: Path, m: dict) -> None:
         """Write manifest.json atomically and durably (temp file, fsync, replace, fsync dir)."""
+        self._replace_manifest(pool_dir, m)
+        _fsync_dir(pool_dir)
+
+    def _replace_manifest(self, pool_dir: Path, m: dict) -> None:
+        """Temp file, fsync, atomic replace: once this returns, the new version is the
+        pool's (the caller still fsyncs the folder to make the rename durable)."""
         data = self._manifest_bytes(m)
         tmp = pool_dir / f"{TMP}manifest-{_rand()}"
         _write_file_durably(tmp, data)
@@ -630,7 +661,6 @@ class PoolStore:
         except BaseException:
             _unlink_quiet(tmp)
             raise
-        _fsync_dir(pool_dir)
 
     # ----------------------------------------------------------------------- reading
 
@@ -639,7 +669,9 @@ class PoolStore:
         return self._dir_state(name) not in ("absent", "leftover")
 
     def read_manifest(self, name: str) -> dict:
-        return self._load_manifest(name)[1]
+        m = self._load_manifest(name)[1]
+        self._seen[name] = (m["version"], frozenset(m["parts"]))
+        return m
 
     def _info_from(self, name: str, pool_dir: Path, m: dict) -> PoolInfo:
         total = 0
@@ -700,48 +732,67 @@ class PoolStore:
             return PoolBusy(f"pool {name} changed while it was being read (version {version} -> {now['version']}); try again")
         return PoolCorrupt(f"pool {name}: part {part_id} is missing")
 
-    def _stat_part(self, name: str, part_id: str, entry: dict, version: int) -> Path:
+    def _open_part(self, name: str, part_id: str, entry: dict, version: int) -> int:
+        """Open a part file (never through a symlink) and check its size; returns the fd.
+        Once open, a concurrent commit that deletes the file cannot take it away from us."""
         path = self._part_file(name, part_id)
         try:
-            st = os.lstat(path)
+            fd = os.open(path, os.O_RDONLY | _O_NOFOLLOW | _O_CLOEXEC | _O_BINARY)
         except FileNotFoundError:
             raise self._missing_part(name, part_id, version) from None
-        if stat.S_ISLNK(st.st_mode):
-            raise PoolCorrupt(f"pool {name}: part {part_id} is a symbolic link; refusing")
-        if not stat.S_ISREG(st.st_mode):
-            raise PoolCorrupt(f"pool {name}: part {part_id} is not a regular file")
-        if st.st_size != entry["bytes"]:
-            raise PoolCorrupt(
-                f"pool {name}: part {part_id} is damaged (size {st.st_size} bytes, manifest says {entry['bytes']})"
-            )
-        return path
+        except OSError as exc:
+            if exc.errno == errno.ELOOP or os.path.islink(path):
+                raise PoolCorrupt(f"pool {name}: part {part_id} is a symbolic link; refusing") from None
+            raise PoolError(f"cannot read pool {name}: part {part_id} ({exc.strerror})") from None
+        try:
+            st = os.fstat(fd)
+            if not stat.S_ISREG(st.st_mode):
+                raise PoolCorrupt(f"pool {name}: part {part_id} is not a regular file")
+            if st.st_size != entry["bytes"]:
+                raise PoolCorrupt(
+                    f"pool {name}: part {part_id} is damaged (size {st.st_size} bytes, manifest says {entry['bytes']})"
+                )
+        except BaseException:
+            os.close(fd)
+            raise
+        return fd
 
     def read_part(self, name: str, part_id: str, verify: bool = False) -> dict[str, torch.Tensor]:
         """The tensors of one part. Always checks the file size against the manifest;
-        verify=True also checks the sha256. Any mismatch -> PoolCorrupt."""
+        verify=True also checks the sha256. Any mismatch -> PoolCorrupt. A part that a
+        concurrent commit dropped after the caller read the manifest -> PoolBusy (reload)."""
         validate_part_id(part_id)
-        _, m = self._load_manifest(name)
+        _, m = self._load_manifest(name, shared=True)
         entry = m["parts"].get(part_id)
         if entry is None:
+            seen = self._seen.get(name)
+            if seen and part_id in seen[1] and seen[0] != m["version"]:
+                # the caller's manifest listed it; a commit since then dropped it
+                raise PoolBusy(
+                    f"pool {name} changed since it was loaded (version {seen[0]} -> {m['version']}); reload and retry"
+                )
             raise PoolError(f"pool {name} has no part {part_id}")
-        path = self._stat_part(name, part_id, entry, m["version"])
-        if verify:
-            try:
-                digest, size = _hash_file(path)
-            except FileNotFoundError:
-                raise self._missing_part(name, part_id, m["version"]) from None
-            if size != entry["bytes"] or digest != entry["sha256"]:
-                raise PoolCorrupt(f"pool {name}: part {part_id} is damaged (sha256 mismatch)")
-        from safetensors.torch import load_file
-
+        fd = self._open_part(name, part_id, entry, m["version"])
         try:
-            return load_file(str(path))
-        except FileNotFoundError:
-            raise self._missing_part(name, part_id, m["version"]) from None
-        except Exception as exc:  # SafetensorError and friends
-            raise PoolCorrupt(
-                f"pool {name}: part {part_id} is not a readable safetensors file ({_one_line(str(exc))[:120]})"
-            ) from None
+            if verify:
+                digest, size = _hash_fd(fd)
+                if size != entry["bytes"] or digest != entry["sha256"]:
+                    raise PoolCorrupt(f"pool {name}: part {part_id} is damaged (sha256 mismatch)")
+            from safetensors.torch import load_file
+
+            # Load exactly the file we checked, even if it is unlinked meanwhile.
+            proc_path = f"/proc/self/fd/{fd}"
+            path = proc_path if os.path.exists(proc_path) else str(self._part_file(name, part_id))
+            try:
+                return load_file(path)
+            except Exception as exc:  # SafetensorError and friends
+                if path != proc_path and not os.path.lexists(path):
+                    raise self._missing_part(name, part_id, m["version"]) from None
+                raise PoolCorrupt(
+                    f"pool {name}: part {part_id} is not a readable safetensors file ({_one_line(str(exc))[:120]})"
+                ) from None
+        finally:
+            os.close(fd)
 
     def verify(self, name: str) -> list[str]:
         """Check the manifest structure and the full sha256 of every part.
@@ -884,7 +935,7 @@ class PoolStore:
         cmd = info.get("command") or "memcli"
         return f"pool {name} is being written by process {info['pid']}{host} ({cmd}){since}; try again later"
 
-    def _lock_payload(self, token: str) -> bytes:
+    def _lock_payload(self, token: str, purpose: str) -> bytes:
         pid = os.getpid()
         return json.dumps(
             {
@@ -892,13 +943,14 @@ class PoolStore:
                 "host": _HOST,
                 "started": _now(),
                 "command": _command_line(),
+                "purpose": purpose,
                 "pid_start": _pid_start_time(pid),
                 "boot_id": _boot_id(),
                 "token": token,
             }
         ).encode()
 
-    def _acquire(self, name: str, wait: bool | float, create: bool) -> _Held:
+    def _acquire(self, name: str, wait: bool | float, create: bool, purpose: str = "write") -> _Held:
         validate_name(name)
         key = self._key(name)
         me = threading.get_ident()
@@ -916,13 +968,16 @@ class PoolStore:
         delay = 0.005
         p = self._dir(name)
         transient = 0
+        grace_end = time.monotonic() + _BRIEF_GRACE_S
         while True:
             info: dict | None = None
             with _HELD_GUARD:
                 other_thread = key in _HELD
-            if not other_thread:
+            if other_thread:
+                info = self._lock_info(None, p)[1] or {"pid": os.getpid(), "host": _HOST}
+            else:
                 try:
-                    got, info = self._try_lock(name, p, create, key, me)
+                    got, info = self._try_lock(name, p, create, key, me, purpose)
                 except OSError as exc:
                     if _is_nospace(exc):
                         raise PoolError(
@@ -937,11 +992,15 @@ class PoolStore:
                     if transient < 20:
                         continue  # the folder moved under us: look again at once
             if deadline is not None and time.monotonic() >= deadline:
-                raise PoolBusy(self._busy_message(name, info))
+                # cleanup/rename/remove hold a lock for moments only: worth a short wait
+                # even when the caller asked not to wait for a (long) writer
+                brief = info is None or info.get("purpose") in _BRIEF_PURPOSES
+                if not brief or time.monotonic() >= grace_end:
+                    raise PoolBusy(self._busy_message(name, info))
             time.sleep(delay)
             delay = min(delay * 1.5, 0.1)
 
-    def _try_lock(self, name: str, p: Path, create: bool, key, me) -> tuple[_Held | None, dict | None]:
+    def _try_lock(self, name: str, p: Path, create: bool, key, me, purpose: str) -> tuple[_Held | None, dict | None]:
         """One attempt. Returns (held, None) on success, (None, holder info) when busy."""
         if create:
             self._ensure_dir(name)
@@ -981,7 +1040,7 @@ class PoolStore:
             if (st_now.st_ino, st_now.st_dev) != (st_fd.st_ino, st_fd.st_dev):
                 return None, _RETRY
             token = secrets.token_hex(8)
-            payload = self._lock_payload(token)
+            payload = self._lock_payload(token, purpose)
             try:
                 lfd = os.open(LOCK, os.O_WRONLY | os.O_CREAT | os.O_EXCL | _O_NOFOLLOW | _O_CLOEXEC, 0o644, dir_fd=fd)
             except FileExistsError:
@@ -1080,8 +1139,8 @@ class PoolStore:
             os.close(fd)
 
     @contextlib.contextmanager
-    def _locked(self, name: str, wait: bool | float = False, create: bool = True):
-        held = self._acquire(name, wait, create)
+    def _locked(self, name: str, wait: bool | float = False, create: bool = True, purpose: str = "write"):
+        held = self._acquire(name, wait, create, purpose)
         try:
             yield held
         finally:
@@ -1242,7 +1301,7 @@ class PoolStore:
                 "parts": entries,
                 "meta": meta,
             }
-            self._write_manifest(pool_dir, manifest)
+            self._replace_manifest(pool_dir, manifest)
         except BaseException as exc:
             for tmp in temps:
                 _unlink_quiet(tmp)
@@ -1259,7 +1318,14 @@ class PoolStore:
                     f"could not save pool {name} ({exc.strerror or exc}); the pool is unchanged"
                 ) from None
             raise
-        # committed. Everything below is tidying; a crash here is repaired by cleanup().
+        # Committed: from here on nothing may be undone. Make the rename durable, then tidy
+        # up (a crash while tidying is repaired by cleanup()).
+        try:
+            _fsync_dir(pool_dir)
+        except OSError as exc:
+            raise PoolError(
+                f"pool {name} was saved as version {manifest['version']} but flushing it to disk failed ({exc.strerror or exc})"
+            ) from None
         with contextlib.suppress(OSError):
             if os.path.lexists(pool_dir / CREATING):
                 os.unlink(pool_dir / CREATING)
@@ -1380,7 +1446,6 @@ class PoolStore:
                     if exc.errno in (errno.EEXIST, errno.ENOTEMPTY, errno.ENOTDIR, errno.EISDIR):
                         raise PoolExists(f"pool {dst} already exists") from None
                     raise
-                _fsync_dir(self.root)
             except BaseException as exc:
                 _rmtree_quiet(stage)
                 if isinstance(exc, PoolError):
@@ -1390,6 +1455,10 @@ class PoolStore:
                 if isinstance(exc, OSError):
                     raise PoolError(f"could not fork pool {src} to {dst} ({exc.strerror or exc}); nothing was created") from None
                 raise
+            try:
+                _fsync_dir(self.root)
+            except OSError as exc:
+                raise PoolError(f"pool {dst} was created but flushing it to disk failed ({exc.strerror or exc})") from None
             return self.info(dst)
         raise PoolBusy(f"pool {src} keeps changing while it is being forked; try again later")
 
@@ -1404,7 +1473,7 @@ class PoolStore:
             raise PoolExists(f"pool {new} already exists")
         if self._holds(old):
             raise PoolBusy(f"pool {old} is being written by this process; finish writing before renaming it")
-        with self._locked(old, wait=False, create=False):
+        with self._locked(old, wait=False, create=False, purpose="rename"):
             _, m = self._load_manifest(old)
             try:
                 os.rename(self._dir(old), self._dir(new))
@@ -1435,7 +1504,7 @@ class PoolStore:
         if self._holds(name):
             raise PoolBusy(f"pool {name} is being written by this process; finish writing before removing it")
         trash = None
-        with self._locked(name, wait=False, create=False):
+        with self._locked(name, wait=False, create=False, purpose="remove"):
             trash = self.root / f"{TMP}rm-{_rand()}"
             try:
                 os.rename(p, trash)
@@ -1641,8 +1710,7 @@ class PoolStore:
                 if exc.errno in (errno.EEXIST, errno.ENOTEMPTY, errno.ENOTDIR, errno.EISDIR):
                     raise PoolExists(f"pool {target} already exists") from None
                 raise
-            stage = None
-            _fsync_dir(self.root)
+            stage = None  # it is the pool now
         except BaseException as exc:
             if stage is not None:
                 _rmtree_quiet(stage)
@@ -1655,6 +1723,10 @@ class PoolStore:
             raise
         finally:
             fh.close()
+        try:
+            _fsync_dir(self.root)
+        except OSError as exc:
+            raise PoolError(f"pool {target} was imported but flushing it to disk failed ({exc.strerror or exc})") from None
         return self.info(target)
 
     # ----------------------------------------------------------------------- cleanup
@@ -1684,8 +1756,10 @@ class PoolStore:
                 continue
             if self._dir_state(entry) in ("symlink", "notdir", "absent"):
                 continue
+            if not self._needs_cleanup(entry):
+                continue  # nothing to do: do not even take the lock (it would disturb writers)
             try:
-                with self._locked(entry, wait=False, create=False):
+                with self._locked(entry, wait=False, create=False, purpose="cleanup"):
                     done.extend(self._cleanup_pool(entry))
             except PoolError:
                 continue  # busy (live writer) or not ours to judge
@@ -1707,6 +1781,30 @@ class PoolStore:
         pid = int(pid_text)
         # this process's own temp folders may be in use by another of its threads
         return pid == os.getpid() or _pid_alive(pid)
+
+    def _needs_cleanup(self, name: str) -> bool:
+        """Lock-free look: does this pool folder hold anything cleanup() would remove or fix?"""
+        pool_dir = self._dir(name)
+        try:
+            names = os.listdir(pool_dir)
+        except OSError:
+            return False
+        if any(n.startswith(TMP) or n in (LOCK, CREATING) for n in names) or MANIFEST not in names:
+            return True
+        try:
+            _, m = self._load_manifest(name, shared=True)
+            with open(pool_dir / MANIFEST, "rb") as f:
+                if json.loads(f.read()).get("name") != name:
+                    return True
+            parts = os.listdir(pool_dir / PARTS)
+        except (PoolError, OSError, ValueError):
+            return False  # damaged or changing: nothing cleanup may touch / next time
+        for fname in parts:
+            if fname.startswith(TMP):
+                return True
+            if fname.endswith(PART_SUFFIX) and fname[: -len(PART_SUFFIX)] not in m["parts"]:
+                return True
+        return False
 
     def _cleanup_pool(self, name: str) -> list[str]:
         done = []

@@ -116,12 +116,12 @@ def dead_pid() -> int:
 class LockHolder:
     """A subprocess holding the writer lock of a pool until stopped."""
 
-    def __init__(self, root: Path, name: str):
+    def __init__(self, root: Path, name: str, purpose: str = "write"):
         code = textwrap.dedent(
             f"""
             import sys
             from memcli.store import PoolStore
-            with PoolStore({str(root)!r}).writer({name!r}):
+            with PoolStore({str(root)!r})._locked({name!r}, purpose={purpose!r}):
                 print("locked", flush=True)
                 sys.stdin.read()
             """
@@ -393,6 +393,49 @@ def test_writer_busy_across_processes(store):
     assert store.exists("p")
 
 
+def test_brief_locks_of_cleanup_rename_remove_are_waited_for(store):
+    make_pool(store)
+    holder = LockHolder(store.root, "p", purpose="cleanup")
+    threading.Timer(0.4, holder.stop).start()
+    t0 = time.monotonic()
+    store.commit("p", {}, ["base"], {}, 1)  # wait=False, yet not refused for a moment's cleanup
+    assert time.monotonic() - t0 > 0.3
+
+
+def test_cleanup_does_not_lock_a_clean_pool(store):
+    make_pool(store)
+    entered, leave = threading.Event(), threading.Event()
+
+    def writer_thread():
+        with store.writer("p"):
+            entered.set()
+            leave.wait(10)
+
+    t = threading.Thread(target=writer_thread)
+    t.start()
+    entered.wait(5)
+    try:
+        assert store.cleanup() == []  # the live lock is not "stale" and nothing else to do
+        assert (store.root / "p" / ".lock").exists()
+    finally:
+        leave.set()
+        t.join()
+    lock_free = PoolStore(store.root)
+    calls = []
+    lock_free._acquire = lambda *a, **k: calls.append(a) or (_ for _ in ()).throw(AssertionError("locked"))
+    assert lock_free.cleanup() == [] and calls == []
+
+
+def test_reader_of_an_older_manifest_gets_busy(store):
+    make_pool(store)
+    m = store.read_manifest("p")
+    PoolStore(store.root).commit("p", {}, ["base", "patch-2"], {"patch-2": tensors(3)}, m["version"])
+    with pytest.raises(PoolBusy, match=r"changed since it was loaded \(version 1 -> 2\); reload and retry"):
+        store.read_part("p", "patch-1")
+    with pytest.raises(PoolError, match="has no part"):
+        store.read_part("p", "never-existed")
+
+
 def test_writer_busy_between_threads(store):
     make_pool(store)
     entered = threading.Event()
@@ -413,6 +456,19 @@ def test_writer_busy_between_threads(store):
     with store.writer("p", wait=5.0):
         pass
     t.join()
+
+
+def test_lock_of_a_killed_writer_is_recovered(store):
+    make_pool(store)
+    holder = LockHolder(store.root, "p")
+    holder.proc.kill()  # SIGKILL: no chance to remove its .lock
+    holder.proc.wait()
+    holder.proc.stdout.close()
+    holder.proc.stdin.close()
+    assert json.loads((store.root / "p" / ".lock").read_text())["pid"] == holder.proc.pid
+    store.commit("p", {"after": "crash"}, ["base"], {}, 1)
+    assert store.read_manifest("p")["meta"] == {"after": "crash"}
+    assert not (store.root / "p" / ".lock").exists()
 
 
 def write_lock(store: PoolStore, name: str, **info) -> Path:
@@ -868,17 +924,31 @@ def test_cleanup_skips_pool_being_written(store):
 
 def test_reader_sees_busy_not_corrupt_when_part_replaced_concurrently(store, monkeypatch):
     make_pool(store)
-    real = PoolStore._stat_part
+    real = PoolStore._open_part
 
     def racing(self, name, part_id, entry, version):
         # a concurrent commit drops patch-1 right after the reader read the manifest
         PoolStore(store.root).commit("p", {}, ["base", "patch-2"], {"patch-2": tensors(3)}, 1)
-        monkeypatch.setattr(PoolStore, "_stat_part", real)
+        monkeypatch.setattr(PoolStore, "_open_part", real)
         return real(self, name, part_id, entry, version)
 
-    monkeypatch.setattr(PoolStore, "_stat_part", racing)
+    monkeypatch.setattr(PoolStore, "_open_part", racing)
     with pytest.raises(PoolBusy, match="changed while it was being read"):
         store.read_part("p", "patch-1")
+
+
+def test_part_opened_before_a_concurrent_delete_still_loads(store, monkeypatch):
+    make_pool(store)
+    real = PoolStore._open_part
+
+    def racing(self, name, part_id, entry, version):
+        fd = real(self, name, part_id, entry, version)
+        PoolStore(store.root).commit("p", {}, ["base", "patch-2"], {"patch-2": tensors(3)}, 1)
+        assert not part_path(store, "p", "patch-1").exists()
+        return fd
+
+    monkeypatch.setattr(PoolStore, "_open_part", racing)
+    assert same(store.read_part("p", "patch-1", verify=True), tensors(2))
 
 
 # ------------------------------------------------------------------------ ENOSPC
@@ -956,3 +1026,29 @@ def test_disk_full_during_import(store, monkeypatch, tmp_path):
         store.import_(f)
     monkeypatch.undo()
     assert os.listdir(store.root) == []
+
+
+def test_error_after_the_commit_point_never_undoes_the_commit(store, monkeypatch):
+    """Once manifest.json is replaced the new version is the pool's: a failing folder fsync
+    afterwards is reported, but the new parts it references stay."""
+    make_pool(store)
+    real_replace, real_fsync_dir = os.replace, store_mod._fsync_dir
+    replaced = []
+
+    def replace(src, dst, **kw):
+        real_replace(src, dst, **kw)
+        replaced.append(str(dst).endswith("manifest.json"))
+
+    def fsync_dir(path):
+        if any(replaced):
+            raise OSError(errno.EIO, "Input/output error")
+        real_fsync_dir(path)
+
+    monkeypatch.setattr(os, "replace", replace)
+    monkeypatch.setattr(store_mod, "_fsync_dir", fsync_dir)
+    with pytest.raises(PoolError, match="pool p was saved as version 2 but flushing it to disk failed"):
+        store.commit("p", {"n": 2}, ["base", "patch-2"], {"patch-2": tensors(3)}, 1)
+    monkeypatch.undo()
+    assert store.read_manifest("p")["version"] == 2
+    assert same(store.read_part("p", "patch-2", verify=True), tensors(3))
+    assert store.verify("p") == []

@@ -372,6 +372,11 @@ while done < 20:
 def test_two_processes_incrementing_a_counter(tmp_path, mode):
     store = PoolStore(tmp_path / "pools")
     store.commit("c", {"counter": 0}, [], {}, None)
+    # start from a stale lock of a dead process: both children detect it, only one may take it
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    (store.root / "c" / ".lock").write_text(json.dumps(
+        {"pid": dead.pid, "host": store_mod._HOST, "started": "2020-01-01T00:00:00Z"}))
     env = dict(os.environ, PYTHONPATH=str(REPO))
     procs = [
         subprocess.Popen([sys.executable, "-c", COUNTER_CHILD, str(store.root), mode], env=env,

@@ -133,16 +133,6 @@ def _one_line(text: str) -> str:
     return " ".join(str(text).split())
 
 
-def _show(name: str, limit: int = 40) -> str:
-    """A name for an error message: quoted/escaped when odd, shortened when long."""
-    if not isinstance(name, str):
-        return repr(name)
-    shown = name if len(name) <= limit else name[:limit] + "..."
-    if _NAME_RE.fullmatch(name) or _PART_RE.fullmatch(name):
-        return shown
-    return repr(shown)
-
-
 # ----------------------------------------------------------------------- validation
 
 
@@ -153,9 +143,11 @@ def validate_name(name: str) -> str:
     Never touches the disk.
     """
     if not isinstance(name, str) or not _NAME_RE.fullmatch(name):
+        shown = repr(name)
+        if isinstance(name, str) and len(name) > 64:
+            shown = f"{repr(name[:20])[:-1]}...' ({len(name)} characters)"
         raise InvalidPoolName(
-            f"invalid pool name {_show(name) if isinstance(name, str) and name else repr(name)}: "
-            "use 1-64 letters, digits, '-', '_' or '.', not starting with '.'"
+            f"invalid pool name {shown}: use 1-64 letters, digits, '-', '_' or '.', not starting with '.'"
         )
     return name
 

@@ -59,15 +59,15 @@ class PrefixCache:
     Layout per layer (rows): [bos | LTM block (M+, filled per question) | STM slots | scratch].
     """
 
-    def __init__(self, engine: "Engine", state: MemoryState):
+    def __init__(self, model: Transformer, state: MemoryState, scratch_rows: int):
+        self.model = model
         self.state_id = id(state)
         self.version = -1
-        model = engine.model
         cfg = model.cfg
         self.ltm_rows = cfg.ltm_retrieval_rows
         self.stm_start = 1 + self.ltm_rows
         self.prefix_rows = self.stm_start + state.num_rows
-        self.kv = model.new_kv(self.prefix_rows + engine.scratch_rows)
+        self.kv = model.new_kv(self.prefix_rows + scratch_rows)
         shape = (cfg.num_layers, cfg.num_kv_heads, state.num_rows, cfg.head_dim)
         self.raw_k = torch.empty(shape, dtype=model.dtype, device=model.device)
         cos, sin = model.cos_sin(0, 1)
@@ -75,7 +75,7 @@ class PrefixCache:
             kv.k[:, :, :1], kv.v[:, :, :1] = layer.prefix_keys_values(model.bos_embedding[l][None], cos, sin, DECODER)
             kv.start = self.prefix_rows
 
-    def ensure_capacity(self, engine: "Engine", rows: int) -> None:
+    def ensure_capacity(self, rows: int) -> None:
         if self.kv[0].k.shape[2] >= rows:
             return
         for kv in self.kv:
@@ -85,21 +85,21 @@ class PrefixCache:
                 new[:, :, : self.prefix_rows] = old[:, :, : self.prefix_rows]
                 setattr(kv, name, new)
 
-    def write_rows(self, engine: "Engine", state: MemoryState, slots: Tensor | None) -> None:
+    def write_rows(self, state: MemoryState, slots: Tensor | None) -> None:
         """(Re)compute unrotated K and V for the given slots per layer ([L, m]; None = all slots)."""
-        model = engine.model
+        model = self.model
         zero_cos, zero_sin = model.cos_sin(0, 1)  # position 0: rotation by zero angle = identity
         for l, (layer, kv) in enumerate(zip(model.layers, self.kv)):
             idx = slots[l] if slots is not None else torch.arange(state.num_rows, device=state.slots.device)
-            rows = state.slots[l, idx].to(model.dtype)[None]
+            rows = state.slots[l, idx].to(device=model.device, dtype=model.dtype)[None]
             k, v = layer.prefix_keys_values(rows, zero_cos, zero_sin, DECODER)
             self.raw_k[l, :, idx.to(model.device)] = k[0]
             kv.v[0, :, self.stm_start + idx.to(model.device)] = v[0]
-        self.rotate(engine, state)
+        self.rotate(state)
 
-    def rotate(self, engine: "Engine", state: MemoryState) -> None:
+    def rotate(self, state: MemoryState) -> None:
         """Rotate every STM key by its current logical position."""
-        model = engine.model
+        model = self.model
         for l, kv in enumerate(self.kv):
             positions = self.stm_start + state.slot_positions(l).to(model.device)
             cos, sin = model.rotary.cos_sin(positions, model.dtype)
@@ -223,7 +223,7 @@ class Engine:
             self._after_ltm_update(state)
         cache = self._prefix
         if cache is not None and not self.reference and cache.state_id == id(state) and cache.version == state.version - 1:
-            cache.write_rows(self, state, freed)
+            cache.write_rows(state, freed)
 
     def _fill_uninitialized(self, state: MemoryState, delta: Tensor, origin: int) -> None:
         """First write into an empty pool: tile the delta to fill it (8b semantics, §5)."""
@@ -281,12 +281,12 @@ class Engine:
     # ------------------------------------------------------------------ reading
     def _prefix_cache(self, state: MemoryState) -> PrefixCache:
         cache = self._prefix
-        if self.reference or cache is None or cache.state_id != id(state) or cache.kv[0].k.shape[2] < 1:
-            cache = PrefixCache(self, state)
-            cache.write_rows(self, state, None)
+        if self.reference or cache is None or cache.state_id != id(state):
+            cache = PrefixCache(self.model, state, self.scratch_rows)
+            cache.write_rows(state, None)
             self._prefix = cache
         elif cache.version != state.version:
-            cache.write_rows(self, state, None)
+            cache.write_rows(state, None)
         return cache
 
     def forget_prefix(self) -> None:
@@ -358,7 +358,7 @@ class Engine:
         if not state.initialized:
             return [self._scratch_kv(extra_rows) for _ in model.layers], 0, [], None
         cache = self._prefix_cache(state)
-        cache.ensure_capacity(self, cache.prefix_rows + extra_rows)
+        cache.ensure_capacity(cache.prefix_rows + extra_rows)
         retrieval: list[Retrieval] = []
         if state.ltm is not None:
             # M+: each layer retrieves its LTM block from that layer's input rows, just before it runs.

@@ -333,15 +333,6 @@ def _checkpoint_ltm(reader, cfg, dtype, ltm_device, key_device) -> LongTermMemor
     return ltm
 
 
-def open_checkpoint(model: str, revision: str | None = None, **kwargs) -> tuple[Transformer, MemoryState]:
-    """Convenience for scripts: resolve, load weights, and build the checkpoint's initial state."""
-    folder = resolve_checkpoint(model, revision)
-    seed = kwargs.pop("seed", None)
-    transformer, reader = load_model(folder, **kwargs)
-    state = initial_state(reader, transformer.cfg, kwargs.get("device", "cpu"), kwargs.get("dtype", torch.float32), seed)
-    return transformer, state
-
-
 __all__ = [
     "ALIASES",
     "CheckpointError",
@@ -351,7 +342,6 @@ __all__ = [
     "check_plan",
     "initial_state",
     "load_model",
-    "open_checkpoint",
     "resolve_checkpoint",
     "weight_plan",
 ]

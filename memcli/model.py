@@ -21,6 +21,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.nn.attention.bias import causal_lower_right
 
 from .config import ModelConfig, RopeSpec
 
@@ -118,11 +119,13 @@ class KV:
 
 
 def attend(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
-    """q: [1, H, T, D] over k/v: [1, H_kv, S, D]; query i sees keys 0..S-T+i (bottom-right causal)."""
+    """q: [1, H, T, D] over k/v: [1, H_kv, S, D]; query i sees keys 0..S-T+i (bottom-right causal).
+
+    `causal_lower_right` lets CUDA use the flash / memory-efficient kernels (flash-attn >= 2.1
+    aligns the diagonal the same way) instead of a materialised S-wide mask; one query needs none.
+    """
     t, s = q.shape[-2], k.shape[-2]
-    mask = None
-    if t > 1:
-        mask = torch.ones(t, s, dtype=torch.bool, device=q.device).tril(diagonal=s - t)
+    mask = causal_lower_right(t, s) if t > 1 else None
     return F.scaled_dot_product_attention(
         q, k, v, attn_mask=mask, enable_gqa=q.shape[1] != k.shape[1]
     )

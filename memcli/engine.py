@@ -136,7 +136,8 @@ class Engine:
             total = 1 + k_rows + c
             cos, sin = model.cos_sin(0, total)
             for l, layer in enumerate(model.layers):
-                tail = state.memory(l)[-k_rows:].to(device=model.device, dtype=model.dtype)
+                # only the newest K rows are needed: gather them, wherever the state lives
+                tail = state.slots[l, state.order[l, -k_rows:]].to(device=model.device, dtype=model.dtype)
                 kv = self._scratch_kv(total)
                 rows = torch.cat((model.bos_embedding[l], tail[:in_prefix]))[None]
                 kv.k[:, :, :prefix], kv.v[:, :, :prefix] = layer.prefix_keys_values(

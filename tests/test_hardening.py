@@ -1,0 +1,657 @@
+"""Hardening: bad inputs, damaged pools, faults and trust, at the API level.
+
+Every case is listed with its outcome in docs/hardening.md; `test_case_table_lists_every_test`
+keeps that table and this file (and the modules it points at) in sync.
+"""
+
+from __future__ import annotations
+
+import ast
+import errno
+import json
+import os
+import random
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+from hypothesis import HealthCheck, given, settings as hsettings
+from hypothesis import strategies as st
+
+from memcli import api as api_module
+from memcli import pool as pools
+from memcli import store as store_module
+from memcli.api import Memcli, MemcliError
+from memcli.chunking import chunk_token_ids
+from memcli.extract import iter_text, Source
+from memcli.settings import Settings
+from memcli.store import PoolError, PoolStore
+from tests.support import REPO, fixture_checkpoint
+from tests.test_extract import BROKEN_PAGE, encrypt_pdf, make_pdf, text_page
+
+TINY = "memoryllm-8b-chat-tiny"
+OTHER = "mplus-8b-tiny"
+GOOD_TEXT = "The train to Lyon leaves at seven from platform four, said Ada. " * 2
+POOL = "work"
+
+# Loaded models are shared by every test of this module (weights load once).
+_MODELS: dict = {}
+
+
+def make_app(model: Path | str | None = None) -> Memcli:
+    app = Memcli(settings=Settings(model=str(model or fixture_checkpoint(TINY)), device="cpu"))
+    app._models = _MODELS
+    return app
+
+
+def home() -> Path:
+    return Path(os.environ["MEMCLI_HOME"])
+
+
+def tree(root: Path) -> dict[str, bytes | None]:
+    """Every path under root -> its bytes (None for folders), symlinks not followed."""
+    out: dict[str, bytes | None] = {}
+    if not root.exists():
+        return out
+    for dirpath, dirnames, filenames in os.walk(root):
+        for d in dirnames:
+            out[os.path.relpath(os.path.join(dirpath, d), root)] = None
+        for f in filenames:
+            p = os.path.join(dirpath, f)
+            rel = os.path.relpath(p, root)
+            out[rel] = os.readlink(p).encode() if os.path.islink(p) else Path(p).read_bytes()
+    return out
+
+
+def pool_snapshot(app: Memcli, name: str = POOL) -> tuple[dict, dict]:
+    """Every file's bytes in the pool folder (lock file aside) and the parsed manifest."""
+    files = {k: v for k, v in tree(app.store.root / name).items() if k != ".lock"}
+    return files, app.store.read_manifest(name)
+
+
+def assert_one_line(text: str) -> None:
+    assert text and "\n" not in text and "\r" not in text, repr(text)
+    assert "Traceback" not in text and 'File "' not in text, text
+
+
+@pytest.fixture(scope="module")
+def template(tmp_path_factory):
+    """A pool made through the API from one good file; copied into each test's MEMCLI_HOME."""
+    root = tmp_path_factory.mktemp("template-home")
+    old = os.environ.get("MEMCLI_HOME")
+    os.environ["MEMCLI_HOME"] = str(root)
+    os.environ["HF_HUB_OFFLINE"] = "1"
+    try:
+        good = root.parent / "good.txt"
+        good.write_text(GOOD_TEXT)
+        maker = make_app()
+        report = maker.inject(POOL, [str(good)])
+        assert [f.status for f in report.files] == ["injected"]
+        made = maker.store.root / POOL
+    finally:
+        if old is None:
+            os.environ.pop("MEMCLI_HOME", None)
+        else:
+            os.environ["MEMCLI_HOME"] = old
+    return made
+
+
+@pytest.fixture
+def app(template):
+    a = make_app()
+    shutil.copytree(template, a.store.root / POOL, symlinks=True)
+    return a
+
+
+# =========================================================================== 1. bad inputs
+
+def _w(path: Path, data: bytes | str) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(data.encode() if isinstance(data, str) else data)
+    return path
+
+
+def _vanishing(tmp, mp):
+    path = _w(tmp / "gone.txt", GOOD_TEXT + " vanishing")
+    real = api_module.discover
+
+    def discover(paths, glob=None):
+        for item in real(paths, glob=glob):
+            if getattr(item, "path", "") == str(path):
+                path.unlink()  # between discover and read
+            yield item
+
+    mp.setattr(api_module, "discover", discover)
+    return [str(path)]
+
+
+def _permission_denied(tmp, mp):
+    path = _w(tmp / "secret.txt", GOOD_TEXT + " secret")
+    if os.geteuid() != 0:
+        path.chmod(0)
+    else:  # root ignores permission bits: the kernel's answer is simulated
+        real = os.open
+
+        def deny(p, flags, *a, **kw):
+            if os.fspath(p) == str(path):
+                raise PermissionError(errno.EACCES, "Permission denied", str(p))
+            return real(p, flags, *a, **kw)
+
+        mp.setattr("memcli.extract.os.open", deny)
+    return [str(path)]
+
+
+def _symlink_loop(tmp, mp):
+    d = tmp / "loop"
+    (d / "sub").mkdir(parents=True)
+    os.symlink("..", d / "sub" / "up")
+    os.symlink(d, d / "self")
+    return [str(d)]
+
+
+def _fifo(tmp, mp):
+    os.mkfifo(tmp / "pipe.txt")
+    return [str(tmp / "pipe.txt")]
+
+
+# kind -> builder(tmp, monkeypatch) -> paths; expected status of every file
+FILE_CASES = {
+    "empty_file": (lambda t, m: [str(_w(t / "empty.txt", b""))], "skipped"),
+    "whitespace_only": (lambda t, m: [str(_w(t / "blank.txt", " \n\t\r\n  " * 100))], "skipped"),
+    "binary_named_txt": (lambda t, m: [str(_w(t / "bin.txt", bytes(range(256)) * 8))], "skipped"),
+    "invalid_utf8": (lambda t, m: [str(_w(t / "bad.txt", b"hello \xff\xfe world " * 50 + b"\xc3\x28"))], "skipped"),
+    "utf16_with_bom": (lambda t, m: [str(_w(t / "u16.txt", ("\ufeff" + GOOD_TEXT + " utf16").encode("utf-16-le")))], "injected"),
+    "truncated_pdf": (lambda t, m: [str(_w(t / "cut.pdf", make_pdf([text_page("hello world")])[:60]))], "skipped"),
+    "encrypted_pdf": (lambda t, m: [str(_w(t / "enc.pdf", encrypt_pdf(make_pdf([text_page("secret words")]), "pw")))], "skipped"),
+    "pdf_without_text_layer": (lambda t, m: [str(_w(t / "scan.pdf", make_pdf([None, None])))], "skipped"),
+    "pdf_page_raises": (lambda t, m: [str(_w(t / "broken.pdf", make_pdf([BROKEN_PAGE])))], "skipped"),
+    "not_a_pdf": (lambda t, m: [str(_w(t / "fake.pdf", "just text, no pdf"))], "skipped"),
+    "html_only_scripts_styles": (
+        lambda t, m: [str(_w(t / "s.html", "<html><head><style>p{}</style><script>var x=1;</script></head>"
+                                          "<body><script>alert(1)</script><noscript></noscript></body></html>"))],
+        "skipped",
+    ),
+    "symlink_loop_directory": (_symlink_loop, "skipped"),
+    "fifo": (_fifo, "skipped"),
+    "permission_denied": (_permission_denied, "skipped"),
+    "vanishes_during_run": (_vanishing, "skipped"),
+    "missing_path": (lambda t, m: [str(t / "no-such-file.txt")], "skipped"),
+    "unsupported_type": (lambda t, m: [str(_w(t / "doc.docx", b"PK\x03\x04"))], "skipped"),
+    "too_short_to_inject": (lambda t, m: [str(_w(t / "short.txt", "hi"))], "skipped"),
+    "name_with_newline": (lambda t, m: [str(_w(t / "line\nbreak.txt", GOOD_TEXT + " newline name"))], "injected"),
+    "non_ascii_name": (lambda t, m: [str(_w(t / "notes-日本語-ü.md", GOOD_TEXT + " non ascii"))], "injected"),
+    "odd_name_skipped": (lambda t, m: [str(_w(t / "emp\nty-ü.txt", b""))], "skipped"),
+}
+
+ARG_CASES = {
+    "pool_name_slash": ("inject", {"pool": "a/b"}),
+    "pool_name_dotdot": ("inject", {"pool": ".."}),
+    "pool_name_nul": ("inject", {"pool": "a\x00b"}),
+    "pool_name_65_chars": ("inject", {"pool": "x" * 65}),
+    "pool_name_leading_dot": ("inject", {"pool": ".hidden"}),
+    "question_empty": ("ask", {"question": ""}),
+    "question_whitespace": ("ask", {"question": " \n\t  "}),
+    "question_too_long": ("ask", {"question": "why " * 200}),
+    "chunk_tokens_0": ("inject", {"chunk_tokens": 0}),
+    "chunk_tokens_negative": ("inject", {"chunk_tokens": -1}),
+    "chunk_tokens_15": ("inject", {"chunk_tokens": 15}),
+    "chunk_tokens_over_context": ("inject", {"chunk_tokens": 10_000}),
+    "unknown_model_offline": ("inject", {"pool": "fresh", "model": "nobody/no-such-model"}),
+}
+
+
+@pytest.mark.parametrize("kind", list(FILE_CASES) + list(ARG_CASES))
+def test_bad_input(app, tmp_path, monkeypatch, kind):
+    inputs = tmp_path / "inputs"
+    inputs.mkdir()
+    before_home = tree(home())
+    before = pool_snapshot(app)
+    def blocked(*_):
+        raise TimeoutError("inject blocked (a FIFO opened?)")
+
+    previous = signal.signal(signal.SIGALRM, blocked)
+    signal.alarm(60)
+    try:
+        if kind in FILE_CASES:
+            build, expected = FILE_CASES[kind]
+            paths = build(inputs, monkeypatch)
+            report = app.inject(POOL, paths)
+            assert report.files, kind
+            for f in report.files:
+                assert f.status == expected, (f, kind)
+                if f.status == "skipped":
+                    assert_one_line(f.reason)
+            if expected == "skipped":
+                assert pool_snapshot(app) == before
+            else:
+                assert app.store.verify(POOL) == []
+                assert report.files[0].path in [s["path"] for s in app.store.read_manifest(POOL)["meta"]["sources"]]
+            return
+        op, args = ARG_CASES[kind]
+        good = str(_w(inputs / "good.txt", GOOD_TEXT + " arg case"))
+        with pytest.raises((MemcliError, PoolError, ValueError)) as err:
+            if op == "inject":
+                app.inject(args.get("pool", POOL), [good], model=args.get("model"), chunk_tokens=args.get("chunk_tokens"))
+            else:
+                app.ask(POOL, args["question"], max_new_tokens=4)
+        assert_one_line(str(err.value))
+        if kind.startswith("pool_name"):
+            assert tree(home()) == before_home  # refused before touching the disk
+        if kind == "unknown_model_offline":
+            assert "not downloaded" in str(err.value) or "not in the" in str(err.value), str(err.value)
+        assert pool_snapshot(app) == before
+        assert {k for k in tree(home()) if not k.endswith(".lock")} == {k for k in before_home if not k.endswith(".lock")}
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, previous)
+
+
+def test_pool_of_another_model_is_refused(app, tmp_path):
+    other = fixture_checkpoint(OTHER)
+    good = str(_w(tmp_path / "good.txt", GOOD_TEXT + " other model"))
+    before = pool_snapshot(app)
+    with pytest.raises((MemcliError, PoolError)) as err:
+        app.inject(POOL, [good], model=str(other))
+    message = str(err.value)
+    assert_one_line(message)
+    assert str(fixture_checkpoint(TINY)) in message and str(other) in message
+    assert pool_snapshot(app) == before
+    # the right binding: ask through an app whose default model is the other one still uses the pool's
+    answer = make_app(other).ask(POOL, "When does the train leave?", max_new_tokens=3)
+    assert isinstance(answer.text, str)
+    with pytest.raises(pools.PoolModelMismatch):
+        pools.load(app.store, POOL, make_app(other).model().binding)
+
+
+def test_big_single_line_streams_with_bounded_memory(tmp_path):
+    """200 MB on one line through iter_text + chunk_token_ids (bytes as ids), peak RSS measured."""
+    path = tmp_path / "big.txt"
+    block = b"abcdefgh" * (1 << 17)  # 1 MiB, no whitespace: hard cuts only
+    with open(path, "wb") as out:
+        for _ in range(200):
+            out.write(block)
+    code = textwrap.dedent(f"""
+        import resource, sys
+        from memcli.extract import Source, iter_text
+        from memcli.chunking import chunk_token_ids, encode_pieces
+        base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        src = Source({str(path)!r}, "text", {path.stat().st_size})
+        n = tokens = 0
+        for chunk in chunk_token_ids(encode_pieces(iter_text(src), lambda t: t.encode()), 1 << 16):
+            n += 1; tokens += len(chunk)
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        print(n, tokens, peak - base)
+    """)
+    out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=150)
+    assert out.returncode == 0, out.stderr[-2000:]
+    chunks, tokens, grown_kib = map(int, out.stdout.split())
+    assert tokens == 200 * len(block)
+    assert grown_kib < 200 * 1024, f"peak RSS grew {grown_kib / 1024:.0f} MiB for a 200 MB file"
+
+
+def test_big_single_line_inject(app, tmp_path, monkeypatch):
+    """A 2 MB single-line file through the whole inject (the model's forward pass stubbed: the
+    tiny model takes ~1 s a chunk on 2 cores, and this is about extraction, chunking and commits)."""
+    path = _w(tmp_path / "line.txt", ("word" * 50 + " ") * (2_000_000 // 201))
+    engine = app.model().engine
+    monkeypatch.setattr(engine, "inject", lambda state, ids: None)
+    monkeypatch.setattr(engine, "update", lambda state, delta, origin=None: None)
+    report = app.inject(POOL, [str(path)])
+    assert [f.status for f in report.files] == ["injected"] and report.chunks > 100
+    assert app.store.verify(POOL) == []
+
+
+# =========================================================================== 2. damaged pools
+
+def _parts(app: Memcli) -> dict:
+    return app.store.read_manifest(POOL)["parts"]
+
+
+def _part_path(app: Memcli, pid: str) -> Path:
+    return app.store.root / POOL / "parts" / f"{pid}.safetensors"
+
+
+def _layout(app: Memcli) -> dict:
+    return app.store.read_manifest(POOL)["meta"]["state"]
+
+
+def _ask_error(app: Memcli) -> str:
+    with pytest.raises((MemcliError, PoolError)) as err:
+        make_app().ask(POOL, "When?", max_new_tokens=2)
+    assert_one_line(str(err.value))
+    return str(err.value)
+
+
+def _edit_manifest(app: Memcli, edit) -> None:
+    path = app.store.root / POOL / "manifest.json"
+    m = json.loads(path.read_text())
+    edit(m)
+    path.write_text(json.dumps(m))
+
+
+def test_damaged_truncated_part(app):
+    path = _part_path(app, _layout(app)["stm_base"])
+    with open(path, "r+b") as f:
+        f.truncate(path.stat().st_size // 2)
+    assert "damaged" in _ask_error(app)
+    assert any("bytes" in p for p in app.store.verify(POOL))
+
+
+def test_damaged_flipped_byte(app):
+    path = _part_path(app, _layout(app)["stm_base"])
+    data = bytearray(path.read_bytes())
+    data[-5] ^= 0xFF
+    path.write_bytes(bytes(data))
+    problems = app.store.verify(POOL)
+    assert problems and "sha256" in problems[0]
+    for p in problems:
+        assert_one_line(p)
+    with pytest.raises(PoolError, match="sha256"):
+        pools.load(app.store, POOL, verify=True)
+
+
+def test_damaged_wrong_shape(app):
+    from safetensors.torch import load_file, save_file
+    import hashlib
+
+    pid = _layout(app)["stm_meta"]
+    path = _part_path(app, pid)
+    tensors = load_file(str(path))
+    tensors["order"] = tensors["order"][:, :-1].contiguous()
+    save_file(tensors, str(path))
+    data = path.read_bytes()
+
+    def edit(m):
+        m["parts"][pid] = {"sha256": hashlib.sha256(data).hexdigest(), "bytes": len(data)}
+
+    _edit_manifest(app, edit)
+    assert "do not match" in _ask_error(app)
+
+
+def test_damaged_future_format_version(app):
+    _edit_manifest(app, lambda m: m.update(format_version=99))
+    message = _ask_error(app)
+    assert "format_version 99" in message and "upgrade" in message
+
+
+def test_damaged_unknown_state_layout(app):
+    _edit_manifest(app, lambda m: m["meta"]["state"].update(format=7))
+    assert "unknown state layout" in _ask_error(app)
+
+
+def test_damaged_missing_part(app):
+    _part_path(app, _layout(app)["stm_meta"]).unlink()
+    assert "missing" in _ask_error(app)
+    assert any("missing" in p for p in app.store.verify(POOL))
+
+
+def test_damaged_pool_folder_is_symlink(app, tmp_path):
+    elsewhere = tmp_path / "elsewhere"
+    shutil.move(str(app.store.root / POOL), elsewhere)
+    os.symlink(elsewhere, app.store.root / POOL)
+    before = tree(elsewhere)
+    mtimes = {p: os.lstat(p).st_mtime_ns for p in elsewhere.rglob("*")}
+    opened: list[str] = []
+    watching = [True]
+
+    def hook(event, args):
+        if watching[0] and event == "open" and args and isinstance(args[0], (str, bytes, os.PathLike)):
+            opened.append(os.fsdecode(args[0]))
+
+    sys.addaudithook(hook)
+    try:
+        assert "symbolic link" in _ask_error(app)
+        with pytest.raises((MemcliError, PoolError), match="symbolic link") as err:
+            make_app().inject(POOL, [str(_w(tmp_path / "g.txt", GOOD_TEXT))])
+        assert_one_line(str(err.value))
+        assert app.store.verify(POOL) and "symbolic link" in app.store.verify(POOL)[0]
+        app.store.cleanup()
+    finally:
+        watching[0] = False
+    assert tree(elsewhere) == before
+    assert {p: os.lstat(p).st_mtime_ns for p in elsewhere.rglob("*")} == mtimes
+    real = str(elsewhere)
+    via_link = str(app.store.root / POOL) + os.sep
+    assert not [p for p in opened if p.startswith(real) or p.startswith(via_link)]
+
+
+def test_damaged_crash_leftovers_are_cleaned(app):
+    root = app.store.root
+    (root / ".tmp-99999999-dead").mkdir()
+    (root / ".tmp-99999999-dead" / "parts").mkdir()
+    _w(root / ".tmp-99999999-dead" / "parts" / "x.safetensors", b"junk")
+    _w(root / POOL / "parts" / ".tmp-part-123", b"half a part")
+    _w(root / POOL / ".tmp-manifest-99999999-x", b"{half")
+    _w(root / POOL / "parts" / "stm-orphan-1.safetensors", b"unreferenced")
+    before = pool_snapshot(app)[1]
+    removed = app.store.cleanup()
+    assert len(removed) >= 4, removed
+    leftovers = [p for p in tree(root) if ".tmp-" in p or "orphan" in p]
+    assert leftovers == []
+    assert app.store.read_manifest(POOL) == before
+    assert app.store.verify(POOL) == []
+    assert make_app().ask(POOL, "When does the train leave?", max_new_tokens=2).tokens
+
+
+# =========================================================================== 3. faults
+
+def test_fault_enospc_during_commit(app, tmp_path, monkeypatch):
+    before = pool_snapshot(app)
+
+    def full(fd, data):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(store_module, "_write_all", full)
+    with pytest.raises((MemcliError, PoolError)) as err:
+        app.inject(POOL, [str(_w(tmp_path / "new.txt", GOOD_TEXT + " needs space"))])
+    assert_one_line(str(err.value))
+    assert "no space" in str(err.value).lower()
+    monkeypatch.undo()
+    assert pool_snapshot(app) == before
+    assert app.store.verify(POOL) == []
+
+
+_KILL_WORKER = """
+import sys
+from memcli import api, pool
+from memcli.api import Memcli
+from memcli.settings import Settings
+api.COMMIT_EVERY = 1
+real = pool.save
+def save(store, p):
+    real(store, p)
+    print("v", p.version, flush=True)
+api.pools.save = save
+app = Memcli(settings=Settings(model=sys.argv[1], device="cpu"))
+app.inject(sys.argv[2], sys.argv[3:])
+print("done", flush=True)
+"""
+
+
+def test_fault_sigkill_during_inject(app, tmp_path):
+    files = []
+    for i in range(6):
+        files.append(str(_w(tmp_path / f"doc{i}.txt", f"Document {i}. " + GOOD_TEXT * 2)))
+    rng = random.Random(1234)
+    committed = {app.store.read_manifest(POOL)["version"]}
+    started = time.monotonic()
+    trials = 0
+    while trials < 8 and time.monotonic() - started < 50:
+        trials += 1
+        proc = subprocess.Popen(
+            [sys.executable, "-c", _KILL_WORKER, str(fixture_checkpoint(TINY)), POOL, *files],
+            cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        )
+        time.sleep(rng.uniform(2.5, 5.0))
+        proc.send_signal(signal.SIGKILL)
+        out, err = proc.communicate(timeout=30)
+        assert "Traceback" not in err, err[-2000:]
+        versions = [int(line.split()[1]) for line in out.splitlines() if line.startswith("v ")]
+        committed.update(versions)
+        # killed after a commit became durable but before it was printed: one more version
+        committed.add(max(committed) + 1)
+        version = app.store.read_manifest(POOL)["version"]
+        assert version in committed, (version, committed)
+        committed.add(version)
+        assert app.store.verify(POOL) == []
+        loaded = pools.load(app.store, POOL, verify=True)
+        assert loaded.version == version
+    assert trials >= 8
+    app.store.cleanup()
+    assert pools.load(app.store, POOL).version == app.store.read_manifest(POOL)["version"]
+
+
+def test_fault_two_processes_inject_one_pool(app, tmp_path):
+    mine = str(_w(tmp_path / "mine.txt", "Mine. " + GOOD_TEXT))
+    theirs = [str(_w(tmp_path / f"theirs{i}.txt", f"Theirs {i}. " + GOOD_TEXT * 3)) for i in range(3)]
+    proc = subprocess.Popen(
+        [sys.executable, "-c", _KILL_WORKER, str(fixture_checkpoint(TINY)), POOL, *theirs],
+        cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )
+    try:
+        lock = app.store.root / POOL / ".lock"
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline and not (lock.exists() and lock.stat().st_size):
+            time.sleep(0.05)
+        refused = None
+        try:
+            report = app.inject(POOL, [mine])
+        except (MemcliError, PoolError) as err:
+            refused = str(err)
+            assert_one_line(refused)
+            assert "being written" in refused
+        out, err = proc.communicate(timeout=120)
+        assert proc.returncode == 0, err[-2000:]
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    logged = [s["path"] for s in app.store.read_manifest(POOL)["meta"]["sources"]]
+    assert all(t in logged for t in theirs)
+    if refused is None:
+        assert mine in logged and report.files[0].status == "injected"
+    else:
+        assert mine not in logged
+        app.inject(POOL, [mine])  # the refused one, again: now both are in
+        assert mine in [s["path"] for s in app.store.read_manifest(POOL)["meta"]["sources"]]
+    assert app.store.verify(POOL) == []
+
+
+# =========================================================================== 4. trust
+
+def _sources() -> dict[str, str]:
+    return {str(p.relative_to(REPO)): p.read_text() for p in sorted((REPO / "memcli").rglob("*.py"))}
+
+
+def test_trust_no_unsafe_deserialization_in_sources():
+    for name, text in _sources().items():
+        tree_ = ast.parse(text)
+        for node in ast.walk(tree_):
+            if isinstance(node, (ast.Import, ast.ImportFrom)):
+                mods = [a.name for a in node.names] + [getattr(node, "module", None) or ""]
+                assert not any(m.split(".")[0] in ("pickle", "dill", "cloudpickle", "joblib") for m in mods), name
+            if isinstance(node, ast.Call):
+                func = ast.unparse(node.func)
+                if func.endswith("torch.load") or func == "load" and "torch" in text and "from torch import load" in text:
+                    kw = {k.arg: ast.unparse(k.value) for k in node.keywords}
+                    assert kw.get("weights_only") == "True", f"{name}: {ast.unparse(node)}"
+                    assert name == "memcli/loading.py", f"torch.load outside the opt-in loader: {name}"
+        assert not re.search(r"pickle\.loads?\(|numpy\.load\([^)]*allow_pickle=True", text), name
+
+
+def test_trust_no_remote_code():
+    for name, text in _sources().items():
+        assert not re.search(r"trust_remote_code\s*=\s*True", text), name
+
+
+def test_trust_pickle_only_behind_opt_in():
+    text = (REPO / "memcli" / "loading.py").read_text()
+    loads = [m.start() for m in re.finditer(r"torch\.load\(", text)]
+    assert loads, "expected the opt-in pickle path in loading.py"
+    body = text[text.index("def _load_pickle"):]
+    assert all(text.index("def _load_pickle") < at for at in loads)
+    assert "weights_only=True" in body
+    assert "if not allow_pickle" in text
+
+
+_JSON = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text(max_size=20),
+    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=12), inner, max_size=5),
+    max_leaves=20,
+)
+
+
+def _manifest_like() -> st.SearchStrategy:
+    """Mostly-valid manifests with one field replaced by random JSON."""
+    keys = ["format_version", "version", "name", "created", "updated", "meta", "parts"]
+
+    def build(key, value, part_value):
+        m = {"format_version": 1, "version": 1, "name": "fz", "created": "x", "updated": "y",
+             "meta": {"model": {"model": "m", "family": "f", "config_hash": "h"}, "state": {"format": 1}},
+             "parts": {"stm-base-1": {"sha256": "0" * 64, "bytes": 3}}}
+        m[key] = value
+        if isinstance(m.get("meta"), dict) and part_value is not None:
+            m["meta"]["state"] = part_value
+        return m
+
+    return st.builds(build, st.sampled_from(keys), _JSON, st.none() | _JSON)
+
+
+@hsettings(max_examples=100, deadline=None, suppress_health_check=list(HealthCheck))
+@given(payload=st.one_of(st.binary(max_size=300), _JSON.map(lambda v: json.dumps(v).encode()),
+                         _manifest_like().map(lambda v: json.dumps(v).encode())))
+def test_trust_manifest_parser_fuzz(tmp_path_factory, payload):
+    root = tmp_path_factory.mktemp("fuzz")
+    store = PoolStore(root)
+    (root / "fz" / "parts").mkdir(parents=True)
+    (root / "fz" / "parts" / "stm-base-1.safetensors").write_bytes(b"abc")
+    (root / "fz" / "manifest.json").write_bytes(payload)
+    for call in (lambda: store.read_manifest("fz"), lambda: pools.load(store, "fz"), lambda: store.verify("fz")):
+        try:
+            call()
+        except PoolError as err:
+            assert_one_line(str(err))
+
+
+# =========================================================================== 5. the case table
+
+def _test_ids_of(module_path: Path) -> set[str]:
+    """Test function names, and name[param] for every literal/param id of a parametrized test."""
+    text = module_path.read_text()
+    ids = set(re.findall(r"^(?:async )?def (test_\w+)", text, re.M))
+    ids |= set(re.findall(r"^    def (test_\w+)", text, re.M))
+    if module_path.resolve() == Path(__file__).resolve():
+        ids |= {f"test_bad_input[{k}]" for k in list(FILE_CASES) + list(ARG_CASES)}
+    for m in re.finditer(r"@pytest\.mark\.parametrize\(\s*\"[^\"]+\",\s*\[([^\]]*)\]\)\s*\ndef (test_\w+)", text):
+        for value in re.findall(r"\"([^\"]*)\"", m.group(1)):
+            ids.add(f"{m.group(2)}[{value}]")
+    return ids
+
+
+def test_case_table_lists_every_test():
+    doc = (REPO / "docs" / "hardening.md").read_text()
+    rows = [line for line in doc.splitlines() if line.startswith("|") and not set(line) <= set("|-: ")]
+    named = re.findall(r"`(tests/[\w/]+\.py)::([\w\[\]\-\.]+)`", doc)
+    assert len(named) >= 36
+    known: dict[str, set[str]] = {}
+    for module, test_id in named:
+        if module not in known:
+            known[module] = _test_ids_of(REPO / module)
+        assert test_id in known[module] or test_id.split("[")[0] in known[module] and "[" not in test_id, (
+            f"docs/hardening.md names {module}::{test_id}, which does not exist")
+    # and every test of this module (and every bad-input kind) appears in the table
+    mine = _test_ids_of(Path(__file__))
+    listed = {t for m, t in named if m == "tests/test_hardening.py"}
+    missing = {t for t in mine if t not in listed and not (t == "test_bad_input")}
+    assert not missing, f"not in docs/hardening.md: {sorted(missing)}"
+    sections = {"bad inputs": 25, "damaged pools": 6, "faults": 5}
+    for title, least in sections.items():
+        part = doc.lower().split(f"## {title}", 1)[1].split("\n## ", 1)[0]
+        count = sum(1 for line in part.splitlines() if line.startswith("| ") and "`tests/" in line)
+        assert count >= least, f"{title}: {count} rows"
+    assert rows

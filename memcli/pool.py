@@ -111,6 +111,8 @@ def save(store: PoolStore, pool: Pool) -> None:
         format=STATE_FORMAT,
         initialized=state.initialized,
         update_count=state.update_count,
+        dtype=str(state.slots.dtype).removeprefix("torch."),
+        shape=list(state.slots.shape),
     )
     part_ids = [layout["stm_base"], *patches, meta, *layout.get("ltm_banks", [])]
     if "ltm_index" in layout:

@@ -76,6 +76,9 @@ class InjectReport:
     tokens: int = 0
     seconds: float = 0.0
     interrupted: bool = False
+    # on interruption: the file that was being injected and how many of its chunks are committed
+    # (kept; the next run resumes after them). None when it had no committed chunk.
+    partial: FileResult | None = None
 
     @property
     def skipped(self) -> list[FileResult]:
@@ -91,6 +94,7 @@ class InjectReport:
             "tokens_per_second": round(self.tokens / self.seconds, 1) if self.seconds else None,
             "interrupted": self.interrupted,
             "files": [f.__dict__ for f in self.files],
+            "partial": self.partial.__dict__ if self.partial else None,
         }
 
 
@@ -108,6 +112,8 @@ class Event:
     path: str = ""
     chunks: int = 0  # chunks done in this file
     tokens: int = 0  # tokens done in this run
+    # chunk events of plain-text files (text, markdown): an estimate of how far into the file the
+    # chunk ends, for an ETA; bytes_total is None where bytes do not map to text (pdf, html, stdin)
     bytes_done: int = 0
     bytes_total: int | None = None
     reason: str = ""
@@ -141,11 +147,14 @@ def _now() -> str:
 
 
 class Memcli:
-    def __init__(self, settings: Settings | None = None, store: PoolStore | None = None):
+    def __init__(self, settings: Settings | None = None, store: PoolStore | None = None,
+                 on_load: Callable[[str, str], None] | None = None):
         self.settings = settings or load_settings()
         self.store = store or PoolStore()
         self._models: dict[str, LoadedModel] = {}
         self._pools: dict[str, pools.Pool] = {}  # pools kept in memory by chat sessions
+        # called with (model name, device) just before a model's weights are loaded
+        self.on_load = on_load
 
     # ------------------------------------------------------------------ models
     def model(self, name: str | None = None) -> LoadedModel:
@@ -158,6 +167,8 @@ class Memcli:
                 folder = resolve_checkpoint(name)
                 device = self.settings.resolved_device()
                 dtype = self.settings.resolved_dtype()
+                if self.on_load is not None:
+                    self.on_load(name, device)
                 transformer, reader = load_model(folder, device=device, dtype=dtype,
                                                  quant=self.settings.resolved_quant())
             except (ConfigError, CheckpointError, ValueError) as err:
@@ -237,16 +248,20 @@ class Memcli:
         started = time.perf_counter()
         with self.store.writer(pool_name):
             _, pool = self.open_pool(pool_name, model=loaded.name, create=True)
+            current: Source | None = None
             try:
                 for item in discover(paths, glob=glob):
                     if isinstance(item, Skipped):
                         report.files.append(FileResult(item.path, "skipped", item.reason))
                         emit(Event("skip", item.path, reason=item.reason))
                         continue
+                    current = item
                     report.files.append(self._inject_source(loaded, pool, item, chunk_tokens, force, stdin, report, emit))
+                    current = None
             except KeyboardInterrupt:
                 report.interrupted = True
                 self._discard_unsaved(pool_name, loaded, pool)
+                report.partial = _partial_of(pool, current)
                 report.seconds = time.perf_counter() - started
                 raise InjectInterrupted(report) from None
         report.seconds = time.perf_counter() - started
@@ -294,9 +309,22 @@ class Memcli:
             pool.sources.append(entry)
         emit(Event("file", source.path, bytes_total=source.size))
         done = 0
+        # position estimate for progress: bytes of text encoded so far per token, times tokens chunked
+        by_bytes = source.kind in ("text", "markdown") and bool(source.size)
+        encoded = [0, 0]  # bytes, tokens
+
+        def encode(text: str) -> list[int]:
+            ids = context_ids(tokenizer, text)
+            if by_bytes:
+                encoded[0] += len(text.encode("utf-8", "surrogatepass"))
+                encoded[1] += len(ids)
+            return ids
+
+        position = 0  # tokens of this file chunked so far (resumed ones included)
         try:
-            chunks = chunk_token_ids(encode_pieces(pieces, lambda t: context_ids(tokenizer, t)), chunk_tokens)
+            chunks = chunk_token_ids(encode_pieces(pieces, encode), chunk_tokens)
             for index, chunk in enumerate(chunks):
+                position += len(chunk)
                 if index < resume_after:
                     continue  # committed by an earlier, interrupted run
                 delta = engine.inject(pool.state, torch.tensor([chunk]))
@@ -307,7 +335,12 @@ class Memcli:
                 done += 1
                 report.chunks += 1
                 report.tokens += len(chunk)
-                emit(Event("chunk", source.path, chunks=done, tokens=report.tokens))
+                if by_bytes:
+                    at = min(int(position * encoded[0] / max(encoded[1], 1)), encoded[0], source.size)
+                    emit(Event("chunk", source.path, chunks=done, tokens=report.tokens,
+                               bytes_done=at, bytes_total=source.size))
+                else:
+                    emit(Event("chunk", source.path, chunks=done, tokens=report.tokens))
                 if done % COMMIT_EVERY == 0:
                     pools.save(self.store, pool)
                     emit(Event("commit", source.path, chunks=done))
@@ -413,3 +446,227 @@ class Memcli:
         # rows written per chunk = rows each update replaced: derive from the origin table
         written = int((pool.state.origin >= 0).sum()) // max(pool.state.num_layers, 1)
         return max(written // max(pool.next_chunk, 1), 1) if pool.next_chunk else 0
+
+    # ------------------------------------------------------------------ pool listing
+    def list_pools(self) -> list[dict]:
+        """One row per pool (sorted by name): the facts `memcli pool ls` shows, from manifests only."""
+        rows = []
+        for info in self.store.list():
+            meta = info.meta or {}
+            sources = meta.get("sources", []) if isinstance(meta.get("sources"), list) else []
+            binding = meta.get("model") if isinstance(meta.get("model"), dict) else {}
+            rows.append({
+                "name": info.name,
+                "model": binding.get("model"),
+                "bytes_on_disk": info.bytes_on_disk,
+                "sources": len(sources),
+                "chunks": sum(int(s.get("chunks", 0)) for s in sources),
+                "tokens": sum(int(s.get("tokens", 0)) for s in sources),
+                "created": info.created or None,
+                "updated": info.updated or None,
+                "error": info.error,
+            })
+        return rows
+
+
+def _partial_of(pool: pools.Pool, source: Source | None) -> FileResult | None:
+    """After an interruption (and a return to the last commit): what is kept of the file in progress."""
+    if source is None:
+        return None
+    for entry in reversed(pool.sources):
+        if entry.get("path") == source.path and not entry.get("complete"):
+            if entry.get("chunks"):
+                return FileResult(source.path, "partial", chunks=entry["chunks"], tokens=entry.get("tokens", 0))
+            break
+    return None
+
+
+# --------------------------------------------------------------------------- models on this machine
+def checkpoint_problem(folder: Path) -> str | None:
+    """Why a downloaded checkpoint folder is incomplete (None: it has config, tokenizer and all weights)."""
+    folder = Path(folder)
+    if not (folder / "config.json").is_file():
+        return "config.json is missing"
+    if not any((folder / name).is_file() for name in ("tokenizer.json", "tokenizer.model", "tokenizer_config.json")):
+        return "the tokenizer files are missing"
+    index = folder / "model.safetensors.index.json"
+    if index.is_file():
+        import json
+
+        try:
+            shards = set(json.loads(index.read_text())["weight_map"].values())
+        except (OSError, ValueError, KeyError, TypeError, AttributeError):
+            return "model.safetensors.index.json is unreadable"
+        missing = sorted(s for s in shards if not (folder / s).is_file())
+        if missing:
+            return f"{len(missing)} of {len(shards)} weight files are missing (e.g. {missing[0]})"
+        return None
+    if not any(folder.glob("*.safetensors")):
+        return "no weight files (*.safetensors)"
+    return None
+
+
+def list_models() -> list[dict]:
+    """The known model aliases and whether each is in the Hugging Face cache (never goes online)."""
+    from huggingface_hub import scan_cache_dir
+    from huggingface_hub.errors import CacheNotFound
+
+    from .loading import ALIASES
+    from .settings import DEFAULT_MODEL
+
+    try:
+        repos = {repo.repo_id: repo for repo in scan_cache_dir().repos if repo.repo_type == "model"}
+    except (CacheNotFound, OSError):
+        repos = {}
+    rows = []
+    for alias, repo_id in ALIASES.items():
+        row = {"name": alias, "repo": repo_id, "default": alias == DEFAULT_MODEL,
+               "status": "not downloaded", "bytes": 0, "path": None, "problem": None}
+        cached = repos.get(repo_id)
+        if cached is not None:
+            row["bytes"] = cached.size_on_disk
+            row["status"] = "partial"
+            problem = "no snapshot"
+            for revision in sorted(cached.revisions, key=lambda r: r.last_modified, reverse=True):
+                problem = checkpoint_problem(revision.snapshot_path)
+                if problem is None:
+                    row["status"], row["path"] = "downloaded", str(revision.snapshot_path)
+                    break
+            row["problem"] = problem
+        rows.append(row)
+    return rows
+
+
+def pull_model(name: str) -> Path:
+    """Download (or finish downloading) a model into the Hugging Face cache; returns its folder."""
+    from huggingface_hub import constants, snapshot_download
+    from huggingface_hub.errors import LocalEntryNotFoundError
+
+    from .loading import ALIASES, HUB_PATTERNS
+
+    if Path(name).expanduser().is_dir():
+        raise MemcliError(f"{name} is a local folder; there is nothing to download")
+    repo_id = ALIASES.get(name, name)
+    if repo_id.count("/") != 1 or repo_id.startswith("/") or repo_id.endswith("/"):
+        raise MemcliError(f"unknown model {name!r}: give an alias ({', '.join(ALIASES)}) or a hub id owner/name")
+    try:
+        folder = Path(snapshot_download(repo_id, allow_patterns=HUB_PATTERNS))
+    except LocalEntryNotFoundError:
+        if constants.is_offline_mode():
+            raise MemcliError(f"cannot download {repo_id}: offline mode is on (HF_HUB_OFFLINE) "
+                              "and it is not in the Hugging Face cache") from None
+        raise MemcliError(f"cannot download {repo_id}: the Hugging Face Hub cannot be reached "
+                          "(no network?) and it is not in the cache") from None
+    except Exception as err:  # repository not found, gated, HTTP errors...: one line for the user
+        text = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise MemcliError(f"cannot download {repo_id}: {text}") from None
+    problem = checkpoint_problem(folder)
+    if problem is not None:
+        raise MemcliError(f"{repo_id} downloaded incompletely ({problem}); run memcli pull again")
+    return folder
+
+
+# --------------------------------------------------------------------------- doctor
+CHECKPOINT_DISK_BYTES = 40 * 10**9  # an 8B MemoryLLM checkpoint in fp32 is about 39 GB
+
+
+def _free_bytes(path: Path) -> int | None:
+    import shutil
+
+    path = Path(path)
+    while not path.exists() and path != path.parent:
+        path = path.parent
+    try:
+        return shutil.disk_usage(path).free
+    except OSError:
+        return None
+
+
+def diagnose(settings: Settings) -> dict:
+    """What this machine can run: versions, GPU, quantization modes, disk, paths, resolved settings,
+    and a list of what will not work here (`memcli doctor`). Loads no model."""
+    import importlib.metadata
+    import platform
+    import sys
+
+    from huggingface_hub import constants
+
+    from . import __version__, paths
+    from .quant import QUANT_MODES, check_mode_supported
+
+    problems: list[str] = []
+    cuda = {"available": torch.cuda.is_available(), "version": torch.version.cuda, "devices": []}
+    if cuda["available"]:
+        for index in range(torch.cuda.device_count()):
+            device = {"index": index, "name": torch.cuda.get_device_name(index),
+                      "total_bytes": torch.cuda.get_device_properties(index).total_memory, "free_bytes": None}
+            try:
+                device["free_bytes"] = torch.cuda.mem_get_info(index)[0]
+            except RuntimeError:
+                pass
+            cuda["devices"].append(device)
+    else:
+        problems.append("no CUDA GPU: memcli runs on the CPU, slowly; 4-bit (nf4) and 8-bit (int8) weights "
+                        "save memory there but not time (they are made for a CUDA GPU)")
+    try:
+        bnb_version = importlib.metadata.version("bitsandbytes")
+    except importlib.metadata.PackageNotFoundError:
+        bnb_version = None
+        problems.append("bitsandbytes is not installed: nf4 and int8 quantization are unavailable")
+
+    modes: dict[str, dict[str, str | None]] = {}
+    for device in ("cpu", "cuda"):
+        modes[device] = {}
+        for mode in QUANT_MODES:
+            if device == "cuda" and not cuda["available"]:
+                modes[device][mode] = "no CUDA GPU"
+                continue
+            try:
+                check_mode_supported(mode, device)
+                modes[device][mode] = None
+            except ValueError as err:
+                modes[device][mode] = str(err)
+
+    resolved: dict[str, str | None] = {"device": None, "dtype": None, "quant": None}
+    try:
+        resolved["device"] = settings.resolved_device()
+        resolved["dtype"] = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}[settings.resolved_dtype()]
+        resolved["quant"] = settings.resolved_quant()
+    except (ValueError, KeyError) as err:
+        problems.append(f"the settings do not resolve: {err}")
+    device = resolved["device"]
+    if device and device.startswith("cuda") and not cuda["available"]:
+        problems.append(f"device is set to {settings.device} but there is no CUDA GPU")
+    elif device and resolved["quant"]:
+        try:
+            check_mode_supported(resolved["quant"], device)
+        except ValueError as err:
+            problems.append(f"the configured quantization will not run here: {err}")
+
+    hf_cache = Path(constants.HF_HUB_CACHE)
+    disk = {"data_dir": str(paths.data_dir()), "data_free_bytes": _free_bytes(paths.data_dir()),
+            "hf_cache": str(hf_cache), "hf_cache_free_bytes": _free_bytes(hf_cache)}
+    from .loading import ALIASES
+
+    if settings.model in ALIASES:
+        downloaded = any(row["name"] == settings.model and row["status"] == "downloaded" for row in list_models())
+        free = disk["hf_cache_free_bytes"]
+        if not downloaded and free is not None and free < CHECKPOINT_DISK_BYTES:
+            problems.append(f"{settings.model} is not downloaded and {hf_cache} has {free / 1e9:.1f} GB free; "
+                            f"the checkpoint takes about {CHECKPOINT_DISK_BYTES / 1e9:.0f} GB")
+    return {
+        "memcli": __version__,
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+        "executable": sys.executable,
+        "torch": torch.__version__,
+        "cuda": cuda,
+        "bitsandbytes": bnb_version,
+        "quant_modes": modes,
+        "disk": disk,
+        "paths": {"data": str(paths.data_dir()), "pools": str(paths.pools_dir()), "config": str(paths.config_dir()),
+                  "config_file": str(paths.config_file()), "cache": str(paths.cache_dir()), "hf_cache": str(hf_cache)},
+        "settings": {"model": settings.model, "device": settings.device, "dtype": settings.dtype, "quant": settings.quant},
+        "resolved": resolved,
+        "problems": problems,
+    }

@@ -1,0 +1,515 @@
+"""The command line (tiny random-weight checkpoints: answers are meaningless, the plumbing is not).
+
+Most tests run the Typer app in-process (CliRunner); a few start `python -m memcli` for what only a
+real process shows: signals, streaming, the module entry point.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from memcli import api, cli
+from memcli.api import Memcli
+from memcli.settings import load_settings
+from memcli.store import PoolError, PoolStore
+
+from .support import REPO, fixture_checkpoint
+from .test_extract import make_pdf, text_page
+
+runner = CliRunner()
+
+ALICE = "Alice took the train to Paris on Monday and met Bob at the station near the old river bridge."
+CAROL = "The meeting with Carol is on Friday at ten in the big room upstairs, next to the kitchen."
+DAVE = "Dave keeps the spare key under the blue flower pot by the back door of the green house."
+
+
+@pytest.fixture
+def ck() -> str:
+    return str(fixture_checkpoint("memoryllm-8b-chat-tiny"))
+
+
+def run(*args: str, input: str | None = None, env: dict | None = None, device: str | None = "cpu"):
+    """Invoke the app in-process. `--device cpu` keeps stderr free of the no-GPU warning."""
+    argv = (["--device", device] if device else []) + [str(a) for a in args]
+    result = runner.invoke(cli.app, argv, input=input, env=env)
+    if result.exception is not None and not isinstance(result.exception, SystemExit):
+        raise result.exception
+    return result
+
+
+def err_lines(result) -> list[str]:
+    return [line for line in result.stderr.splitlines() if line.strip()]
+
+
+def assert_one_error(result, *fragments: str) -> None:
+    assert result.exit_code == 1, (result.stdout, result.stderr)
+    lines = err_lines(result)
+    assert len(lines) == 1 and lines[0].startswith("memcli: error: "), lines
+    for fragment in fragments:
+        assert fragment in lines[0]
+    assert "Traceback" not in result.stderr
+
+
+def subprocess_env(**extra: str) -> dict:
+    env = dict(os.environ)  # MEMCLI_HOME, HF_HOME, HF_HUB_OFFLINE from the autouse fixture
+    env["PYTHONPATH"] = str(REPO) + os.pathsep + env.get("PYTHONPATH", "")
+    env.pop("NO_COLOR", None)
+    env.update(extra)
+    return env
+
+
+def info(name: str) -> dict:
+    result = run("pool", "info", name, "--json")
+    assert result.exit_code == 0, result.stderr
+    return json.loads(result.stdout)
+
+
+def write(path: Path, data: str | bytes) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(data.encode() if isinstance(data, str) else data)
+    return path
+
+
+@pytest.fixture
+def docs(tmp_path) -> dict[str, Path]:
+    folder = tmp_path / "docs"
+    return {
+        "txt": write(folder / "a.txt", ALICE),
+        "md": write(folder / "b.md", "# Notes\n\n" + CAROL + "\n"),
+        "html": write(folder / "c.html", f"<html><head><title>t</title><style>p{{}}</style></head><body><p>{DAVE}</p></body></html>"),
+        "pdf": write(folder / "d.pdf", make_pdf([text_page("Erin flies to Oslo on the morning plane with her old red suitcase.")])),
+    }
+
+
+@pytest.fixture
+def pool(ck, docs) -> str:
+    """A pool `p` holding the .txt document."""
+    result = run("inject", docs["txt"], "--pool", "p", "--model", ck)
+    assert result.exit_code == 0, result.stderr
+    return "p"
+
+
+# --------------------------------------------------------------------------- inject
+def test_inject_every_kind_then_again_is_idempotent_and_force_reinjects(ck, docs):
+    paths = [docs[k] for k in ("txt", "md", "html", "pdf")]
+    result = run("inject", *paths, "--pool", "work", "--model", ck)
+    assert result.exit_code == 0, result.stderr
+    summary = err_lines(result)[-1]
+    assert summary.startswith("injected 4 files (4 chunks, ") and "into pool work in" in summary
+    first = info("work")
+    assert [s["kind"] for s in first["sources"]] == ["text", "markdown", "html", "pdf"]
+    assert all(s["complete"] for s in first["sources"]) and first["chunks"] == 4
+
+    again = run("inject", *paths, "--pool", "work", "--json")
+    assert again.exit_code == 0
+    report = json.loads(again.stdout)
+    assert report["chunks"] == 0 and {f["status"] for f in report["files"]} == {"already"}
+    human = run("inject", docs["txt"], "--pool", "work")
+    assert "already in the pool" in human.stderr and "nothing injected" in human.stderr
+    assert info("work")["chunks"] == 4
+
+    forced = run("inject", docs["txt"], "--pool", "work", "--force", "--json")
+    assert forced.exit_code == 0
+    assert json.loads(forced.stdout)["files"][0]["status"] == "injected"
+    assert info("work")["chunks"] == 5 and len(info("work")["sources"]) == 5
+
+
+def test_inject_directory_with_glob(ck, tmp_path):
+    folder = tmp_path / "notes"
+    write(folder / "a.txt", ALICE)
+    write(folder / "b.md", CAROL)
+    write(folder / "sub" / "c.md", DAVE)
+    result = run("inject", folder, "--glob", "*.md", "--pool", "notes", "--model", ck, "--json")
+    assert result.exit_code == 0, result.stderr
+    report = json.loads(result.stdout)
+    assert [Path(f["path"]).name for f in report["files"]] == ["b.md", "c.md"]
+    assert report["model"] == ck and report["interrupted"] is False and report["chunks"] == 2
+
+
+def test_inject_from_stdin(ck):
+    result = run("inject", "-", "--pool", "piped", "--model", ck, "--json", input=ALICE + "\n" + CAROL)
+    assert result.exit_code == 0, result.stderr
+    [entry] = json.loads(result.stdout)["files"]
+    assert entry["path"] == "-" and entry["status"] == "injected" and entry["chunks"] >= 1
+    assert info("piped")["sources"][0]["kind"] == "stdin"
+
+
+def test_skipped_inputs_exit_3_with_one_line_reason_each(ck, docs, tmp_path):
+    write(tmp_path / "bin.txt", b"\x00\x01\x02binary\x00" * 10)
+    write(tmp_path / "empty.txt", b"")
+    write(tmp_path / "odd\nname.md", b"")
+    result = run("inject", docs["txt"], tmp_path / "missing.txt", tmp_path / "bin.txt", tmp_path / "empty.txt",
+                 tmp_path / "odd\nname.md", "--pool", "s", "--model", ck)
+    assert result.exit_code == cli.EXIT_SKIPPED
+    lines = err_lines(result)
+    skipped = {line.split(":", 1)[0].removeprefix("skipped ").rsplit("/", 1)[-1]: line for line in lines if line.startswith("skipped ")}
+    assert set(skipped) == {"missing.txt", "bin.txt", "empty.txt", "odd\\nname.md"}
+    assert "No such file" in skipped["missing.txt"]
+    assert "binary" in skipped["bin.txt"]
+    assert "empty" in skipped["empty.txt"] and "empty" in skipped["odd\\nname.md"]
+    assert lines[-1].startswith("injected 1 file (1 chunk, ") and lines[-1].endswith("— 4 skipped")
+    report = json.loads(run("inject", tmp_path / "empty.txt", "--pool", "s", "--json").stdout)
+    assert report["files"][0]["status"] == "skipped"
+
+
+@pytest.mark.parametrize("args, fragment", [
+    (["--pool", "a/b"], "invalid pool name"),
+    (["--pool", "c", "--chunk-tokens", "0"], "at least 16"),
+    (["--pool", "c", "--chunk-tokens", "15"], "at least 16"),
+    (["--pool", "c", "--chunk-tokens", "100000"], "longer than"),
+])
+def test_inject_refusals_are_one_line_errors(ck, docs, args, fragment):
+    result = run("inject", docs["txt"], "--model", ck, *args)
+    assert_one_error(result, fragment)
+    assert not PoolStore().list()
+
+
+def test_inject_without_paths_is_a_usage_error(ck):
+    assert run("inject", "--pool", "p", "--model", ck).exit_code == 2
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the warning is about machines without CUDA")
+def test_cpu_warning_is_said_once(ck, docs, monkeypatch):
+    monkeypatch.setattr(cli, "_warned_cpu", False)
+    first = run("inject", docs["txt"], "--pool", "w", "--model", ck, device=None)
+    assert first.stderr.count(cli.CPU_WARNING) == 1
+    second = run("inject", docs["md"], "--pool", "w", device=None)
+    assert cli.CPU_WARNING not in second.stderr
+    monkeypatch.setattr(cli, "_warned_cpu", False)
+    assert cli.CPU_WARNING not in run("inject", docs["html"], "--pool", "w", device="cpu").stderr
+
+
+# --------------------------------------------------------------------------- interrupt and resume
+def test_interrupted_inject_keeps_committed_chunks_and_resumes(ck, tmp_path):
+    rng = random.Random(7)
+    words = "the a of train station river Alice Bob met went saw meeting room Friday Paris and to in on at".split()
+    big = write(tmp_path / "big.txt", " ".join(rng.choice(words) for _ in range(12000)))
+    command = [sys.executable, "-m", "memcli", "--device", "cpu", "inject", str(big), "--pool", "p", "--model", ck]
+    process = subprocess.Popen(command, cwd=tmp_path, env=subprocess_env(), stdout=subprocess.PIPE,
+                               stderr=subprocess.PIPE, text=True)
+    store, committed, deadline = PoolStore(), 0, time.monotonic() + 120
+    try:
+        while committed == 0 and process.poll() is None and time.monotonic() < deadline:
+            try:
+                committed = sum(s["chunks"] for s in store.read_manifest("p")["meta"]["sources"])
+            except PoolError:
+                pass
+            time.sleep(0.02)
+        process.send_signal(signal.SIGINT)
+        _, stderr = process.communicate(timeout=60)
+    finally:
+        if process.poll() is None:
+            process.kill()
+    assert process.returncode == cli.EXIT_INTERRUPTED, stderr
+    assert "Traceback" not in stderr
+    assert "interrupted: kept " in stderr and "chunks of " in stderr and "run the same command again" in stderr
+    kept = info("p")  # loads the pool (retention is computed from its state)
+    assert kept["chunks"] > 0 and kept["chunks"] % api.COMMIT_EVERY == 0
+    assert kept["sources"][0]["complete"] is False
+    verify = run("pool", "verify", "p")
+    assert verify.exit_code == 0 and "ok" in verify.stdout
+
+    resumed = run("inject", big, "--pool", "p", "--model", ck, "--json")
+    assert resumed.exit_code == 0, resumed.stderr
+    [entry] = json.loads(resumed.stdout)["files"]
+    assert entry["status"] == "resumed"
+    whole = run("inject", big, "--pool", "q", "--model", ck, "--json")
+    total = json.loads(whole.stdout)["chunks"]
+    assert total > kept["chunks"]
+    assert info("p")["chunks"] == info("q")["chunks"] == total
+    assert entry["chunks"] == total - kept["chunks"]
+
+
+def test_interruption_report_names_what_is_kept(ck, docs, tmp_path, monkeypatch):
+    """API level: an interruption after a commit reports the committed part of the file in progress."""
+    monkeypatch.setattr(api, "COMMIT_EVERY", 2)
+    long = write(tmp_path / "long.txt", " ".join([ALICE, CAROL, DAVE] * 8))
+    app = Memcli(load_settings(model=ck, device="cpu"))
+    commits = []
+
+    def on_event(event):
+        if event.kind == "commit":
+            commits.append(event)
+            if len(commits) == 2:
+                raise KeyboardInterrupt
+
+    with pytest.raises(api.InjectInterrupted) as stop:
+        app.inject("i", [str(docs["txt"]), str(long)], on_event=on_event)
+    report = stop.value.report
+    assert report.interrupted and report.partial is not None
+    assert (report.partial.path, report.partial.chunks) == (str(long), 4)
+    assert report.to_json()["partial"]["chunks"] == 4
+    assert cli.interrupted_line(report) == (
+        f"interrupted: kept 1 complete file and 4 chunks of {long}; run the same command again to continue")
+    again = app.inject("i", [str(docs["txt"]), str(long)])
+    assert [f.status for f in again.files] == ["already", "resumed"]
+
+
+def test_progress_events_carry_bytes_for_plain_text_only(ck, docs, tmp_path):
+    long = write(tmp_path / "long.txt", " ".join([ALICE, CAROL, DAVE] * 8))
+    events = []
+    Memcli(load_settings(model=ck, device="cpu")).inject("e", [str(long), str(docs["html"])], on_event=events.append)
+    text = [e for e in events if e.kind == "chunk" and e.path == str(long)]
+    assert len(text) > 2 and all(e.bytes_total == long.stat().st_size for e in text)
+    done = [e.bytes_done for e in text]
+    assert done == sorted(done) and 0 < done[0] and done[-1] <= long.stat().st_size
+    html = [e for e in events if e.kind == "chunk" and e.path == str(docs["html"])]
+    assert html and all(e.bytes_total is None for e in html)
+
+
+# --------------------------------------------------------------------------- ask
+def test_ask_json_and_one_line_errors(pool):
+    result = run("ask", "Where did Alice go?", "--pool", pool, "--max-new-tokens", "5", "--json")
+    assert result.exit_code == 0, result.stderr
+    answer = json.loads(result.stdout)
+    assert {"answer", "prompt_tokens", "new_tokens", "seconds_to_first_token", "seconds", "stopped"} <= set(answer)
+    assert 1 <= answer["new_tokens"] <= 5 and answer["prompt_tokens"] > 0
+
+    sampled = run("ask", "Where?", "--pool", pool, "--max-new-tokens", "3", "--temperature", "0.8",
+                  "--top-p", "0.9", "--seed", "1")
+    assert sampled.exit_code == 0 and sampled.stdout.endswith("\n")
+
+    assert_one_error(run("ask", "   ", "--pool", pool), "empty")
+    assert_one_error(run("ask", "Where?", "--pool", "nope"), "nope", "does not exist")
+    assert_one_error(run("ask", "word " * 80, "--pool", pool, "--max-new-tokens", "4"), "tokens")
+
+
+def test_ask_streams_from_a_real_process(pool, tmp_path):
+    done = subprocess.run(
+        [sys.executable, "-m", "memcli", "--device", "cpu", "ask", "Where did Alice go?", "--pool", pool,
+         "--max-new-tokens", "6"],
+        cwd=tmp_path, env=subprocess_env(), capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() and done.stdout.endswith("\n")
+    assert done.stderr == ""
+
+
+# --------------------------------------------------------------------------- chat
+def _answer(ck: str, pool: str, question: str) -> str:
+    """Greedy answer of a freshly loaded model and pool."""
+    return Memcli(load_settings(model=ck, device="cpu")).ask(pool, question, max_new_tokens=4).text
+
+
+def test_chat_driven_through_stdin(ck, pool, docs):
+    before = _answer(ck, pool, "Where did Alice go?")
+    script = f"Where did Alice go?\n\n/inject {docs['md']}\nWhen is the meeting?\n"
+    result = run("chat", "--pool", pool, "--max-new-tokens", "4", input=script)
+    assert result.exit_code == 0, result.stderr
+    assert "injected 1 file (1 chunk" in result.stderr
+    assert [Path(s["path"]).name for s in info(pool)["sources"]] == ["a.txt", "b.md"]
+    # the second answer already comes from the memory with b.md in it (greedy: reproducible)
+    after = _answer(ck, pool, "When is the meeting?")
+    assert result.stdout == f"{before}\n{after}\n"
+
+    bad = run("chat", "--pool", pool, "--max-new-tokens", "4", input="/bogus\nWho?\n/quit\nnot read\n")
+    assert bad.exit_code == 1  # a failed line makes a scripted session fail
+    assert bad.stdout == _answer(ck, pool, "Who?") + "\n"
+    assert [l for l in err_lines(bad) if l.startswith("memcli: error: unknown command /bogus")]
+
+    assert_one_error(run("chat", "--pool", "nope", input="hi\n"), "does not exist")
+
+
+def test_sigterm_ends_a_chat_with_exit_130(pool, tmp_path):
+    process = subprocess.Popen(
+        [sys.executable, "-m", "memcli", "--device", "cpu", "chat", "--pool", pool, "--max-new-tokens", "3"],
+        cwd=tmp_path, env=subprocess_env(), stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        process.stdin.write(b"Where did Alice go?\n")
+        process.stdin.flush()
+        assert os.read(process.stdout.fileno(), 4096)  # answered: the model is loaded, chat waits for input
+        process.send_signal(signal.SIGTERM)
+        _, stderr = process.communicate(timeout=60)
+    finally:
+        if process.poll() is None:
+            process.kill()
+    assert process.returncode == cli.EXIT_INTERRUPTED
+    assert stderr.decode().strip() == "memcli: interrupted"
+
+
+def test_a_kept_open_pool_sees_what_inject_adds(ck, docs):
+    """API level: chat's /inject goes through the kept-open pool, so the next answer uses the new state."""
+    settings = load_settings(model=ck, device="cpu")
+    app = Memcli(settings)
+    app.inject("k", [str(docs["txt"])])
+    app.keep_open("k")
+    kept = app._pools["k"]
+    app.inject("k", [str(docs["md"])])
+    assert app._pools["k"] is kept and len(kept.sources) == 2 and kept.sources[1]["complete"]
+    assert kept.version == PoolStore().info("k").version
+    mine = app.ask("k", "When is the meeting?", max_new_tokens=6)
+    fresh = Memcli(settings).ask("k", "When is the meeting?", max_new_tokens=6)
+    assert mine.tokens == fresh.tokens
+
+
+# --------------------------------------------------------------------------- pools
+def test_pool_commands(pool, tmp_path):
+    listed = run("pool", "ls")
+    assert listed.exit_code == 0 and "p" in listed.stdout and "updated" in listed.stdout
+    [row] = json.loads(run("pool", "ls", "--json").stdout)
+    assert row["name"] == "p" and row["sources"] == 1 and row["chunks"] == 1
+    assert isinstance(row["bytes_on_disk"], int) and row["tokens"] > 0 and row["updated"].startswith("20")
+
+    human = run("pool", "info", pool)
+    assert human.exit_code == 0 and "retained" in human.stdout and "a.txt" in human.stdout
+    facts = info(pool)
+    [retained] = facts["retention"]
+    assert retained["chunks"] == 1 and 0 < retained["share_retained"] <= 1
+
+    assert run("pool", "fork", pool, "p2").exit_code == 0
+    assert info("p2")["chunks"] == facts["chunks"]
+    assert_one_error(run("pool", "fork", pool, "p2"), "already exists")
+    assert run("pool", "rename", "p2", "p3").exit_code == 0
+    assert [r["name"] for r in json.loads(run("pool", "ls", "--json").stdout)] == ["p", "p3"]
+
+    tar = tmp_path / "p.tar"
+    assert run("pool", "export", pool, tar).exit_code == 0 and tar.stat().st_size > 0
+    assert run("pool", "import", tar, "copy").exit_code == 0
+    copied = info("copy")
+    assert (copied["chunks"], copied["sources"], copied["model"]) == (facts["chunks"], facts["sources"], facts["model"])
+    assert run("pool", "verify", "copy").exit_code == 0
+    assert_one_error(run("pool", "import", tar, "copy"), "already exists")
+
+    refused = run("pool", "rm", "p3")
+    assert_one_error(refused, "--yes")
+    assert PoolStore().exists("p3")
+    assert run("pool", "rm", "p3", "--yes").exit_code == 0
+    assert not PoolStore().exists("p3")
+    assert_one_error(run("pool", "rm", "p3", "--yes"), "not found")
+    with PoolStore().writer("copy"):
+        assert_one_error(run("pool", "rm", "copy", "--yes"), "being written")
+    assert PoolStore().exists("copy")
+    assert_one_error(run("pool", "info", "a/b"), "invalid pool name")
+
+
+def test_verify_detects_a_flipped_byte(pool):
+    store = PoolStore()
+    part = next(iter(store.read_manifest(pool)["parts"]))
+    path = store.root / pool / "parts" / f"{part}.safetensors"
+    data = bytearray(path.read_bytes())
+    data[-1] ^= 0x01
+    os.chmod(path, 0o600)
+    path.write_bytes(bytes(data))
+    result = run("pool", "verify", pool)
+    assert result.exit_code == 1
+    assert part in result.stdout
+    [line] = err_lines(result)
+    assert line.startswith("memcli: error: pool p is damaged")
+
+
+# --------------------------------------------------------------------------- models, doctor, settings
+def _fake_hub_cache(cache: Path, repo_id: str, checkpoint: Path) -> Path:
+    """A Hugging Face cache entry, laid out as huggingface_hub writes one (blobs + snapshot links)."""
+    repo = cache / ("models--" + repo_id.replace("/", "--"))
+    commit = "0" * 40
+    snapshot = repo / "snapshots" / commit
+    snapshot.mkdir(parents=True)
+    (repo / "blobs").mkdir()
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(commit)
+    for file in checkpoint.iterdir():
+        blob = repo / "blobs" / file.name
+        blob.write_bytes(file.read_bytes())
+        os.symlink(os.path.relpath(blob, snapshot), snapshot / file.name)
+    return snapshot
+
+
+def test_models_and_offline_pull(tmp_path, monkeypatch):
+    from huggingface_hub import constants
+
+    # huggingface_hub reads HF_HOME once, at import: point this process's cache at the test's
+    cache = tmp_path / "hf-cache"
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(cache))
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    rows = json.loads(run("models", "--json").stdout)
+    assert [r["name"] for r in rows] == list(__import__("memcli.loading").loading.ALIASES)
+    assert {r["status"] for r in rows} == {"not downloaded"}
+    snapshot = _fake_hub_cache(cache, "YuWangX/memoryllm-8b", fixture_checkpoint("memoryllm-8b-tiny"))
+    rows = {r["name"]: r for r in json.loads(run("models", "--json").stdout)}
+    assert rows["memoryllm-8b"]["status"] == "downloaded" and rows["mplus-8b"]["status"] == "not downloaded"
+    table = run("models")
+    assert table.exit_code == 0 and "downloaded" in table.stdout
+
+    pulled = run("pull", "memoryllm-8b")  # offline, but complete in the cache
+    assert pulled.exit_code == 0 and pulled.stdout.strip() == str(snapshot)
+    assert_one_error(run("pull", "mplus-8b"), "offline")
+    assert_one_error(run("pull", "not-a-model"), "unknown model")
+
+    (snapshot / "model.safetensors").unlink()
+    assert json.loads(run("models", "--json").stdout)[1]["status"] == "partial"
+
+
+def test_config_file_then_environment_then_flag(memcli_home):
+    config = memcli_home / "config" / "config.toml"
+    config.parent.mkdir(parents=True)
+    config.write_text('model = "model-a"\ndtype = "bf16"\n')
+
+    def settings(*args, env=None):
+        result = run(*args, "doctor", "--json", env=env)
+        assert result.exit_code == 0, result.stderr
+        return json.loads(result.stdout)
+
+    report = settings()
+    assert report["settings"]["model"] == "model-a" and report["settings"]["dtype"] == "bf16"
+    assert report["resolved"]["device"] == "cpu" and report["paths"]["config_file"] == str(config)
+    assert settings(env={"MEMCLI_MODEL": "model-b"})["settings"]["model"] == "model-b"
+    assert settings("--model", "model-c", env={"MEMCLI_MODEL": "model-b"})["settings"]["model"] == "model-c"
+    assert {"python", "torch", "cuda", "bitsandbytes", "quant_modes", "disk", "problems"} <= set(report)
+    assert report["quant_modes"]["cpu"]["fp32"] is None
+
+    human = run("doctor")
+    assert human.exit_code == 0 and "model-a" in human.stdout and "quant" in human.stdout
+    assert_one_error(run("--dtype", "fp8", "doctor"), "dtype")
+    config.write_text("model = [broken")
+    assert_one_error(run("doctor"), "not valid TOML")
+
+
+# --------------------------------------------------------------------------- output conventions
+def test_no_color_is_honoured(docs):
+    forced = {"FORCE_COLOR": "1", "TTY_COMPATIBLE": "1"}
+    coloured = run("pool", "info", "missing", env=forced)
+    assert "\x1b[" in coloured.stderr  # the test can see colour when there is some
+    plain = run("pool", "info", "missing", env={**forced, "NO_COLOR": "1"})
+    assert plain.exit_code == 1 and "\x1b[" not in plain.stderr + plain.stdout
+    doctor = run("doctor", env={**forced, "NO_COLOR": "1"})
+    assert doctor.exit_code == 0 and "\x1b[" not in doctor.stdout + doctor.stderr
+
+
+def test_unexpected_errors_are_one_line_unless_debugging(monkeypatch):
+    def boom():
+        raise RuntimeError("boom")
+
+    monkeypatch.setattr(api, "list_models", boom)
+    result = run("models")
+    assert_one_error(result, "unexpected RuntimeError: boom", "MEMCLI_DEBUG=1")
+    debug = run("models", env={"MEMCLI_DEBUG": "1"})
+    assert debug.exit_code == 1 and "Traceback" in debug.stderr and "memcli: error:" in debug.stderr
+
+
+def test_shown_escapes_odd_characters():
+    assert cli.shown("a\nb\x1b[31m\udcff.txt") == "a\\nb\\x1b[31m\\udcff.txt"
+    assert cli.shown("naïve résumé.md") == "naïve résumé.md"
+
+
+def test_python_m_memcli(tmp_path):
+    env = subprocess_env(NO_COLOR="1")
+    help_ = subprocess.run([sys.executable, "-m", "memcli", "--help"], cwd=tmp_path, env=env,
+                           capture_output=True, text=True, timeout=60)
+    assert help_.returncode == 0 and "Usage" in help_.stdout and "inject" in help_.stdout
+    assert "--install-completion" in help_.stdout
+    version = subprocess.run([sys.executable, "-m", "memcli", "--version"], cwd=tmp_path, env=env,
+                             capture_output=True, text=True, timeout=60)
+    assert version.returncode == 0 and version.stdout.strip() == f"memcli {__import__('memcli').__version__}"
+    usage = subprocess.run([sys.executable, "-m", "memcli", "ask"], cwd=tmp_path, env=env,
+                           capture_output=True, text=True, timeout=60)
+    assert usage.returncode == 2 and "Traceback" not in usage.stderr

@@ -31,6 +31,7 @@ from .settings import Settings, load_settings
 from .store import PoolStore, validate_name
 
 DEFAULT_CHUNK_TOKENS = 512
+DEFAULT_ANSWER_TOKENS = 256
 COMMIT_EVERY = 64  # chunks of one long file between commits (bounds the work an interruption loses)
 
 
@@ -142,6 +143,15 @@ class Answer:
         }
 
 
+def _host_resident(state, loaded: LoadedModel):
+    """Pools live in host memory: the GPU holds the weights and the memory's keys and values (what
+    every question reads); rows only travel when an update writes them or an injection reads the
+    newest K. Pinned pages make those copies fast and asynchronous."""
+    if loaded.device.startswith("cuda"):
+        state.slots = state.slots.pin_memory()
+    return state
+
+
 def _now() -> str:
     return datetime.now(timezone.utc).isoformat(timespec="seconds")
 
@@ -208,11 +218,14 @@ class Memcli:
             raise MemcliError(f"pool {name} does not exist (memcli pool ls lists pools; inject creates one)")
         loaded = self._pool_model(name, model)
         if self.store.exists(name):
-            pool = pools.load(self.store, name, loaded.binding, device=loaded.device, dtype=loaded.state_dtype)
-        else:
-            state = initial_state(loaded.reader, loaded.cfg, loaded.device, loaded.state_dtype)
-            pool = pools.create(self.store, name, loaded.binding, state)
-        return loaded, pool
+            return loaded, self._load_pool(name, loaded)
+        state = _host_resident(initial_state(loaded.reader, loaded.cfg, "cpu", loaded.state_dtype), loaded)
+        return loaded, pools.create(self.store, name, loaded.binding, state)
+
+    def _load_pool(self, name: str, loaded: LoadedModel) -> pools.Pool:
+        pool = pools.load(self.store, name, loaded.binding, device="cpu", dtype=loaded.state_dtype)
+        _host_resident(pool.state, loaded)
+        return pool
 
     def keep_open(self, name: str) -> None:
         """Keep a pool's state in memory across calls (chat sessions)."""
@@ -269,7 +282,7 @@ class Memcli:
 
     def _discard_unsaved(self, name: str, loaded: LoadedModel, pool: pools.Pool) -> None:
         """After an interruption or a failed file, return to the last committed state."""
-        fresh = pools.load(self.store, name, loaded.binding, device=loaded.device, dtype=loaded.state_dtype)
+        fresh = self._load_pool(name, loaded)
         pool.state, pool.sources, pool.next_chunk, pool.version, pool.parts = (
             fresh.state, fresh.sources, fresh.next_chunk, fresh.version, fresh.parts)
         loaded.engine.forget_prefix()
@@ -308,7 +321,7 @@ class Memcli:
             }
             pool.sources.append(entry)
         emit(Event("file", source.path, bytes_total=source.size))
-        done = 0
+        done = tokens_done = 0  # chunks and tokens injected by this run
         # position estimate for progress: bytes of text encoded so far per token, times tokens chunked
         by_bytes = source.kind in ("text", "markdown") and bool(source.size)
         encoded = [0, 0]  # bytes, tokens
@@ -333,6 +346,7 @@ class Memcli:
                 entry["chunks"] += 1
                 entry["tokens"] += len(chunk)
                 done += 1
+                tokens_done += len(chunk)
                 report.chunks += 1
                 report.tokens += len(chunk)
                 if by_bytes:
@@ -353,7 +367,7 @@ class Memcli:
         entry["time"] = _now()
         pools.save(self.store, pool)
         status = "resumed" if resume_after else "injected"
-        return FileResult(source.path, status, chunks=done, tokens=entry["tokens"])
+        return FileResult(source.path, status, chunks=done, tokens=tokens_done)
 
     # ------------------------------------------------------------------ ask
     def ask(
@@ -361,15 +375,21 @@ class Memcli:
         pool_name: str,
         question: str,
         *,
-        max_new_tokens: int = 256,
+        max_new_tokens: int | None = None,
         sampling: Sampling | None = None,
         on_text: Callable[[str], None] | None = None,
     ) -> Answer:
+        """Answer from the pool. `max_new_tokens=None` allows up to 256 tokens, or what the model's
+        window leaves after the question when that is less."""
         if not question or not question.strip():
             raise MemcliError("the question is empty")
         loaded, pool = self.open_pool(pool_name)
         ids = question_ids(loaded.tokenizer, question.strip())
         limit = loaded.max_input_tokens()
+        if max_new_tokens is None:
+            max_new_tokens = min(DEFAULT_ANSWER_TOKENS, limit - len(ids))
+            if max_new_tokens < 1:
+                raise MemcliError(f"the question is {len(ids)} tokens; {loaded.name} reads at most {limit}")
         if len(ids) + max_new_tokens > limit:
             raise MemcliError(
                 f"the question is {len(ids)} tokens and the answer may take {max_new_tokens}; "

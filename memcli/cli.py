@@ -424,7 +424,7 @@ def ask(
     ctx: typer.Context,
     question: str = typer.Argument(..., help="The question (keep it short: it is read after the memory)."),
     pool: str = typer.Option(..., "--pool", "-p", help="The pool to answer from."),
-    max_new_tokens: int = typer.Option(256, "--max-new-tokens", min=1, help="Longest answer, in tokens."),
+    max_new_tokens: int | None = typer.Option(None, "--max-new-tokens", min=1, help="Longest answer, in tokens (default 256, or what the model's window leaves)."),
     temperature: float = typer.Option(0.0, "--temperature", min=0.0, help="0 decodes greedily."),
     top_p: float = typer.Option(1.0, "--top-p", min=0.0, max=1.0, help="Nucleus sampling share (with --temperature > 0)."),
     seed: Optional[int] = typer.Option(None, "--seed", help="Seed for sampling."),
@@ -504,7 +504,7 @@ def _read_question(interactive: bool) -> str:
 def chat(
     ctx: typer.Context,
     pool: str = typer.Option(..., "--pool", "-p", help="The pool to talk to."),
-    max_new_tokens: int = typer.Option(256, "--max-new-tokens", min=1, help="Longest answer, in tokens."),
+    max_new_tokens: int | None = typer.Option(None, "--max-new-tokens", min=1, help="Longest answer, in tokens (default 256, or what the model's window leaves)."),
     temperature: float = typer.Option(0.0, "--temperature", min=0.0, help="0 decodes greedily."),
     top_p: float = typer.Option(1.0, "--top-p", min=0.0, max=1.0),
     seed: Optional[int] = typer.Option(None, "--seed"),

@@ -1,12 +1,12 @@
 import pytest
 
+from .support import point_hf_cache
+
 
 @pytest.fixture(autouse=True)
 def memcli_home(tmp_path, monkeypatch):
-    """Every test gets its own MEMCLI_HOME and no network."""
+    """Every test gets its own MEMCLI_HOME, its own empty Hugging Face cache, and no network."""
     home = tmp_path / "memcli-home"
     monkeypatch.setenv("MEMCLI_HOME", str(home))
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf-home"))
+    point_hf_cache(monkeypatch, tmp_path / "hf-home")
     return home
-

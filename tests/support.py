@@ -16,3 +16,15 @@ def fixture_checkpoint(variant: str) -> Path:
     if not path.is_dir():
         pytest.skip(f"conformance fixture {variant} not found under {CONFORMANCE}")
     return path
+
+
+def point_hf_cache(monkeypatch, hf_home):
+    """huggingface_hub reads HF_HOME and HF_HUB_OFFLINE once, at import: set both the environment
+    (for subprocesses) and the already-imported constants."""
+    import huggingface_hub.constants as hf
+
+    monkeypatch.setenv("HF_HOME", str(hf_home))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr(hf, "HF_HOME", str(hf_home))
+    monkeypatch.setattr(hf, "HF_HUB_CACHE", str(hf_home / "hub"))
+    monkeypatch.setattr(hf, "HF_HUB_OFFLINE", True)

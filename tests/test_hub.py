@@ -6,7 +6,7 @@ import pytest
 
 from memcli.loading import CheckpointError, resolve_checkpoint
 
-from .support import fixture_checkpoint
+from .support import fixture_checkpoint, point_hf_cache
 
 
 def _fake_cache(hf_home, repo_id, source):
@@ -21,16 +21,14 @@ def _fake_cache(hf_home, repo_id, source):
 
 def test_alias_resolves_from_hf_home_offline(tmp_path, monkeypatch):
     hf_home = tmp_path / "hf"
-    monkeypatch.setenv("HF_HOME", str(hf_home))
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    point_hf_cache(monkeypatch, hf_home)
     snapshot = _fake_cache(hf_home, "YuWangX/memoryllm-8b", fixture_checkpoint("memoryllm-8b-tiny"))
     assert resolve_checkpoint("memoryllm-8b").resolve() == snapshot.resolve()
     assert resolve_checkpoint("YuWangX/memoryllm-8b").resolve() == snapshot.resolve()
 
 
 def test_missing_model_offline_is_one_clear_line(tmp_path, monkeypatch):
-    monkeypatch.setenv("HF_HOME", str(tmp_path / "empty"))
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    point_hf_cache(monkeypatch, tmp_path / "empty")
     with pytest.raises(CheckpointError) as err:
         resolve_checkpoint("mplus-8b")
     message = str(err.value)

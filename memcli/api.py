@@ -189,7 +189,7 @@ class Memcli:
                 folder=folder,
                 engine=Engine(transformer),
                 tokenizer=load_tokenizer(folder),
-                binding=pools.Binding(name, cfg.family, cfg.fingerprint()),
+                binding=pools.Binding(name, cfg.family, cfg.fingerprint(), cfg.num_tokens),
                 state_dtype=dtype,
                 device=device,
             )
@@ -454,18 +454,8 @@ class Memcli:
             "tokens": sum(s.get("tokens", 0) for s in meta.get("sources", [])),
         }
         if meta.get("sources"):
-            pool = pools.load(self.store, name)
-            num_tokens = self._num_tokens(pool)
-            result["retention"] = pools.retention(pool, num_tokens)
+            result["retention"] = pools.retention(pools.load(self.store, name))
         return result
-
-    def _num_tokens(self, pool: pools.Pool) -> int:
-        patch_rows = pool.parts.get("stm_patch_rows") or []
-        if patch_rows:
-            return patch_rows[0]
-        # rows written per chunk = rows each update replaced: derive from the origin table
-        written = int((pool.state.origin >= 0).sum()) // max(pool.state.num_layers, 1)
-        return max(written // max(pool.next_chunk, 1), 1) if pool.next_chunk else 0
 
     # ------------------------------------------------------------------ pool listing
     def list_pools(self) -> list[dict]:

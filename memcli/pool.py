@@ -41,14 +41,17 @@ class Binding:
     model: str  # what the user named: alias, hub id or folder
     family: str
     config_hash: str
+    num_tokens: int = 0  # rows each injected chunk writes per layer (for retention figures)
     revision: str | None = None
 
     def to_json(self) -> dict:
-        return {"model": self.model, "family": self.family, "config_hash": self.config_hash, "revision": self.revision}
+        return {"model": self.model, "family": self.family, "config_hash": self.config_hash,
+                "num_tokens": self.num_tokens, "revision": self.revision}
 
     @staticmethod
     def from_json(data: dict) -> "Binding":
-        return Binding(data["model"], data["family"], data["config_hash"], data.get("revision"))
+        return Binding(data["model"], data["family"], data["config_hash"], int(data.get("num_tokens") or 0),
+                       data.get("revision"))
 
 
 @dataclass
@@ -282,13 +285,13 @@ def _load_ltm(layout: dict, part, dtype) -> LongTermMemory:
 
 
 # --------------------------------------------------------------------------- provenance
-def retention(pool: Pool, num_tokens: int) -> list[dict]:
+def retention(pool: Pool) -> list[dict]:
     """Per source: how many of the rows it wrote are still in memory, and where (STM / LTM).
 
     Every injected chunk writes `num_tokens` rows in every layer; each row carries the serial of
     the chunk that wrote it, so this is a count, not an estimate.
     """
-    state = pool.state
+    state, num_tokens = pool.state, pool.binding.num_tokens
     stm_origin = state.origin.flatten().cpu()
     ltm_origin = torch.empty(0, dtype=torch.int64)
     if state.ltm is not None:

@@ -16,7 +16,7 @@ def _setup(variant):
     folder = fixture_checkpoint(variant)
     model, reader = load_model(folder)
     cfg = model.cfg
-    binding = pools.Binding(str(folder), cfg.family, cfg.fingerprint())
+    binding = pools.Binding(str(folder), cfg.family, cfg.fingerprint(), cfg.num_tokens)
     return model, reader, binding
 
 
@@ -99,7 +99,7 @@ def test_retention_counts_rows_per_source():
     for chunk in range(3):
         engine.update(state, engine.inject(state, torch.arange(16)[None] + chunk), origin=chunk)
     pool.sources = [{"path": "a.txt", "first_chunk": 0, "chunks": 1}, {"path": "b.txt", "first_chunk": 1, "chunks": 2}]
-    report = pools.retention(pool, k)
+    report = pools.retention(pool)
     total = sum(r["rows_in_stm"] for r in report)
     assert total == int((state.origin >= 0).sum())
     assert report[1]["rows_written"] == 2 * k * state.num_layers

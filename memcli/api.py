@@ -549,10 +549,7 @@ def list_models() -> list[dict]:
 
 def pull_model(name: str) -> Path:
     """Download (or finish downloading) a model into the Hugging Face cache; returns its folder."""
-    from huggingface_hub import constants, snapshot_download
-    from huggingface_hub.errors import LocalEntryNotFoundError
-
-    from .loading import ALIASES, HUB_PATTERNS
+    from .loading import ALIASES, CheckpointError
 
     if Path(name).expanduser().is_dir():
         raise MemcliError(f"{name} is a local folder; there is nothing to download")
@@ -560,16 +557,9 @@ def pull_model(name: str) -> Path:
     if repo_id.count("/") != 1 or repo_id.startswith("/") or repo_id.endswith("/"):
         raise MemcliError(f"unknown model {name!r}: give an alias ({', '.join(ALIASES)}) or a hub id owner/name")
     try:
-        folder = Path(snapshot_download(repo_id, allow_patterns=HUB_PATTERNS))
-    except LocalEntryNotFoundError:
-        if constants.is_offline_mode():
-            raise MemcliError(f"cannot download {repo_id}: offline mode is on (HF_HUB_OFFLINE) "
-                              "and it is not in the Hugging Face cache") from None
-        raise MemcliError(f"cannot download {repo_id}: the Hugging Face Hub cannot be reached "
-                          "(no network?) and it is not in the cache") from None
-    except Exception as err:  # repository not found, gated, HTTP errors...: one line for the user
-        text = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise MemcliError(f"cannot download {repo_id}: {text}") from None
+        folder = resolve_checkpoint(repo_id)  # snapshot_download: resumes, honours HF_HOME / HF_HUB_OFFLINE
+    except CheckpointError as err:
+        raise MemcliError(str(err)) from None
     problem = checkpoint_problem(folder)
     if problem is not None:
         raise MemcliError(f"{repo_id} downloaded incompletely ({problem}); run memcli pull again")

@@ -367,7 +367,7 @@ class Engine:
                 record, rows = self._retrieve(_state, l, layer, x, ltm_order[l] if ltm_order else None)
                 retrieval.append(record)
                 cos, sin = model.cos_sin(1, _cache.ltm_rows)
-                k, v = layer.prefix_keys_values(rows[None].to(model.dtype), cos, sin, DECODER)
+                k, v = layer.prefix_keys_values(rows[None].to(device=model.device, dtype=model.dtype), cos, sin, DECODER)
                 layer_kv.k[:, :, 1 : _cache.stm_start], layer_kv.v[:, :, 1 : _cache.stm_start] = k, v
 
             return cache.kv, cache.prefix_rows, retrieval, retrieve

@@ -23,7 +23,7 @@ import torch
 from torch import Tensor
 
 from .model import DECODER, ENCODER, KV, Transformer, apply_rotary
-from .state import CHECKPOINT_ORIGIN, MemoryState
+from .state import MemoryState, grow
 
 
 @dataclass
@@ -70,10 +70,27 @@ class PrefixCache:
         self.kv = model.new_kv(self.prefix_rows + scratch_rows)
         shape = (cfg.num_layers, cfg.num_kv_heads, state.num_rows, cfg.head_dim)
         self.raw_k = torch.empty(shape, dtype=model.dtype, device=model.device)
+        self._keys: Tensor | None = None  # M+: bank keys on the model's device
+        self._keys_size = self._keys_epoch = 0
         cos, sin = model.cos_sin(0, 1)
         for l, (layer, kv) in enumerate(zip(model.layers, self.kv)):
             kv.k[:, :, :1], kv.v[:, :, :1] = layer.prefix_keys_values(model.bos_embedding[l][None], cos, sin, DECODER)
             kv.start = self.prefix_rows
+
+    def ltm_keys(self, ltm) -> Tensor:
+        """The bank's selector keys where retrieval runs, copied once and extended as the bank grows
+        (the official code copies every layer's keys to the GPU for every question)."""
+        device = self.model.device
+        stale = self._keys is None or self._keys_epoch != ltm.epoch or ltm.size < self._keys_size
+        if stale:
+            self._keys = ltm.keys[:, : ltm.size].to(device, copy=True)
+            self._keys_size, self._keys_epoch = ltm.size, ltm.epoch
+        elif ltm.size > self._keys_size:
+            if ltm.size > self._keys.shape[1]:
+                self._keys = grow(self._keys, max(2 * self._keys.shape[1], ltm.size))
+            self._keys[:, self._keys_size : ltm.size] = ltm.keys[:, self._keys_size : ltm.size].to(device)
+            self._keys_size = ltm.size
+        return self._keys
 
     def ensure_capacity(self, rows: int) -> None:
         if self.kv[0].k.shape[2] >= rows:
@@ -278,6 +295,8 @@ class Engine:
             ltm.ids[l], ltm.recall[l] = ids, recall
         ltm.cache_start = ltm.size
         ltm.update_step = 0
+        if ltm.dead_rows() * 2 > ltm.size:
+            ltm.compact()
 
     # ------------------------------------------------------------------ reading
     def _prefix_cache(self, state: MemoryState) -> PrefixCache:
@@ -364,7 +383,8 @@ class Engine:
         if state.ltm is not None:
             # M+: each layer retrieves its LTM block from that layer's input rows, just before it runs.
             def retrieve(l, layer, layer_kv, x, _state=state, _cache=cache):
-                record, rows = self._retrieve(_state, l, layer, x, ltm_order[l] if ltm_order else None)
+                record, rows = self._retrieve(_state, l, layer, x, ltm_order[l] if ltm_order else None,
+                                              _cache.ltm_keys(_state.ltm))
                 retrieval.append(record)
                 cos, sin = model.cos_sin(1, _cache.ltm_rows)
                 k, v = layer.prefix_keys_values(rows[None].to(device=model.device, dtype=model.dtype), cos, sin, DECODER)
@@ -373,7 +393,7 @@ class Engine:
             return cache.kv, cache.prefix_rows, retrieval, retrieve
         return cache.kv, cache.prefix_rows, retrieval, None
 
-    def _retrieve(self, state: MemoryState, l: int, layer, x: Tensor, forced: Tensor | None):
+    def _retrieve(self, state: MemoryState, l: int, layer, x: Tensor, forced: Tensor | None, bank_keys: Tensor):
         """M+ `get_ltm` for layer l (reference-semantics §7.4): choose R rows, order them by age."""
         cfg, ltm = self.cfg, state.ltm
         r = cfg.ltm_retrieval_rows
@@ -392,7 +412,7 @@ class Engine:
         else:
             all_ids = torch.cat((ltm_ids, cache_ids))
             query = layer.query_proj(layer.input_layernorm(x[0]))
-            keys = ltm.keys[l, all_ids.to(ltm.keys.device)].to(device=query.device, dtype=query.dtype)
+            keys = bank_keys[l, all_ids.to(bank_keys.device)].to(dtype=query.dtype)
             scores = torch.sigmoid(query @ keys.T).mean(dim=0)
             chosen = torch.topk(scores, r).indices.sort().values.cpu()
             sources = (chosen >= n).long()

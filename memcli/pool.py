@@ -134,6 +134,9 @@ def save(store: PoolStore, pool: Pool) -> None:
 
 
 def _save_ltm(ltm: LongTermMemory, layout: dict, new_parts: dict) -> None:
+    if layout.get("ltm_epoch", 0) != ltm.epoch:
+        # the bank was compacted (ids renumbered): its rows are written anew, once
+        layout["ltm_banks"], layout["ltm_saved_size"], layout["ltm_epoch"] = [], 0, ltm.epoch
     saved = layout.get("ltm_saved_size", 0)
     if ltm.size > saved:
         bank = _pid("ltm-bank")
@@ -278,6 +281,7 @@ def _load_ltm(layout: dict, part, dtype) -> LongTermMemory:
         recall=list(torch.split(index["recall"], lengths)),
         cache_start=int(info["cache_start"]),
         update_step=int(info["update_step"]),
+        epoch=int(layout.get("ltm_epoch", 0)),
     )
     if ltm.rows.shape[1] != ltm.size:
         raise PoolError("long-term memory bank size does not match its manifest")

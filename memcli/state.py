@@ -37,6 +37,7 @@ class LongTermMemory:
     recall: list[Tensor]  # per layer: float64 recall frequency of each LTM entry
     cache_start: int  # bank ids [cache_start, size) are the not-yet-merged cache
     update_step: int = 0  # K * updates since the last merge
+    epoch: int = 0  # bumped when `compact` renumbers the bank
 
     def ages(self, bank_ids: Tensor, layer: int, update_count: int, num_tokens: int) -> Tensor:
         ids = bank_ids.to(self.birth_update.device)
@@ -47,11 +48,11 @@ class LongTermMemory:
         m = rows.shape[1]
         if self.size + m > self.rows.shape[1]:
             capacity = max(2 * self.rows.shape[1], self.size + m, 64)
-            self.rows = _grow(self.rows, capacity)
-            self.keys = _grow(self.keys, capacity)
-            self.birth_age = _grow(self.birth_age, capacity)
-            self.birth_update = _grow(self.birth_update, capacity)
-            self.origin = _grow(self.origin, capacity)
+            self.rows = grow(self.rows, capacity)
+            self.keys = grow(self.keys, capacity)
+            self.birth_age = grow(self.birth_age, capacity)
+            self.birth_update = grow(self.birth_update, capacity)
+            self.origin = grow(self.origin, capacity)
         end = self.size + m
         self.rows[:, self.size : end] = rows
         self.keys[:, self.size : end] = keys
@@ -63,8 +64,37 @@ class LongTermMemory:
     def cache_ids(self) -> Tensor:
         return torch.arange(self.cache_start, self.size, device=self.birth_update.device)
 
+    def dead_rows(self) -> int:
+        """Bank rows that no layer's LTM and not the cache refers to any more."""
+        return self.size - int(self._live().sum())
 
-def _grow(t: Tensor, capacity: int) -> Tensor:
+    def _live(self) -> Tensor:
+        live = torch.zeros(self.size, dtype=torch.bool)
+        for ids in self.ids:
+            live[ids.cpu()] = True
+        live[self.cache_start : self.size] = True
+        return live
+
+    def compact(self) -> None:
+        """Drop bank rows nobody refers to, keeping the order of the rest (ids are renumbered).
+
+        Recall frequencies decay at every merge, so without this the bank would keep every row ever
+        dropped from the short-term memory; with it, it stays near the LTM's own size."""
+        keep = torch.nonzero(self._live()).squeeze(1)
+        renumber = torch.full((self.size,), -1, dtype=torch.int64)
+        renumber[keep] = torch.arange(len(keep))
+        self.rows = self.rows[:, keep.to(self.rows.device)].contiguous()
+        self.keys = self.keys[:, keep.to(self.keys.device)].contiguous()
+        self.birth_age = self.birth_age[:, keep].contiguous()
+        self.birth_update = self.birth_update[keep].contiguous()
+        self.origin = self.origin[:, keep].contiguous()
+        self.ids = [renumber[ids.cpu()] for ids in self.ids]
+        self.cache_start = int((keep < self.cache_start).sum())
+        self.size = len(keep)
+        self.epoch += 1
+
+
+def grow(t: Tensor, capacity: int) -> Tensor:
     dim = 1 if t.dim() > 1 else 0
     shape = list(t.shape)
     shape[dim] = capacity

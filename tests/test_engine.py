@@ -166,3 +166,29 @@ def test_quantized_generation_against_fp32(variant, quant, max_rel, min_agree):
     rel, agree = _drift(variant, quant=quant)
     assert rel < max_rel
     assert agree >= min_agree
+
+
+def test_ltm_bank_compaction_keeps_semantics_and_bounds_memory(monkeypatch):
+    """Rows no layer refers to any more are dropped from the M+ bank; answers do not change."""
+    from memcli.state import LongTermMemory
+
+    model, reader = _model("mplus-8b-tiny")
+    engine = Engine(model)
+    compacted = initial_state(reader, model.cfg, seed=9)
+    plain = initial_state(reader, model.cfg, seed=9)
+    for step in range(24):
+        kept = engine.choose_kept(compacted)
+        delta = engine.inject(compacted, CONTEXT + step)
+        engine.update(compacted, delta, kept=kept)
+        with monkeypatch.context() as patch:
+            patch.setattr(LongTermMemory, "compact", lambda self: None)
+            engine.update(plain, delta, kept=kept)
+    assert compacted.ltm.epoch > 0
+    assert compacted.ltm.size < plain.ltm.size
+    assert compacted.ltm.dead_rows() * 2 <= compacted.ltm.size
+    for l in range(compacted.num_layers):
+        torch.testing.assert_close(compacted.ltm.rows[l, compacted.ltm.ids[l]], plain.ltm.rows[l, plain.ltm.ids[l]])
+    a, ra = engine.logits(compacted, QUESTION)
+    b, rb = Engine(model).logits(plain, QUESTION)
+    torch.testing.assert_close(a, b)
+    assert all(torch.equal(x.order, y.order) for x, y in zip(ra, rb))

@@ -104,3 +104,19 @@ def test_retention_counts_rows_per_source():
     assert total == int((state.origin >= 0).sum())
     assert report[1]["rows_written"] == 2 * k * state.num_layers
     assert 0 < report[0]["share_retained"] <= 1
+
+
+def test_mplus_bank_compaction_is_saved_and_old_segments_are_dropped():
+    model, reader, binding = _setup("mplus-8b-tiny")
+    store = PoolStore()
+    state = initial_state(reader, model.cfg, seed=6)
+    pool = pools.create(store, "p", binding, state)
+    engine = Engine(model)
+    for step in range(24):
+        engine.update(state, engine.inject(state, torch.arange(16)[None] + step), origin=step)
+        with store.writer("p"):
+            pools.save(store, pool)
+    assert state.ltm.epoch > 0
+    _assert_same_state(state, pools.load(store, "p", binding).state)
+    banks = [p for p in store.read_manifest("p")["parts"] if p.startswith("ltm-bank")]
+    assert len(banks) < 24  # segments of rows nobody refers to are gone

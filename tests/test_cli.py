@@ -194,7 +194,7 @@ def test_cpu_warning_is_said_once(ck, docs, monkeypatch):
 def test_interrupted_inject_keeps_committed_chunks_and_resumes(ck, tmp_path):
     rng = random.Random(7)
     words = "the a of train station river Alice Bob met went saw meeting room Friday Paris and to in on at".split()
-    big = write(tmp_path / "big.txt", " ".join(rng.choice(words) for _ in range(12000)))
+    big = write(tmp_path / "big.txt", " ".join(rng.choice(words) for _ in range(40000)))
     command = [sys.executable, "-m", "memcli", "--device", "cpu", "inject", str(big), "--pool", "p", "--model", ck]
     process = subprocess.Popen(command, cwd=tmp_path, env=subprocess_env(), stdout=subprocess.PIPE,
                                stderr=subprocess.PIPE, text=True)
@@ -206,7 +206,9 @@ def test_interrupted_inject_keeps_committed_chunks_and_resumes(ck, tmp_path):
             except PoolError:
                 pass
             time.sleep(0.02)
-        process.send_signal(signal.SIGINT)
+        # SIGTERM, not SIGINT: a job started in the background of a non-interactive shell (as CI
+        # may run us) inherits SIGINT as ignored, and Python then keeps it ignored
+        process.send_signal(signal.SIGTERM)
         _, stderr = process.communicate(timeout=60)
     finally:
         if process.poll() is None:

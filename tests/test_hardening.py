@@ -475,27 +475,42 @@ print("done", flush=True)
 
 
 def test_fault_sigkill_during_inject(app, tmp_path):
-    files = []
-    for i in range(6):
-        files.append(str(_w(tmp_path / f"doc{i}.txt", f"Document {i}. " + GOOD_TEXT * 2)))
+    """SIGKILL an inject at random moments after its first commit (each trial brings new files, so
+    there is always work left): the pool always loads, verifies, and is at a committed version."""
+    import queue
+    import threading
+
     rng = random.Random(1234)
-    committed = {app.store.read_manifest(POOL)["version"]}
+    first = app.store.read_manifest(POOL)["version"]
+    committed = {first}
     started = time.monotonic()
-    trials = 0
-    first = min(committed)
-    killed_mid_inject = 0
+    trials = killed_mid_inject = 0
     while trials < 8 and time.monotonic() - started < 50:
         trials += 1
+        files = [str(_w(tmp_path / f"t{trials}-doc{i}.txt", f"Trial {trials}, document {i}. " + GOOD_TEXT * 40))
+                 for i in range(6)]
         proc = subprocess.Popen(
             [sys.executable, "-c", _KILL_WORKER, str(fixture_checkpoint(TINY)), POOL, *files],
             cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
         )
-        time.sleep(rng.uniform(2.5, 5.0))
+        lines: queue.Queue = queue.Queue()
+        reader = threading.Thread(target=lambda: [lines.put(line) for line in proc.stdout], daemon=True)
+        reader.start()
+        out = []
+        try:  # wait for the first commit of this run, then kill a random moment later
+            out.append(lines.get(timeout=40))
+        except queue.Empty:
+            pass
+        time.sleep(rng.uniform(0.0, 0.4))
         proc.send_signal(signal.SIGKILL)
-        out, err = proc.communicate(timeout=30)
+        proc.wait(timeout=30)
+        reader.join(timeout=10)
+        err = proc.stderr.read()
+        while not lines.empty():
+            out.append(lines.get())
         assert "Traceback" not in err, err[-2000:]
-        versions = [int(line.split()[1]) for line in out.splitlines() if line.startswith("v ")]
-        killed_mid_inject += "done" not in out
+        versions = [int(line.split()[1]) for line in out if line.startswith("v ")]
+        killed_mid_inject += not any(line.startswith("done") for line in out)
         committed.update(versions)
         # killed after a commit became durable but before it was printed: one more version
         committed.add(max(committed) + 1)

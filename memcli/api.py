@@ -259,6 +259,16 @@ class Memcli:
         emit = on_event or (lambda event: None)
         report = InjectReport(pool=pool_name, model=loaded.name)
         started = time.perf_counter()
+        created = not self.store.exists(pool_name)
+        try:
+            return self._inject_all(loaded, pool_name, paths, chunk_tokens, glob, force, stdin, report, emit, started)
+        finally:
+            # a pool this call created but never wrote to is not left behind (bad input leaves no trace)
+            if created and self.store.exists(pool_name) and not self.store.read_manifest(pool_name)["meta"].get("next_chunk"):
+                self._pools.pop(pool_name, None)
+                self.store.remove(pool_name)
+
+    def _inject_all(self, loaded, pool_name, paths, chunk_tokens, glob, force, stdin, report, emit, started):
         with self.store.writer(pool_name):
             _, pool = self.open_pool(pool_name, model=loaded.name, create=True)
             current: Source | None = None

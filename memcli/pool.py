@@ -66,7 +66,9 @@ class Pool:
     extra: dict = field(default_factory=dict)  # other manifest meta kept verbatim (forked_from, ...)
 
     def source_by_hash(self, sha256: str) -> dict | None:
-        return next((s for s in self.sources if s.get("sha256") == sha256), None)
+        """The log entry of this content: a complete one if any, else the latest partial one."""
+        entries = [s for s in self.sources if s.get("sha256") == sha256]
+        return next((s for s in reversed(entries) if s.get("complete")), entries[-1] if entries else None)
 
 
 def _pid(kind: str) -> str:

@@ -39,3 +39,43 @@ def test_answer_length_adapts_to_the_window(app, tmp_path):
     assert answer.prompt_tokens + len(answer.tokens) <= limit
     with pytest.raises(MemcliError, match="reads at most"):
         app.ask("p", "When does the train leave?", max_new_tokens=limit)
+
+
+def test_a_pool_created_by_an_inject_that_wrote_nothing_is_not_left_behind(app, tmp_path):
+    (tmp_path / "empty.txt").write_text("")
+    report = app.inject("fresh", [str(tmp_path / "empty.txt")])
+    assert [f.status for f in report.files] == ["skipped"]
+    assert not app.store.exists("fresh")
+
+
+def test_resume_after_another_file_does_not_inject_twice(app, tmp_path, monkeypatch):
+    """A file interrupted, then another file injected, then the first resumed: the resumed part
+    goes in once, and a later run sees the file as complete."""
+    from memcli import api as api_module
+
+    monkeypatch.setattr(api_module, "COMMIT_EVERY", 2)
+    big = tmp_path / "big.txt"
+    big.write_text(" ".join(f"sentence {i} says the value is {i * 7}." for i in range(300)))
+    other = tmp_path / "other.txt"
+    other.write_text("Mary walked to the library with two friends and talked about chess.")
+    real_inject = app.model().engine.inject
+    calls = {"n": 0}
+
+    def interrupting(state, ids):
+        calls["n"] += 1
+        if calls["n"] == 5:
+            raise KeyboardInterrupt
+        return real_inject(state, ids)
+
+    monkeypatch.setattr(app.model().engine, "inject", interrupting)
+    with pytest.raises(api_module.InjectInterrupted):
+        app.inject("p", [str(big)])
+    monkeypatch.setattr(app.model().engine, "inject", real_inject)
+    app.inject("p", [str(other)])
+    resumed = app.inject("p", [str(big)])
+    assert [f.status for f in resumed.files] == ["resumed"]
+    again = app.inject("p", [str(big)])
+    assert [f.status for f in again.files] == ["already"]
+    total = sum(s["chunks"] for s in app.pool_info("p")["sources"] if s["path"] == str(big))
+    fresh = Memcli(app.settings)
+    assert total == fresh.inject("q", [str(big)]).chunks

@@ -14,10 +14,15 @@ BASE_QUESTION = "Question: {question} Answer:"
 
 def load_tokenizer(folder: Path):
     """The checkpoint's own tokenizer. Never runs remote code."""
+    import warnings
+
     import transformers
 
     transformers.logging.set_verbosity_error()
-    return transformers.AutoTokenizer.from_pretrained(str(folder), trust_remote_code=False)
+    with warnings.catch_warnings():
+        # transformers reads config.json too and warns about the published files' legacy keys
+        warnings.simplefilter("ignore", FutureWarning)
+        return transformers.AutoTokenizer.from_pretrained(str(folder), trust_remote_code=False)
 
 
 def has_chat_template(tokenizer) -> bool:

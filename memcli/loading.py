@@ -225,8 +225,13 @@ def load_model(
     quant: str | None = None,
     rope_precision: str | None = None,
     allow_pickle: bool = False,
+    use_converted: bool = True,
 ) -> tuple[Transformer, CheckpointReader]:
-    """Weights only: the model, plus the open reader (for `initial_state`)."""
+    """Weights only: the model, plus the open reader (for `initial_state`).
+
+    Unless the checkpoint's own fp32 is wanted, the converted weights are kept in the user cache
+    (`converted.py`) and read from there by the next load with the same settings."""
+    from . import converted
     from . import quant as quantization
     from .config import DEFAULT_ROPE_PRECISION
 
@@ -237,9 +242,33 @@ def load_model(
     quant = quant or dense_mode(dtype)
     quantization.check_mode_supported(quant, device)
     model = Transformer(cfg, rope_precision or DEFAULT_ROPE_PRECISION[cfg.family])
+    cacheable = use_converted and not (quant == "fp32" and dtype == torch.float32)
+    key = inputs = cached = None
+    if cacheable:
+        key, inputs = converted.cache_key(Path(folder), cfg.fingerprint(), quant, dtype)
+        cached = converted.read(key)
+    groups: dict[str, dict[str, torch.Tensor]] = {}
+    if cached is not None:
+        for full, tensor in cached[0].items():
+            name, _, field = full.partition("::")
+            groups.setdefault(name, {})[field] = tensor
+    to_save: dict[str, torch.Tensor] = {}
+    modes: dict[str, str] = {}
+
+    def linear(name: str, mode: str) -> nn.Module:
+        if cached is not None:
+            return quantization.linear_from_state(groups[name], cached[1][name], device, dtype)
+        module = quantization.make_linear(reader.get(name), mode, device, dtype)
+        if cacheable:
+            modes[name] = mode
+            to_save.update({f"{name}::{field}": t for field, t in quantization.linear_state(module).items()})
+        return module
 
     def dense(name: str) -> torch.Tensor:
-        return reader.get(name).to(device=device, dtype=dtype)
+        tensor = (groups[name][""] if cached is not None else reader.get(name)).to(device=device, dtype=dtype)
+        if cacheable and cached is None:
+            to_save[name] = tensor
+        return tensor
 
     for i, block in enumerate(model.layers):
         prefix = f"model.layers.{i}."
@@ -247,9 +276,7 @@ def load_model(
             name = f"{prefix}{parent_name}.{proj}"
             parent = getattr(block, parent_name)
             lora = proj in cfg.lora_targets
-            base = quantization.make_linear(
-                reader.get(f"{name}.base_layer.weight" if lora else f"{name}.weight"), quant, device, dtype
-            )
+            base = linear(f"{name}.base_layer.weight" if lora else f"{name}.weight", quant)
             if proj == "o_proj":
                 parent.o_proj = base
                 continue
@@ -269,11 +296,13 @@ def load_model(
     model.embed_tokens = nn.Embedding.from_pretrained(dense("model.embed_tokens.weight"), freeze=True)
     # lm_head stays 16-bit: it is read once per generated token and quantizing it costs accuracy
     # on every logit for ~0.5 GB of savings.
-    model.lm_head = quantization.make_linear(reader.get("lm_head.weight"), dense_mode(dtype), device, dtype)
+    model.lm_head = linear("lm_head.weight", dense_mode(dtype))
     model.norm.weight.data = dense("model.norm.weight")
     model.bos_embedding = dense("bos_embedding")
     model.new_memory_positional_emb = dense("new_memory_positional_emb")
     model.eval()
+    if cacheable and cached is None:
+        converted.write(key, inputs, to_save, modes)
     return model, reader
 
 

@@ -268,6 +268,16 @@ def _make_nf4(weight: torch.Tensor, device: torch.device, compute_dtype: torch.d
     offset = absmax.mean()
     qabsmax, state2 = bf.quantize_blockwise(absmax - offset, blocksize=_NESTED_BLOCKSIZE)
     del absmax
+    return _nf4_module(packed, qabsmax, offset, state2.absmax, state2.code, (out_f, in_f), device, compute_dtype)
+
+
+def _nf4_module(packed, qabsmax, offset, absmax2, code2, shape, device: torch.device, compute_dtype) -> nn.Module:
+    """A Linear4bit around already-quantized data (fresh from `_make_nf4`, or from a converted cache)."""
+    bnb = _bnb()
+    bf = bnb.functional
+    bs = NF4_BLOCKSIZE
+    out_f, in_f = shape
+    state2 = bf.QuantState(absmax=absmax2, code=code2, blocksize=_NESTED_BLOCKSIZE, dtype=torch.float32)
     qs = bf.QuantState(
         absmax=qabsmax,
         shape=torch.Size((out_f, in_f)),
@@ -341,11 +351,56 @@ def _make_int8(weight: torch.Tensor, device: torch.device) -> nn.Module:
         scb[r0:r1].copy_(s)
         del q, s
 
+    return _int8_module(cb, scb)
+
+
+def _int8_module(cb: torch.Tensor, scb: torch.Tensor) -> nn.Module:
+    """A Linear8bitLt around already-quantized rows and their scales."""
+    bnb = _bnb()
+    out_f, in_f = cb.shape
     lin = _int8_linear_class()(
         in_f, out_f, bias=False, has_fp16_weights=False, threshold=INT8_THRESHOLD, device="meta"
     )
     lin.weight = bnb.nn.Int8Params(cb, requires_grad=False, has_fp16_weights=False, CB=cb, SCB=scb)
     return lin
+
+
+# --------------------------------------------------------------------------- converted copies
+
+
+def linear_state(module: nn.Module) -> dict[str, torch.Tensor]:
+    """Everything needed to rebuild a module made by `make_linear` without converting again
+    (for the converted-weights cache). Call it before the first forward: bitsandbytes may repack
+    CPU 4-bit weights on first use."""
+    if _is_linear4bit(module):
+        qs = module.weight.quant_state
+        return {
+            "packed": module.weight.data,
+            "absmax": qs.absmax,
+            "offset": qs.offset.reshape(1),
+            "absmax2": qs.state2.absmax,
+            "code2": qs.state2.code,
+            "shape": torch.tensor(list(qs.shape)),
+        }
+    if _is_linear8bit(module):
+        return {"cb": module.weight.data, "scb": _int8_scales(module)}
+    return {"weight": module.weight.data}
+
+
+def linear_from_state(tensors: dict[str, torch.Tensor], mode: str, device: torch.device | str,
+                      compute_dtype: torch.dtype) -> nn.Module:
+    """The inverse of `linear_state`."""
+    dev = _as_device(device)
+    t = {name: value.to(dev) for name, value in tensors.items()}
+    with torch.no_grad():
+        if mode == "nf4":
+            lin = _nf4_module(t["packed"], t["absmax"], t["offset"].reshape(()), t["absmax2"], t["code2"],
+                              tuple(tensors["shape"].tolist()), dev, compute_dtype)
+        elif mode == "int8":
+            lin = _int8_module(t["cb"], t["scb"])
+        else:
+            lin = DenseLinear(t["weight"].to(_DENSE_DTYPES[mode]), compute_dtype)
+    return lin.eval()
 
 
 def _build(weight: torch.Tensor, mode: str, device: torch.device, compute_dtype: torch.dtype) -> nn.Module:

@@ -358,7 +358,7 @@ def _check_tensors(part_id: str, tensors: Any) -> None:
             raise PoolError(f"part {part_id}: tensor {key!r:.60} has unsupported dtype {value.dtype}")
 
 
-def _safetensors_chunks(tensors: dict[str, torch.Tensor]) -> Iterator[memoryview | bytes]:
+def safetensors_chunks(tensors: dict[str, torch.Tensor]) -> Iterator[memoryview | bytes]:
     """Yield the bytes of a safetensors file for `tensors`, tensor by tensor, without
     building the whole file in memory (a 3 GB part must not need 3 GB more RAM)."""
     if sys.byteorder != "little":  # pragma: no cover - safetensors is little-endian
@@ -1170,7 +1170,7 @@ class PoolStore:
         h = hashlib.sha256()
         size = 0
         try:
-            for chunk in _safetensors_chunks(tensors):
+            for chunk in safetensors_chunks(tensors):
                 h.update(chunk)
                 _write_all(fd, chunk)
                 size += len(chunk)

@@ -1,0 +1,119 @@
+"""A converted copy of a checkpoint's weights, so the next start does not convert again.
+
+The published checkpoints are fp32 (39 GB for the 8B models). After a first load in 4-bit, 8-bit or
+16-bit, the converted weights (about 6 GB in NF4) are written under the user cache directory, keyed
+by everything that decides their bytes: the weight files (names, sizes, modification times), the
+config, the quantization and compute dtype, and the memcli / torch / bitsandbytes versions. A later
+load with the same key reads that file instead. The memory tensor is not part of it: it is only read
+when a new pool starts from the checkpoint.
+
+A cache entry is a folder with `weights.safetensors` and `manifest.json` (the key's inputs, the
+sha256 and size of the weights file, and each projection's mode). It is written beside, then
+renamed into place; a missing, stale or corrupt entry (size or sha256 mismatch, unreadable
+manifest) is ignored and rebuilt.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import secrets
+from pathlib import Path
+
+import torch
+
+from . import __version__, paths
+from .store import safetensors_chunks
+
+FORMAT = 1
+WEIGHTS = "weights.safetensors"
+
+
+def _versions() -> dict:
+    try:
+        import bitsandbytes
+
+        bnb = bitsandbytes.__version__
+    except Exception:
+        bnb = None
+    return {"memcli": __version__, "torch": torch.__version__, "bitsandbytes": bnb}
+
+
+def cache_key(folder: Path, config_hash: str, quant: str, dtype: torch.dtype) -> tuple[str, dict]:
+    files = sorted(p for p in Path(folder).iterdir() if p.suffix == ".safetensors")
+    inputs = {
+        "format": FORMAT,
+        "files": [[p.name, p.stat().st_size, p.stat().st_mtime_ns] for p in files],
+        "config": config_hash,
+        "quant": quant,
+        "dtype": str(dtype),
+        "versions": _versions(),
+    }
+    return hashlib.sha256(json.dumps(inputs, sort_keys=True).encode()).hexdigest()[:32], inputs
+
+
+def entry(key: str) -> Path:
+    return paths.cache_dir() / "converted" / key
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(1 << 22):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def read(key: str) -> tuple[dict[str, torch.Tensor], dict] | None:
+    """The cached tensors (on the CPU) and the per-projection modes, or None if absent or damaged."""
+    folder = entry(key)
+    try:
+        manifest = json.loads((folder / "manifest.json").read_text())
+        weights = folder / WEIGHTS
+        if manifest.get("format") != FORMAT or weights.stat().st_size != manifest["bytes"]:
+            return None
+        if _sha256(weights) != manifest["sha256"]:
+            return None
+        from safetensors.torch import load_file
+
+        return load_file(str(weights)), manifest["modes"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    except Exception:  # a damaged file can make safetensors raise its own errors: rebuild
+        return None
+
+
+def write(key: str, inputs: dict, tensors: dict[str, torch.Tensor], modes: dict[str, str]) -> None:
+    """Write one entry durably (temp folder, fsync, rename); failures only cost the cache."""
+    final = entry(key)
+    temp = final.parent / f".tmp-{secrets.token_hex(6)}"
+    try:
+        temp.mkdir(parents=True)
+        digest, size = hashlib.sha256(), 0
+        with open(temp / WEIGHTS, "wb") as f:
+            for chunk in safetensors_chunks(tensors):
+                f.write(chunk)
+                digest.update(chunk)
+                size += len(chunk) if isinstance(chunk, bytes) else chunk.nbytes
+            f.flush()
+            os.fsync(f.fileno())
+        manifest = {"format": FORMAT, "key": key, "inputs": inputs, "modes": modes,
+                    "sha256": digest.hexdigest(), "bytes": size}
+        (temp / "manifest.json").write_text(json.dumps(manifest, indent=1))
+        if final.exists():
+            shutil.rmtree(final)
+        os.replace(temp, final)
+    except OSError:
+        pass  # a full disk or a read-only cache must not stop the model from loading
+    finally:
+        shutil.rmtree(temp, ignore_errors=True)
+
+
+def clear() -> int:
+    """Remove every converted copy; returns the bytes freed."""
+    root = paths.cache_dir() / "converted"
+    freed = sum(p.stat().st_size for p in root.rglob("*") if p.is_file()) if root.exists() else 0
+    shutil.rmtree(root, ignore_errors=True)
+    return freed

@@ -973,7 +973,7 @@ class DiskFull:
 
 
 def _part_bytes(t: dict) -> int:
-    return sum(len(c) if isinstance(c, bytes) else c.nbytes for c in store_mod._safetensors_chunks(t))
+    return sum(len(c) if isinstance(c, bytes) else c.nbytes for c in store_mod.safetensors_chunks(t))
 
 
 @pytest.mark.parametrize("where", ["first-part", "second-part", "manifest"])

@@ -47,7 +47,7 @@ PATCH_ELEMS = (3 << 20) // 8  # 1.5 MB int32 patch part
 def expected_sha256(pid: str) -> str:
     """sha256 of part `pid` as the store writes it (the layout is deterministic)."""
     h = hashlib.sha256()
-    for chunk in store_mod._safetensors_chunks(part_tensors(pid)):
+    for chunk in store_mod.safetensors_chunks(part_tensors(pid)):
         h.update(chunk)
     return h.hexdigest()
 

@@ -413,6 +413,23 @@ def inject(
 
 
 # --------------------------------------------------------------------------- ask
+def _stream_answer(app_, pool: str, question: str, max_new_tokens, sampling) -> None:
+    """Ask, writing the answer to stdout as it comes; a started line is ended even when interrupted."""
+    started = []
+
+    def on_text(text: str) -> None:
+        started.append(True)
+        _write_stdout(text)
+
+    try:
+        app_.ask(pool, question, max_new_tokens=max_new_tokens, sampling=sampling, on_text=on_text)
+    except BaseException:
+        if started:
+            _write_stdout("\n")
+        raise
+    _write_stdout("\n")
+
+
 def _sampling(temperature: float, top_p: float, seed: Optional[int]):
     from .engine import Sampling
 
@@ -437,19 +454,7 @@ def ask(
         answer = app_.ask(pool, question, max_new_tokens=max_new_tokens, sampling=sampling)
         print_json(answer.to_json())
         return
-    streamed = []
-
-    def on_text(text: str) -> None:
-        streamed.append(text)
-        _write_stdout(text)
-
-    try:
-        app_.ask(pool, question, max_new_tokens=max_new_tokens, sampling=sampling, on_text=on_text)
-    finally:
-        if streamed:
-            _write_stdout("\n")
-    if not streamed:
-        _write_stdout("\n")
+    _stream_answer(app_, pool, question, max_new_tokens, sampling)
 
 
 # --------------------------------------------------------------------------- chat
@@ -562,16 +567,7 @@ def chat(
                     else:
                         raise MemcliError(f"unknown command {command} ({CHAT_HELP})")
                     continue
-                streamed = []
-
-                def on_text(text: str) -> None:
-                    streamed.append(text)
-                    _write_stdout(text)
-
-                try:
-                    app_.ask(pool, line, max_new_tokens=max_new_tokens, sampling=sampling, on_text=on_text)
-                finally:
-                    _write_stdout("\n")
+                _stream_answer(app_, pool, line, max_new_tokens, sampling)
             except (MemcliError, PoolError, SettingsError, ValueError) as err:
                 failures += 1
                 error_line(err)

@@ -246,6 +246,17 @@ def _is_nospace(exc: BaseException) -> bool:
     return isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, getattr(errno, "EDQUOT", -1))
 
 
+def _as_pool_error(exc: BaseException, while_doing: str, could_not: str, outcome: str = "") -> PoolError | None:
+    """The one-line PoolError for an OS failure of a write (disk full said plainly); None for
+    anything else, which the caller re-raises unchanged (PoolErrors, KeyboardInterrupt, bugs)."""
+    if isinstance(exc, PoolError) or not isinstance(exc, OSError):
+        return None
+    tail = f"; {outcome}" if outcome else ""
+    if _is_nospace(exc):
+        return PoolError(f"no space left on device while {while_doing}{tail}")
+    return PoolError(f"could not {could_not} ({exc.strerror or exc}){tail}")
+
+
 def _hash_file(path: Path) -> tuple[str, int]:
     """sha256 hex and size of a file, never following a symlink."""
     fd = os.open(path, os.O_RDONLY | _O_NOFOLLOW | _O_CLOEXEC | _O_BINARY)
@@ -1301,14 +1312,9 @@ class PoolStore:
                 _unlink_quiet(target)
             if made_marker:
                 _unlink_quiet(pool_dir / CREATING)
-            if isinstance(exc, PoolError):
-                raise
-            if _is_nospace(exc):
-                raise PoolError(f"no space left on device while saving pool {name}; the pool is unchanged") from None
-            if isinstance(exc, OSError):
-                raise PoolError(
-                    f"could not save pool {name} ({exc.strerror or exc}); the pool is unchanged"
-                ) from None
+            error = _as_pool_error(exc, f"saving pool {name}", f"save pool {name}", "the pool is unchanged")
+            if error is not None:
+                raise error from None
             raise
         # Committed: from here on nothing may be undone. Make the rename durable, then tidy
         # up (a crash while tidying is repaired by cleanup()).
@@ -1440,12 +1446,10 @@ class PoolStore:
                     raise
             except BaseException as exc:
                 _rmtree_quiet(stage)
-                if isinstance(exc, PoolError):
-                    raise
-                if _is_nospace(exc):
-                    raise PoolError(f"no space left on device while forking pool {src} to {dst}; nothing was created") from None
-                if isinstance(exc, OSError):
-                    raise PoolError(f"could not fork pool {src} to {dst} ({exc.strerror or exc}); nothing was created") from None
+                error = _as_pool_error(exc, f"forking pool {src} to {dst}", f"fork pool {src} to {dst}",
+                                       "nothing was created")
+                if error is not None:
+                    raise error from None
                 raise
             try:
                 _fsync_dir(self.root)
@@ -1573,12 +1577,9 @@ class PoolStore:
             _fsync_dir(file.parent)
         except BaseException as exc:
             _unlink_quiet(tmp)
-            if isinstance(exc, PoolError):
-                raise
-            if _is_nospace(exc):
-                raise PoolError(f"no space left on device while exporting pool {name} to {file}") from None
-            if isinstance(exc, OSError):
-                raise PoolError(f"could not export pool {name} to {file} ({exc.strerror or exc})") from None
+            error = _as_pool_error(exc, f"exporting pool {name} to {file}", f"export pool {name} to {file}")
+            if error is not None:
+                raise error from None
             raise
 
     def import_(self, file: Path, name: str | None = None) -> PoolInfo:
@@ -1706,12 +1707,9 @@ class PoolStore:
         except BaseException as exc:
             if stage is not None:
                 _rmtree_quiet(stage)
-            if isinstance(exc, PoolError):
-                raise
-            if _is_nospace(exc):
-                raise PoolError(f"no space left on device while importing {where}; nothing was created") from None
-            if isinstance(exc, OSError):
-                raise PoolError(f"could not import {where} ({exc.strerror or exc}); nothing was created") from None
+            error = _as_pool_error(exc, f"importing {where}", f"import {where}", "nothing was created")
+            if error is not None:
+                raise error from None
             raise
         finally:
             fh.close()

@@ -20,6 +20,13 @@ def _setup(variant):
     return model, reader, binding
 
 
+def _update_and_save(engine, store, pool, ids, origin=0):
+    """One injected chunk, committed as an inject would (under the writer lock)."""
+    engine.update(pool.state, engine.inject(pool.state, ids), origin=origin)
+    with store.writer(pool.name):
+        pools.save(store, pool)
+
+
 def _assert_same_state(a, b):
     assert torch.equal(a.memory(), b.memory())
     assert torch.equal(a.order, b.order) and torch.equal(a.origin, b.origin)
@@ -45,9 +52,7 @@ def test_save_reload_is_exact_and_writes_only_what_changed(variant):
     engine = Engine(model)
     ids = torch.arange(20)[None] + 5
     for step in range(5):
-        engine.update(state, engine.inject(state, ids + step), origin=step)
-        with store.writer("p"):
-            pools.save(store, pool)
+        _update_and_save(engine, store, pool, ids + step, origin=step)
         _assert_same_state(state, pools.load(store, "p", binding).state)
     manifest = store.read_manifest("p")
     # after five updates the pool is base + patches, not five copies of the memory
@@ -63,9 +68,7 @@ def test_patches_compact_into_a_new_base():
     engine = Engine(model)
     n_updates = state.num_rows // model.cfg.num_tokens + 1
     for step in range(n_updates):
-        engine.update(state, engine.inject(state, torch.arange(16)[None] + step))
-        with store.writer("p"):
-            pools.save(store, pool)
+        _update_and_save(engine, store, pool, torch.arange(16)[None] + step)
     parts = store.read_manifest("p")["parts"]
     assert sum(p.startswith("stm-patch") for p in parts) < n_updates
     _assert_same_state(state, pools.load(store, "p", binding).state)
@@ -79,9 +82,7 @@ def test_fork_is_independent_and_binding_is_checked():
     store.fork("src", "dst")
     fork = pools.load(store, "dst", binding)
     engine = Engine(model)
-    engine.update(fork.state, engine.inject(fork.state, torch.arange(16)[None]))
-    with store.writer("dst"):
-        pools.save(store, fork)
+    _update_and_save(engine, store, fork, torch.arange(16)[None])
     _assert_same_state(state, pools.load(store, "src", binding).state)
     assert not torch.equal(pools.load(store, "dst", binding).state.memory(), state.memory())
     other = pools.Binding("elsewhere", "mplus", "0" * 16)
@@ -113,9 +114,7 @@ def test_mplus_bank_compaction_is_saved_and_old_segments_are_dropped():
     pool = pools.create(store, "p", binding, state)
     engine = Engine(model)
     for step in range(24):
-        engine.update(state, engine.inject(state, torch.arange(16)[None] + step), origin=step)
-        with store.writer("p"):
-            pools.save(store, pool)
+        _update_and_save(engine, store, pool, torch.arange(16)[None] + step, origin=step)
     assert state.ltm.epoch > 0
     _assert_same_state(state, pools.load(store, "p", binding).state)
     banks = [p for p in store.read_manifest("p")["parts"] if p.startswith("ltm-bank")]

@@ -446,47 +446,19 @@ class Memcli:
 
     # ------------------------------------------------------------------ pool info
     def pool_info(self, name: str) -> dict:
-        """Manifest facts plus, per source, how much of it is still in memory."""
+        """Manifest facts plus, per source, how much of it is still in memory (small tables only)."""
+        from . import pool_meta
+
         validate_name(name)
-        info = self.store.info(name)
-        meta = info.meta or {}
-        binding = meta.get("model", {})
-        result = {
-            "name": info.name,
-            "model": binding.get("model"),
-            "family": binding.get("family"),
-            "version": info.version,
-            "created": info.created,
-            "updated": info.updated,
-            "bytes_on_disk": info.bytes_on_disk,
-            "sources": meta.get("sources", []),
-            "chunks": sum(s.get("chunks", 0) for s in meta.get("sources", [])),
-            "tokens": sum(s.get("tokens", 0) for s in meta.get("sources", [])),
-        }
-        if meta.get("sources"):
-            result["retention"] = pools.retention(pools.load(self.store, name))
-        return result
+        return pool_meta.pool_info(self.store, name)
 
     # ------------------------------------------------------------------ pool listing
     def list_pools(self) -> list[dict]:
-        """One row per pool (sorted by name): the facts `memcli pool ls` shows, from manifests only."""
-        rows = []
-        for info in self.store.list():
-            meta = info.meta or {}
-            sources = meta.get("sources", []) if isinstance(meta.get("sources"), list) else []
-            binding = meta.get("model") if isinstance(meta.get("model"), dict) else {}
-            rows.append({
-                "name": info.name,
-                "model": binding.get("model"),
-                "bytes_on_disk": info.bytes_on_disk,
-                "sources": len(sources),
-                "chunks": sum(int(s.get("chunks", 0)) for s in sources),
-                "tokens": sum(int(s.get("tokens", 0)) for s in sources),
-                "created": info.created or None,
-                "updated": info.updated or None,
-                "error": info.error,
-            })
-        return rows
+        """One row per pool (sorted by name): the facts `memcli pool ls` shows, from manifests only;
+        a damaged pool has `error` set instead of failing the listing."""
+        from . import pool_meta
+
+        return pool_meta.list_rows(self.store)
 
 
 def _partial_of(pool: pools.Pool, source: Source | None) -> FileResult | None:

@@ -25,7 +25,7 @@ from pathlib import Path
 import torch
 
 from . import __version__, paths
-from .store import safetensors_chunks
+from .store.safetensors import safetensors_chunks
 
 FORMAT = 1
 WEIGHTS = "weights.safetensors"

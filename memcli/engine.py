@@ -234,7 +234,7 @@ class Engine:
         state.origin[layer_index, freed] = origin
         if state.stm_ages is not None:
             state.stm_ages[layer_index, freed] = torch.arange(k_rows - 1, -1, -1, dtype=torch.float64)
-        state.unsaved_patches.append((freed.clone(), delta.clone()))
+        state.mark_dirty(freed)
         state.update_count += 1
         state.version += 1
         if state.ltm is not None:
@@ -255,7 +255,7 @@ class Engine:
         state.origin.fill_(origin)
         state.initialized = True
         state.full_rewrite = True
-        state.unsaved_patches.clear()
+        state.dirty = None  # full_rewrite saves every slot
         state.version += 1
 
     def _move_to_ltm(self, state: MemoryState, freed: Tensor) -> None:

@@ -1,57 +1,41 @@
 """Pools: a memory state saved in the store, bound to a model, with its injection log.
 
-How a state becomes immutable store parts, so that saving costs what changed:
+How a state becomes immutable, content-addressed store parts, so that saving costs what changed:
 
   stm-base-*    the whole short-term memory [L, N, d] (new pools, and a compaction once the
-                patches since the base add up to N rows per layer)
-  stm-patch-*   the rows an update wrote: freed slots [m, L, K] and new rows [m, L, K, d]
-  stm-meta-*    small per-slot tables rewritten on every save: logical order, provenance, M+ ages,
-                and the drop generator's state
+                patches since the base add up to N rows per layer). A new pool's base is the
+                checkpoint's memory, so it is the same object for every pool of that model:
+                creating a pool writes a manifest, not gigabytes.
+  stm-patch-*   the slots rewritten since the last save (the state's dirty mask): flat indices
+                into [L * N] and their rows [M, d] (format-1 pools: freed slots [m, L, K] and
+                rows [m, L, K, d], still read)
+  stm-meta-*    small per-slot tables rewritten on every save: logical order, provenance, M+ ages
+  stm-gen-*     the drop generator's state (its own part, so that stm-meta of a new pool is shared)
   ltm-bank-*    M+: rows appended to the long-term bank since the last save (dropped STM rows
                 with their keys, ages and provenance); never rewritten
   ltm-index-*   M+: each layer's list of bank ids and recall frequencies; rewritten at merges only
 
-Loading applies base + patches in order. A fork shares every part by hard link; the first save
-after it writes new parts only.
+The injection log is appended to the store's pool log (pool_meta.py), one record per entry that
+changed. Loading applies base + patches in order, from one snapshot of the pool.
 """
 
 from __future__ import annotations
 
+import json
 import secrets
 import time
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
 
 import torch
 
+from .pool_meta import (  # noqa: F401  (re-exported: the pool API has always offered these)
+    Binding, PoolModelMismatch, check_binding, check_meta, read_binding, sources_of, totals_of,
+)
 from .state import LongTermMemory, MemoryState, new_generator
-from .store import PoolError, PoolStore
+from .store import PoolCorrupt, PoolError, PoolStore
+from .store.durable import hash_fd
 
 STATE_FORMAT = 1
-
-
-class PoolModelMismatch(PoolError):
-    pass
-
-
-@dataclass(frozen=True)
-class Binding:
-    """Which model a pool belongs to. Pools can only be read by a model with the same config."""
-
-    model: str  # what the user named: alias, hub id or folder
-    family: str
-    config_hash: str
-    num_tokens: int = 0  # rows each injected chunk writes per layer (for retention figures)
-    revision: str | None = None
-
-    def to_json(self) -> dict:
-        return {"model": self.model, "family": self.family, "config_hash": self.config_hash,
-                "num_tokens": self.num_tokens, "revision": self.revision}
-
-    @staticmethod
-    def from_json(data: dict) -> "Binding":
-        return Binding(data["model"], data["family"], data["config_hash"], int(data.get("num_tokens") or 0),
-                       data.get("revision"))
 
 
 @dataclass
@@ -64,6 +48,7 @@ class Pool:
     version: int = 0  # store version this was loaded from / last saved as
     parts: dict = field(default_factory=dict)  # state layout: which part ids hold what
     extra: dict = field(default_factory=dict)  # other manifest meta kept verbatim (forked_from, ...)
+    saved_log: list[str] = field(default_factory=list, repr=False)  # each entry as last saved (JSON)
 
     def source_by_hash(self, sha256: str) -> dict | None:
         """The log entry of this content: a complete one if any, else the latest partial one."""
@@ -75,8 +60,8 @@ def _pid(kind: str) -> str:
     return f"{kind}-{int(time.time())}-{secrets.token_hex(6)}"
 
 
-def _now() -> str:
-    return datetime.now(timezone.utc).isoformat(timespec="seconds")
+def _entry_json(entry: dict) -> str:
+    return json.dumps(entry, sort_keys=True, ensure_ascii=False)
 
 
 # --------------------------------------------------------------------------- saving
@@ -85,31 +70,29 @@ def save(store: PoolStore, pool: Pool) -> None:
     state, layout = pool.state, dict(pool.parts)
     new_parts: dict[str, dict[str, torch.Tensor]] = {}
     patches = list(layout.get("stm_patches", []))
-    patch_rows = sum(layout.get("stm_patch_rows", [])) + sum(p[0].shape[1] for p in state.unsaved_patches)
-    if state.full_rewrite or "stm_base" not in layout or patch_rows >= state.num_rows:
+    L, n = state.num_layers, state.num_rows
+    dirty = state.dirty.flatten().nonzero().squeeze(1).cpu() if state.dirty is not None else torch.empty(0, dtype=torch.int64)
+    dirty_rows = -(-len(dirty) // L)  # rows per layer, rounded up
+    patch_rows = sum(layout.get("stm_patch_rows", [])) + dirty_rows
+    if state.full_rewrite or "stm_base" not in layout or patch_rows >= n:
         # A fresh base whose slots already hold every patch: loading stays O(N) per layer.
         base = _pid("stm-base")
         new_parts[base] = {"slots": state.slots.contiguous()}
         layout["stm_base"], patches, layout["stm_patch_rows"] = base, [], []
-    elif state.unsaved_patches:
+    elif len(dirty):
         patch = _pid("stm-patch")
-        new_parts[patch] = {
-            "slots": torch.stack([p[0] for p in state.unsaved_patches]),
-            "rows": torch.stack([p[1] for p in state.unsaved_patches]),
-        }
+        new_parts[patch] = {"index": dirty, "rows": state.slots.reshape(L * n, -1)[dirty.to(state.slots.device)].cpu()}
         patches.append(patch)
-        layout["stm_patch_rows"] = layout.get("stm_patch_rows", []) + [
-            p[0].shape[1] for p in state.unsaved_patches
-        ]
+        layout["stm_patch_rows"] = layout.get("stm_patch_rows", []) + [dirty_rows]
     layout["stm_patches"] = patches
-    meta = _pid("stm-meta")
-    new_parts[meta] = {
+    meta_id, gen_id = _pid("stm-meta"), _pid("stm-gen")
+    new_parts[meta_id] = {
         "order": state.order,
         "origin": state.origin,
-        "generator": state.generator.get_state(),
         **({"stm_ages": state.stm_ages} if state.stm_ages is not None else {}),
     }
-    layout["stm_meta"] = meta
+    new_parts[gen_id] = {"generator": state.generator.get_state()}
+    layout["stm_meta"], layout["stm_gen"] = meta_id, gen_id
     if state.ltm is not None:
         _save_ltm(state.ltm, layout, new_parts)
     layout.update(
@@ -119,19 +102,26 @@ def save(store: PoolStore, pool: Pool) -> None:
         dtype=str(state.slots.dtype).removeprefix("torch."),
         shape=list(state.slots.shape),
     )
-    part_ids = [layout["stm_base"], *patches, meta, *layout.get("ltm_banks", [])]
+    part_ids = [layout["stm_base"], *patches, meta_id, gen_id, *layout.get("ltm_banks", [])]
     if "ltm_index" in layout:
         part_ids.append(layout["ltm_index"])
+    entries = [_entry_json(s) for s in pool.sources]
+    records = [{"source": i, "entry": s} for i, (s, text) in enumerate(zip(pool.sources, entries))
+               if i >= len(pool.saved_log) or pool.saved_log[i] != text]
     manifest = store.commit(
         pool.name,
         meta=_meta(pool, layout),
         part_ids=part_ids,
         new_parts=new_parts,
         expect_version=pool.version or None,
+        log_append=records,
+        # a new pool starts from its checkpoint's memory: the same parts for every such pool
+        probe=new_parts if not pool.version else (),
     )
     pool.version = manifest["version"]
     pool.parts = layout
-    state.unsaved_patches.clear()
+    pool.saved_log = entries
+    state.dirty = None
     state.full_rewrite = False
 
 
@@ -168,8 +158,8 @@ def _meta(pool: Pool, layout: dict) -> dict:
     return {
         **pool.extra,
         "model": pool.binding.to_json(),
-        "sources": pool.sources,
         "next_chunk": pool.next_chunk,
+        "totals": totals_of(pool.sources),
         "state": layout,
     }
 
@@ -184,76 +174,81 @@ def create(store: PoolStore, name: str, binding: Binding, state: MemoryState) ->
 
 
 # --------------------------------------------------------------------------- loading
-def read_binding(store: PoolStore, name: str) -> Binding:
-    meta = store.read_manifest(name).get("meta", {})
-    try:
-        return Binding.from_json(meta["model"])
-    except (KeyError, TypeError):
-        raise PoolError(f"pool {name} has no model binding in its manifest") from None
-
-
-def check_binding(name: str, pool_binding: Binding, model_binding: Binding) -> None:
-    if pool_binding.config_hash != model_binding.config_hash or pool_binding.family != model_binding.family:
-        raise PoolModelMismatch(
-            f"pool {name} belongs to model {pool_binding.model} ({pool_binding.family}, config "
-            f"{pool_binding.config_hash}), not to {model_binding.model} ({model_binding.family}, config "
-            f"{model_binding.config_hash})"
-        )
-
-
 def load(store: PoolStore, name: str, binding: Binding | None = None, device="cpu",
          dtype: torch.dtype | None = None, verify: bool = False) -> Pool:
-    """Read a pool back into a state; refuses a pool of another model when `binding` is given."""
-    manifest = store.read_manifest(name)
-    meta = manifest.get("meta", {})
-    pool_binding = read_binding(store, name)
-    if binding is not None:
-        check_binding(name, pool_binding, binding)
-    layout = meta.get("state")
-    if not isinstance(layout, dict) or layout.get("format") != STATE_FORMAT:
-        raise PoolError(f"pool {name} has an unknown state layout; it was written by another memcli version")
+    """Read a pool back into a state, from one snapshot (whatever commits happen meanwhile);
+    refuses a pool of another model when `binding` is given."""
+    with store.snapshot(name) as snap:
+        manifest = snap.manifest
+        meta = manifest["meta"]
+        records = snap.log_records()
+        check_meta(f"pool {name}", meta, records)
+        pool_binding = Binding.from_json(meta["model"])
+        if binding is not None:
+            check_binding(name, pool_binding, binding)
+        layout = meta["state"]
+        if layout.get("format") != STATE_FORMAT:
+            raise PoolError(f"pool {name} has an unknown state layout; it was written by another memcli version")
 
-    def part(part_id):
-        return store.read_part(name, part_id, verify=verify)
+        def part(part_id):
+            if part_id not in manifest["parts"]:
+                raise PoolCorrupt(f"pool {name}: its state names part {part_id}, which its manifest does not list")
+            if verify and hash_fd(snap.fd(part_id))[0] != manifest["parts"][part_id]["sha256"]:
+                raise PoolCorrupt(f"pool {name}: part {part_id} is damaged (sha256 mismatch)")
+            return snap.read(part_id)
 
-    try:
-        slots = part(layout["stm_base"])["slots"]
-        for patch_id in layout.get("stm_patches", []):
-            patch = part(patch_id)
-            layer = torch.arange(slots.shape[0])[:, None]
-            for freed, rows in zip(patch["slots"], patch["rows"]):
-                slots[layer, freed] = rows
-        stm_meta = part(layout["stm_meta"])
-        generator = new_generator(0)
-        generator.set_state(stm_meta["generator"])
-        state = MemoryState(
-            slots=slots.to(device=device, dtype=dtype or slots.dtype),
-            order=stm_meta["order"].to(device),
-            initialized=bool(layout["initialized"]),
-            origin=stm_meta["origin"].to(device),
-            generator=generator,
-            update_count=int(layout["update_count"]),
-            stm_ages=stm_meta["stm_ages"].to(device) if "stm_ages" in stm_meta else None,
-            full_rewrite=False,
-        )
-        _check_state_shapes(name, state)
-        if "ltm" in layout:
-            state.ltm = _load_ltm(layout, part, dtype)
-    except (KeyError, IndexError, RuntimeError, ValueError) as err:
-        if isinstance(err, PoolError):
-            raise
-        raise PoolError(f"pool {name} is damaged: {str(err).splitlines()[0] if str(err) else type(err).__name__}") from None
-    extra = {k: v for k, v in meta.items() if k not in ("model", "sources", "next_chunk", "state")}
+        try:
+            state = _load_state(name, layout, part, device, dtype)
+        except (KeyError, IndexError, RuntimeError, ValueError, TypeError) as err:
+            if isinstance(err, PoolError):
+                raise
+            reason = str(err).splitlines()[0] if str(err) else type(err).__name__
+            raise PoolError(f"pool {name} is damaged: {reason}") from None
+        sources = sources_of(meta, records)
+    extra = {k: v for k, v in meta.items() if k not in ("model", "sources", "next_chunk", "state", "totals")}
     return Pool(
         name=name,
         state=state,
         binding=pool_binding,
-        sources=list(meta.get("sources", [])),
+        sources=sources,
         next_chunk=int(meta.get("next_chunk", 0)),
         version=int(manifest["version"]),
         parts=layout,
         extra=extra,
+        # a format-1 manifest kept the log inside itself: the first save writes all of it to the log
+        saved_log=[] if "sources" in meta else [_entry_json(s) for s in sources],
     )
+
+
+def _load_state(name, layout, part, device, dtype) -> MemoryState:
+    slots = part(layout["stm_base"])["slots"]
+    L, n = slots.shape[:2]
+    flat = slots.view(L * n, -1)
+    for patch_id in layout.get("stm_patches", []):
+        patch = part(patch_id)
+        if "index" in patch:
+            flat[patch["index"]] = patch["rows"]
+        else:  # format-1 patch: the freed slots and new rows of each update
+            layer = torch.arange(L)[:, None]
+            for freed, rows in zip(patch["slots"], patch["rows"]):
+                slots[layer, freed] = rows
+    stm_meta = part(layout["stm_meta"])
+    generator = new_generator(0)
+    generator.set_state(part(layout["stm_gen"])["generator"] if "stm_gen" in layout else stm_meta["generator"])
+    state = MemoryState(
+        slots=slots.to(device=device, dtype=dtype or slots.dtype),
+        order=stm_meta["order"].to(device),
+        initialized=bool(layout["initialized"]),
+        origin=stm_meta["origin"].to(device),
+        generator=generator,
+        update_count=int(layout["update_count"]),
+        stm_ages=stm_meta["stm_ages"].to(device) if "stm_ages" in stm_meta else None,
+        full_rewrite=False,
+    )
+    _check_state_shapes(name, state)
+    if "ltm" in layout:
+        state.ltm = _load_ltm(layout, part, dtype)
+    return state
 
 
 def _check_state_shapes(name: str, state: MemoryState) -> None:

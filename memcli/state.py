@@ -114,10 +114,16 @@ class MemoryState:
     version: int = 0  # bumped on every change; derived caches (memory K/V) key on it
     stm_ages: Tensor | None = None  # M+: [L, N] float64 per slot
     ltm: LongTermMemory | None = None  # M+
-    # Slots rewritten since the last save: list of (freed slots [L, K], new rows [L, K, d]); lets a pool
-    # store write what changed instead of the whole STM.
-    unsaved_patches: list[tuple[Tensor, Tensor]] = field(default_factory=list)
+    # Slots rewritten since the last save ([L, N] bool, None when none): a save writes those slots'
+    # current rows, once each however often they were rewritten, instead of the whole STM.
+    dirty: Tensor | None = None
     full_rewrite: bool = True  # the whole STM must be saved (new pool, uninitialized fill)
+
+    def mark_dirty(self, slots: Tensor) -> None:
+        """Record that `slots` ([L, K] slot indices per layer) were rewritten since the last save."""
+        if self.dirty is None:
+            self.dirty = torch.zeros(self.order.shape, dtype=torch.bool, device=slots.device)
+        self.dirty.scatter_(1, slots, True)
 
     @property
     def num_layers(self) -> int:
@@ -146,9 +152,9 @@ class MemoryState:
         copied = {
             f.name: _clone_value(getattr(self, f.name))
             for f in dataclasses.fields(self)
-            if f.name not in ("generator", "unsaved_patches")
+            if f.name not in ("generator", "dirty")
         }
-        return MemoryState(generator=gen, unsaved_patches=[], **copied)
+        return MemoryState(generator=gen, dirty=None, **copied)
 
 
 def _clone_value(value):

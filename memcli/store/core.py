@@ -1,0 +1,507 @@
+"""PoolStore: names, snapshots, commits, renames and removals of pools.
+
+Layout (root = ``paths.pools_dir()``)::
+
+    <root>/<name>/manifest.json    the current version (replaced atomically)
+    <root>/<name>/log.jsonl        the pool's append-only log; the manifest names its committed prefix
+    <root>/.objects/<sha256>       parts, content-addressed and shared by every pool of the store
+    <root>/.locks/                 flock files (see locking.py)
+    <root>/.tmp-*, <root>/.objects/.tmp-*, <root>/<name>/.tmp-*
+                                   work in progress; leftovers of killed work (recovery.py)
+
+A commit writes its new parts (named by their sha256, so a part that exists is never written
+again), appends to the log, then atomically replaces manifest.json: a kill at any point
+leaves the old version or the new one. A new pool is built in a staging folder and renamed
+into place. Parts no manifest references are deleted only by garbage collection (recovery.py).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import json
+import os
+import stat
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterable
+
+from memcli import paths
+
+from . import locking
+from .durable import (
+    TMP, as_pool_error, create_exclusive, fsync_dir, hash_fd, new_hash, now, open_regular, publish_dir,
+    replace_file, rmtree_quiet, token, unlink_quiet, write_all,
+)
+from .errors import PoolBusy, PoolCorrupt, PoolError, PoolExists, PoolNotFound
+from .manifest import FORMAT_VERSION, MANIFEST, NAME_RE, manifest_bytes, validate_name, validate_part_id
+from .snapshot import LOG, OBJECTS, PARTS_V1, Snapshot, open_pool_dir, read_manifest_at
+
+
+@dataclass
+class PoolInfo:
+    name: str
+    version: int
+    created: str
+    updated: str
+    bytes_on_disk: int  # manifest + log + parts; a part shared with other pools counts in each
+    num_parts: int
+    meta: dict = field(default_factory=dict)
+    error: str | None = None  # set (and the rest zero/empty) for a damaged pool in list()
+
+
+class StoreCore:
+    """The pools under one root folder. Cheap to construct; creates nothing until a write."""
+
+    def __init__(self, root: Path | None = None):
+        self.root = Path(root) if root is not None else paths.pools_dir()
+        self.gate = locking.Gate(self.root)
+        self._recovered = False
+
+    # ---------------------------------------------------------------- names & folders
+
+    def _dir(self, name: str) -> Path:
+        return self.root / validate_name(name)
+
+    def _objects(self) -> Path:
+        return self.root / OBJECTS
+
+    def _lock(self, name: str) -> locking.WriterLock:
+        return locking.WriterLock(self.root, validate_name(name))
+
+    def _dir_state(self, name: str) -> str:
+        """'absent', 'symlink', 'notdir', 'ok' (has a manifest), 'leftover' (a folder of an
+        old-format creation that never committed) or 'broken' (anything else: damaged)."""
+        p = self._dir(name)
+        try:
+            st_ = os.lstat(p)
+        except FileNotFoundError:
+            return "absent"
+        if stat.S_ISLNK(st_.st_mode):
+            return "symlink"
+        if not stat.S_ISDIR(st_.st_mode):
+            return "notdir"
+        if os.path.lexists(p / MANIFEST):
+            return "ok"
+        # No manifest: an old-format creation that never committed (".creating", or nothing
+        # but a lock, temp files and an empty parts folder) is a leftover; else it is damaged.
+        try:
+            names = set(os.listdir(p))
+            parts = os.listdir(p / PARTS_V1) if PARTS_V1 in names else []
+        except OSError:
+            return "broken"
+        if ".creating" in names:
+            return "leftover"
+        rest = {n for n in names if not n.startswith(TMP)} - {".lock", ".creating", PARTS_V1}
+        return "leftover" if not rest and not any(n.endswith(".safetensors") for n in parts) else "broken"
+
+    def _refuse_odd(self, name: str, state: str) -> None:
+        if state == "symlink":
+            raise PoolCorrupt(f"pool {name} is a symbolic link; refusing")
+        if state == "notdir":
+            raise PoolCorrupt(f"pool {name} is not a folder; refusing")
+        if state == "broken":
+            raise PoolCorrupt(f"pool {name} has no manifest.json (damaged); refusing")
+
+    def exists(self, name: str) -> bool:
+        """True when the name is taken (a pool, or something damaged that would be in the way)."""
+        return self._dir_state(name) not in ("absent", "leftover")
+
+    # ------------------------------------------------------------------------ reading
+
+    def snapshot(self, name: str, part_ids: Iterable[str] | None = None) -> Snapshot:
+        """The current version of pool `name` with its parts (all, or `part_ids`) held open."""
+        validate_name(name)
+        state = self._dir_state(name)
+        if state in ("absent", "leftover"):
+            raise PoolNotFound(f"pool {name} not found")
+        self._refuse_odd(name, state)
+        with self.gate.shared(create=False):
+            return Snapshot(self.root, name, None if part_ids is None else list(part_ids))
+
+    def read_manifest(self, name: str) -> dict:
+        with self.snapshot(name, part_ids=()) as snap:
+            return snap.manifest
+
+    def read_part(self, name: str, part_id: str, verify: bool = False) -> dict:
+        """The tensors of one part of the current version; verify=True checks its sha256."""
+        validate_part_id(part_id)
+        with self.snapshot(name, part_ids=[part_id]) as snap:
+            if verify:
+                digest, _ = hash_fd(snap.fd(part_id))
+                if digest != snap.manifest["parts"][part_id]["sha256"]:
+                    raise PoolCorrupt(f"pool {name}: part {part_id} is damaged (sha256 mismatch)")
+            return snap.read(part_id)
+
+    def info(self, name: str) -> PoolInfo:
+        m = self.read_manifest(name)
+        total = sum(e["bytes"] for e in m["parts"].values()) + (m.get("log") or {}).get("bytes", 0)
+        with contextlib.suppress(OSError):
+            total += os.lstat(self._dir(name) / MANIFEST).st_size
+        return PoolInfo(name, m["version"], m["created"], m["updated"], total, len(m["parts"]), m["meta"])
+
+    def list(self) -> list[PoolInfo]:
+        """Every pool, sorted by name. A damaged pool is listed with `error` set."""
+        try:
+            entries = sorted(os.listdir(self.root))
+        except (FileNotFoundError, NotADirectoryError):
+            return []
+        out: list[PoolInfo] = []
+        for entry in entries:
+            if entry.startswith(".") or not NAME_RE.fullmatch(entry):
+                continue
+            try:
+                if self._dir_state(entry) in ("absent", "leftover"):
+                    continue
+                out.append(self.info(entry))
+            except PoolNotFound:
+                continue
+            except PoolError as exc:
+                out.append(PoolInfo(entry, 0, "", "", 0, 0, {}, error=str(exc)))
+        return out
+
+    def verify(self, name: str) -> list[str]:
+        """Check the manifest, the log and the full sha256 and safetensors header of every
+        part. Returns the problems found (empty = healthy). PoolNotFound if absent."""
+        from . import safetensors as st
+
+        try:
+            snap = self.snapshot(name, part_ids=())
+        except PoolNotFound:
+            raise
+        except PoolError as exc:
+            return [str(exc)]
+        problems = []
+        with snap:
+            m = snap.manifest
+            try:
+                snap.log_records()
+            except PoolError as exc:
+                problems.append(str(exc))
+        for pid, entry in sorted(m["parts"].items()):
+            try:
+                with self.gate.shared(create=False):
+                    from .snapshot import open_part
+
+                    fd = open_part(self.root, name, m, pid)
+            except PoolError as exc:
+                problems.append(str(exc))
+                continue
+            try:
+                digest, _ = hash_fd(fd)
+                if digest != entry["sha256"]:
+                    problems.append(f"part {pid} is damaged (sha256 mismatch)")
+                    continue
+                st.parse_header(st.fd_reader(fd), entry["bytes"])
+            except st.HeaderError as exc:
+                problems.append(f"part {pid}: {exc}")
+            except OSError as exc:
+                problems.append(f"part {pid} cannot be read ({exc.strerror})")
+            finally:
+                os.close(fd)
+        return problems
+
+    # ------------------------------------------------------------------------ locking
+
+    def writer(self, name: str, wait: bool | float = False):
+        """Exclusive writer lock on pool `name` (re-entrant within a thread of this process).
+
+        wait=False: raise PoolBusy at once if another process (or thread) holds it; a number:
+        wait up to that many seconds; True: as long as it takes. Readers never lock. Taking
+        it on a pool that does not exist yet is allowed (to create it with commit)."""
+        lock = self._lock(name)
+
+        @contextlib.contextmanager
+        def held():
+            with lock.held(wait):
+                self.recover_once()
+                yield lock
+
+        return held()
+
+    def _holds(self, name: str) -> bool:
+        return self._lock(name).held_here()
+
+    def recover_once(self) -> None:
+        """Recovery (recovery.py) by the first writing call of this store object."""
+        if not self._recovered:
+            self._recovered = True
+            from .recovery import recover
+
+            recover(self, announce=True)
+
+    # ------------------------------------------------------------------------ objects
+
+    def _put_object(self, tensors: dict, probe: bool, placed: list[Path]) -> dict:
+        """Store one part's tensors as an object; returns its manifest entry. probe=True
+        hashes first and writes nothing when the object exists (a model's initial memory)."""
+        from .safetensors import safetensors_chunks
+
+        objects = self._objects()
+        os.makedirs(objects, mode=0o700, exist_ok=True)
+        if probe:
+            h, size = new_hash(), 0
+            for chunk in safetensors_chunks(tensors):
+                h.update(chunk)
+                size += len(chunk)
+            if self._object_ok(h.hexdigest(), size):
+                return {"sha256": h.hexdigest(), "bytes": size}
+        tmp = objects / f"{TMP}{token()}"
+        fd = create_exclusive(tmp)
+        placed.append(tmp)
+        h, size = new_hash(), 0
+        try:
+            for chunk in safetensors_chunks(tensors):
+                h.update(chunk)
+                write_all(fd, chunk)
+                size += len(chunk)
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        digest = h.hexdigest()
+        if self._object_ok(digest, size):
+            unlink_quiet(tmp)
+        else:
+            os.replace(tmp, objects / digest)
+        placed.remove(tmp)
+        return {"sha256": digest, "bytes": size}
+
+    def _object_ok(self, digest: str, size: int) -> bool:
+        try:
+            st_ = os.lstat(self._objects() / digest)
+        except FileNotFoundError:
+            return False
+        return stat.S_ISREG(st_.st_mode) and st_.st_size == size
+
+    def _adopt_v1_part(self, name: str, m: dict, pid: str) -> None:
+        """Make the object of a format-1 part exist: hard-link (else copy) the pool's own
+        file after checking its sha256, so a damaged file never gets a content name."""
+        entry = m["parts"][pid]
+        if self._object_ok(entry["sha256"], entry["bytes"]):
+            return
+        src = self._dir(name) / PARTS_V1 / f"{pid}.safetensors"
+        try:
+            fd = open_regular(src, f"pool {name}: part {pid}")
+        except FileNotFoundError:
+            raise PoolCorrupt(f"pool {name}: part {pid} is missing") from None
+        try:
+            digest, size = hash_fd(fd)
+            if (digest, size) != (entry["sha256"], entry["bytes"]):
+                raise PoolCorrupt(f"pool {name}: part {pid} is damaged (sha256 mismatch)")
+            os.makedirs(self._objects(), mode=0o700, exist_ok=True)
+            tmp = self._objects() / f"{TMP}{token()}"
+            try:
+                os.link(src, tmp, follow_symlinks=False)
+            except OSError:
+                out = create_exclusive(tmp)
+                try:
+                    offset = 0
+                    while data := os.pread(fd, 8 << 20, offset):
+                        write_all(out, data)
+                        offset += len(data)
+                    os.fsync(out)
+                finally:
+                    os.close(out)
+            os.replace(tmp, self._objects() / digest)
+        finally:
+            os.close(fd)
+
+    # ------------------------------------------------------------------------ commits
+
+    def commit(self, name: str, meta: dict, part_ids: list[str], new_parts: dict[str, dict],
+               expect_version: int | None, log_append: list[dict] | None = None,
+               probe: Iterable[str] = ()) -> dict:
+        """Save a new version of pool `name` and return its manifest.
+
+        The new version references exactly `part_ids`; `new_parts` holds the tensors of parts
+        that are new. `log_append` records are appended to the pool's log. `probe` names new
+        parts that probably exist in the store already (hashed first, written only if not).
+        `expect_version` is the version the caller loaded; None or 0 means "create a new pool"
+        (PoolExists if it exists). Another current version raises PoolBusy. Takes the writer
+        lock unless this thread holds it."""
+        from .safetensors import check_tensors
+
+        validate_name(name)
+        if not isinstance(part_ids, (list, tuple)):
+            raise PoolError("commit: part_ids must be a list of part ids")
+        part_ids = list(part_ids)
+        for pid in part_ids:
+            validate_part_id(pid)
+        if len(set(part_ids)) != len(part_ids):
+            raise PoolError(f"commit to pool {name}: part_ids lists a part twice")
+        new_parts = dict(new_parts or {})
+        for pid, tensors in new_parts.items():
+            validate_part_id(pid)
+            if pid not in part_ids:
+                raise PoolError(f"commit to pool {name}: new part {pid} is not in part_ids")
+            check_tensors(f"part {pid}", tensors)
+        if not isinstance(meta, dict):
+            raise PoolError(f"commit to pool {name}: meta must be a dict")
+        try:
+            meta = json.loads(json.dumps(meta, allow_nan=False))
+            records = [json.dumps(r, ensure_ascii=False, allow_nan=False, separators=(",", ":")) for r in log_append or []]
+        except (TypeError, ValueError) as exc:
+            raise PoolError(f"commit to pool {name}: meta or log is not JSON-serialisable ({exc})") from None
+        if any(not isinstance(r, dict) for r in log_append or []):
+            raise PoolError(f"commit to pool {name}: log records must be dicts")
+        if expect_version is not None and (type(expect_version) is not int or expect_version < 0):
+            raise PoolError(f"commit to pool {name}: expect_version must be None or an int >= 0")
+        with self.writer(name):
+            manifest, dropped = self._commit_locked(name, meta, part_ids, new_parts, expect_version, records,
+                                                    set(probe))
+        if dropped:
+            from .recovery import collect_garbage
+
+            collect_garbage(self)
+        return copy.deepcopy(manifest)
+
+    def _commit_locked(self, name, meta, part_ids, new_parts, expect_version, records, probe):
+        pool_dir = self._dir(name)
+        state = self._dir_state(name)
+        self._refuse_odd(name, state)
+        old = None
+        if state == "ok":
+            old = self.read_manifest(name)
+            if not expect_version:
+                raise PoolExists(f"pool {name} already exists")
+            if old["version"] != expect_version:
+                raise PoolBusy(f"pool {name} changed since it was loaded (version {expect_version} -> "
+                               f"{old['version']}); reload and retry")
+        elif expect_version:
+            raise PoolNotFound(f"pool {name} not found (it was expected at version {expect_version})")
+        placed: list[Path] = []
+        stage: Path | None = None
+        stage_fd: int | None = None
+        try:
+            with self.gate.shared():
+                entries = {}
+                for pid in part_ids:
+                    if pid in new_parts:
+                        entries[pid] = self._put_object(new_parts[pid], pid in probe, placed)
+                    elif old is not None and pid in old["parts"]:
+                        if old["format_version"] == 1:
+                            self._adopt_v1_part(name, old, pid)
+                        elif not self._object_ok(old["parts"][pid]["sha256"], old["parts"][pid]["bytes"]):
+                            raise PoolCorrupt(f"pool {name}: part {pid} is missing")
+                        entries[pid] = dict(old["parts"][pid])
+                    else:
+                        raise PoolError(f"commit to pool {name}: part {pid} is neither new nor in the pool")
+                if new_parts:
+                    fsync_dir(self._objects())
+                stamp = now()
+                if old is None:
+                    self.root.mkdir(parents=True, exist_ok=True, mode=0o700)
+                    stage = self.root / f"{TMP}{token()}"
+                    os.mkdir(stage, 0o700)
+                    stage_fd = locking.flock_entry(stage)
+                    target, committed = stage, {"bytes": 0, "records": 0}
+                else:
+                    target, committed = pool_dir, old.get("log") or {"bytes": 0, "records": 0}
+                log = self._append_log(target, committed, records)
+                manifest = {
+                    "format_version": FORMAT_VERSION, "name": name,
+                    "version": old["version"] + 1 if old else 1,
+                    "created": old["created"] if old else stamp, "updated": stamp,
+                    "parts": entries, "log": log, "meta": meta,
+                }
+                if old is None:
+                    replace_file(stage, MANIFEST, manifest_bytes(manifest))
+                    publish_dir(stage, pool_dir, name)
+                    stage = None
+                else:
+                    replace_file(pool_dir, MANIFEST, manifest_bytes(manifest))
+        except BaseException as exc:
+            for tmp in placed:
+                unlink_quiet(tmp)
+            if stage is not None:
+                rmtree_quiet(stage)
+            error = as_pool_error(exc, f"saving pool {name}", f"save pool {name}", "the pool is unchanged")
+            if error is not None:
+                raise error from None
+            raise
+        finally:
+            if stage_fd is not None:
+                os.close(stage_fd)
+        dropped = old is not None and (
+            old["format_version"] == 1
+            or {e["sha256"] for e in old["parts"].values()} - {e["sha256"] for e in entries.values()}
+        )
+        return manifest, bool(dropped)
+
+    def _append_log(self, folder: Path, committed: dict, records: list[str]) -> dict:
+        """Append records after the committed prefix of folder/log.jsonl (bytes past it are a
+        killed writer's, cut off first); returns the new committed extent."""
+        if not records and not committed["bytes"]:
+            return dict(committed)
+        fd = os.open(folder / LOG, os.O_RDWR | os.O_CREAT | locking.O_NOFOLLOW | os.O_NONBLOCK | locking.O_CLOEXEC, 0o600)
+        try:
+            st_ = os.fstat(fd)
+            if not stat.S_ISREG(st_.st_mode) or st_.st_size < committed["bytes"]:
+                raise PoolCorrupt(f"pool {folder.name}: log.jsonl is damaged (shorter than committed or not a file)")
+            if not records:
+                return dict(committed)
+            if st_.st_size != committed["bytes"]:
+                os.ftruncate(fd, committed["bytes"])
+            data = "".join(r + "\n" for r in records).encode("utf-8")
+            os.lseek(fd, committed["bytes"], os.SEEK_SET)
+            write_all(fd, data)
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        return {"bytes": committed["bytes"] + len(data), "records": committed["records"] + len(records)}
+
+    # ------------------------------------------------------------------ rename/remove
+
+    def rename(self, old: str, new: str) -> None:
+        """Rename pool `old` to `new` (one rename of its folder). Refused while `old` is being
+        written or if `new` exists."""
+        validate_name(old)
+        validate_name(new)
+        if old == new or self.exists(new):
+            raise PoolExists(f"pool {new} already exists")
+        self.read_manifest(old)  # exists, readable, not a symlink
+        if self._holds(old):
+            raise PoolBusy(f"pool {old} is being written by this process; finish writing before renaming it")
+        with self.writer(old), self._lock(new).held():
+            if os.path.lexists(self._dir(new)):
+                raise PoolExists(f"pool {new} already exists")
+            try:
+                os.rename(self._dir(old), self._dir(new))
+                fsync_dir(self.root)
+            except OSError as exc:
+                raise PoolError(f"could not rename pool {old} to {new} ({exc.strerror})") from None
+
+    def remove(self, name: str) -> None:
+        """Delete a pool: its folder goes in one rename, its parts at the next garbage
+        collection. Refused (PoolBusy) while somebody is writing it."""
+        validate_name(name)
+        state = self._dir_state(name)
+        if state in ("absent", "leftover"):
+            raise PoolNotFound(f"pool {name} not found")
+        p = self._dir(name)
+        if state == "symlink":
+            os.unlink(p)  # only the link; never what it points to
+            return
+        if state == "notdir":
+            raise PoolCorrupt(f"pool {name} is not a folder; refusing")
+        if self._holds(name):
+            raise PoolBusy(f"pool {name} is being written by this process; finish writing before removing it")
+        with self.writer(name):
+            trash = self.root / f"{TMP}rm-{token()}"
+            try:
+                os.rename(p, trash)
+                fsync_dir(self.root)
+            except OSError as exc:
+                raise PoolError(f"could not remove pool {name} ({exc.strerror})") from None
+        rmtree_quiet(trash)
+        from .recovery import collect_garbage
+
+        collect_garbage(self)
+
+    # --------------------------------------------------------------- for transfer.py
+
+    def _open_dir(self, name: str) -> int:
+        return open_pool_dir(self.root, name)
+
+    def _read_manifest_at(self, dir_fd: int, name: str) -> dict:
+        return read_manifest_at(dir_fd, name)

@@ -1,0 +1,41 @@
+"""The store's errors, and the one way it makes text from disk safe to show."""
+
+from __future__ import annotations
+
+
+def safe_text(text: object) -> str:
+    """`text` as one harmless line: whitespace runs become one space and every other
+    non-printable character (terminal escapes, NUL, bidi controls...) is escaped as repr()
+    writes it. Every string the store reports that came from a manifest, an archive or a
+    file name goes through here, so no command can clear a screen or retitle a terminal."""
+    out = []
+    for ch in " ".join(str(text).split()):
+        out.append(ch if ch.isprintable() else repr(ch)[1:-1])
+    return "".join(out)
+
+
+class PoolError(Exception):
+    """A pool operation failed; str() is a one-line message for humans."""
+
+    def __init__(self, message: str):
+        super().__init__(safe_text(message))
+
+
+class PoolNotFound(PoolError):
+    """No pool of that name."""
+
+
+class PoolExists(PoolError):
+    """A pool of that name already exists."""
+
+
+class PoolBusy(PoolError):
+    """Another process is writing the pool, or it changed since it was loaded."""
+
+
+class PoolCorrupt(PoolError):
+    """The pool (or an export file) on disk is damaged or not ours."""
+
+
+class InvalidPoolName(PoolError):
+    """The name cannot be used as a pool name."""

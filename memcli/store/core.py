@@ -53,10 +53,21 @@ class PoolInfo:
 class StoreCore:
     """The pools under one root folder. Cheap to construct; creates nothing until a write."""
 
-    def __init__(self, root: Path | None = None):
+    def __init__(self, root: Path | None = None, meta_checks: str | None = "pool"):
         self.root = Path(root) if root is not None else paths.pools_dir()
+        # how an import checks the meta of a pool it has not seen: memcli's pool schema
+        # (pool_meta.py), or None for a generic store (tests of the store alone)
+        self._meta_checks = meta_checks
         self.gate = locking.Gate(self.root)
         self._recovered = False
+
+    def meta_checks(self):
+        """(check_meta(what, meta, records=None), max_part_bytes(meta)) for imports."""
+        if self._meta_checks == "pool":
+            from memcli.pool_meta import check_meta, max_part_bytes
+
+            return check_meta, max_part_bytes
+        return (lambda what, meta, records=None: None), (lambda meta: 1 << 62)
 
     # ---------------------------------------------------------------- names & folders
 
@@ -165,6 +176,7 @@ class StoreCore:
         part. Returns the problems found (empty = healthy). PoolNotFound if absent."""
         from . import safetensors as st
 
+        validate_name(name)
         try:
             snap = self.snapshot(name, part_ids=())
         except PoolNotFound:

@@ -85,7 +85,7 @@ def check_manifest(m: Any, what: str) -> dict:
     if fv not in READABLE_FORMATS:
         newer = fv > FORMAT_VERSION
         raise PoolCorrupt(
-            f"{what} has format_version {fv} ({'a newer' if newer else 'an unknown'} format) but this memcli "
+            f"{where} has format_version {fv} ({'a newer' if newer else 'an unknown'} format) but this memcli "
             f"reads format_version {', '.join(map(str, READABLE_FORMATS))}" + ("; upgrade memcli" if newer else "")
         )
     if not is_int(m.get("version"), 1):

@@ -211,8 +211,7 @@ def _check_member(where: str, member: tarfile.TarInfo) -> None:
 
 def import_(store, file: Path, name: str | None = None):
     """Create a pool from an export file; see the module docstring for what is checked."""
-    from memcli.pool_meta import check_meta, max_part_bytes
-
+    check_meta, max_part_bytes = store.meta_checks()
     file = Path(file)
     where = safe_text(file.name)
     if name is not None:
@@ -223,6 +222,7 @@ def import_(store, file: Path, name: str | None = None):
         fd = open_regular(file, str(file))
     except FileNotFoundError:
         raise PoolError(f"{file} not found") from None
+    archive_bytes = os.fstat(fd).st_size
     fh = os.fdopen(fd, "rb", buffering=CHUNK)
     stage = None
     stage_fd = None
@@ -252,11 +252,14 @@ def import_(store, file: Path, name: str | None = None):
             validate_name(target)
         except PoolError as exc:
             raise PoolCorrupt(f"{where}: {exc}") from None
-        bound = max_part_bytes(m["meta"])
+        # a tar holds every byte of its (non-sparse) members: nothing may declare more than that
+        bound = min(archive_bytes, max_part_bytes(m["meta"]))
+        if m["log"]["bytes"] > archive_bytes:
+            raise PoolCorrupt(f"{where}: log.jsonl declares more bytes than the archive holds; refusing")
         for pid, entry in m["parts"].items():
             if entry["bytes"] > bound:
-                raise PoolCorrupt(f"{where}: part {pid} declares {entry['bytes']} bytes, more than a pool of this "
-                                  f"shape can hold ({bound}); refusing")
+                raise PoolCorrupt(f"{where}: part {pid} declares {entry['bytes']} bytes, more than the archive or "
+                                  f"a pool of this shape can hold ({bound}); refusing")
         need = sum(e["bytes"] for e in m["parts"].values()) + m["log"]["bytes"]
         store.root.mkdir(parents=True, exist_ok=True, mode=0o700)
         free = shutil.disk_usage(store.root).free
@@ -292,7 +295,7 @@ def import_(store, file: Path, name: str | None = None):
                     continue
                 match = _TAR_PART_RE.fullmatch(mname)
                 if not match:
-                    raise PoolCorrupt(f"{where} has an unexpected entry {safe_text(mname)[:80]!r}; refusing")
+                    raise PoolCorrupt(f"{where} has an entry {safe_text(mname)[:80]!r} that no pool export holds; refusing")
                 pid = match.group(1)
                 entry = m["parts"].get(pid)
                 if entry is None or pid in seen:

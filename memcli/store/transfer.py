@@ -108,7 +108,7 @@ def export(store, name: str, file: Path, force: bool = False) -> None:
     validate_name(name)
     file = Path(os.path.abspath(file))
     if _inside(file, store.root) or _inside(file.parent, store.root):
-        raise PoolError(f"refusing to export into the pool store ({file}); choose a path outside {store.root}")
+        raise PoolError(f"refusing to export to {file}: it is inside the pool store; choose a path outside {store.root}")
     if os.path.lexists(file):
         if not os.path.isfile(file) or os.path.islink(file):
             raise PoolError(f"{file} exists and is not a regular file; refusing to replace it")

@@ -698,9 +698,10 @@ def pool_rm(ctx: typer.Context, name: str = typer.Argument(..., help="Pool to de
 
 @pool_app.command("export")
 def pool_export(ctx: typer.Context, name: str = typer.Argument(...),
-                file: Path = typer.Argument(..., help="The .tar file to write.")) -> None:
+                file: Path = typer.Argument(..., help="The .tar file to write."),
+                force: bool = typer.Option(False, "--force", help="Replace FILE if it exists.")) -> None:
     """Write a pool to one file (a tar), e.g. for a backup or another machine."""
-    _state(ctx).store().export(name, file)
+    _state(ctx).store().export(name, file, force=force)
     size = file.stat().st_size if file.exists() else None
     say(f"exported pool {name} to {shown(file)} ({human_bytes(size)})")
 
@@ -714,9 +715,13 @@ def pool_import(ctx: typer.Context, file: Path = typer.Argument(..., help="A fil
 
 
 @pool_app.command("verify")
-def pool_verify(ctx: typer.Context, name: str = typer.Argument(...)) -> None:
+def pool_verify(ctx: typer.Context, name: str = typer.Argument(...),
+                repair: bool = typer.Option(False, "--repair", help="First remove leftovers of interrupted work "
+                                            "from the store (never anything a pool names).")) -> None:
     """Check a pool's manifest and the checksum of every part."""
     store = _state(ctx).store()
+    if repair:
+        store.recover(announce=True)
     problems = store.verify(name)
     if problems:
         for problem in problems:

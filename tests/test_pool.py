@@ -1,5 +1,7 @@
 """Pools: a state saved, reloaded, forked and bound to its model (tiny fixture models)."""
 
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -119,3 +121,103 @@ def test_mplus_bank_compaction_is_saved_and_old_segments_are_dropped():
     _assert_same_state(state, pools.load(store, "p", binding).state)
     banks = [p for p in store.read_manifest("p")["parts"] if p.startswith("ltm-bank")]
     assert len(banks) < 24  # segments of rows nobody refers to are gone
+
+
+def _objects(store) -> dict[str, int]:
+    folder = store.root / ".objects"
+    return {p.name: p.stat().st_size for p in folder.iterdir()} if folder.exists() else {}
+
+
+def test_a_new_pool_shares_its_models_initial_memory_and_writes_a_manifest_only():
+    model, reader, binding = _setup("mplus-8b-tiny")
+    store = PoolStore()
+    pools.create(store, "first", binding, initial_state(reader, model.cfg, seed=1))
+    before = _objects(store)
+    pools.create(store, "second", binding, initial_state(reader, model.cfg, seed=2))
+    new = {k: v for k, v in _objects(store).items() if k not in before}
+    # the memory, its tables and the M+ bank are the first pool's objects; only the drop
+    # generator's state (its own seed) is new
+    assert len(new) == 1 and sum(new.values()) < 6000, new
+    m1, m2 = store.read_manifest("first"), store.read_manifest("second")
+    base = lambda m: m["parts"][m["meta"]["state"]["stm_base"]]["sha256"]  # noqa: E731
+    assert base(m1) == base(m2)
+
+
+@pytest.mark.parametrize("variant", ["memoryllm-8b-tiny", "mplus-8b-tiny"])
+def test_pool_info_counts_retention_from_the_small_tables_only(variant, monkeypatch):
+    from memcli import pool_meta
+    from memcli.store.snapshot import Snapshot
+
+    model, reader, binding = _setup(variant)
+    store = PoolStore()
+    pool = pools.create(store, "p", binding, initial_state(reader, model.cfg, seed=4))
+    engine = Engine(model)
+    for chunk in range(30):
+        if chunk % 10 == 0:
+            pool.sources.append({"path": f"f{chunk}.txt", "first_chunk": chunk, "chunks": 0, "complete": False})
+        pool.sources[-1]["chunks"] += 1
+        _update_and_save(engine, store, pool, torch.arange(16)[None] + chunk, origin=chunk)
+    expected = pools.retention(pools.load(store, "p"))
+
+    def no_tensor_reads(self, *a, **k):
+        raise AssertionError("pool info read a tensor part with torch")
+
+    monkeypatch.setattr(Snapshot, "read", no_tensor_reads)
+    info = pool_meta.pool_info(store, "p")
+    assert info["retention"] == expected and info["chunks"] == 30 and len(info["sources"]) == 3
+
+
+def test_metadata_commands_import_no_torch():
+    import subprocess
+    import sys
+
+    model, reader, binding = _setup("memoryllm-8b-tiny")
+    store = PoolStore()
+    pool = pools.create(store, "p", binding, initial_state(reader, model.cfg, seed=4))
+    pool.sources.append({"path": "a.txt", "first_chunk": 0, "chunks": 1, "complete": True})
+    engine = Engine(model)
+    _update_and_save(engine, store, pool, torch.arange(16)[None])
+    code = ("import sys\nfrom memcli import pool_meta\nfrom memcli.store import PoolStore\n"
+            "s = PoolStore()\nrows = pool_meta.list_rows(s)\ninfo = pool_meta.pool_info(s, 'p')\n"
+            "assert rows[0]['chunks'] == 1 and info['retention'][0]['rows_in_stm'] > 0\n"
+            "print('torch' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                         env=dict(__import__("os").environ, PYTHONPATH=str(Path(__file__).parent.parent)))
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "False"
+
+
+def test_injection_log_is_appended_not_rewritten():
+    model, reader, binding = _setup("memoryllm-8b-tiny")
+    store = PoolStore()
+    pool = pools.create(store, "p", binding, initial_state(reader, model.cfg, seed=4))
+    engine = Engine(model)
+    sizes = []
+    for i in range(12):
+        pool.sources.append({"path": f"file-{i}.txt", "sha256": "%064x" % i, "first_chunk": i, "chunks": 1,
+                             "tokens": 16, "complete": True})
+        _update_and_save(engine, store, pool, torch.arange(16)[None] + i, origin=i)
+        sizes.append((store.root / "p" / "log.jsonl").stat().st_size)
+    steps = {b - a for a, b in zip(sizes, sizes[1:])}
+    assert max(steps) - min(steps) <= 4  # one record per commit: the log grows linearly
+    m = store.read_manifest("p")
+    assert m["log"]["records"] == 12 and "sources" not in m["meta"]
+    assert [s["path"] for s in pools.load(store, "p").sources] == [f"file-{i}.txt" for i in range(12)]
+
+
+def test_a_slot_rewritten_twice_between_saves_is_saved_once():
+    model, reader, binding = _setup("memoryllm-8b-tiny")
+    store = PoolStore()
+    state = initial_state(reader, model.cfg, seed=5)
+    pool = pools.create(store, "p", binding, state)
+    engine = Engine(model)
+    for step in range(3):
+        engine.update(state, engine.inject(state, torch.arange(16)[None] + step), origin=step)
+    dirty = int(state.dirty.sum())
+    assert dirty <= 3 * model.cfg.num_tokens * state.num_layers
+    with store.writer("p"):
+        pools.save(store, pool)
+    assert state.dirty is None
+    patch = store.read_manifest("p")["meta"]["state"]["stm_patches"][-1]
+    assert store.read_part("p", patch)["index"].numel() == dirty
+    _assert_same_state(state, pools.load(store, "p", binding).state)

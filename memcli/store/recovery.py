@@ -89,6 +89,10 @@ def _referenced(store) -> set[str] | None:
         except PoolError:
             return None
         shas.update(e["sha256"] for e in m["parts"].values())
+        if m["format_version"] >= 2:  # migrated: what the format-1 layout kept beside it goes
+            for old in (PARTS_V1, ".lock", ".creating"):
+                if os.path.lexists(path / old):
+                    _remove(path / old)
     return shas
 
 

@@ -18,6 +18,7 @@ import subprocess
 import sys
 import textwrap
 import time
+import hashlib
 from pathlib import Path
 
 import pytest
@@ -450,6 +451,167 @@ def test_damaged_crash_leftovers_are_cleaned(app, caplog):
     assert make_app().ask(POOL, "When does the train leave?", max_new_tokens=2).tokens
 
 
+# ==================================================================== 2b. hostile store input
+
+def _cli(*args: str):
+    from typer.testing import CliRunner
+
+    from memcli import cli
+
+    result = CliRunner().invoke(cli.app, ["--device", "cpu", *map(str, args)])
+    if result.exception is not None and not isinstance(result.exception, SystemExit):
+        raise result.exception
+    return result
+
+
+def _archive(app: Memcli, tmp_path: Path, members) -> Path:
+    """An archive of pool POOL's export with its parts replaced as `members(manifest, parts)` says."""
+    import io
+    import tarfile
+
+    good = tmp_path / "good.tar"
+    app.store.export(POOL, good)
+    with tarfile.open(good) as tar:
+        manifest = json.loads(tar.extractfile("manifest.json").read())
+        parts = {m.name: tar.extractfile(m).read() for m in tar.getmembers() if m.name != "manifest.json"}
+    bad = tmp_path / "bad.tar"
+    with tarfile.open(bad, "w", format=tarfile.PAX_FORMAT) as tar:
+        for info, data in members(manifest, parts):
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    return bad
+
+
+def _member(name, data, **pax):
+    import tarfile
+
+    info = tarfile.TarInfo(name)
+    info.pax_headers = pax
+    return info, data
+
+
+def _sparse(m, parts):
+    yield _member("manifest.json", json.dumps(m).encode())
+    for name, data in parts.items():
+        yield _member(name, data, **{"GNU.sparse.major": "1", "GNU.sparse.minor": "0",
+                                     "GNU.sparse.realsize": str(2 << 30)})
+
+
+def _header_bomb(m, parts):
+    import struct
+
+    head = json.dumps({"x": {"dtype": "F32", "shape": [1 << 30, 1 << 30], "data_offsets": [0, 16]}}).encode()
+    bomb = struct.pack("<Q", len(head)) + head + bytes(16)
+    pid = m["meta"]["state"]["stm_meta"]
+    m["parts"][pid] = {"sha256": hashlib.sha256(bomb).hexdigest(), "bytes": len(bomb)}
+    yield _member("manifest.json", json.dumps(m).encode())
+    for name, data in parts.items():
+        yield _member(name, bomb if name == f"parts/{pid}.safetensors" else data)
+
+
+def _count_bomb(m, parts):
+    yield _member("manifest.json", json.dumps(m).encode())
+    for name, data in parts.items():
+        yield _member(name, data)
+    first = next(n for n in parts if n.startswith("parts/"))
+    for _ in range(10_000):
+        yield _member(first, parts[first])
+
+
+def _replace_with_fifo(path: Path) -> None:
+    path.unlink()
+    os.mkfifo(path)
+
+
+@pytest.mark.parametrize("case", ["sparse_member", "header_bomb", "member_count_bomb", "fifo_manifest", "fifo_part", "fifo_log", "sources_not_objects", "chunks_not_a_number", "deep_nesting", "control_chars_in_updated", "control_chars_in_model", "export_onto_existing_file", "export_into_the_store", "export_beside_a_tmp_name"])
+def test_hostile_store_input(app, tmp_path, case):
+    """Attacks on the store through the CLI: one-line error (no traceback, nothing "unexpected"),
+    exit != 0, the other pool bit-identical, nothing written outside MEMCLI_HOME but what was asked."""
+    import hashlib as _h  # noqa: F401  (the bomb builders use hashlib)
+
+    app.store.fork(POOL, "other")
+    make_app().inject("other", [str(_w(tmp_path / "in" / "other.txt", "Other. " + GOOD_TEXT))])
+    other_before = pool_snapshot(app, "other")
+    out = tmp_path / "out"
+    out.mkdir()
+    root = app.store.root
+    manifest = root / POOL / "manifest.json"
+    state = _layout(app)
+    command: tuple = ("pool", "info", POOL)
+    listing_marks_damage = False
+    if case in ("sparse_member", "header_bomb", "member_count_bomb"):
+        builder = {"sparse_member": _sparse, "header_bomb": _header_bomb, "member_count_bomb": _count_bomb}[case]
+        command = ("pool", "import", _archive(app, tmp_path / "in", builder), "imported")
+    elif case == "fifo_manifest":
+        _replace_with_fifo(manifest)
+        listing_marks_damage = True
+    elif case == "fifo_part":
+        _replace_with_fifo(_part_path(app, state["stm_meta"]))  # a part of POOL only
+        command = ("pool", "export", POOL, out / "x.tar")
+    elif case == "fifo_log":
+        _replace_with_fifo(root / POOL / "log.jsonl")
+        listing_marks_damage = True
+    elif case in ("sources_not_objects", "chunks_not_a_number"):
+        sources = ["a"] if case == "sources_not_objects" else [{"path": "a.txt", "chunks": "x"}]
+        _edit_manifest(app, lambda m: m["meta"].update(sources=sources))
+        listing_marks_damage = True
+    elif case == "deep_nesting":
+        manifest.write_bytes(b"[" * 100_000 + b"]" * 100_000)
+        listing_marks_damage = True
+    elif case == "control_chars_in_updated":
+        _edit_manifest(app, lambda m: m.update(updated="\x1b[2J\x1b]0;pwned\x07"))
+        listing_marks_damage = True
+    elif case == "control_chars_in_model":
+        _edit_manifest(app, lambda m: m["meta"]["model"].update(model="\x1b]0;pwned\x07\x1b[2J"))
+        for args in (("pool", "ls"), ("pool", "info", POOL), ("pool", "ls", "--json"), ("pool", "info", POOL, "--json")):
+            result = _cli(*args)
+            assert result.exit_code == 0, result.stderr
+            assert "\x1b" not in result.stdout and "\x07" not in result.stdout and "\x1b" not in result.stderr
+        assert pool_snapshot(app, "other") == other_before
+        return
+    elif case == "export_onto_existing_file":
+        (out / "x.tar").write_text("precious")
+        command = ("pool", "export", POOL, out / "x.tar")
+    elif case == "export_into_the_store":
+        command = ("pool", "export", POOL, manifest)
+    elif case == "export_beside_a_tmp_name":
+        (out / "x.tar.tmp").write_text("the user's own file")
+        result = _cli("pool", "export", POOL, out / "x.tar")
+        assert result.exit_code == 0, result.stderr
+        assert (out / "x.tar.tmp").read_text() == "the user's own file"
+        assert sorted(os.listdir(out)) == ["x.tar", "x.tar.tmp"]
+        assert pool_snapshot(app, "other") == other_before
+        return
+    def outside() -> dict:
+        """Every file under tmp_path but outside MEMCLI_HOME (which the attacks put FIFOs in)."""
+        return {f"{d.name}/{k}": v for d in tmp_path.iterdir() if d != home() for k, v in tree(d).items()}
+
+    outside_before = outside()
+    previous = signal.signal(signal.SIGALRM, lambda *_: (_ for _ in ()).throw(TimeoutError("blocked")))
+    signal.alarm(60)
+    try:
+        result = _cli(*command)
+        listing = _cli("pool", "ls")
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, previous)
+    assert result.exit_code != 0, (result.stdout, result.stderr)
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("memcli: error: "), lines
+    assert "Traceback" not in result.stderr and "unexpected" not in lines[0] and "\x1b" not in lines[0]
+    assert listing.exit_code == 0, listing.stderr
+    assert "other" in listing.stdout and "\x1b" not in listing.stdout
+    if listing_marks_damage:
+        assert "damaged" in listing.stdout
+    assert pool_snapshot(app, "other") == other_before
+    assert outside() == outside_before  # the archives and inputs as they were, nothing new beside
+    assert not app.store.exists("imported")
+    if case == "export_onto_existing_file":
+        assert (out / "x.tar").read_text() == "precious" and "--force" in lines[0]
+    if case == "export_into_the_store":
+        assert "inside the pool store" in lines[0] and app.store.verify(POOL) == []
+
+
 # =========================================================================== 3. faults
 
 def test_fault_enospc_during_commit(app, tmp_path, monkeypatch):
@@ -670,7 +832,8 @@ def test_case_table_lists_every_test():
     # and every test of this module (and every bad-input kind) appears in the table
     mine = _test_ids_of(Path(__file__))
     listed = {t for m, t in named if m == "tests/test_hardening.py"}
-    missing = {t for t in mine if t not in listed and not (t == "test_bad_input")}
+    # a parametrized test is listed through its cases
+    missing = {t for t in mine if t not in listed and not any(n.startswith(t + "[") for n in listed)}
     assert not missing, f"not in docs/hardening.md: {sorted(missing)}"
     sections = {"bad inputs": 25, "damaged pools": 6, "faults": 5}
     for title, least in sections.items():

@@ -1,18 +1,20 @@
-"""Benchmark the pool store: fork cost and commit write amplification.
+"""Benchmark the pool store: what creating, forking, committing and `pool info` cost.
 
 Floors (what an ideal implementation cannot beat, and what memcli.store should hit):
-  * fork:   O(#parts) metadata operations -- two mkdirs, one hard link per part, one small
-            manifest (write + fsync), a rename and a few directory fsyncs. Independent of the
-            pool's size in bytes; the only new disk bytes are the fork's manifest.
-  * commit: bytes of the new parts + the manifest (+ a ~300-byte lock file). Parts the new
-            version shares with the old one are never rewritten, so adding a 67 MB patch to
-            a 1 GB pool writes ~67 MB, not 1 GB.
+  * create: a pool of a model whose initial memory the store already holds writes its
+            manifest (and the few-KB state of its drop generator), not the memory: parts are
+            content-addressed and the initial memory is one object per store.
+  * fork:   one small manifest (a new folder renamed into place); no part is copied or linked.
+  * commit: bytes of the new parts + the manifest; parts the new version shares with the old
+            are never rewritten, so a 67 MB patch to a 1 GB pool writes ~67 MB.
+  * pool info: reads manifests, the log and the per-row origin tables, never the memory rows:
+            its time on a 1 GB pool should be within 1.5x of a tiny pool's. The old way (load
+            the whole state to count origins) is timed beside it.
 
-Usage:  python benchmarks/bench_store.py [--max-gb 1] [--root DIR] [--keep]
-Prints one JSON object. Pools are single-part (one big tensor filled with a cheap
-repeating pattern, not random: generating random gigabytes would dominate the run).
-The >= 1 GiB case runs by default when the disk has room (checked with shutil.disk_usage);
---max-gb 0.1 limits the largest pool, --max-gb 0 keeps only the small cases.
+Usage:  python benchmarks/bench_store.py [--root DIR] [--keep] [--small]
+Prints one JSON object (--out FILE also writes it). The pools of the pool benchmarks have the
+shapes of the medium test model (benchmarks/make_checkpoint.py --medium: 32 layers x 12,800
+rows x width 1024, fp32 = 1.68 GB of memory); --small shrinks them to 1/16 for a quick look.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ import json
 import os
 import platform
 import shutil
+import statistics
 import sys
 import tempfile
 import time
@@ -32,22 +35,13 @@ sys.path.insert(0, str(REPO))
 
 import torch  # noqa: E402
 
+from memcli import pool as pools  # noqa: E402
+from memcli import pool_meta  # noqa: E402
+from memcli.state import MemoryState, new_generator  # noqa: E402
 from memcli.store import PoolStore  # noqa: E402
 
 MiB = 1 << 20
 PATCH_BYTES = 67 * MiB
-
-
-def pattern_tensor(nbytes: int) -> torch.Tensor:
-    """nbytes of a cheap, non-constant pattern (int32 0..4095 repeated)."""
-    n = nbytes // 4
-    t = torch.empty(n, dtype=torch.int32)
-    row = torch.arange(4096, dtype=torch.int32)
-    full = n // 4096 * 4096
-    if full:
-        t[:full].view(-1, 4096).copy_(row.expand(full // 4096, 4096))
-    t[full:] = row[: n - full]
-    return t
 
 
 def proc_io() -> dict[str, int]:
@@ -59,99 +53,126 @@ def proc_io() -> dict[str, int]:
         return {}
 
 
-def tree_files(path: Path) -> list[os.stat_result]:
-    return [os.lstat(p) for p in path.rglob("*") if p.is_file()]
+def written(fn) -> tuple[float, int]:
+    io0, t0 = proc_io(), time.perf_counter()
+    fn()
+    seconds, io1 = time.perf_counter() - t0, proc_io()
+    return seconds, (io1.get("wchar", 0) - io0.get("wchar", 0))
 
 
-def extra_bytes(src: Path, dst: Path) -> dict[str, int]:
-    """Disk cost of dst beyond src: files whose inode src does not share."""
-    shared = {(s.st_dev, s.st_ino) for s in tree_files(src)}
-    new = [s for s in tree_files(dst) if (s.st_dev, s.st_ino) not in shared]
-    return {
-        "new_files": len(new),
-        "new_file_bytes": sum(s.st_size for s in new),
-        "new_disk_bytes": sum(getattr(s, "st_blocks", 0) * 512 for s in new),
+def objects(store: PoolStore) -> dict[str, int]:
+    folder = store.root / ".objects"
+    return {p.name: p.stat().st_size for p in folder.iterdir()} if folder.exists() else {}
+
+
+def memory_state(layers: int, rows: int, width: int, seed: int) -> MemoryState:
+    """A checkpoint-like initial state (same memory for every seed, as a model's is)."""
+    slots = torch.arange(layers * rows * width, dtype=torch.float32).remainder_(4093).view(layers, rows, width)
+    return MemoryState(slots=slots, order=torch.arange(rows).repeat(layers, 1), initialized=True,
+                       origin=torch.full((layers, rows), -1, dtype=torch.int64), generator=new_generator(seed))
+
+
+def fill(store: PoolStore, pool: pools.Pool, sources: int, k: int) -> None:
+    """`sources` injected files of one chunk each: k rows per layer rewritten per chunk."""
+    state = pool.state
+    for i in range(sources):
+        slots = torch.arange(i * k, (i + 1) * k).remainder_(state.num_rows).repeat(state.num_layers, 1)
+        state.slots[torch.arange(state.num_layers)[:, None], slots] = float(i)
+        state.origin[torch.arange(state.num_layers)[:, None], slots] = i
+        state.mark_dirty(slots)
+        pool.sources.append({"path": f"doc-{i}.txt", "sha256": "%064x" % i, "first_chunk": i, "chunks": 1,
+                             "tokens": 512, "complete": True})
+        pool.next_chunk += 1
+    with store.writer(pool.name):
+        pools.save(store, pool)
+
+
+def timed(fn, repeat: int = 5) -> float:
+    times = []
+    for _ in range(repeat):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def bench_pools(store: PoolStore, layers: int, rows: int, width: int) -> dict:
+    binding = pools.Binding("medium-test-model", "memoryllm", "0" * 16, num_tokens=256)
+    first_s, first_bytes = written(lambda: pools.create(store, "first", binding, memory_state(layers, rows, width, 1)))
+    before = objects(store)
+    second_s, second_bytes = written(lambda: pools.create(store, "second", binding, memory_state(layers, rows, width, 2)))
+    new = {k: v for k, v in objects(store).items() if k not in before}
+    manifest = (store.root / "second" / "manifest.json").stat().st_size
+    create = {
+        "memory_bytes": layers * rows * width * 4,
+        "first_pool": {"seconds": round(first_s, 3), "bytes_written": first_bytes},
+        "second_pool": {"seconds": round(second_s, 3), "bytes_written": second_bytes,
+                        "new_part_bytes": sum(new.values()), "manifest_bytes": manifest},
+        "floor_bytes": manifest,
     }
+    fork_s, fork_bytes = written(lambda: store.fork("first", "fork"))
+    fork = {"seconds": round(fork_s, 4), "bytes_written": fork_bytes,
+            "manifest_bytes": (store.root / "fork" / "manifest.json").stat().st_size}
 
-
-def bench_size(store: PoolStore, label: str, nbytes: int) -> dict:
-    t = pattern_tensor(nbytes)
-    t0 = time.perf_counter()
-    store.commit(f"src-{label}", {"bench": label}, ["base"], {"base": {"slots": t}}, None)
-    create_s = time.perf_counter() - t0
-    del t
-    t0 = time.perf_counter()
-    store.fork(f"src-{label}", f"fork-{label}")
-    fork_s = time.perf_counter() - t0
-    extra = extra_bytes(store.root / f"src-{label}", store.root / f"fork-{label}")
-    return {
-        "pool_bytes": store.info(f"src-{label}").bytes_on_disk,
-        "create_s": round(create_s, 4),
-        "create_MBps": round(nbytes / MiB / create_s, 1),
-        "fork_s": round(fork_s, 5),
-        "fork_extra": extra,
+    big = pools.load(store, "first")
+    fill(store, big, 40, 256)  # 40 x 256 rows per layer: under N, so a patch (no new base)
+    tiny = pools.create(store, "tiny", pools.Binding("tiny-test-model", "memoryllm", "1" * 16, num_tokens=4),
+                        memory_state(2, 64, 32, 3))
+    fill(store, tiny, 50, 4)
+    info = {
+        "big_pool_bytes": store.info("first").bytes_on_disk,
+        "tiny_pool_bytes": store.info("tiny").bytes_on_disk,
+        "big_s": round(timed(lambda: pool_meta.pool_info(store, "first")), 4),
+        "tiny_s": round(timed(lambda: pool_meta.pool_info(store, "tiny")), 4),
+        "old_way_big_s": round(timed(lambda: pools.retention(pools.load(store, "first")), repeat=1), 3),
     }
+    info["ratio_big_to_tiny"] = round(info["big_s"] / info["tiny_s"], 2)
+    info["target_ratio"] = 1.5
+    assert pool_meta.pool_info(store, "first")["retention"] == pools.retention(pools.load(store, "first"))
+    return {"create": create, "fork": fork, "pool_info": info}
 
 
-def bench_commit_patch(store: PoolStore, label: str) -> dict:
-    name = f"src-{label}"
-    m = store.read_manifest(name)
-    patch = {"rows": pattern_tensor(PATCH_BYTES), "index": torch.arange(1024)}
-    parts_before = {p.name for p in (store.root / name / "parts").iterdir()}
-    io0 = proc_io()
-    t0 = time.perf_counter()
-    store.commit(name, {**m["meta"], "patched": True}, [*m["parts"], "patch-1"], {"patch-1": patch}, m["version"])
-    commit_s = time.perf_counter() - t0
-    io1 = proc_io()
-    new_parts = [p for p in (store.root / name / "parts").iterdir() if p.name not in parts_before]
-    out = {
-        "pool": name,
-        "pool_bytes_before": sum(e["bytes"] for e in m["parts"].values()),
-        "patch_part_bytes": sum(p.stat().st_size for p in new_parts),
-        "manifest_bytes": (store.root / name / "manifest.json").stat().st_size,
-        "commit_s": round(commit_s, 4),
-    }
-    if io0:
-        out["write_syscall_bytes"] = io1["wchar"] - io0["wchar"]
-        out["storage_write_bytes"] = io1["write_bytes"] - io0["write_bytes"]
-    t0 = time.perf_counter()
-    problems = store.verify(name)
-    out["verify_s"] = round(time.perf_counter() - t0, 3)
-    out["verify_ok"] = problems == []
-    return out
+def bench_commit_patch(store: PoolStore) -> dict:
+    m = store.read_manifest("first")
+    rows = torch.arange(PATCH_BYTES // 4, dtype=torch.int32)
+    before = objects(store)
+    seconds, nbytes = written(lambda: store.commit(
+        "first", m["meta"], [*m["parts"], "patch-x"], {"patch-x": {"rows": rows}}, m["version"]))
+    new = {k: v for k, v in objects(store).items() if k not in before}
+    return {"pool_bytes_before": sum(e["bytes"] for e in m["parts"].values()), "patch_part_bytes": sum(new.values()),
+            "manifest_bytes": (store.root / "first" / "manifest.json").stat().st_size,
+            "seconds": round(seconds, 3), "bytes_written": nbytes}
 
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--max-gb", type=float, default=1.0, help="largest pool in GiB (default 1; 0 = small cases only)")
     ap.add_argument("--root", type=Path, default=None, help="where to create the pools (default: a temp folder in .bench/)")
     ap.add_argument("--keep", action="store_true", help="keep the pools afterwards")
+    ap.add_argument("--small", action="store_true", help="1/16 of the medium model's memory (a quick look)")
+    ap.add_argument("--machine", default="", help="words naming the machine, kept in the JSON")
+    ap.add_argument("--out", type=Path, default=None, help="also write the JSON here")
     args = ap.parse_args(argv)
-
+    layers, rows, width = (32, 12_800, 1024) if not args.small else (8, 3_200, 1024)
     base = args.root or REPO / ".bench"
     base.mkdir(parents=True, exist_ok=True)
     work = Path(tempfile.mkdtemp(prefix="store-", dir=base))
     store = PoolStore(work / "pools")
-    sizes = [("3MB", 3 * MiB), ("100MB", 100 * MiB)]
-    big = int(args.max_gb * 1024) * MiB
-    result: dict = {"root": str(work), "platform": platform.platform(), "torch": torch.__version__, "sizes": {}}
-    skipped = {}
-    if big > 100 * MiB:
-        free = shutil.disk_usage(work).free
-        need = big + PATCH_BYTES + 512 * MiB  # the pool, the patch, a margin (forks add ~0)
-        if free >= need:
-            sizes.append((f"{big / (1024 * MiB):g}GB", big))
-        else:
-            skipped[f"{args.max_gb:g}GB"] = f"needs {need} bytes free, {free} available"
-    result["skipped"] = skipped
+    need = 2 * layers * rows * width * 4 + PATCH_BYTES + 512 * MiB
+    if shutil.disk_usage(work).free < need:
+        print(json.dumps({"skipped": f"needs {need} bytes free in {work}"}))
+        return 1
+    result: dict = {"machine": args.machine, "platform": platform.platform(), "cpus": os.cpu_count(),
+                    "torch": torch.__version__, "shape": [layers, rows, width]}
     try:
-        for label, nbytes in sizes:
-            result["sizes"][label] = bench_size(store, label, nbytes)
-        result["commit_67MB_patch"] = bench_commit_patch(store, sizes[-1][0])
+        result.update(bench_pools(store, layers, rows, width))
+        result["commit_67MB_patch"] = bench_commit_patch(store)
     finally:
         if not args.keep:
             shutil.rmtree(work, ignore_errors=True)
-    print(json.dumps(result, indent=2))
+    text = json.dumps(result, indent=2)
+    print(text)
+    if args.out:
+        args.out.write_text(text + "\n")
     return 0
 
 

@@ -11,6 +11,8 @@ How a state becomes immutable, content-addressed store parts, so that saving cos
                 rows [m, L, K, d], still read)
   stm-meta-*    small per-slot tables rewritten on every save: logical order, provenance, M+ ages
   stm-gen-*     the drop generator's state (its own part, so that stm-meta of a new pool is shared)
+  stm-census-*  how many rows of each injected chunk are alive in the STM and the LTM (distinct
+                origins and their counts, at most N of each): all `pool info` reads of the state
   ltm-bank-*    M+: rows appended to the long-term bank since the last save (dropped STM rows
                 with their keys, ages and provenance); never rewritten
   ltm-index-*   M+: each layer's list of bank ids and recall frequencies; rewritten at merges only
@@ -93,6 +95,9 @@ def save(store: PoolStore, pool: Pool) -> None:
     }
     new_parts[gen_id] = {"generator": state.generator.get_state()}
     layout["stm_meta"], layout["stm_gen"] = meta_id, gen_id
+    census_id = _pid("stm-census")
+    new_parts[census_id] = _census(state)
+    layout["census"] = census_id
     if state.ltm is not None:
         _save_ltm(state.ltm, layout, new_parts)
     layout.update(
@@ -102,7 +107,7 @@ def save(store: PoolStore, pool: Pool) -> None:
         dtype=str(state.slots.dtype).removeprefix("torch."),
         shape=list(state.slots.shape),
     )
-    part_ids = [layout["stm_base"], *patches, meta_id, gen_id, *layout.get("ltm_banks", [])]
+    part_ids = [layout["stm_base"], *patches, meta_id, gen_id, census_id, *layout.get("ltm_banks", [])]
     if "ltm_index" in layout:
         part_ids.append(layout["ltm_index"])
     entries = [_entry_json(s) for s in pool.sources]
@@ -123,6 +128,18 @@ def save(store: PoolStore, pool: Pool) -> None:
     pool.saved_log = entries
     state.dirty = None
     state.full_rewrite = False
+
+
+def _census(state: MemoryState) -> dict[str, torch.Tensor]:
+    """Distinct row origins alive in the STM and the LTM, with their row counts (sorted)."""
+    stm_origin, stm_count = torch.unique(state.origin.flatten().cpu(), return_counts=True)
+    ltm_origin = torch.empty(0, dtype=torch.int64)
+    if state.ltm is not None:
+        ltm = state.ltm
+        live = [torch.cat((ids.cpu(), ltm.cache_ids().cpu())) for ids in ltm.ids]
+        ltm_origin = torch.cat([ltm.origin[l, ids] for l, ids in enumerate(live)]).cpu()
+    ltm_origin, ltm_count = torch.unique(ltm_origin, return_counts=True)
+    return {"stm_origin": stm_origin, "stm_count": stm_count, "ltm_origin": ltm_origin, "ltm_count": ltm_count}
 
 
 def _save_ltm(ltm: LongTermMemory, layout: dict, new_parts: dict) -> None:

@@ -1,8 +1,9 @@
 """A pool's metadata without its memory: binding, injection log, listing, info, retention.
 
 Pure Python (no torch import): `memcli pool ls` and `memcli pool info` use only this and the
-store, and read only small things: manifests, the log, and the provenance tables (per-row
-origins) inside the state's parts, never the memory rows themselves.
+store, and read only small things: manifests, the log and the state's census part (distinct row
+origins and their counts); pools saved before the census existed have their per-row origin
+tables counted instead. Never the memory rows themselves.
 
 Pool meta in a manifest (every field checked by `check_meta` before use)::
 
@@ -96,6 +97,9 @@ def check_meta(what: str, meta: dict, records: list[dict] | None = None) -> None
         raise _bad(what, "meta.state.shape", "three positive integers")
     for key in ("stm_base", "stm_meta"):
         if not isinstance(state.get(key), str):
+            raise _bad(what, f"meta.state.{key}", "a part id")
+    for key in ("stm_gen", "census", "ltm_index"):
+        if key in state and not isinstance(state[key], str):
             raise _bad(what, f"meta.state.{key}", "a part id")
     for key in ("stm_patches", "ltm_banks"):
         if not isinstance(state.get(key, []), list) or not all(isinstance(p, str) for p in state.get(key, [])):
@@ -203,7 +207,11 @@ def pool_info(store: PoolStore, name: str) -> dict:
                                                                         if k != "sources"},
         }
         if sources:
-            result["retention"] = retention_from_tables(snap, Binding.from_json(meta["model"]), sources)
+            binding = Binding.from_json(meta["model"])
+            if meta["state"].get("census") in snap.manifest["parts"]:
+                result["retention"] = retention_from_census(snap, binding, sources)
+            else:  # pools saved before the census existed: count the origin tables
+                result["retention"] = retention_from_tables(snap, binding, sources)
     return result
 
 
@@ -219,6 +227,38 @@ def _int64s(snap, part_id: str, tensor: str) -> tuple[array, list[int]]:
     if struct.pack("=H", 1) != struct.pack("<H", 1):  # pragma: no cover - big-endian host
         values.byteswap()
     return values, shape
+
+
+def _report(sources, binding, L, in_stm, in_ltm) -> list[dict]:
+    report = []
+    for source in sources:
+        first, count = source.get("first_chunk", 0), source.get("chunks", 0)
+        written = count * binding.num_tokens * L
+        stm, ltm = in_stm(first, first + count), in_ltm(first, first + count)
+        report.append({
+            "source": source.get("path"), "sha256": source.get("sha256"), "chunks": count,
+            "rows_written": written, "rows_in_stm": stm, "rows_in_ltm": ltm,
+            "share_retained": (stm + ltm) / written if written else 0.0,
+        })
+    return report
+
+
+def retention_from_census(snap, binding: Binding, sources: list[dict]) -> list[dict]:
+    """Retention from the census part (distinct origins + counts): a few KB whatever the pool's size."""
+    layout = snap.manifest["meta"]["state"]
+    part = layout["census"]
+
+    def counter(kind: str):
+        origins, _ = _int64s(snap, part, f"{kind}_origin")
+        counts, _ = _int64s(snap, part, f"{kind}_count")
+        if len(origins) != len(counts) or any(b <= a for a, b in zip(origins, origins[1:])):
+            raise PoolCorrupt(f"pool {snap.name}: its census part is damaged")
+        prefix = [0]
+        for c in counts:
+            prefix.append(prefix[-1] + c)
+        return lambda lo, hi: prefix[bisect.bisect_left(origins, hi)] - prefix[bisect.bisect_left(origins, lo)]
+
+    return _report(sources, binding, layout["shape"][0], counter("stm"), counter("ltm"))
 
 
 def retention_from_tables(snap, binding: Binding, sources: list[dict]) -> list[dict]:
@@ -252,18 +292,8 @@ def retention_from_tables(snap, binding: Binding, sources: list[dict]) -> list[d
                 raise PoolCorrupt(f"pool {snap.name}: its long-term memory index points outside the bank")
             ltm_sorted.extend(row[i] for i in layer_ids)
         ltm_sorted.sort()
-    report = []
-    for source in sources:
-        first, count = source.get("first_chunk", 0), source.get("chunks", 0)
-        written = count * binding.num_tokens * L
 
-        def within(values: list[int]) -> int:
-            return bisect.bisect_left(values, first + count) - bisect.bisect_left(values, first)
+    def within(values: list[int]):
+        return lambda lo, hi: bisect.bisect_left(values, hi) - bisect.bisect_left(values, lo)
 
-        in_stm, in_ltm = within(stm_sorted), within(ltm_sorted)
-        report.append({
-            "source": source.get("path"), "sha256": source.get("sha256"), "chunks": count,
-            "rows_written": written, "rows_in_stm": in_stm, "rows_in_ltm": in_ltm,
-            "share_retained": (in_stm + in_ltm) / written if written else 0.0,
-        })
-    return report
+    return _report(sources, binding, L, within(stm_sorted), within(ltm_sorted))

@@ -527,8 +527,6 @@ def _replace_with_fifo(path: Path) -> None:
 def test_hostile_store_input(app, tmp_path, case):
     """Attacks on the store through the CLI: one-line error (no traceback, nothing "unexpected"),
     exit != 0, the other pool bit-identical, nothing written outside MEMCLI_HOME but what was asked."""
-    import hashlib as _h  # noqa: F401  (the bomb builders use hashlib)
-
     app.store.fork(POOL, "other")
     make_app().inject("other", [str(_w(tmp_path / "in" / "other.txt", "Other. " + GOOD_TEXT))])
     other_before = pool_snapshot(app, "other")

@@ -115,8 +115,9 @@ def _collect_locked(store) -> list[tuple[Path, int]]:
     return removed
 
 
-def collect_garbage(store, wait_s: float = 0.2) -> int:
-    """Delete part objects no manifest names (silently: this is normal work). Returns bytes freed."""
+def collect_garbage(store, wait_s: float = 0.0) -> int:
+    """Delete part objects no manifest names (silently: this is normal work). Returns bytes freed.
+    By default it tries once: while readers open snapshots it does not wait, a later writer collects."""
     with store.gate.exclusive(wait_s) as got:
         if not got:
             return 0

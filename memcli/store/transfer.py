@@ -25,7 +25,7 @@ from . import locking
 from . import safetensors as st
 from .durable import (
     CHUNK, TMP, as_pool_error, create_exclusive, fsync_dir, is_nospace, new_hash, now, open_regular, publish_dir,
-    replace_file, rmtree_quiet, token, unlink_quiet, write_all, read_fd,
+    replace_file, rmtree_quiet, token, unlink_quiet, write_all,
 )
 from .errors import PoolCorrupt, PoolError, PoolExists, safe_text
 from .manifest import FORMAT_VERSION, MANIFEST, MAX_MANIFEST_BYTES, check_manifest, manifest_bytes, parse_json, validate_name

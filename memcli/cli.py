@@ -607,7 +607,9 @@ def _when(iso: str | None) -> str:
 @pool_app.command("ls")
 def pool_ls(ctx: typer.Context, as_json: bool = typer.Option(False, "--json", help="Exact numbers as JSON.")) -> None:
     """List the pools."""
-    rows = _state(ctx).pools_api().list_pools()
+    from . import pool_meta  # manifests only: no model, no torch
+
+    rows = pool_meta.list_rows(_state(ctx).store())
     if as_json:
         print_json(rows)
         return
@@ -629,7 +631,10 @@ def pool_ls(ctx: typer.Context, as_json: bool = typer.Option(False, "--json", he
 def pool_info(ctx: typer.Context, name: str = typer.Argument(..., help="Pool name."),
               as_json: bool = typer.Option(False, "--json", help="Exact numbers as JSON.")) -> None:
     """Show a pool's facts and how much of each source is still in memory."""
-    info = _state(ctx).pools_api().pool_info(name)
+    from . import pool_meta  # small tables only: no model, no torch
+    from .store import validate_name
+
+    info = pool_meta.pool_info(_state(ctx).store(), validate_name(name))
     if as_json:
         print_json(info)
         return

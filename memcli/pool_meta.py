@@ -194,15 +194,16 @@ def list_rows(store: PoolStore) -> list[dict]:
 
 def pool_info(store: PoolStore, name: str) -> dict:
     """Manifest facts plus, per source, how much of it is still in memory (small tables only)."""
-    info = store.info(name)
+    info = store.info(name)  # its size; every other fact comes from the one snapshot below
     with store.snapshot(name) as snap:
-        meta = snap.manifest["meta"]
+        m = snap.manifest
+        meta = m["meta"]
         records = snap.log_records()
         check_meta(f"pool {name}", meta, records)
         sources = sources_of(meta, records)
         result = {
             "name": info.name, "model": meta["model"]["model"], "family": meta["model"]["family"],
-            "version": info.version, "created": info.created, "updated": info.updated,
+            "version": m["version"], "created": m["created"], "updated": m["updated"],
             "bytes_on_disk": info.bytes_on_disk, "sources": sources, **{k: v for k, v in totals_of(sources).items()
                                                                         if k != "sources"},
         }

@@ -127,7 +127,7 @@ class StoreCore:
         if state in ("absent", "leftover"):
             raise PoolNotFound(f"pool {name} not found")
         self._refuse_odd(name, state)
-        with self.gate.shared(create=False):
+        with self.gate.shared():
             return Snapshot(self.root, name, None if part_ids is None else list(part_ids))
 
     def read_manifest(self, name: str) -> dict:

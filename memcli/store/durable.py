@@ -112,14 +112,6 @@ def read_fd(fd: int, limit: int) -> bytes:
     return b"".join(chunks)
 
 
-def read_small_file(path: Path | str, what: str, max_bytes: int) -> bytes:
-    fd = open_regular(path, what, max_bytes)
-    try:
-        return read_fd(fd, max_bytes)
-    finally:
-        os.close(fd)
-
-
 # ------------------------------------------------------------------------ writing
 
 

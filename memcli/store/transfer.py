@@ -13,6 +13,7 @@ log's records. It stages everything in one folder; a rejected archive leaves not
 from __future__ import annotations
 
 import copy
+import errno
 import json
 import os
 import re
@@ -141,10 +142,16 @@ def export(store, name: str, file: Path, force: bool = False) -> None:
             os.replace(tmp, file)
         else:
             try:
-                os.link(tmp, file)
+                os.link(tmp, file)  # never replaces: fails if FILE appeared meanwhile
+                unlink_quiet(tmp)
             except FileExistsError:
                 raise PoolExists(f"{file} already exists; use --force to replace it") from None
-            unlink_quiet(tmp)
+            except OSError as exc:
+                if exc.errno not in (errno.EPERM, errno.ENOTSUP, errno.EOPNOTSUPP, errno.EMLINK, errno.ENOSYS):
+                    raise
+                if os.path.lexists(file):  # no hard links here (FAT, some network filesystems)
+                    raise PoolExists(f"{file} already exists; use --force to replace it") from None
+                os.rename(tmp, file)
         fsync_dir(file.parent)
     except BaseException as exc:
         unlink_quiet(tmp)

@@ -669,7 +669,7 @@ def pool_info(ctx: typer.Context, name: str = typer.Argument(..., help="Pool nam
 @pool_app.command("fork")
 def pool_fork(ctx: typer.Context, src: str = typer.Argument(..., help="Pool to copy."),
               dst: str = typer.Argument(..., help="Name of the copy.")) -> None:
-    """Copy a pool (cheap: parts are shared by hard links)."""
+    """Copy a pool (cheap: it writes a manifest; the parts are shared)."""
     _state(ctx).store().fork(src, dst)
     say(f"forked pool {src} to {dst}")
 

@@ -779,3 +779,20 @@ def test_disk_full_during_commit_leaves_pool_unchanged(store, monkeypatch, where
     assert store.read_manifest("p") == before and tree(store.root / "p") == before_tree
     assert leftovers(store.root) == []
     assert store.verify("p") == []
+
+
+def test_pool_verify_repair_removes_leftovers_in_one_line(store, caplog):
+    """(In-process, pytest's log capture takes the line that a real run prints on stderr.)"""
+    from typer.testing import CliRunner
+
+    from memcli import cli
+
+    make_pool(store)
+    (store.root / ".tmp-5-dead").mkdir()
+    (store.root / ".objects" / ".tmp-5-half").write_bytes(b"half")
+    with caplog.at_level(logging.WARNING, logger="memcli.store"):
+        result = CliRunner().invoke(cli.app, ["pool", "verify", "p", "--repair"])
+    assert result.exit_code == 0, result.output
+    lines = [r.getMessage() for r in caplog.records if r.name == "memcli.store"]
+    assert len(lines) == 1 and "removed 2 leftover(s)" in lines[0], lines
+    assert leftovers(store.root) == [] and "ok" in result.stdout

@@ -108,8 +108,8 @@ def test_inject_every_kind_then_again_is_idempotent_and_force_reinjects(ck, docs
     summary = err_lines(result)[-1]
     assert summary.startswith("injected 4 files (4 chunks, ") and "into pool work in" in summary
     first = info("work")
-    assert [s["kind"] for s in first["sources"]] == ["text", "markdown", "html", "pdf"]
-    assert all(s["complete"] for s in first["sources"]) and first["chunks"] == 4
+    assert [s["kind"] for s in first["files"]] == ["text", "markdown", "html", "pdf"]
+    assert all(s["complete"] for s in first["files"]) and first["chunks"] == 4
 
     again = run("inject", *paths, "--pool", "work", "--json")
     assert again.exit_code == 0
@@ -122,7 +122,7 @@ def test_inject_every_kind_then_again_is_idempotent_and_force_reinjects(ck, docs
     forced = run("inject", docs["txt"], "--pool", "work", "--force", "--json")
     assert forced.exit_code == 0
     assert json.loads(forced.stdout)["files"][0]["status"] == "injected"
-    assert info("work")["chunks"] == 5 and len(info("work")["sources"]) == 5
+    assert info("work")["chunks"] == 5 and info("work")["sources"] == 5
 
 
 def test_inject_directory_with_glob(ck, tmp_path):
@@ -142,7 +142,7 @@ def test_inject_from_stdin(ck):
     assert result.exit_code == 0, result.stderr
     [entry] = json.loads(result.stdout)["files"]
     assert entry["path"] == "-" and entry["status"] == "injected" and entry["chunks"] >= 1
-    assert info("piped")["sources"][0]["kind"] == "stdin"
+    assert info("piped")["files"][0]["kind"] == "stdin"
 
 
 def test_skipped_inputs_exit_3_with_one_line_reason_each(ck, docs, tmp_path):
@@ -158,7 +158,7 @@ def test_skipped_inputs_exit_3_with_one_line_reason_each(ck, docs, tmp_path):
     assert "No such file" in skipped["missing.txt"]
     assert "binary" in skipped["bin.txt"]
     assert "empty" in skipped["empty.txt"] and "empty" in skipped["odd\\nname.md"]
-    assert lines[-1].startswith("injected 1 file (1 chunk, ") and lines[-1].endswith("— 4 skipped")
+    assert lines[-1].startswith("injected 1 file (1 chunk, ") and "— 4 skipped (2 empty file, " in lines[-1]
     report = json.loads(run("inject", tmp_path / "empty.txt", "--pool", "s", "--json").stdout)
     assert report["files"][0]["status"] == "skipped"
 
@@ -218,7 +218,7 @@ def test_interrupted_inject_keeps_committed_chunks_and_resumes(ck, tmp_path):
     assert "interrupted: kept " in stderr and "chunks of " in stderr and "run the same command again" in stderr
     kept = info("p")  # loads the pool (retention is computed from its state)
     assert kept["chunks"] > 0 and kept["chunks"] % api.COMMIT_EVERY == 0
-    assert kept["sources"][0]["complete"] is False
+    assert kept["files"][0]["complete"] is False
     verify = run("pool", "verify", "p")
     assert verify.exit_code == 0 and "ok" in verify.stdout
 
@@ -258,23 +258,33 @@ def test_interruption_report_names_what_is_kept(ck, docs, tmp_path, monkeypatch)
     assert [f.status for f in again.files] == ["already", "resumed"]
 
 
-def test_progress_events_carry_bytes_for_plain_text_only(ck, docs, tmp_path):
+def test_progress_events_carry_position_file_k_of_n_and_pages(ck, docs, tmp_path):
+    """Item 9: every file's position (bytes; pages of a PDF) and "file k of n"."""
     long = write(tmp_path / "long.txt", " ".join([ALICE, CAROL, DAVE] * 8))
+    pages = write(tmp_path / "pages.pdf", make_pdf([text_page(ALICE[:60]), text_page(CAROL[:60]), text_page(DAVE[:60])]))
     events = []
-    Memcli(load_settings(model=ck, device="cpu")).inject("e", [str(long), str(docs["html"])], on_event=events.append)
+    Memcli(load_settings(model=ck, device="cpu", )).inject("e", [str(long), str(docs["html"]), str(pages)],
+                                                          on_event=events.append, chunk_tokens=16)
+    files = [(e.file_index, e.files_total) for e in events if e.kind == "file"]
+    assert files == [(1, 3), (2, 3), (3, 3)]
     text = [e for e in events if e.kind == "chunk" and e.path == str(long)]
-    assert len(text) > 2 and all(e.bytes_total == long.stat().st_size for e in text)
-    done = [e.bytes_done for e in text]
+    assert len(text) > 2 and all(e.total == long.stat().st_size and e.unit == "bytes" for e in text)
+    done = [e.done for e in text]
     assert done == sorted(done) and 0 < done[0] and done[-1] <= long.stat().st_size
+    assert all(e.seconds > 0 and e.start == 0 for e in text) and [e.chunks for e in text] == list(range(1, len(text) + 1))
     html = [e for e in events if e.kind == "chunk" and e.path == str(docs["html"])]
-    assert html and all(e.bytes_total is None for e in html)
+    assert html and all(e.total == docs["html"].stat().st_size for e in html)
+    pdf = [e for e in events if e.kind == "chunk" and e.path == str(pages)]
+    assert pdf and all(e.unit == "pages" and e.total == 3 for e in pdf) and pdf[-1].done == 3
 
 
 # --------------------------------------------------------------------------- ask
 def test_ask_json_and_one_line_errors(pool):
     result = run("ask", "Where did Alice go?", "--pool", pool, "--max-new-tokens", "5", "--json")
     assert result.exit_code == 0, result.stderr
-    answer = json.loads(result.stdout)
+    *texts, answer = [json.loads(line) for line in result.stdout.splitlines()]  # NDJSON (item 11)
+    assert all(e["event"] == "text" for e in texts) and answer["event"] == "answer"
+    assert "".join(e["text"] for e in texts) == answer["answer"]
     assert {"answer", "prompt_tokens", "new_tokens", "seconds_to_first_token", "seconds", "stopped"} <= set(answer)
     assert 1 <= answer["new_tokens"] <= 5 and answer["prompt_tokens"] > 0
 
@@ -283,7 +293,7 @@ def test_ask_json_and_one_line_errors(pool):
     assert sampled.exit_code == 0 and sampled.stdout.endswith("\n")
 
     assert_one_error(run("ask", "   ", "--pool", pool), "empty")
-    assert_one_error(run("ask", "Where?", "--pool", "nope"), "nope", "does not exist")
+    assert_one_error(run("ask", "Where?", "--pool", "nope"), "pool nope not found")
     assert_one_error(run("ask", "word " * 80, "--pool", pool, "--max-new-tokens", "4"), "tokens")
 
 
@@ -305,12 +315,12 @@ def _answer(ck: str, pool: str, question: str) -> str:
 
 def test_chat_driven_through_stdin(ck, pool, docs):
     before = _answer(ck, pool, "Where did Alice go?")
-    script = f"Where did Alice go?\n\n/inject {docs['md']}\nWhen is the meeting?\n"
+    script = f"Where did Alice go?\n\n/inject {docs['md']}\n/reset\nWhen is the meeting?\n"
     result = run("chat", "--pool", pool, "--max-new-tokens", "4", input=script)
     assert result.exit_code == 0, result.stderr
     assert "injected 1 file (1 chunk" in result.stderr
-    assert [Path(s["path"]).name for s in info(pool)["sources"]] == ["a.txt", "b.md"]
-    # the second answer already comes from the memory with b.md in it (greedy: reproducible)
+    assert [Path(s["path"]).name for s in info(pool)["files"]] == ["a.txt", "b.md"]
+    # after /reset the second answer is a first turn again, from the memory with b.md in it
     after = _answer(ck, pool, "When is the meeting?")
     assert result.stdout == f"{before}\n{after}\n"
 
@@ -319,7 +329,7 @@ def test_chat_driven_through_stdin(ck, pool, docs):
     assert bad.stdout == _answer(ck, pool, "Who?") + "\n"
     assert [l for l in err_lines(bad) if l.startswith("memcli: error: unknown command /bogus")]
 
-    assert_one_error(run("chat", "--pool", "nope", input="hi\n"), "does not exist")
+    assert_one_error(run("chat", "--pool", "nope", input="hi\n"), "pool nope not found")
 
 
 def test_sigterm_ends_a_chat_with_exit_130(pool, tmp_path):
@@ -444,7 +454,9 @@ def test_models_and_offline_pull(tmp_path, monkeypatch):
 
     pulled = run("pull", "memoryllm-8b")  # offline, but complete in the cache
     assert pulled.exit_code == 0 and pulled.stdout.strip() == str(snapshot)
-    assert_one_error(run("pull", "mplus-8b"), "offline")
+    offline = run("pull", "mplus-8b")  # item 6: says why, not "run memcli pull"
+    assert_one_error(offline, "cannot download YuWangX/mplus-8b", "HF_HUB_OFFLINE")
+    assert "memcli pull" not in offline.stderr
     assert_one_error(run("pull", "not-a-model"), "unknown model")
 
     (snapshot / "model.safetensors").unlink()

@@ -527,3 +527,378 @@ def test_python_m_memcli(tmp_path):
     usage = subprocess.run([sys.executable, "-m", "memcli", "ask"], cwd=tmp_path, env=env,
                            capture_output=True, text=True, timeout=60)
     assert usage.returncode == 2 and "Traceback" not in usage.stderr
+
+
+# =========================================================================== issue 13, item by item
+TORCH_BLOCKER = """
+import sys
+class _NoTorch:
+    def find_spec(self, name, path=None, target=None):
+        if name == "torch" or name.startswith("torch."):
+            raise ImportError("torch imported by a light command")
+sys.meta_path.insert(0, _NoTorch())
+sys.argv = ["memcli"] + sys.argv[1:]
+from memcli.cli import main
+try:
+    main()
+except SystemExit as exit:
+    code = exit.code
+else:
+    code = 0
+print("TORCH" if "torch" in sys.modules else "NO-TORCH", file=sys.stderr)
+sys.exit(code)
+"""
+
+
+def run_without_torch(*args: str, cwd: Path, env: dict | None = None) -> subprocess.CompletedProcess:
+    """The CLI in a fresh process where importing torch raises: a light command must still work."""
+    return subprocess.run([sys.executable, "-c", TORCH_BLOCKER, *args], cwd=cwd, env=env or subprocess_env(NO_COLOR="1"),
+                          capture_output=True, text=True, timeout=120)
+
+
+def test_item1_relative_model_path_works_from_anywhere_and_moved_models_rebind(ck, docs, tmp_path, monkeypatch):
+    import shutil
+
+    here = tmp_path / "project"
+    shutil.copytree(ck, here / "models" / "tiny")
+    monkeypatch.chdir(here)
+    assert run("inject", docs["txt"], "--pool", "rel", "--model", "models/tiny").exit_code == 0
+    assert info("rel")["model"] == str(here / "models" / "tiny")  # stored absolute
+    monkeypatch.chdir(tmp_path)
+    assert run("ask", "Who?", "--pool", "rel", "--max-new-tokens", "2").exit_code == 0
+
+    (here / "models" / "tiny").rename(here / "moved")
+    gone = run("ask", "Who?", "--pool", "rel", "--max-new-tokens", "2")
+    assert_one_error(gone, "not on this machine", "memcli pool rebind rel --model")
+    # --model (or MEMCLI_MODEL) with the same config serves the run...
+    assert run("ask", "Who?", "--pool", "rel", "--max-new-tokens", "2", "--model", here / "moved").exit_code == 0
+    assert run("ask", "Who?", "--pool", "rel", "--max-new-tokens", "2",
+               env={"MEMCLI_MODEL": str(here / "moved")}).exit_code == 0
+    # ... and rebind records it
+    rebound = run("pool", "rebind", "rel", "--model", here / "moved", "--json")
+    assert rebound.exit_code == 0, rebound.stderr
+    assert json.loads(rebound.stdout)["model"] == str(here / "moved")
+    assert info("rel")["model"] == str(here / "moved")
+    assert run("ask", "Who?", "--pool", "rel", "--max-new-tokens", "2").exit_code == 0
+    other = fixture_checkpoint("memoryllm-8b-tiny")
+    assert_one_error(run("pool", "rebind", "rel", "--model", other), "belongs to model")
+    assert run("pool", "rebind", "rel").exit_code == cli.EXIT_USAGE
+
+
+def test_item2_ignored_files_are_counted_and_no_match_is_an_error(ck, tmp_path):
+    folder = tmp_path / "media"
+    write(folder / "a.png", b"\x89PNG" + bytes(200))
+    write(folder / "b.zip", b"PK\x03\x04" + bytes(200))
+    write(folder / "c.png", b"\x89PNG" + bytes(200))
+    only_binaries = run("inject", folder, "--pool", "m", "--model", ck)
+    assert_one_error(only_binaries, "nothing to inject", "3 ignored by type (.png 2, .zip 1")
+    write(folder / "notes.txt", ALICE)
+    mixed = run("inject", folder, "--pool", "m", "--model", ck)
+    assert mixed.exit_code == 0 and "3 ignored by type (.png 2, .zip 1)" in err_lines(mixed)[-1]
+    assert json.loads(run("inject", folder, "--pool", "m", "--json").stdout)["summary"]["ignored_by_type"] == {".png": 2, ".zip": 1}
+    no_match = run("inject", folder, "--pool", "m2", "--model", ck, "--glob", "*.md")
+    assert_one_error(no_match, "--glob '*.md' matched none of its")
+    assert not PoolStore().exists("m2")
+
+
+def test_item4_tables_are_not_wrapped_when_piped(ck, docs, tmp_path):
+    import shutil
+
+    deep = tmp_path / ("a-very-long-folder-name-" * 4) / "tiny-model-with-a-long-name"
+    shutil.copytree(ck, deep)
+    assert run("inject", docs["txt"], "--pool", "wide", "--model", deep).exit_code == 0
+    listed = run("pool", "ls", env={"COLUMNS": "80"})
+    [header, row] = listed.stdout.splitlines()
+    assert row.split()[0] == "wide" and str(deep) in row and len(row) > 80
+    [info_line] = [line for line in run("pool", "info", "wide").stdout.splitlines() if line.startswith("model")]
+    assert str(deep) in info_line
+
+
+def test_item5_doctor_stderr_is_clean(tmp_path):
+    done = subprocess.run([sys.executable, "-m", "memcli", "--device", "cpu", "doctor"], cwd=tmp_path,
+                          env=subprocess_env(NO_COLOR="1"), capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0 and "quant on cpu" in done.stdout
+    assert done.stderr == "", done.stderr
+
+
+def test_item7_other_model_is_refused_from_its_config_before_any_weights(ck, pool, docs, monkeypatch):
+    from memcli import loading
+
+    def no_weights(*args, **kwargs):
+        raise AssertionError("weights were loaded")
+
+    monkeypatch.setattr(loading, "load_model", no_weights)
+    monkeypatch.setattr(loading, "resolve_checkpoint", no_weights)
+    other = fixture_checkpoint("memoryllm-8b-tiny")
+    result = run("inject", docs["md"], "--pool", pool, "--model", other)
+    assert_one_error(result, f"pool {pool} belongs to model", str(other))
+
+
+def test_item8_missing_device_is_named_before_quantization(pool):
+    if torch.cuda.is_available():
+        pytest.skip("needs a machine without CUDA")
+    result = run("ask", "Who?", "--pool", pool, "--quant", "nf4", device=None, env={"MEMCLI_DEVICE": "cuda"})
+    assert_one_error(result, "device cuda (MEMCLI_DEVICE) is not available", "--device cpu")
+    assert "nf4" not in result.stderr
+    doctor = json.loads(run("doctor", "--json", device=None, env={"MEMCLI_DEVICE": "cuda"}).stdout)
+    assert any("device cuda (MEMCLI_DEVICE) is not available" in p for p in doctor["problems"])
+
+
+def test_item9_progress_display_fields():
+    progress = cli.InjectProgress(enabled=False)
+    with progress:
+        progress(api.Event("file", "/x/a.txt", file_index=2, files_total=5, total=100))
+        task = progress.progress.tasks[0]
+        assert task.description == "file 2 of 5: a.txt"
+        progress(api.Event("chunk", "/x/a.txt", chunks=1, tokens=512, done=50, total=100, seconds=10.0, start=0))
+        assert task.fields["chunks"] == "1 chunk" and task.fields["rate"] == "51 tok/s"
+        assert task.fields["eta"] == "ETA 0:10"  # the file's average: 50 units in 10 s, 50 to go
+        # resumed at 40: only the 10 units done by this run count
+        progress(api.Event("chunk", "/x/a.txt", chunks=2, tokens=1024, done=50, total=100, seconds=10.0, start=40))
+        assert task.fields["chunks"] == "2 chunks" and task.fields["eta"] == "ETA 0:50"
+        progress(api.Event("chunk", "/x/s.pdf", chunks=1, tokens=10, done=3, total=12, unit="pages", seconds=3.0))
+        assert task.total == 12 and task.completed == 3 and task.fields["eta"] == "ETA 0:09"
+
+
+def test_item10_markdown_named_pdf_is_injected_as_text(ck, tmp_path):
+    fake = write(tmp_path / "notes.pdf", "# Notes\n\n" + CAROL + "\n")
+    result = run("inject", fake, "--pool", "n", "--model", ck, "--json")
+    assert result.exit_code == 0, result.stderr
+    assert json.loads(result.stdout)["files"][0]["status"] == "injected"
+    assert info("n")["files"][0]["kind"] == "text"
+
+
+ISO_Z = r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z$"
+
+
+def test_item11_json_is_consistent(ck, pool, tmp_path):
+    import re
+
+    from memcli.settings import Settings
+
+    [row] = json.loads(run("pool", "ls", "--json").stdout)
+    facts = info(pool)
+    assert isinstance(row["sources"], int) and row["sources"] == facts["sources"] == len(facts["files"])
+    for stamp in (row["created"], row["updated"], facts["created"], facts["updated"], facts["files"][0]["time"]):
+        assert re.match(ISO_Z, stamp), stamp
+    # an empty pool: retention present (and empty)
+    Memcli(Settings(model=ck, device="cpu")).open_pool("empty", create=True)
+    empty = info("empty")
+    assert empty["retention"] == [] and empty["sources"] == 0 and empty["files"] == []
+    # --json on verify, fork, rename, export, import
+    assert json.loads(run("pool", "verify", pool, "--json").stdout) == {"pool": pool, "ok": True,
+                                                                        "parts": PoolStore().info(pool).num_parts, "problems": []}
+    assert json.loads(run("pool", "fork", pool, "f", "--json").stdout)["pool"] == "f"
+    assert json.loads(run("pool", "rename", "f", "g", "--json").stdout) == {"pool": "g", "from": "f"}
+    exported = json.loads(run("pool", "export", "g", tmp_path / "g.tar", "--json").stdout)
+    assert exported["bytes"] == (tmp_path / "g.tar").stat().st_size
+    assert json.loads(run("pool", "import", tmp_path / "g.tar", "h", "--json").stdout)["pool"] == "h"
+    # chat --json: one line per turn; the second turn carries the first in its prompt
+    chat = run("chat", "--pool", pool, "--max-new-tokens", "3", "--json", input="Where did Alice go?\nAnd then?\n")
+    assert chat.exit_code == 0, chat.stderr
+    turns = [json.loads(line) for line in chat.stdout.splitlines()]
+    assert [t["event"] for t in turns] == ["turn", "turn"] and [t["turn"] for t in turns] == [1, 2]
+    assert turns[0]["turns_in_prompt"] == 0 and turns[1]["turns_in_prompt"] == 1
+    assert turns[1]["prompt_tokens"] > turns[0]["prompt_tokens"]
+
+
+def test_item11_chat_is_a_conversation_within_the_window(ck, pool):
+    """Issue 11 item 7: earlier turns go into the prompt; the oldest are dropped first; reset clears."""
+    from memcli.settings import Settings
+
+    app = Memcli(Settings(model=ck, device="cpu"))
+    session = app.chat(pool, max_new_tokens=4)
+    first = session.ask("Where did Alice go?")
+    assert first.turns_in_prompt == 0 and session.turns == [("Where did Alice go?", first.text.strip())]
+    second = session.ask("Who did she meet?")
+    assert second.turns_in_prompt == 1 and second.prompt_tokens > first.prompt_tokens
+    limit = app.model().max_input_tokens()
+    for _ in range(40):  # far more turns than the window holds
+        answer = session.ask("Tell me more about the station and the old river bridge, please.")
+        assert answer.prompt_tokens + 4 <= limit
+    assert answer.turns_in_prompt < len(session.turns) - 1  # the oldest were dropped
+    session.reset()
+    assert session.ask("Where did Alice go?").tokens == first.tokens
+
+
+def test_item12_global_options_after_the_command(ck, pool):
+    assert cli.hoist_global_options(["ask", "q", "--pool", "p", "--device", "cpu", "--model=m", "--", "--quant"]) == \
+        ["--device", "cpu", "--model=m", "ask", "q", "--pool", "p", "--", "--quant"]
+    result = run("ask", "Where?", "--pool", pool, "--device", "cpu", "--model", ck, "--max-new-tokens", "2", device=None)
+    assert result.exit_code == 0, result.stderr
+    assert run("pool", "info", pool, "--device", "cpu").exit_code == 0
+
+
+def test_item13_default_pool_from_config(pool):
+    assert run("ask", "Where?", "--max-new-tokens", "2").exit_code == cli.EXIT_USAGE
+    assert "memcli config set pool" in run("ask", "Where?").stderr
+    assert run("config", "set", "pool", pool).exit_code == 0
+    assert run("config", "get", "pool").stdout == f"{pool}\n"
+    assert run("ask", "Where?", "--max-new-tokens", "2").exit_code == 0
+    assert json.loads(run("pool", "info", "--json").stdout)["name"] == pool
+    assert run("pool", "verify").exit_code == 0
+    assert run("config", "get", "pool", env={"MEMCLI_POOL": "other"}).stdout == "other\n"
+    rows = {r["key"]: r for r in json.loads(run("config", "get", "--json", env={"MEMCLI_POOL": "other"}).stdout)}
+    assert rows["pool"]["source"] == "environment" and rows["device"]["source"] == "command line"
+    assert run("config", "unset", "pool").exit_code == 0
+    assert run("config", "get", "pool").stdout == "\n"
+    assert run("config", "set", "dtype", "fp8").exit_code == 1
+    assert run("config", "get", "colour").exit_code == cli.EXIT_USAGE
+
+
+def test_item14_every_text_file_is_injected(ck, tmp_path):
+    import gzip
+
+    from memcli.extract import man_renderer
+
+    folder = tmp_path / "src"
+    texts = {"README": "This project parses the old river bridge logs every Monday morning.",
+             "notes.rst": "Release notes\n=============\n\nThe train to Paris leaves on Monday at noon.",
+             "plan.org": "* Plan\n** Meet Bob at the station near the old river bridge on Monday",
+             "paper.tex": "\\section{Intro} Alice took the train to Paris on Monday and met Bob.",
+             "data.csv": "name,city,day\nAlice,Paris,Monday\nBob,Paris,Monday\nCarol,Oslo,Friday\n",
+             "conf.json": '{"meeting": "Friday at ten", "room": "upstairs next to the kitchen"}',
+             "tool.py": "def greet(name):\n    return f'hello {name}, the meeting is on Friday'\n"}
+    for name, text in texts.items():
+        write(folder / name, text)
+    write(folder / "latin.txt", ("Le comité se réunit à l'hôtel de ville près du marché. " * 3).encode("latin-1"))
+    write(folder / "log.txt.gz", gzip.compress((DAVE + "\n").encode()))
+    result = run("inject", folder, "--pool", "t", "--model", ck, "--json")
+    assert result.exit_code == 0, result.stderr
+    statuses = {Path(f["path"]).name: f["status"] for f in json.loads(result.stdout)["files"]}
+    assert statuses == dict.fromkeys([*sorted(texts), "latin.txt", "log.txt.gz"], "injected") or \
+        set(statuses.values()) == {"injected"}
+    man = write(tmp_path / "man" / "foo.1.gz", gzip.compress(
+        b".TH FOO 1\n.SH NAME\nfoo \\- keeps the spare key under the blue flower pot\n.SH DESCRIPTION\n"
+        b"\\fBfoo\\fR reads the notes of the meeting with Carol on Friday at ten.\n"))
+    man_run = run("inject", man, "--pool", "t", "--json")
+    if man_renderer() is None:
+        assert man_run.exit_code == cli.EXIT_SKIPPED and "no renderer" in man_run.stdout
+    else:
+        assert man_run.exit_code == 0 and json.loads(man_run.stdout)["files"][0]["status"] == "injected"
+        assert info("t")["files"][-1]["kind"] == "man"
+    odd = write(tmp_path / "odd.dat", b"\x01\x02\x03\x04" * 20 + ALICE.encode() * 2)
+    assert run("inject", odd, "--pool", "t").exit_code == cli.EXIT_SKIPPED
+    assert run("inject", odd, "--pool", "t", "--type", "text").exit_code == 0
+    far = write(tmp_path / "far.txt", b"word " * 3000 + "déjà vu à l'été".encode("latin-1"))
+    assert "--encoding" in run("inject", far, "--pool", "t").stderr
+    assert run("inject", far, "--pool", "t", "--encoding", "latin-1").exit_code == 0
+    assert_one_error(run("inject", far, "--pool", "t", "--encoding", "klingon"), "unknown encoding")
+    assert_one_error(run("inject", far, "--pool", "t", "--type", "word"), "--type")
+
+
+def test_item15_help_shows_names_not_types_and_examples():
+    for command in (["--help"], ["inject", "--help"], ["ask", "--help"], ["chat", "--help"], ["pool", "--help"],
+                    ["pool", "ls", "--help"], ["pool", "rebind", "--help"], ["config", "get", "--help"], ["doctor", "--help"]):
+        text = run(*command, env={"COLUMNS": "200"}).stdout
+        assert "<bool>" not in text and "<list" not in text and "<str>" not in text, command
+    assert "Examples" in run("inject", "--help", env={"COLUMNS": "200"}).stdout
+    assert "PATH..." in run("inject", "--help", env={"COLUMNS": "200"}).stdout
+    assert "Global options" in run("ask", "--help", env={"COLUMNS": "200"}).stdout
+
+
+def test_item16_sources_are_absolute_paths_and_changed_files_are_injected_again(ck, tmp_path, monkeypatch):
+    one = write(tmp_path / "one" / "notes.md", ALICE)
+    two = write(tmp_path / "two" / "notes.md", CAROL)
+    monkeypatch.chdir(tmp_path / "one")
+    assert run("inject", "notes.md", "--pool", "s", "--model", ck).exit_code == 0
+    monkeypatch.chdir(tmp_path / "two")
+    assert run("inject", "notes.md", "--pool", "s").exit_code == 0
+    assert [f["path"] for f in info("s")["files"]] == [str(one), str(two)]
+    same = run("inject", str(one), "--pool", "s")
+    assert "nothing injected" in same.stderr and "1 already in the pool" in same.stderr
+    one.write_text(ALICE + " Later she went home.")
+    changed = run("inject", str(one), "--pool", "s", "--json")
+    assert changed.exit_code == 0
+    report = json.loads(changed.stdout)
+    assert report["files"][0]["status"] == "changed" and report["summary"]["changed"] == 1
+    files = info("s")["files"]
+    assert len(files) == 3 and files[0]["superseded_by"] == files[2]["id"] and files[2]["path"] == str(one)
+    human = run("inject", str(two), str(one), "--pool", "s")
+    assert "2 already in the pool" in err_lines(human)[-1]
+
+
+def test_item17_completion_of_pools_models_and_chat_paths(pool, tmp_path):
+    def complete(words: str) -> list[str]:
+        env = subprocess_env(_MEMCLI_COMPLETE="complete_bash", COMP_WORDS=words, COMP_CWORD=str(len(words.split(" ")) - 1))
+        done = subprocess.run([sys.executable, "-m", "memcli"], cwd=tmp_path, env=env, capture_output=True,
+                              text=True, timeout=60)
+        return done.stdout.split()
+
+    assert pool in complete(f"memcli ask --pool {pool[0]}")
+    assert "memoryllm-8b-chat" in complete("memcli --model memoryllm-8b-c")
+    assert pool in complete("memcli pool info ")
+    write(tmp_path / "docs" / "a.md", "x")
+    completer = cli.chat_completer(lambda: "/inject " + str(tmp_path / "do"))
+    assert completer(str(tmp_path / "do"), 0) == str(tmp_path / "docs") + "/"
+    assert cli.chat_completer(lambda: "/re")("/re", 0) == "/reset "
+
+
+def test_item18_ask_dash_reads_the_question_from_stdin(pool):
+    piped = run("ask", "-", "--pool", pool, "--max-new-tokens", "3", "--json", input="Where did Alice go?\n")
+    direct = run("ask", "Where did Alice go?", "--pool", pool, "--max-new-tokens", "3", "--json")
+    assert piped.exit_code == 0 and piped.stdout.splitlines()[-1].split('"seconds')[0] == \
+        direct.stdout.splitlines()[-1].split('"seconds')[0]
+    assert run("ask", "-", "--pool", pool, input="  \n").exit_code == cli.EXIT_USAGE
+
+
+def test_item19_one_wording_for_a_missing_pool_with_a_suggestion(pool):
+    run("pool", "fork", pool, "work")
+    for args in (["pool", "info", "wrok"], ["ask", "q", "--pool", "wrok"], ["pool", "rm", "wrok", "--yes"],
+                 ["pool", "verify", "wrok"], ["pool", "fork", "wrok", "x"], ["chat", "--pool", "wrok"]):
+        assert_one_error(run(*args, input=""), "pool wrok not found; did you mean work?")
+    assert_one_error(run("pool", "info", "zzz"), "pool zzz not found (memcli pool ls lists pools")
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the warning is about machines without CUDA")
+def test_item20_cpu_warning_names_the_config_and_is_silenced_by_it(ck, docs, monkeypatch, memcli_home):
+    monkeypatch.setattr(cli, "_warned_cpu", False)
+    first = run("inject", docs["txt"], "--pool", "w", "--model", ck, device=None)
+    assert "memcli config set device cpu" in first.stderr
+    assert run("config", "set", "device", "cpu").exit_code == 0
+    monkeypatch.setattr(cli, "_warned_cpu", False)
+    assert cli.CPU_WARNING not in run("inject", docs["md"], "--pool", "w", device=None).stderr
+
+
+def test_item21_pathological_html_is_injected(ck, tmp_path):
+    attributes = " ".join(f'a{i}="{i}"' for i in range(100_000))
+    page = write(tmp_path / "tag.html", f"<p>{ALICE}</p><div {attributes}>{CAROL}</div>")
+    result = run("inject", page, "--pool", "h", "--model", ck, "--json")
+    assert result.exit_code == 0 and json.loads(result.stdout)["chunks"] >= 1
+
+
+def test_item22_doctor_checks_host_memory_for_the_cpu_path(monkeypatch):
+    monkeypatch.setattr(api, "host_memory", lambda: {"total_bytes": 16 * 2**30, "available_bytes": 8 * 2**30,
+                                                     "needed_bytes": None})
+    report = json.loads(run("doctor", "--json").stdout)
+    assert report["memory"]["needed_bytes"] > 24 * 2**30  # 8B in fp32
+    [problem] = [p for p in report["problems"] if "GiB of memory" in p]
+    assert "memoryllm-8b-chat" in problem and "--smoke" in problem
+    assert "the model needs about" in run("doctor").stdout
+
+
+LIGHT_COMMANDS = [["--help"], ["--version"], ["models"], ["models", "--json"], ["config", "get"],
+                  ["config", "get", "model"], ["config", "set", "pool", "work"], ["inject", "--help"], ["pool", "--help"]]
+
+
+@pytest.mark.parametrize("args", LIGHT_COMMANDS, ids=" ".join)
+def test_item23_light_commands_never_import_torch(args, tmp_path):
+    done = run_without_torch(*args, cwd=tmp_path)
+    assert done.returncode == 0, done.stderr
+    assert done.stderr.strip().endswith("NO-TORCH")
+
+
+def test_item23_completion_never_imports_torch(tmp_path):
+    env = subprocess_env(_MEMCLI_COMPLETE="complete_bash", COMP_WORDS="memcli --model mem", COMP_CWORD="2")
+    done = run_without_torch(cwd=tmp_path, env=env)
+    assert "memoryllm-8b" in done.stdout and done.stderr.strip().endswith("NO-TORCH"), done.stderr
+
+
+@pytest.mark.parametrize("args", [["pool", "ls"], ["pool", "ls", "--json"], ["pool", "info", "p"], ["pool", "verify", "p"]],
+                         ids=" ".join)
+def test_item23_pool_commands_never_import_torch(pool, args, tmp_path):
+    """Fails until the store and pool metadata are torch-free (the store branch, issue 9): the
+    traceback in the message names the module that imports torch."""
+    done = run_without_torch(*args, cwd=tmp_path, env=subprocess_env(NO_COLOR="1", MEMCLI_DEBUG="1"))
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stderr.strip().endswith("NO-TORCH")

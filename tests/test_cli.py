@@ -902,3 +902,41 @@ def test_item23_pool_commands_never_import_torch(pool, args, tmp_path):
     done = run_without_torch(*args, cwd=tmp_path, env=subprocess_env(NO_COLOR="1", MEMCLI_DEBUG="1"))
     assert done.returncode == 0, done.stderr[-3000:]
     assert done.stderr.strip().endswith("NO-TORCH")
+
+
+# --------------------------------------------------------------------------- the progress display on a terminal
+@pytest.mark.skipif(not __import__("shutil").which("tmux"), reason="tmux is not installed")
+def test_tty_progress_shows_file_k_of_n_and_leaves_no_stale_line(ck, tmp_path):
+    """Items 3 and 9 in a real terminal (tmux): while it runs the display says "file k of n"; when
+    inject ends, the screen holds the summary and nothing of the display (no "loading ..." line)."""
+    rng = random.Random(3)
+    words = "the a of train station river Alice Bob met went saw meeting room Friday Paris and to in on at".split()
+    big = write(tmp_path / "docs" / "big.txt", " ".join(rng.choice(words) for _ in range(6000)))
+    write(tmp_path / "docs" / "small.md", CAROL)
+    socket, gate, raw = tmp_path / "tmux.sock", tmp_path / "go", tmp_path / "raw.log"
+    env = subprocess_env()
+    env.pop("TMUX", None)
+    inner = (f"while [ ! -e {gate} ]; do sleep 0.05; done; "
+             f"{sys.executable} -m memcli inject {big.parent} --pool tty --model {ck} --device cpu; "
+             f"echo MEMCLI-EXIT=$?; sleep 600")
+    tmux = ["tmux", "-S", str(socket), "-f", "/dev/null"]
+    subprocess.run(tmux + ["new-session", "-d", "-x", "160", "-y", "40", "-s", "t", "sh", "-c", inner],
+                   env=env, check=True, timeout=30)
+    try:
+        subprocess.run(tmux + ["pipe-pane", "-o", "-t", "t", f"cat > {raw}"], env=env, check=True, timeout=30)
+        gate.touch()
+        deadline = time.monotonic() + 300
+        screen = ""
+        while "MEMCLI-EXIT=" not in screen:  # wait for the command to end (an event, not a time window)
+            assert time.monotonic() < deadline, screen
+            time.sleep(0.2)
+            screen = subprocess.run(tmux + ["capture-pane", "-p", "-t", "t"], env=env, capture_output=True,
+                                    text=True, timeout=30).stdout
+    finally:
+        subprocess.run(tmux + ["kill-server"], env=env, timeout=30)
+    lines = [line.rstrip() for line in screen.splitlines() if line.strip()]
+    assert lines[-1] == "MEMCLI-EXIT=0", lines
+    assert len(lines) == 2 and lines[0].startswith("injected 2 files ("), lines  # nothing stale above it
+    recorded = raw.read_bytes().decode("utf-8", "replace")
+    assert "file 1 of 2: big.txt" in recorded and "file 2 of 2: small.md" in recorded
+    assert "chunks" in recorded and "tok/s" in recorded

@@ -847,34 +847,47 @@ def checkpoint_problem(folder: Path) -> str | None:
 
 
 def list_models() -> list[dict]:
-    """The known model aliases and whether each is in the Hugging Face cache (never goes online)."""
-    from huggingface_hub import scan_cache_dir
-    from huggingface_hub.errors import CacheNotFound
-
+    """The known model aliases and whether each is in the Hugging Face cache (never goes online;
+    reads the cache's folders directly: models--OWNER--NAME/{blobs,snapshots})."""
+    from . import paths
     from .catalog import ALIASES
     from .settings import DEFAULT_MODEL
 
-    try:
-        repos = {repo.repo_id: repo for repo in scan_cache_dir().repos if repo.repo_type == "model"}
-    except (CacheNotFound, OSError):
-        repos = {}
+    cache = paths.hf_hub_cache()
     rows = []
     for alias, repo_id in ALIASES.items():
         row = {"name": alias, "repo": repo_id, "default": alias == DEFAULT_MODEL,
                "status": "not downloaded", "bytes": 0, "path": None, "problem": None}
-        cached = repos.get(repo_id)
-        if cached is not None:
-            row["bytes"] = cached.size_on_disk
+        repo = cache / ("models--" + repo_id.replace("/", "--"))
+        if repo.is_dir():
+            row["bytes"] = _folder_bytes(repo / "blobs")
             row["status"] = "partial"
             problem = "no snapshot"
-            for revision in sorted(cached.revisions, key=lambda r: r.last_modified, reverse=True):
-                problem = checkpoint_problem(revision.snapshot_path)
+            try:
+                snapshots = sorted((p for p in (repo / "snapshots").iterdir() if p.is_dir()),
+                                   key=lambda p: p.stat().st_mtime, reverse=True)
+            except OSError:
+                snapshots = []
+            for snapshot in snapshots:
+                problem = checkpoint_problem(snapshot)
                 if problem is None:
-                    row["status"], row["path"] = "downloaded", str(revision.snapshot_path)
+                    row["status"], row["path"] = "downloaded", str(snapshot)
                     break
             row["problem"] = problem
         rows.append(row)
     return rows
+
+
+def _folder_bytes(folder: Path) -> int:
+    total = 0
+    try:
+        with os.scandir(folder) as entries:
+            for entry in entries:
+                if entry.is_file(follow_symlinks=False):
+                    total += entry.stat(follow_symlinks=False).st_size
+    except OSError:
+        pass
+    return total
 
 
 def pull_model(name: str) -> Path:

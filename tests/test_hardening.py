@@ -121,8 +121,8 @@ def _vanishing(tmp, mp):
     path = _w(tmp / "gone.txt", GOOD_TEXT + " vanishing")
     real = api_module.discover
 
-    def discover(paths, glob=None):
-        for item in real(paths, glob=glob):
+    def discover(paths, glob=None, **options):
+        for item in real(paths, glob=glob, **options):
             if getattr(item, "path", "") == str(path):
                 path.unlink()  # between discover and read
             yield item

@@ -558,14 +558,15 @@ def interrupted_line(report) -> str:
     return f"interrupted: kept {' and '.join(kept)}; run the same command again to continue"
 
 
-def _run_inject(inject, pool: str, paths: list[str], **kwargs):
-    """Inject with progress through `inject` (the library's function); returns (report, interrupted)."""
+def _run_inject(inject, paths: list[str], **kwargs):
+    """Inject with progress through `inject(paths, stdin=..., on_event=..., **kwargs)` (the library's
+    function, bound to its pool); returns (report, interrupted)."""
     from .api import InjectInterrupted
 
     stdin = sys.stdin.buffer if "-" in paths and hasattr(sys.stdin, "buffer") else None
     with InjectProgress() as progress:
         try:
-            return inject(pool, paths, stdin=stdin, on_event=progress, **kwargs), False
+            return inject(paths, stdin=stdin, on_event=progress, **kwargs), False
         except InjectInterrupted as stop:
             return stop.report, True
 
@@ -593,9 +594,11 @@ def inject(
 
     A file already in the pool is skipped; a file whose content changed is injected again.
     Exit code 3 when something was skipped."""
+    import functools
+
     state = _state(ctx)
     name = state.pool(pool)
-    report, interrupted = _run_inject(state.app().inject, name, paths, chunk_tokens=chunk_tokens,
+    report, interrupted = _run_inject(functools.partial(state.app().inject, name), paths, chunk_tokens=chunk_tokens,
                                       glob=glob, force=force, type=type_, encoding=encoding)
     if as_json:
         print_json(report.to_json())
@@ -798,7 +801,7 @@ def chat(
                         paths = shlex.split(rest)
                         if not paths:
                             raise MemcliError("/inject needs at least one path")
-                        report, interrupted = _run_inject(session.app.inject, name, paths)
+                        report, interrupted = _run_inject(session.inject, paths)
                         for note in report_lines(report)[:-1]:
                             say(note)
                         if as_json:
@@ -888,7 +891,7 @@ def pool_info(ctx: typer.Context,
               as_json: bool = typer.Option(False, "--json", metavar=FLAG, help=JSON_HELP)) -> None:
     """Show a pool's facts and how much of each source is still in memory."""
     state = _state(ctx)
-    info = state.pools_api().pool_info(state.pool(name))
+    info = state.app().pool_info(state.pool(name))
     if as_json:
         print_json(info)
         return

@@ -156,10 +156,10 @@ class InjectInterrupted(MemcliError):
 class Event:
     """Progress of an inject, for a progress display."""
 
-    kind: str  # "load" | "file" | "chunk" | "skip" | "commit"
-    path: str = ""  # the file (for "load": the model)
-    chunks: int = 0  # chunks done in this file by this run
-    tokens: int = 0  # tokens done in this run
+    kind: str  # "file" | "chunk" | "skip" | "commit"
+    path: str = ""
+    chunks: int = 0  # chunks of this file injected by this run
+    tokens: int = 0  # tokens of this file injected by this run
     file_index: int = 0  # "file k of n": k (1-based) ...
     files_total: int = 0  # ... and n, the files this run reads
     # how far into the file the chunk ends, in `unit`s (bytes of the file, pages of a PDF): an
@@ -171,7 +171,7 @@ class Event:
     # (a resumed file's skipped part counts neither in the rate nor in the ETA)
     seconds: float = 0.0
     start: float = 0
-    reason: str = ""  # "skip": why; "load": the device
+    reason: str = ""  # "skip": why
 
 
 @dataclass

@@ -943,8 +943,8 @@ def pool_fork(ctx: typer.Context, src: str = typer.Argument(..., metavar="POOL",
 
 
 @pool_app.command("rename")
-def pool_rename(ctx: typer.Context, old: str = typer.Argument(..., metavar="POOL", autocompletion=complete_pool),
-                new: str = typer.Argument(..., metavar="NEW"),
+def pool_rename(ctx: typer.Context, old: str = typer.Argument(..., metavar="POOL", autocompletion=complete_pool, help="Pool to rename."),
+                new: str = typer.Argument(..., metavar="NEW", help="Its new name."),
                 as_json: bool = typer.Option(False, "--json", metavar=FLAG, help=JSON_HELP)) -> None:
     """Rename a pool."""
     state = _state(ctx)
@@ -973,7 +973,7 @@ def pool_rm(ctx: typer.Context, name: str = typer.Argument(..., metavar="POOL", 
 
 
 @pool_app.command("export")
-def pool_export(ctx: typer.Context, name: str = typer.Argument(..., metavar="POOL", autocompletion=complete_pool),
+def pool_export(ctx: typer.Context, name: str = typer.Argument(..., metavar="POOL", autocompletion=complete_pool, help="Pool to export."),
                 file: Path = typer.Argument(..., metavar="FILE", help="The .tar file to write."),
                 as_json: bool = typer.Option(False, "--json", metavar=FLAG, help=JSON_HELP)) -> None:
     """Write a pool to one file (a tar), e.g. for a backup or another machine."""
@@ -1019,7 +1019,7 @@ def pool_verify(ctx: typer.Context, name: Optional[str] = typer.Argument(None, m
 
 
 @pool_app.command("rebind", epilog="Example:  memcli pool rebind demo --model ~/models/tiny-model")
-def pool_rebind(ctx: typer.Context, name: str = typer.Argument(..., metavar="POOL", autocompletion=complete_pool),
+def pool_rebind(ctx: typer.Context, name: str = typer.Argument(..., metavar="POOL", autocompletion=complete_pool, help="Pool to rebind."),
                 as_json: bool = typer.Option(False, "--json", metavar=FLAG, help=JSON_HELP)) -> None:
     """Record --model MODEL as the pool's model: the same model found elsewhere (a moved folder, the
     hub id of a local copy). Its config.json must have the pool's fingerprint; no weights are read."""
@@ -1062,7 +1062,7 @@ def config_get(ctx: typer.Context,
 @config_app.command("set")
 def config_set(key: str = typer.Argument(..., metavar="KEY", autocompletion=complete_config_key,
                                          help="model, pool, device, dtype or quant."),
-               value: str = typer.Argument(..., metavar="VALUE")) -> None:
+               value: str = typer.Argument(..., metavar="VALUE", help="Its value, e.g. cpu, work or memoryllm-8b.")) -> None:
     """Write a default into the config file (a model folder is stored as an absolute path)."""
     from . import paths
     from .settings import set_config
@@ -1072,7 +1072,8 @@ def config_set(key: str = typer.Argument(..., metavar="KEY", autocompletion=comp
 
 
 @config_app.command("unset")
-def config_unset(key: str = typer.Argument(..., metavar="KEY", autocompletion=complete_config_key)) -> None:
+def config_unset(key: str = typer.Argument(..., metavar="KEY", autocompletion=complete_config_key,
+                                           help="model, pool, device, dtype or quant.")) -> None:
     """Remove a key from the config file (its default applies again)."""
     from . import paths
     from .settings import set_config

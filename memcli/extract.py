@@ -37,7 +37,7 @@ import stat
 import subprocess
 import sys
 import zlib
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from fnmatch import fnmatchcase
 from typing import BinaryIO, Iterable, Iterator
 

@@ -165,7 +165,21 @@ def _write_stdout(text: str) -> None:
     sys.stdout.flush()
 
 
+class _SayHandler(logging.Handler):
+    """memcli's own log warnings (an unreadable PDF page) as one stderr line each, through say(), so
+    during an inject they print above the progress display instead of breaking it."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            say(f"memcli: {record.levelname.lower()}: {one_line(record.getMessage())}", style="yellow")
+        except Exception:  # a log line must never fail a command
+            pass
+
+
 def _quiet_libraries() -> None:
+    own = logging.getLogger("memcli")
+    if not any(isinstance(handler, _SayHandler) for handler in own.handlers):
+        own.addHandler(_SayHandler(logging.WARNING))
     logging.getLogger("pypdf").setLevel(logging.ERROR)
     # bitsandbytes logs its optional kernels' absence ("Failed to load CPU gemm_4bit_forward ...")
     logging.getLogger("bitsandbytes").setLevel(logging.ERROR)

@@ -940,3 +940,15 @@ def test_tty_progress_shows_file_k_of_n_and_leaves_no_stale_line(ck, tmp_path):
     recorded = raw.read_bytes().decode("utf-8", "replace")
     assert "file 1 of 2: big.txt" in recorded and "file 2 of 2: small.md" in recorded
     assert "chunks" in recorded and "tok/s" in recorded
+
+
+def test_log_warnings_are_one_line_each_through_the_cli(ck, tmp_path):
+    """An unreadable PDF page is logged by extract; the CLI says it as one line (through the live
+    display's console while one is shown: the class of item 3)."""
+    from .test_extract import BROKEN_PAGE
+
+    pdf = write(tmp_path / "half.pdf", make_pdf([text_page(ALICE[:70]), BROKEN_PAGE]))
+    result = run("inject", pdf, "--pool", "w", "--model", ck)
+    assert result.exit_code == 0, result.stderr
+    [warning] = [line for line in err_lines(result) if line.startswith("memcli: warning: ")]
+    assert "skipping unreadable page 2" in warning

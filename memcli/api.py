@@ -3,32 +3,46 @@
     app = Memcli()                                   # settings from config file / environment
     report = app.inject("work", ["notes.pdf"])       # files -> 512-token chunks -> memory updates
     answer = app.ask("work", "When does the train leave?", on_text=print)
+    chat = app.chat("work"); chat.ask("Who is Bob?"); chat.ask("And his sister?")  # a conversation
 
 A loaded model is kept per model name, so switching pools never reloads weights. Inject holds the
 pool's writer lock for its whole run and commits after every file (and every `COMMIT_EVERY` chunks
 of a long file), so an interruption keeps every committed chunk and nothing half-written; running
 the same command again skips what is already in and resumes a file where it stopped.
+
+torch, the engine and the tokenizer are imported where a model is needed: listing pools and
+models, reading a pool's facts and the settings stay light.
 """
 
 from __future__ import annotations
 
+import difflib
 import hashlib
+import os
 import time
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
 from pathlib import Path
-from typing import BinaryIO, Callable, Iterable
+from typing import TYPE_CHECKING, BinaryIO, Callable, Iterable
 
-import torch
-
-from . import pool as pools
 from .chunking import MIN_CHUNK_TOKENS, ChunkingError, chunk_token_ids, encode_pieces
-from .engine import Engine, Generation, Sampling
-from .extract import ExtractError, Skipped, Source, discover, iter_text, sha256_of
-from .loading import initial_state, load_model, resolve_checkpoint
-from .prompts import context_ids, load_tokenizer, question_ids, stop_ids
+from .clock import iso_z, now_iso
+from .extract import ExtractError, Ignored, Reading, Skipped, Source, discover, iter_text, sha256_of
 from .settings import Settings, load_settings
-from .store import PoolStore, validate_name
+
+if TYPE_CHECKING:  # pragma: no cover
+    from .engine import Engine, Sampling
+    from .pool import Binding, Pool
+    from .store import PoolStore
+
+
+def __getattr__(name: str):
+    """`memcli.api.pools` (the pool module) on first use, so importing the API stays light."""
+    if name == "pools":
+        from . import pool
+
+        return pool
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
 
 DEFAULT_CHUNK_TOKENS = 512
 DEFAULT_ANSWER_TOKENS = 256
@@ -39,14 +53,18 @@ class MemcliError(Exception):
     """A user-facing failure; str() is one line."""
 
 
+class PoolNotFoundError(MemcliError):
+    """A pool name that is not there; the message suggests the closest existing name."""
+
+
 @dataclass
 class LoadedModel:
     name: str
     folder: Path
-    engine: Engine
+    engine: "Engine"
     tokenizer: object
-    binding: pools.Binding
-    state_dtype: torch.dtype
+    binding: "Binding"
+    state_dtype: object  # torch.dtype
     device: str
 
     @property
@@ -62,7 +80,7 @@ class LoadedModel:
 @dataclass
 class FileResult:
     path: str
-    status: str  # "injected" | "skipped" | "already" | "resumed"
+    status: str  # "injected" | "changed" | "resumed" | "already" | "skipped"
     reason: str = ""
     chunks: int = 0
     tokens: int = 0
@@ -81,9 +99,37 @@ class InjectReport:
     # (kept; the next run resumes after them). None when it had no committed chunk.
     partial: FileResult | None = None
 
+    # files inside folders left out without being read: suffix -> count (binary formats), and
+    # how many did not match --glob
+    ignored_by_type: dict[str, int] = field(default_factory=dict)
+    ignored_by_glob: int = 0
+
     @property
     def skipped(self) -> list[FileResult]:
         return [f for f in self.files if f.status == "skipped"]
+
+    def count(self, *statuses: str) -> int:
+        return sum(1 for f in self.files if f.status in statuses)
+
+    def skipped_by_reason(self) -> dict[str, int]:
+        reasons: dict[str, int] = {}
+        for f in self.skipped:
+            reasons[f.reason] = reasons.get(f.reason, 0) + 1
+        return reasons
+
+    def summary(self) -> dict:
+        """The per-run counts: injected / already in / changed / resumed / skipped by reason /
+        ignored by type."""
+        return {
+            "injected": self.count("injected"),
+            "changed": self.count("changed"),
+            "resumed": self.count("resumed"),
+            "already": self.count("already"),
+            "skipped": len(self.skipped),
+            "skipped_by_reason": self.skipped_by_reason(),
+            "ignored_by_type": dict(sorted(self.ignored_by_type.items(), key=lambda kv: (-kv[1], kv[0]))),
+            "ignored_by_glob": self.ignored_by_glob,
+        }
 
     def to_json(self) -> dict:
         return {
@@ -94,6 +140,7 @@ class InjectReport:
             "seconds": round(self.seconds, 3),
             "tokens_per_second": round(self.tokens / self.seconds, 1) if self.seconds else None,
             "interrupted": self.interrupted,
+            "summary": self.summary(),
             "files": [f.__dict__ for f in self.files],
             "partial": self.partial.__dict__ if self.partial else None,
         }
@@ -111,13 +158,20 @@ class Event:
 
     kind: str  # "file" | "chunk" | "skip" | "commit"
     path: str = ""
-    chunks: int = 0  # chunks done in this file
-    tokens: int = 0  # tokens done in this run
-    # chunk events of plain-text files (text, markdown): an estimate of how far into the file the
-    # chunk ends, for an ETA; bytes_total is None where bytes do not map to text (pdf, html, stdin)
-    bytes_done: int = 0
-    bytes_total: int | None = None
-    reason: str = ""
+    chunks: int = 0  # chunks of this file injected by this run
+    tokens: int = 0  # tokens of this file injected by this run
+    file_index: int = 0  # "file k of n": k (1-based) ...
+    files_total: int = 0  # ... and n, the files this run reads
+    # how far into the file the chunk ends, in `unit`s (bytes of the file, pages of a PDF): an
+    # estimate for an ETA; total None where unknown (stdin)
+    done: float = 0
+    total: int | None = None
+    unit: str = "bytes"
+    # wall time since this file's first chunk of this run began, and the position it began at
+    # (a resumed file's skipped part counts neither in the rate nor in the ETA)
+    seconds: float = 0.0
+    start: float = 0
+    reason: str = ""  # "skip": why
 
 
 @dataclass
@@ -140,7 +194,10 @@ class Answer:
             "seconds": round(self.seconds, 4),
             "decode_tokens_per_second": round(decode / decode_seconds, 2) if decode > 0 and decode_seconds > 0 else None,
             "stopped": self.stopped,
+            "turns_in_prompt": self.turns_in_prompt,
         }
+
+    turns_in_prompt: int = 0  # earlier conversation turns the prompt carried (chat)
 
 
 def _host_resident(state, loaded: LoadedModel):
@@ -152,30 +209,110 @@ def _host_resident(state, loaded: LoadedModel):
     return state
 
 
-def _now() -> str:
-    return datetime.now(timezone.utc).isoformat(timespec="seconds")
+def normalize_model(name: str) -> str:
+    """What a pool records as its model: a local folder as an absolute path (so the pool works from
+    any directory), an alias or hub id as it is."""
+    from .catalog import ALIASES
+
+    local = Path(name).expanduser()
+    if name not in ALIASES and local.is_dir():
+        return str(local.resolve())
+    return name
+
+
+@dataclass(frozen=True)
+class ModelIdentity:
+    """What a pool's binding checks, read from a model's config.json alone (no weights)."""
+
+    model: str
+    family: str
+    config_hash: str
+    num_tokens: int
+
+
+def model_identity(name: str) -> ModelIdentity:
+    """The family and config fingerprint of a model from its config.json only: a local folder's,
+    the Hugging Face cache's, or (online) the one file downloaded. Never reads weights."""
+    from .catalog import ALIASES
+    from .config import ConfigError, read_config
+
+    name = normalize_model(name)
+    local = Path(name)
+    if local.is_dir():
+        folder = local
+    else:
+        repo_id = ALIASES.get(name, name)
+        if repo_id.count("/") != 1 or local.suffix or repo_id.startswith("/"):
+            raise MemcliError(f"model {name!r} is neither a folder nor a hub id (known: {', '.join(ALIASES)})")
+        from huggingface_hub import hf_hub_download, try_to_load_from_cache
+
+        cached = try_to_load_from_cache(repo_id, "config.json")
+        if isinstance(cached, str):
+            folder = Path(cached).parent
+        else:
+            try:
+                folder = Path(hf_hub_download(repo_id, "config.json")).parent
+            except Exception as err:  # the hub client raises many kinds; the user needs one line
+                raise MemcliError(f"cannot read the config of {repo_id}: it is not downloaded and the hub "
+                                  f"cannot be reached ({type(err).__name__})") from None
+    try:
+        cfg = read_config(folder)
+    except ConfigError as err:
+        raise MemcliError(str(err)) from None
+    return ModelIdentity(name, cfg.family, cfg.fingerprint(), cfg.num_tokens)
+
+
+def _binding_mismatch(pool: str, binding, identity: ModelIdentity) -> str | None:
+    if binding.config_hash == identity.config_hash and binding.family == identity.family:
+        return None
+    return (f"pool {pool} belongs to model {binding.model} ({binding.family}, config {binding.config_hash}), "
+            f"not to {identity.model} ({identity.family}, config {identity.config_hash})")
+
+
+def _model_is_here(name: str) -> bool:
+    """Whether a pool's recorded model can be loaded without asking the network to find it."""
+    from .catalog import ALIASES
+
+    local = Path(name).expanduser()
+    if local.is_dir():
+        return True
+    repo_id = ALIASES.get(name, name)
+    if repo_id.count("/") != 1 or local.is_absolute() or name.startswith("."):
+        return False  # a folder that is gone (or a relative path from another directory)
+    from huggingface_hub import constants, try_to_load_from_cache
+
+    if isinstance(try_to_load_from_cache(repo_id, "config.json"), str):
+        return True
+    # not in the cache: a hub id can still be downloaded when online; "a/b" offline is most likely
+    # a folder recorded relative to another directory (pools made before paths were absolute)
+    return not constants.HF_HUB_OFFLINE
 
 
 class Memcli:
-    def __init__(self, settings: Settings | None = None, store: PoolStore | None = None,
+    def __init__(self, settings: Settings | None = None, store: "PoolStore | None" = None,
                  on_load: Callable[[str, str], None] | None = None):
+        from .store import PoolStore
+
         self.settings = settings or load_settings()
         self.store = store or PoolStore()
         self._models: dict[str, LoadedModel] = {}
-        self._pools: dict[str, pools.Pool] = {}  # pools kept in memory by chat sessions
+        self._pools: dict[str, "Pool"] = {}  # pools kept in memory by chat sessions
         # called with (model name, device) just before a model's weights are loaded
         self.on_load = on_load
 
     # ------------------------------------------------------------------ models
     def model(self, name: str | None = None) -> LoadedModel:
-        name = name or self.settings.model
+        name = normalize_model(name or self.settings.model)
         if name not in self._models:
+            from . import pool as pools
             from .config import ConfigError
-            from .loading import CheckpointError
+            from .engine import Engine
+            from .loading import CheckpointError, load_model, resolve_checkpoint
+            from .prompts import load_tokenizer
 
             try:
+                device = self.settings.resolved_device()  # a missing device is said first
                 folder = resolve_checkpoint(name)
-                device = self.settings.resolved_device()
                 dtype = self.settings.resolved_dtype()
                 if self.on_load is not None:
                     self.on_load(name, device)
@@ -198,31 +335,65 @@ class Memcli:
         return self._models[name]
 
     # ------------------------------------------------------------------ pools
-    def _pool_model(self, name: str, model: str | None) -> LoadedModel:
-        """The model a pool is bound to (or, for a new pool, the requested/default one)."""
-        if self.store.exists(name):
-            binding = pools.read_binding(self.store, name)
-            if model is not None and model != binding.model:
-                loaded = self.model(model)
-                pools.check_binding(name, binding, loaded.binding)
-                return loaded
-            return self.model(binding.model)
-        return self.model(model)
+    def require_pool(self, name: str) -> str:
+        """`name` if that pool exists; else a one-line error naming the closest pool."""
+        from .store import validate_name
 
-    def open_pool(self, name: str, model: str | None = None, create: bool = False) -> tuple[LoadedModel, pools.Pool]:
+        validate_name(name)
+        if self.store.exists(name):
+            return name
+        raise PoolNotFoundError(pool_not_found_message(name, [info.name for info in self.store.list()]))
+
+    def _pool_model(self, name: str, model: str | None) -> LoadedModel:
+        """The model a pool is bound to (or, for a new pool, the requested/default one).
+
+        For an existing pool, a model named for this run (`model`, --model or MEMCLI_MODEL) is
+        used instead of the recorded one when its config.json has the pool's fingerprint — checked
+        before any weights are read — and so is the configured model when the recorded one is not
+        on this machine (a folder that moved)."""
+        from . import pool as pools
+
+        if not self.store.exists(name):
+            return self.model(model)
+        binding = pools.read_binding(self.store, name)
+        wanted = model or (self.settings.model if self.settings.explicit("model") else None)
+        if wanted is not None and normalize_model(wanted) != binding.model:
+            problem = _binding_mismatch(name, binding, model_identity(wanted))
+            if problem is not None:
+                raise pools.PoolModelMismatch(problem)
+            return self.model(wanted)
+        if _model_is_here(binding.model):
+            return self.model(binding.model)
+        fallback = self.settings.model
+        if fallback != binding.model and _model_is_here(fallback) and \
+                _binding_mismatch(name, binding, model_identity(fallback)) is None:
+            return self.model(fallback)
+        raise MemcliError(
+            f"pool {name} belongs to model {binding.model}, which is not on this machine; give the same "
+            f"model with --model (its config.json must match) or record where it is now: "
+            f"memcli pool rebind {name} --model PATH"
+        )
+
+    def open_pool(self, name: str, model: str | None = None, create: bool = False) -> tuple[LoadedModel, "Pool"]:
+        from . import pool as pools
+        from .loading import initial_state
+        from .store import validate_name
+
         validate_name(name)
         if name in self._pools:
             pool = self._pools[name]
             return self.model(pool.binding.model), pool
-        if not self.store.exists(name) and not create:
-            raise MemcliError(f"pool {name} does not exist (memcli pool ls lists pools; inject creates one)")
+        if not create:
+            self.require_pool(name)
         loaded = self._pool_model(name, model)
         if self.store.exists(name):
             return loaded, self._load_pool(name, loaded)
         state = _host_resident(initial_state(loaded.reader, loaded.cfg, "cpu", loaded.state_dtype), loaded)
         return loaded, pools.create(self.store, name, loaded.binding, state)
 
-    def _load_pool(self, name: str, loaded: LoadedModel) -> pools.Pool:
+    def _load_pool(self, name: str, loaded: LoadedModel) -> "Pool":
+        from . import pool as pools
+
         pool = pools.load(self.store, name, loaded.binding, device="cpu", dtype=loaded.state_dtype)
         _host_resident(pool.state, loaded)
         return pool
@@ -230,6 +401,28 @@ class Memcli:
     def keep_open(self, name: str) -> None:
         """Keep a pool's state in memory across calls (chat sessions)."""
         self._pools[name] = self.open_pool(name)[1]
+
+    def rebind(self, name: str, model: str) -> dict:
+        """Record `model` as pool `name`'s model, after checking from its config.json alone that it
+        is the same model (family and config fingerprint). For a pool whose model folder moved, or
+        to switch between a folder and the hub id of the same checkpoint."""
+        from . import pool as pools
+
+        self.require_pool(name)
+        identity = model_identity(model)
+        with self.store.writer(name):
+            manifest = self.store.read_manifest(name)
+            meta = dict(manifest.get("meta") or {})
+            binding = pools.read_binding(self.store, name)
+            problem = _binding_mismatch(name, binding, identity)
+            if problem is not None:
+                raise pools.PoolModelMismatch(problem)
+            meta["model"] = {**meta["model"], "model": identity.model}
+            self.store.commit(name, meta=meta, part_ids=list(manifest["parts"]), new_parts={},
+                              expect_version=int(manifest["version"]))
+        self._pools.pop(name, None)
+        return {"pool": name, "model": identity.model, "previous": binding.model, "family": identity.family,
+                "config_hash": identity.config_hash}
 
     # ------------------------------------------------------------------ inject
     def inject(
@@ -241,14 +434,42 @@ class Memcli:
         chunk_tokens: int | None = None,
         glob: str | None = None,
         force: bool = False,
+        type: str | None = None,
+        encoding: str | None = None,
         stdin: BinaryIO | None = None,
         on_event: Callable[[Event], None] | None = None,
     ) -> InjectReport:
+        """Inject files, folders or "-" (stdin) into a pool (created, bound to `model`, if new).
+
+        What is read is found first (so bad input is said before a model loads): files inside
+        folders that match `glob` and are not of a binary type; `type` forces how files are read
+        (extract.TYPES), `encoding` their text encoding."""
+        from .store import validate_name
+
         validate_name(pool_name)
         paths = list(paths)
         if not paths:
             raise MemcliError("nothing to inject: give at least one file, folder or - for stdin")
+        emit = on_event or (lambda event: None)
+        report = InjectReport(pool=pool_name, model="")
+        try:
+            found = list(discover(paths, glob=glob, type=type, encoding=encoding))
+        except ValueError as err:
+            raise MemcliError(str(err)) from None
+        items: list[Source | Skipped] = []
+        for item in found:
+            if isinstance(item, Ignored):
+                if item.why == "glob":
+                    report.ignored_by_glob += 1
+                else:
+                    key = item.suffix or "(no suffix)"
+                    report.ignored_by_type[key] = report.ignored_by_type.get(key, 0) + 1
+            else:
+                items.append(item)
+        if not items:
+            raise MemcliError(_nothing_found(paths, glob, report))
         loaded = self._pool_model(pool_name, model) if self.store.exists(pool_name) else self.model(model)
+        report.model = loaded.name
         limit = loaded.max_input_tokens()
         if chunk_tokens is None:
             chunk_tokens = min(DEFAULT_CHUNK_TOKENS, limit)
@@ -256,30 +477,32 @@ class Memcli:
             raise MemcliError(f"--chunk-tokens must be at least {MIN_CHUNK_TOKENS} (the model card's minimum), not {chunk_tokens}")
         if chunk_tokens > limit:
             raise MemcliError(f"--chunk-tokens {chunk_tokens} is longer than {loaded.name} reads at once ({limit} tokens)")
-        emit = on_event or (lambda event: None)
-        report = InjectReport(pool=pool_name, model=loaded.name)
         started = time.perf_counter()
         created = not self.store.exists(pool_name)
         try:
-            return self._inject_all(loaded, pool_name, paths, chunk_tokens, glob, force, stdin, report, emit, started)
+            return self._inject_all(loaded, pool_name, items, chunk_tokens, force, stdin, report, emit, started)
         finally:
             # a pool this call created but never wrote to is not left behind (bad input leaves no trace)
             if created and self.store.exists(pool_name) and not self.store.read_manifest(pool_name)["meta"].get("next_chunk"):
                 self._pools.pop(pool_name, None)
                 self.store.remove(pool_name)
 
-    def _inject_all(self, loaded, pool_name, paths, chunk_tokens, glob, force, stdin, report, emit, started):
+    def _inject_all(self, loaded, pool_name, items, chunk_tokens, force, stdin, report, emit, started):
+        total = sum(1 for item in items if isinstance(item, Source))
         with self.store.writer(pool_name):
             _, pool = self.open_pool(pool_name, model=loaded.name, create=True)
             current: Source | None = None
+            index = 0
             try:
-                for item in discover(paths, glob=glob):
+                for item in items:
                     if isinstance(item, Skipped):
                         report.files.append(FileResult(item.path, "skipped", item.reason))
                         emit(Event("skip", item.path, reason=item.reason))
                         continue
                     current = item
-                    report.files.append(self._inject_source(loaded, pool, item, chunk_tokens, force, stdin, report, emit))
+                    index += 1
+                    report.files.append(self._inject_source(loaded, pool, item, chunk_tokens, force, stdin, report,
+                                                            emit, (index, total)))
                     current = None
             except KeyboardInterrupt:
                 report.interrupted = True
@@ -290,15 +513,23 @@ class Memcli:
         report.seconds = time.perf_counter() - started
         return report
 
-    def _discard_unsaved(self, name: str, loaded: LoadedModel, pool: pools.Pool) -> None:
+    def _discard_unsaved(self, name: str, loaded: LoadedModel, pool: "Pool") -> None:
         """After an interruption or a failed file, return to the last committed state."""
         fresh = self._load_pool(name, loaded)
         pool.state, pool.sources, pool.next_chunk, pool.version, pool.parts = (
             fresh.state, fresh.sources, fresh.next_chunk, fresh.version, fresh.parts)
         loaded.engine.forget_prefix()
 
-    def _inject_source(self, loaded, pool, source: Source, chunk_tokens, force, stdin, report, emit) -> FileResult:
+    def _inject_source(self, loaded, pool, source: Source, chunk_tokens, force, stdin, report, emit,
+                       position_in_run: tuple[int, int]) -> FileResult:
+        import torch
+
+        from . import pool as pools
+        from .prompts import context_ids
+
         engine, tokenizer = loaded.engine, loaded.tokenizer
+        index, total = position_in_run
+        reading = Reading()
         try:
             if source.kind == "stdin":
                 # stdin can be read once: keep its text (bounded by what the user piped) to hash it
@@ -307,14 +538,22 @@ class Memcli:
                 pieces: Iterable[str] = [text]
             else:
                 digest = sha256_of(source)
-                pieces = iter_text(source)
+                pieces = iter_text(source, reading=reading)
         except ExtractError as err:
             emit(Event("skip", source.path, reason=str(err)))
             return FileResult(source.path, "skipped", str(err))
         entry = pool.source_by_hash(digest)
         if entry is not None and entry.get("complete") and not force:
-            emit(Event("skip", source.path, reason="already in the pool"))
-            return FileResult(source.path, "already", "already in the pool (use --force to inject it again)")
+            same = entry.get("path") == source.path or source.kind == "stdin"
+            reason = "already in the pool" if same else f"already in the pool as {entry.get('path')}"
+            emit(Event("skip", source.path, reason=reason))
+            return FileResult(source.path, "already", reason + " (use --force to inject it again)")
+        # A source is its path: the same path with other content is a changed file, injected again;
+        # the rows of its earlier version stay in memory and fade like all rows.
+        previous = None
+        if source.kind != "stdin":
+            previous = next((s for s in reversed(pool.sources) if s.get("path") == source.path and s.get("complete")
+                             and s.get("sha256") != digest and not s.get("superseded_by")), None)
         resume_after = entry["chunks"] if entry is not None and not entry.get("complete") and not force else 0
         if entry is None or force or entry.get("complete") or entry["first_chunk"] + entry["chunks"] != pool.next_chunk:
             entry = {
@@ -327,29 +566,31 @@ class Memcli:
                 "chunks": 0,
                 "first_chunk": pool.next_chunk,
                 "complete": False,
-                "time": _now(),
+                "time": now_iso(),
             }
             pool.sources.append(entry)
-        emit(Event("file", source.path, bytes_total=source.size))
+        emit(Event("file", source.path, file_index=index, files_total=total, total=source.size))
         done = tokens_done = 0  # chunks and tokens injected by this run
-        # position estimate for progress: bytes of text encoded so far per token, times tokens chunked
-        by_bytes = source.kind in ("text", "markdown") and bool(source.size)
-        encoded = [0, 0]  # bytes, tokens
+        # position estimate for progress: units read (bytes, pages) per token encoded, times tokens chunked
+        encoded_tokens = [0]
 
         def encode(text: str) -> list[int]:
             ids = context_ids(tokenizer, text)
-            if by_bytes:
-                encoded[0] += len(text.encode("utf-8", "surrogatepass"))
-                encoded[1] += len(ids)
+            encoded_tokens[0] += len(ids)
             return ids
 
         position = 0  # tokens of this file chunked so far (resumed ones included)
+        began: list[float] = []  # (time, position in units) when this run's first chunk of the file began
         try:
             chunks = chunk_token_ids(encode_pieces(pieces, encode), chunk_tokens)
-            for index, chunk in enumerate(chunks):
+            for number, chunk in enumerate(chunks):
                 position += len(chunk)
-                if index < resume_after:
+                if number < resume_after:
                     continue  # committed by an earlier, interrupted run
+                at = _position(position, encoded_tokens[0], reading)
+                if not began:
+                    before = _position(position - len(chunk), encoded_tokens[0], reading)
+                    began.extend((time.perf_counter(), before))
                 delta = engine.inject(pool.state, torch.tensor([chunk]))
                 engine.update(pool.state, delta, origin=pool.next_chunk)
                 pool.next_chunk += 1
@@ -359,12 +600,9 @@ class Memcli:
                 tokens_done += len(chunk)
                 report.chunks += 1
                 report.tokens += len(chunk)
-                if by_bytes:
-                    at = min(int(position * encoded[0] / max(encoded[1], 1)), encoded[0], source.size)
-                    emit(Event("chunk", source.path, chunks=done, tokens=report.tokens,
-                               bytes_done=at, bytes_total=source.size))
-                else:
-                    emit(Event("chunk", source.path, chunks=done, tokens=report.tokens))
+                emit(Event("chunk", source.path, chunks=done, tokens=tokens_done, file_index=index,
+                           files_total=total, done=at, total=reading.total, unit=reading.unit,
+                           seconds=time.perf_counter() - began[0], start=began[1]))
                 if done % COMMIT_EVERY == 0:
                     pools.save(self.store, pool)
                     emit(Event("commit", source.path, chunks=done))
@@ -374,10 +612,13 @@ class Memcli:
             emit(Event("skip", source.path, reason=str(err)))
             return FileResult(source.path, "skipped", str(err))
         entry["complete"] = True
-        entry["time"] = _now()
+        entry["time"] = now_iso()
+        if previous is not None:
+            previous["superseded_by"] = entry["id"]
         pools.save(self.store, pool)
-        status = "resumed" if resume_after else "injected"
-        return FileResult(source.path, status, chunks=done, tokens=tokens_done)
+        status = "resumed" if resume_after else "changed" if previous is not None else "injected"
+        reason = "changed since it was injected; its earlier rows stay and fade" if status == "changed" else ""
+        return FileResult(source.path, status, reason, chunks=done, tokens=tokens_done)
 
     # ------------------------------------------------------------------ ask
     def ask(
@@ -386,16 +627,29 @@ class Memcli:
         question: str,
         *,
         max_new_tokens: int | None = None,
-        sampling: Sampling | None = None,
+        sampling: "Sampling | None" = None,
         on_text: Callable[[str], None] | None = None,
+        history: list[tuple[str, str]] | None = None,
     ) -> Answer:
         """Answer from the pool. `max_new_tokens=None` allows up to 256 tokens, or what the model's
-        window leaves after the question when that is less."""
+        window leaves after the question when that is less. `history`: earlier (question, answer)
+        turns of a conversation, oldest first; as many of the newest as fit the window go into the
+        prompt (the oldest are dropped first)."""
+        import torch
+
+        from .prompts import conversation_ids, stop_ids
+
         if not question or not question.strip():
             raise MemcliError("the question is empty")
         loaded, pool = self.open_pool(pool_name)
-        ids = question_ids(loaded.tokenizer, question.strip())
+        tokenizer = loaded.tokenizer
         limit = loaded.max_input_tokens()
+        turns = list(history or [])
+        ids = conversation_ids(tokenizer, turns, question.strip())
+        answer_room = DEFAULT_ANSWER_TOKENS if max_new_tokens is None else max_new_tokens
+        while turns and len(ids) + min(answer_room, limit // 2) > limit:
+            turns.pop(0)  # the oldest turn goes first
+            ids = conversation_ids(tokenizer, turns, question.strip())
         if max_new_tokens is None:
             max_new_tokens = min(DEFAULT_ANSWER_TOKENS, limit - len(ids))
             if max_new_tokens < 1:
@@ -405,7 +659,6 @@ class Memcli:
                 f"the question is {len(ids)} tokens and the answer may take {max_new_tokens}; "
                 f"{loaded.name} reads at most {limit} tokens after its memory (shorten it or lower --max-new-tokens)"
             )
-        tokenizer = loaded.tokenizer
         stops = stop_ids(tokenizer, loaded.cfg.eos_token_id)
         emitted = ""
         tokens: list[int] = []
@@ -427,7 +680,7 @@ class Memcli:
                 on_text(text[len(emitted):])
             emitted = text
 
-        generation: Generation = loaded.engine.generate(
+        generation = loaded.engine.generate(
             pool.state, torch.tensor([ids]), max_new_tokens=max_new_tokens, stop_ids=stops,
             sampling=sampling, on_token=on_token,
         )
@@ -442,15 +695,26 @@ class Memcli:
             seconds_to_first_token=(first_token_at[0] if first_token_at else finished) - started,
             seconds=finished - started,
             stopped=bool(generation.tokens) and generation.tokens[-1] in stops,
+            turns_in_prompt=len(turns),
         )
+
+    def chat(self, pool_name: str, *, max_new_tokens: int | None = None,
+             sampling: "Sampling | None" = None) -> "ChatSession":
+        """A conversation with a pool: the pool stays loaded and earlier turns go into each prompt."""
+        self.keep_open(pool_name)
+        return ChatSession(self, pool_name, max_new_tokens=max_new_tokens, sampling=sampling)
 
     # ------------------------------------------------------------------ pool info
     def pool_info(self, name: str) -> dict:
-        """Manifest facts plus, per source, how much of it is still in memory (small tables only)."""
+        """Manifest facts plus, per source, how much of it is still in memory (`retention`, a list,
+        empty for an empty pool), from the small tables only. `sources` is a count, as in
+        list_pools; `files` the log entries."""
         from . import pool_meta
 
-        validate_name(name)
-        return pool_meta.pool_info(self.store, name)
+        self.require_pool(name)
+        info = pool_meta.pool_info(self.store, name)
+        files = [{**entry, "time": iso_z(entry.get("time"))} for entry in info["sources"]]
+        return {**info, "sources": len(files), "files": files, "retention": info.get("retention", [])}
 
     # ------------------------------------------------------------------ pool listing
     def list_pools(self) -> list[dict]:
@@ -461,7 +725,62 @@ class Memcli:
         return pool_meta.list_rows(self.store)
 
 
-def _partial_of(pool: pools.Pool, source: Source | None) -> FileResult | None:
+class ChatSession:
+    """A conversation with one pool (`Memcli.chat`): each question is asked with the earlier
+    (question, answer) turns in the prompt, as many of the newest as the model's window holds."""
+
+    def __init__(self, app: Memcli, pool: str, *, max_new_tokens: int | None = None,
+                 sampling: "Sampling | None" = None):
+        self.app, self.pool = app, pool
+        self.max_new_tokens, self.sampling = max_new_tokens, sampling
+        self.turns: list[tuple[str, str]] = []
+
+    def ask(self, question: str, on_text: Callable[[str], None] | None = None) -> Answer:
+        answer = self.app.ask(self.pool, question, max_new_tokens=self.max_new_tokens, sampling=self.sampling,
+                              on_text=on_text, history=self.turns)
+        self.turns.append((question.strip(), answer.text.strip()))
+        return answer
+
+    def reset(self) -> None:
+        """Forget the conversation (the pool's memory is not touched)."""
+        self.turns.clear()
+
+    def inject(self, paths: Iterable[str], **kwargs) -> InjectReport:
+        """Add documents to the pool mid-conversation; the next answer reads them."""
+        return self.app.inject(self.pool, paths, **kwargs)
+
+
+def _position(tokens: int, encoded_tokens: int, reading: Reading) -> float:
+    """Where in the file (in reading.unit) the first `tokens` tokens end: what was read so far,
+    shared out over the tokens encoded from it (text is read at most a piece ahead)."""
+    if reading.total is None or not encoded_tokens:
+        return 0
+    return min(tokens * reading.done / encoded_tokens, reading.done, reading.total)
+
+
+def _nothing_found(paths: list[str], glob: str | None, report: InjectReport) -> str:
+    """Why an inject found no file to read, in one line."""
+    where = ", ".join(paths[:3]) + (f" and {len(paths) - 3} more" if len(paths) > 3 else "")
+    ignored = sum(report.ignored_by_type.values())
+    notes = []
+    if glob is not None and report.ignored_by_glob:
+        notes.append(f"--glob {glob!r} matched none of its {report.ignored_by_glob:,} files")
+    elif glob is not None:
+        notes.append(f"--glob {glob!r} matched no file")
+    if ignored:
+        kinds = ", ".join(f"{k} {v:,}" for k, v in list(InjectReport.summary(report)["ignored_by_type"].items())[:4])
+        notes.append(f"{ignored:,} ignored by type ({kinds}; --type text reads them)")
+    return f"nothing to inject in {where}: " + ("; ".join(notes) if notes else "no files there")
+
+
+def pool_not_found_message(name: str, existing: list[str]) -> str:
+    """The one wording of a missing pool, with the closest existing name."""
+    close = difflib.get_close_matches(name, existing, n=1, cutoff=0.6)
+    hint = f"; did you mean {close[0]}?" if close else " (memcli pool ls lists pools; inject creates one)"
+    return f"pool {name} not found{hint}"
+
+
+def _partial_of(pool: "Pool", source: Source | None) -> FileResult | None:
     """After an interruption (and a return to the last commit): what is kept of the file in progress."""
     if source is None:
         return None
@@ -499,39 +818,56 @@ def checkpoint_problem(folder: Path) -> str | None:
 
 
 def list_models() -> list[dict]:
-    """The known model aliases and whether each is in the Hugging Face cache (never goes online)."""
-    from huggingface_hub import scan_cache_dir
-    from huggingface_hub.errors import CacheNotFound
-
-    from .loading import ALIASES
+    """The known model aliases and whether each is in the Hugging Face cache (never goes online;
+    reads the cache's folders directly: models--OWNER--NAME/{blobs,snapshots})."""
+    from . import paths
+    from .catalog import ALIASES
     from .settings import DEFAULT_MODEL
 
-    try:
-        repos = {repo.repo_id: repo for repo in scan_cache_dir().repos if repo.repo_type == "model"}
-    except (CacheNotFound, OSError):
-        repos = {}
+    cache = paths.hf_hub_cache()
     rows = []
     for alias, repo_id in ALIASES.items():
         row = {"name": alias, "repo": repo_id, "default": alias == DEFAULT_MODEL,
                "status": "not downloaded", "bytes": 0, "path": None, "problem": None}
-        cached = repos.get(repo_id)
-        if cached is not None:
-            row["bytes"] = cached.size_on_disk
+        repo = cache / ("models--" + repo_id.replace("/", "--"))
+        if repo.is_dir():
+            row["bytes"] = _folder_bytes(repo / "blobs")
             row["status"] = "partial"
             problem = "no snapshot"
-            for revision in sorted(cached.revisions, key=lambda r: r.last_modified, reverse=True):
-                problem = checkpoint_problem(revision.snapshot_path)
+            try:
+                snapshots = sorted((p for p in (repo / "snapshots").iterdir() if p.is_dir()),
+                                   key=lambda p: p.stat().st_mtime, reverse=True)
+            except OSError:
+                snapshots = []
+            for snapshot in snapshots:
+                problem = checkpoint_problem(snapshot)
                 if problem is None:
-                    row["status"], row["path"] = "downloaded", str(revision.snapshot_path)
+                    row["status"], row["path"] = "downloaded", str(snapshot)
                     break
             row["problem"] = problem
         rows.append(row)
     return rows
 
 
+def _folder_bytes(folder: Path) -> int:
+    total = 0
+    try:
+        with os.scandir(folder) as entries:
+            for entry in entries:
+                if entry.is_file(follow_symlinks=False):
+                    total += entry.stat(follow_symlinks=False).st_size
+    except OSError:
+        pass
+    return total
+
+
 def pull_model(name: str) -> Path:
     """Download (or finish downloading) a model into the Hugging Face cache; returns its folder."""
-    from .loading import ALIASES, CheckpointError
+    from huggingface_hub import constants
+    from huggingface_hub.errors import LocalEntryNotFoundError
+
+    from .catalog import ALIASES
+    from .loading import CheckpointError, resolve_checkpoint
 
     if Path(name).expanduser().is_dir():
         raise MemcliError(f"{name} is a local folder; there is nothing to download")
@@ -541,6 +877,11 @@ def pull_model(name: str) -> Path:
     try:
         folder = resolve_checkpoint(repo_id)  # snapshot_download: resumes, honours HF_HOME / HF_HUB_OFFLINE
     except CheckpointError as err:
+        if isinstance(err.__context__, LocalEntryNotFoundError):
+            # resolve_checkpoint's advice is to run pull: here that is what just failed
+            why = ("HF_HUB_OFFLINE is set; unset it to download" if constants.HF_HUB_OFFLINE
+                   else "the Hugging Face hub cannot be reached; check the network connection (or HF_ENDPOINT)")
+            raise MemcliError(f"cannot download {repo_id}: {why}") from None
         raise MemcliError(str(err)) from None
     problem = checkpoint_problem(folder)
     if problem is not None:
@@ -564,6 +905,23 @@ def _free_bytes(path: Path) -> int | None:
         return None
 
 
+def host_memory() -> dict:
+    """Total and available host memory in bytes (None where the platform does not say)."""
+    total = available = None
+    try:
+        total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):
+        pass
+    try:
+        with open("/proc/meminfo") as meminfo:
+            for line in meminfo:
+                if line.startswith("MemAvailable:"):
+                    available = int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return {"total_bytes": total, "available_bytes": available, "needed_bytes": None}
+
+
 def diagnose(settings: Settings) -> dict:
     """What this machine can run: versions, GPU, quantization modes, disk, paths, resolved settings,
     and a list of what will not work here (`memcli doctor`). Loads no model."""
@@ -571,11 +929,16 @@ def diagnose(settings: Settings) -> dict:
     import platform
     import sys
 
+    import logging
+
+    import torch
     from huggingface_hub import constants
 
     from . import __version__, paths
+    from .catalog import known
     from .quant import QUANT_MODES, check_mode_supported
 
+    logging.getLogger("bitsandbytes").setLevel(logging.ERROR)  # its kernel-loading notes are not ours to show
     problems: list[str] = []
     cuda = {"available": torch.cuda.is_available(), "version": torch.version.cuda, "devices": []}
     if cuda["available"]:
@@ -628,8 +991,19 @@ def diagnose(settings: Settings) -> dict:
     hf_cache = Path(constants.HF_HUB_CACHE)
     disk = {"data_dir": str(paths.data_dir()), "data_free_bytes": _free_bytes(paths.data_dir()),
             "hf_cache": str(hf_cache), "hf_cache_free_bytes": _free_bytes(hf_cache)}
-    from .loading import ALIASES
+    from .catalog import ALIASES
 
+    memory = host_memory()
+    catalog_entry = known(settings.model)
+    if catalog_entry is not None and resolved["device"] == "cpu" and resolved["quant"]:
+        from .catalog import host_bytes_needed
+
+        needed = host_bytes_needed(catalog_entry, resolved["quant"])
+        memory["needed_bytes"] = needed
+        if memory["total_bytes"] is not None and needed > memory["total_bytes"]:
+            problems.append(f"{settings.model} on the CPU in {resolved['quant']} needs about {needed / 2**30:.0f} GiB "
+                            f"of memory and this machine has {memory['total_bytes'] / 2**30:.0f} GiB; it will not "
+                            f"load here (a CUDA GPU, or the offline demo: bash examples/demo.sh --smoke)")
     if settings.model in ALIASES:
         downloaded = any(row["name"] == settings.model and row["status"] == "downloaded" for row in list_models())
         free = disk["hf_cache_free_bytes"]
@@ -646,6 +1020,7 @@ def diagnose(settings: Settings) -> dict:
         "bitsandbytes": bnb_version,
         "quant_modes": modes,
         "disk": disk,
+        "memory": memory,
         "paths": {"data": str(paths.data_dir()), "pools": str(paths.pools_dir()), "config": str(paths.config_dir()),
                   "config_file": str(paths.config_file()), "cache": str(paths.cache_dir()), "hf_cache": str(hf_cache)},
         "settings": {"model": settings.model, "device": settings.device, "dtype": settings.dtype, "quant": settings.quant},

@@ -9,8 +9,12 @@ Results go to stdout; progress, summaries and diagnostics to stderr. Every failu
     3    inject finished, but some inputs were skipped
     130  interrupted (Ctrl-C or SIGTERM); inject keeps every committed chunk
 
-Heavy modules (torch, transformers) are imported inside the commands, so `--help`, `--version`
-and shell completion stay fast.
+Heavy modules (torch, transformers, the engine) are imported inside the commands that run a model,
+so `--help`, `--version`, completion, `pool ls/info/verify`, `models` and `config` stay light.
+Global options (--model, --device, --dtype, --quant) are accepted before or after the command.
+
+Commands reach the library through `State.app()` (inject, ask, chat, pool info): the one place where
+another backend (a running server's client) can stand in for the in-process `memcli.api.Memcli`.
 """
 
 from __future__ import annotations
@@ -42,11 +46,16 @@ EXIT_USAGE = 2
 EXIT_SKIPPED = 3
 EXIT_INTERRUPTED = 130
 
-CPU_WARNING = "no CUDA GPU found; running on the CPU (slow). Set --device cpu to silence this."
+CPU_WARNING = ("no CUDA GPU found; running on the CPU (slow). To silence this, set the device: "
+               "memcli config set device cpu (or --device cpu, MEMCLI_DEVICE=cpu)")
 DEBUG_HINT = "run with MEMCLI_DEBUG=1 for details"
 
 _terminated = False  # set by SIGTERM: an interruption a chat session must not swallow
 _warned_cpu = False  # the CPU warning is said once per process
+
+
+class UsageProblem(ValueError):
+    """A command given without something it needs (exit 2, like other usage errors)."""
 
 
 class Terminated(KeyboardInterrupt):
@@ -64,18 +73,33 @@ def _no_color() -> bool:
     return bool(os.environ.get("NO_COLOR"))
 
 
+_live_console: Console | None = None  # stderr console of the progress display while it is shown
+
+# Columns for output that is not a terminal: wide enough that a table row is never wrapped
+# (pipes into grep and awk get one line per row).
+UNWRAPPED_WIDTH = 10_000
+
+
 def console(stderr: bool = True) -> Console:
     """A Rich console on the current stdout/stderr: no markup parsing (file names may hold "[...]"),
-    no colour when NO_COLOR is set (Rich adds none when the stream is not a terminal)."""
+    no colour when NO_COLOR is set (Rich adds none when the stream is not a terminal). While a
+    progress display is live, stderr lines go through its console, so they print above it instead
+    of breaking it."""
+    if stderr and _live_console is not None:
+        return _live_console
     no_color = _no_color()
-    return Console(
-        file=sys.stderr if stderr else sys.stdout,
+    stream = sys.stderr if stderr else sys.stdout
+    made = Console(
+        file=stream,
         color_system=None if no_color else "auto",
         no_color=no_color or None,
         markup=False,
         highlight=False,
         emoji=False,
     )
+    if not made.is_terminal:
+        made.width = UNWRAPPED_WIDTH
+    return made
 
 
 def shown(text: object) -> str:
@@ -108,6 +132,12 @@ def print_json(data: Any) -> None:
     sys.stdout.flush()
 
 
+def print_json_line(data: Any) -> None:
+    """One JSON object on one line (NDJSON: streamed events, chat turns)."""
+    sys.stdout.write(json.dumps(data, separators=(",", ":")) + "\n")
+    sys.stdout.flush()
+
+
 def human_bytes(n: int | None) -> str:
     if n is None:
         return "?"
@@ -135,8 +165,24 @@ def _write_stdout(text: str) -> None:
     sys.stdout.flush()
 
 
+class _SayHandler(logging.Handler):
+    """memcli's own log warnings (an unreadable PDF page) as one stderr line each, through say(), so
+    during an inject they print above the progress display instead of breaking it."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            say(f"memcli: {record.levelname.lower()}: {one_line(record.getMessage())}", style="yellow")
+        except Exception:  # a log line must never fail a command
+            pass
+
+
 def _quiet_libraries() -> None:
+    own = logging.getLogger("memcli")
+    if not any(isinstance(handler, _SayHandler) for handler in own.handlers):
+        own.addHandler(_SayHandler(logging.WARNING))
     logging.getLogger("pypdf").setLevel(logging.ERROR)
+    # bitsandbytes logs its optional kernels' absence ("Failed to load CPU gemm_4bit_forward ...")
+    logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
     warnings.filterwarnings("ignore", module=r"transformers(\.|$)")
@@ -148,9 +194,10 @@ def _quiet_libraries() -> None:
 def _user_message(err: BaseException) -> str | None:
     """The one-line message of an expected failure, or None for a bug."""
     from .settings import SettingsError
-    from .store import PoolError
 
-    if isinstance(err, (PoolError, SettingsError)):
+    if isinstance(err, SettingsError):
+        return str(err)
+    if "memcli.store" in sys.modules and isinstance(err, sys.modules["memcli.store"].PoolError):
         return str(err)
     if "memcli.api" in sys.modules and isinstance(err, sys.modules["memcli.api"].MemcliError):
         return str(err)
@@ -163,8 +210,39 @@ def _user_message(err: BaseException) -> str | None:
     return None
 
 
+GLOBAL_OPTIONS = ("--model", "--device", "--dtype", "--quant")
+
+
+def hoist_global_options(args: list[str]) -> list[str]:
+    """`args` with the global options (and their values) that come after the command moved in front
+    of it, so `memcli ask q --pool p --device cpu` means `memcli --device cpu ask q --pool p`.
+    Nothing after `--` moves."""
+    front: list[str] = []
+    rest: list[str] = []
+    i = 0
+    while i < len(args):
+        arg = args[i]
+        if arg == "--":
+            rest.extend(args[i:])
+            break
+        name = arg.split("=", 1)[0]
+        if name in GLOBAL_OPTIONS and rest:
+            take = 1 if "=" in arg else 2
+            front.extend(args[i:i + take])
+            i += take
+            continue
+        rest.append(arg)
+        i += 1
+    return front + rest
+
+
 class _Group(TyperGroup):
     """Turns every exception of a command (and of the app callback) into one line and an exit code."""
+
+    def parse_args(self, ctx, args):
+        if ctx.parent is None:
+            args = hoist_global_options(list(args))
+        return super().parse_args(ctx, args)
 
     def invoke(self, ctx):
         try:
@@ -183,6 +261,9 @@ class _Group(TyperGroup):
             if debug:
                 traceback.print_exc(file=sys.stderr)
             message = _user_message(err)
+            if isinstance(err, UsageProblem):
+                error_line(message)
+                raise typer.Exit(EXIT_USAGE) from None
             if message is None:
                 detail = f"{type(err).__name__}: {err}" if str(err) else type(err).__name__
                 message = f"unexpected {detail}" + ("" if debug else f" ({DEBUG_HINT})")
@@ -205,6 +286,7 @@ class State:
         return self._settings
 
     def app(self):
+        """The library behind inject, ask, chat and pool info (`memcli.api.Memcli`)."""
         if self._app is None:
             from .api import Memcli
 
@@ -215,7 +297,9 @@ class State:
                 if settings.device == "auto" and device == "cpu" and not _warned_cpu:
                     _warned_cpu = True
                     say(CPU_WARNING, style="yellow")
-                if console().is_terminal:
+                if InjectProgress.active is not None:
+                    InjectProgress.active.loading(model, device)  # shown in the display, gone after it
+                elif console().is_terminal:
                     say(f"loading {shown(model)} on {device}...", style="dim")
 
             self._app = Memcli(settings, on_load=on_load)
@@ -227,11 +311,24 @@ class State:
         return PoolStore()
 
     def pools_api(self):
-        """A Memcli for pool listing/info: those read manifests only, so no settings are needed."""
+        """A Memcli for pool listing/info/rebind: those read manifests only, so no settings are needed."""
         from .api import Memcli
         from .settings import Settings
 
         return Memcli(Settings(), self.store())
+
+    def pool(self, given: str | None) -> str:
+        """The pool a command works on: --pool, else the configured default."""
+        if given:
+            return given
+        settings = self.settings()
+        if settings.pool:
+            return settings.pool
+        raise UsageProblem("no pool given: use --pool NAME, or set a default with memcli config set pool NAME")
+
+    def require_pool(self, name: str) -> str:
+        """`name` if that pool exists, else the one-line "pool X not found; did you mean Y?"."""
+        return self.pools_api().require_pool(name)
 
 
 def _state(ctx: typer.Context) -> State:
@@ -242,23 +339,94 @@ def _state(ctx: typer.Context) -> State:
     return obj
 
 
+# --------------------------------------------------------------------------- completion
+def complete_pool(incomplete: str) -> list[str]:
+    """Pool names for shell completion: the folders with a manifest (no store, no torch)."""
+    from . import paths
+
+    try:
+        names = sorted(os.listdir(paths.pools_dir()))
+    except OSError:
+        return []
+    return [n for n in names if n.startswith(incomplete) and not n.startswith(".")
+            and os.path.isfile(os.path.join(paths.pools_dir(), n, "manifest.json"))]
+
+
+def complete_model(incomplete: str) -> list[str]:
+    """Model aliases, then folders, for shell completion."""
+    from .catalog import ALIASES
+
+    found = [alias for alias in ALIASES if alias.startswith(incomplete)]
+    return found + paths_starting(incomplete, folders_only=True)
+
+
+def complete_path(incomplete: str) -> list[str]:
+    return paths_starting(incomplete)
+
+
+def paths_starting(incomplete: str, folders_only: bool = False) -> list[str]:
+    """Paths starting with `incomplete` (folders end with "/")."""
+    folder, _, prefix = incomplete.rpartition("/")
+    where = os.path.expanduser(folder or ".") if folder or not incomplete.startswith("/") else "/"
+    try:
+        names = sorted(os.listdir(where))
+    except OSError:
+        return []
+    out = []
+    for name in names:
+        if not name.startswith(prefix) or (name.startswith(".") and not prefix.startswith(".")):
+            continue
+        full = (folder + "/" if folder or incomplete.startswith("/") else "") + name
+        if os.path.isdir(os.path.join(where, name)):
+            out.append(full + "/")
+        elif not folders_only:
+            out.append(full)
+    return out
+
+
+def complete_config_key(incomplete: str) -> list[str]:
+    from .settings import KEYS
+
+    return [key for key in KEYS if key.startswith(incomplete)]
+
+
 # --------------------------------------------------------------------------- the app
+GLOBAL_NOTE = "Global options (--model, --device, --dtype, --quant) may also come after the command."
 app = typer.Typer(
     cls=_Group,
     name="memcli",
     help="A local language model with a persistent memory of your documents (MemoryLLM / M+).",
+    epilog="Examples:  memcli inject notes/ --pool work  ·  memcli ask 'When is the launch?' --pool work  ·  "
+           "memcli config set pool work",
     no_args_is_help=True,
     pretty_exceptions_enable=False,
     context_settings={"help_option_names": ["-h", "--help"]},
 )
 pool_app = typer.Typer(
+    cls=_Group,
     name="pool",
-    help="List, inspect, copy, rename, remove, export, import and verify memory pools.",
+    help="List, inspect, copy, rename, remove, export, import, verify and rebind memory pools.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    context_settings={"help_option_names": ["-h", "--help"]},
+)
+config_app = typer.Typer(
+    cls=_Group,
+    name="config",
+    help="Read and write the config file's defaults (model, pool, device, dtype, quant).",
     no_args_is_help=True,
     pretty_exceptions_enable=False,
     context_settings={"help_option_names": ["-h", "--help"]},
 )
 app.add_typer(pool_app, name="pool")
+app.add_typer(config_app, name="config")
+
+# Help shows an argument's name (PATH, QUESTION), not a Python type ("<list[str]>"); flags show none.
+typer.core.TyperArgument.display_type_rich = lambda self, ctx: None  # type: ignore[method-assign]
+_option_type = typer.core.TyperOption.display_type_rich
+typer.core.TyperOption.display_type_rich = (  # type: ignore[method-assign]
+    lambda self, ctx: None if self.is_flag else _option_type(self, ctx))
+FLAG = ""  # metavar of a flag: nothing after its name
 
 
 def _version(value: bool) -> None:
@@ -270,90 +438,123 @@ def _version(value: bool) -> None:
 @app.callback()
 def _root(
     ctx: typer.Context,
-    model: Optional[str] = typer.Option(None, "--model", help="Model for new pools: an alias (memcli models), hub id or folder. Overrides MEMCLI_MODEL and the config file."),
-    device: Optional[str] = typer.Option(None, "--device", help="auto, cpu, cuda or cuda:N (MEMCLI_DEVICE)."),
-    dtype: Optional[str] = typer.Option(None, "--dtype", help="auto, fp32, bf16 or fp16 (MEMCLI_DTYPE)."),
-    quant: Optional[str] = typer.Option(None, "--quant", help="auto, nf4, int8, fp32, bf16 or fp16 (MEMCLI_QUANT)."),
-    version: bool = typer.Option(False, "--version", callback=_version, is_eager=True, help="Show the version and exit."),
+    model: Optional[str] = typer.Option(None, "--model", metavar="MODEL", autocompletion=complete_model,
+                                        help="An alias (memcli models), hub id or folder: the model of new pools; for an existing pool, the same model from elsewhere (checked). Overrides MEMCLI_MODEL and the config file."),
+    device: Optional[str] = typer.Option(None, "--device", metavar="DEVICE", help="auto, cpu, cuda or cuda:N (MEMCLI_DEVICE)."),
+    dtype: Optional[str] = typer.Option(None, "--dtype", metavar="DTYPE", help="auto, fp32, bf16 or fp16 (MEMCLI_DTYPE)."),
+    quant: Optional[str] = typer.Option(None, "--quant", metavar="QUANT", help="auto, nf4, int8, fp32, bf16 or fp16 (MEMCLI_QUANT)."),
+    version: bool = typer.Option(False, "--version", metavar=FLAG, callback=_version, is_eager=True, help="Show the version and exit."),
 ) -> None:
     _quiet_libraries()
     ctx.obj = State(flags={"model": model, "device": device, "dtype": dtype, "quant": quant})
 
 
 # --------------------------------------------------------------------------- inject
+def _eta(seconds: float) -> str:
+    seconds = int(seconds + 0.5)
+    return f"{seconds // 3600}:{seconds % 3600 // 60:02d}:{seconds % 60:02d}" if seconds >= 3600 else f"{seconds // 60}:{seconds % 60:02d}"
+
+
 class InjectProgress:
-    """Rich progress on stderr (a terminal only): file, chunks, tokens/s, ETA from bytes when known."""
+    """Rich progress on stderr (a terminal only): "file k of n", chunks, tokens/s and an ETA from the
+    file's position (bytes, or pages of a PDF). Rate and ETA count from this run's first chunk of
+    the file (a resumed file's skipped part is not work done) and use the file's whole average, so
+    the ETA does not jump with one slow chunk. Transient: nothing of it stays on the terminal."""
+
+    active: "InjectProgress | None" = None  # the display being shown (the loading note goes there)
 
     def __init__(self, enabled: bool | None = None):
-        from rich.progress import BarColumn, Progress, SpinnerColumn, TextColumn, TimeRemainingColumn
+        from rich.progress import BarColumn, Progress, SpinnerColumn, TextColumn
 
         err = console()
         self.progress = Progress(
             SpinnerColumn(),
             TextColumn("{task.description}", markup=False),
             BarColumn(),
-            TextColumn("{task.fields[chunks]} chunks", markup=False),
+            TextColumn("{task.fields[chunks]}", markup=False),
             TextColumn("{task.fields[rate]}", markup=False),
-            TimeRemainingColumn(),
+            TextColumn("{task.fields[eta]}", markup=False),
             console=err,
             transient=True,
             disable=not (err.is_terminal if enabled is None else enabled),
         )
         self.task = None
-        self.files = 0
-        self.started = time.perf_counter()
 
     def __enter__(self) -> "InjectProgress":
+        global _live_console
         self.progress.__enter__()
-        self.task = self.progress.add_task("starting", total=None, chunks=0, rate="")
+        self.task = self.progress.add_task("starting", total=None, chunks="", rate="", eta="")
+        if not self.progress.disable:
+            InjectProgress.active = self
+            _live_console = self.progress.console
         return self
 
     def __exit__(self, *exc) -> None:
+        global _live_console
+        InjectProgress.active = None
+        _live_console = None
         self.progress.__exit__(*exc)
+
+    def loading(self, model: str, device: str) -> None:
+        name = shown(model)
+        name = name if len(name) <= 40 else "…" + name[-39:]
+        self.progress.update(self.task, description=f"loading {name} on {device}…", refresh=True)
 
     def __call__(self, event) -> None:
         if self.task is None:
             return
         if event.kind == "file":
-            self.files += 1
-            name = shown(event.path)
+            name = os.path.basename(shown(event.path)) or shown(event.path)
             if len(name) > 40:
                 name = "…" + name[-39:]
-            self.progress.reset(self.task, total=None, completed=0, description=f"file {self.files}: {name}", chunks="0", rate="")
+            self.progress.reset(self.task, total=None, completed=0, chunks="", rate="", eta="",
+                                description=f"file {event.file_index:,} of {event.files_total:,}: {name}")
+            self.progress.refresh()
         elif event.kind == "chunk":
-            elapsed = time.perf_counter() - self.started
-            rate = f"{event.tokens / elapsed:,.0f} tok/s" if elapsed > 0 else ""
-            update: dict = {"chunks": f"{event.chunks:,}", "rate": rate}
-            if event.bytes_total:
-                update.update(total=event.bytes_total, completed=event.bytes_done)
+            update: dict = {"chunks": _plural(event.chunks, "chunk"), "rate": "", "eta": ""}
+            if event.seconds > 0:
+                update["rate"] = f"{event.tokens / event.seconds:,.0f} tok/s"
+            if event.total:
+                update.update(total=event.total, completed=event.done)
+                progressed = event.done - event.start
+                if progressed > 0 and event.seconds > 0:
+                    update["eta"] = "ETA " + _eta((event.total - event.done) * event.seconds / progressed)
             self.progress.update(self.task, **update)
 
 
-def _count(report, *statuses: str) -> int:
-    return sum(1 for f in report.files if f.status in statuses)
-
-
 def report_lines(report) -> list[str]:
-    """The per-file notes (skipped, already there) and the one-line summary of an inject."""
+    """The per-file notes (skipped, already there, changed) and the one-line summary of an inject:
+    injected / changed / resumed / already in / skipped by reason / ignored by type."""
     lines = []
     for f in report.files:
         if f.status == "skipped":
             lines.append(f"skipped {shown(f.path)}: {one_line(f.reason)}")
         elif f.status == "already":
             lines.append(f"{shown(f.path)}: {one_line(f.reason)}")
-    done = _count(report, "injected", "resumed")
+        elif f.status == "changed":
+            lines.append(f"changed {shown(f.path)}: injected again (the earlier version's rows stay and fade)")
+    done = report.count("injected", "resumed", "changed")
     if done:
         summary = (f"injected {_plural(done, 'file')} ({_plural(report.chunks, 'chunk')}, "
                    f"{_plural(report.tokens, 'token')}) into pool {report.pool} in {report.seconds:.1f} s")
     else:
         summary = f"nothing injected into pool {report.pool}"
+    counts = report.summary()
     notes = []
-    if _count(report, "resumed"):
-        notes.append(f"{_count(report, 'resumed')} resumed")
-    if _count(report, "already"):
-        notes.append(f"{_count(report, 'already')} already in the pool")
+    for key, label in (("changed", "changed"), ("resumed", "resumed"), ("already", "already in the pool")):
+        if counts[key]:
+            notes.append(f"{counts[key]:,} {label}")
     if report.skipped:
-        notes.append(f"{len(report.skipped)} skipped")
+        reasons = sorted(counts["skipped_by_reason"].items(), key=lambda kv: -kv[1])
+        shown_reasons = ", ".join(f"{n:,} {one_line(reason)[:60]}" for reason, n in reasons[:3])
+        more = f", {len(reasons) - 3} other reasons" if len(reasons) > 3 else ""
+        notes.append(f"{len(report.skipped):,} skipped ({shown_reasons}{more})")
+    ignored = counts["ignored_by_type"]
+    if ignored:
+        kinds = ", ".join(f"{k} {v:,}" for k, v in list(ignored.items())[:5])
+        notes.append(f"{sum(ignored.values()):,} ignored by type ({kinds})")
+    if counts["ignored_by_glob"]:
+        notes.append(f"{counts['ignored_by_glob']:,} not matching --glob")
     if notes:
         summary += " — " + ", ".join(notes)
     lines.append(summary)
@@ -361,43 +562,58 @@ def report_lines(report) -> list[str]:
 
 
 def interrupted_line(report) -> str:
-    if not _count(report, "injected", "resumed") and report.partial is None:
+    if not report.count("injected", "resumed", "changed") and report.partial is None:
         return "interrupted before anything was committed; run the same command again to continue"
     kept = []
-    if _count(report, "injected", "resumed"):
-        kept.append(_plural(_count(report, "injected", "resumed"), "complete file"))
+    if report.count("injected", "resumed", "changed"):
+        kept.append(_plural(report.count("injected", "resumed", "changed"), "complete file"))
     if report.partial is not None:
         kept.append(f"{_plural(report.partial.chunks, 'chunk')} of {shown(report.partial.path)}")
     return f"interrupted: kept {' and '.join(kept)}; run the same command again to continue"
 
 
-def _run_inject(app_, pool: str, paths: list[str], **kwargs):
-    """Inject with progress; returns (report, interrupted)."""
+def _run_inject(inject, paths: list[str], **kwargs):
+    """Inject with progress through `inject(paths, stdin=..., on_event=..., **kwargs)` (the library's
+    function, bound to its pool); returns (report, interrupted)."""
     from .api import InjectInterrupted
 
     stdin = sys.stdin.buffer if "-" in paths and hasattr(sys.stdin, "buffer") else None
     with InjectProgress() as progress:
         try:
-            return app_.inject(pool, paths, stdin=stdin, on_event=progress, **kwargs), False
+            return inject(paths, stdin=stdin, on_event=progress, **kwargs), False
         except InjectInterrupted as stop:
             return stop.report, True
 
 
-@app.command()
+POOL_HELP = "The pool (default: config pool, MEMCLI_POOL)."
+
+
+@app.command(epilog="Examples:  memcli inject notes.pdf ~/notes --pool work  ·  "
+                    "memcli inject /usr/share/man/man1 --glob 'git*' --pool man  ·  cat log | memcli inject - -p work. "
+                    + GLOBAL_NOTE)
 def inject(
     ctx: typer.Context,
-    paths: List[str] = typer.Argument(..., help="Files or folders to read (.txt .md .html .pdf); - reads stdin."),
-    pool: str = typer.Option(..., "--pool", "-p", help="The pool to inject into (created if new)."),
-    model: Optional[str] = typer.Option(None, "--model", help="Model of a new pool (default: the settings' model)."),
-    chunk_tokens: Optional[int] = typer.Option(None, "--chunk-tokens", help="Tokens per memory update (default 512, or what the model reads at once)."),
-    glob: Optional[str] = typer.Option(None, "--glob", help="Only files matching this pattern inside folders, e.g. '*.md'."),
-    force: bool = typer.Option(False, "--force", help="Inject files again even when they are already in the pool."),
-    as_json: bool = typer.Option(False, "--json", help="Print the report as JSON on stdout."),
+    paths: List[str] = typer.Argument(..., metavar="PATH...", autocompletion=complete_path,
+                                      help="Files or folders (every text file: text in any encoding, Markdown, HTML, PDF, man pages, source code, CSV/JSON, gzip); - reads stdin."),
+    pool: Optional[str] = typer.Option(None, "--pool", "-p", metavar="POOL", autocompletion=complete_pool,
+                                       help=POOL_HELP + " Created, bound to --model, if new."),
+    chunk_tokens: Optional[int] = typer.Option(None, "--chunk-tokens", metavar="N", help="Tokens per memory update (default 512, or what the model reads at once)."),
+    glob: Optional[str] = typer.Option(None, "--glob", metavar="PATTERN", help="Only files matching this pattern inside folders, e.g. '*.md' or 'notes/**/*.txt'."),
+    type_: Optional[str] = typer.Option(None, "--type", metavar="TYPE", help="Read every file as this type: text, markdown, html, pdf or man (default: from the content)."),
+    encoding: Optional[str] = typer.Option(None, "--encoding", metavar="ENCODING", help="The text's encoding, e.g. latin-1 (default: detected)."),
+    force: bool = typer.Option(False, "--force", metavar=FLAG, help="Inject files again even when they are already in the pool."),
+    as_json: bool = typer.Option(False, "--json", metavar=FLAG, help="Print the report as JSON on stdout."),
 ) -> None:
-    """Read documents into a pool's memory, one chunk at a time (resumable)."""
+    """Read documents into a pool's memory, one chunk at a time (resumable).
+
+    A file already in the pool is skipped; a file whose content changed is injected again.
+    Exit code 3 when something was skipped."""
+    import functools
+
     state = _state(ctx)
-    report, interrupted = _run_inject(state.app(), pool, paths, model=model, chunk_tokens=chunk_tokens,
-                                      glob=glob, force=force)
+    name = state.pool(pool)
+    report, interrupted = _run_inject(functools.partial(state.app().inject, name), paths, chunk_tokens=chunk_tokens,
+                                      glob=glob, force=force, type=type_, encoding=encoding)
     if as_json:
         print_json(report.to_json())
     else:
@@ -413,21 +629,27 @@ def inject(
 
 
 # --------------------------------------------------------------------------- ask
-def _stream_answer(app_, pool: str, question: str, max_new_tokens, sampling) -> None:
-    """Ask, writing the answer to stdout as it comes; a started line is ended even when interrupted."""
+def _stream_answer(ask, question: str, as_json: bool = False):
+    """Ask through `ask(question, on_text=...)`, writing the answer to stdout as it comes (NDJSON
+    "text" events with --json); a started line is ended even when interrupted."""
     started = []
 
     def on_text(text: str) -> None:
         started.append(True)
-        _write_stdout(text)
+        if as_json:
+            print_json_line({"event": "text", "text": text})
+        else:
+            _write_stdout(text)
 
     try:
-        app_.ask(pool, question, max_new_tokens=max_new_tokens, sampling=sampling, on_text=on_text)
+        answer = ask(question, on_text=on_text)
     except BaseException:
-        if started:
+        if started and not as_json:
             _write_stdout("\n")
         raise
-    _write_stdout("\n")
+    if not as_json:
+        _write_stdout("\n")
+    return answer
 
 
 def _sampling(temperature: float, top_p: float, seed: Optional[int]):
@@ -436,33 +658,45 @@ def _sampling(temperature: float, top_p: float, seed: Optional[int]):
     return Sampling(temperature=temperature, top_p=top_p, seed=seed)
 
 
-@app.command()
+@app.command(epilog="Examples:  memcli ask 'When is the Orion launch?' --pool work  ·  "
+                    "echo 'Who is Bob?' | memcli ask - --json. " + GLOBAL_NOTE)
 def ask(
     ctx: typer.Context,
-    question: str = typer.Argument(..., help="The question (keep it short: it is read after the memory)."),
-    pool: str = typer.Option(..., "--pool", "-p", help="The pool to answer from."),
-    max_new_tokens: int | None = typer.Option(None, "--max-new-tokens", min=1, help="Longest answer, in tokens (default 256, or what the model's window leaves)."),
-    temperature: float = typer.Option(0.0, "--temperature", min=0.0, help="0 decodes greedily."),
-    top_p: float = typer.Option(1.0, "--top-p", min=0.0, max=1.0, help="Nucleus sampling share (with --temperature > 0)."),
-    seed: Optional[int] = typer.Option(None, "--seed", help="Seed for sampling."),
-    as_json: bool = typer.Option(False, "--json", help="Print the answer and its timings as JSON (no streaming)."),
+    question: str = typer.Argument(..., metavar="QUESTION", help="The question (keep it short: it is read after the memory); - reads it from stdin."),
+    pool: Optional[str] = typer.Option(None, "--pool", "-p", metavar="POOL", autocompletion=complete_pool, help=POOL_HELP),
+    max_new_tokens: int | None = typer.Option(None, "--max-new-tokens", metavar="N", min=1, help="Longest answer, in tokens (default 256, or what the model's window leaves)."),
+    temperature: float = typer.Option(0.0, "--temperature", metavar="T", min=0.0, help="0 decodes greedily."),
+    top_p: float = typer.Option(1.0, "--top-p", metavar="P", min=0.0, max=1.0, help="Nucleus sampling share (with --temperature > 0)."),
+    seed: Optional[int] = typer.Option(None, "--seed", metavar="N", help="Seed for sampling."),
+    as_json: bool = typer.Option(False, "--json", metavar=FLAG, help="Stream NDJSON events: {\"event\": \"text\"} pieces, then one {\"event\": \"answer\"} with timings and token counts."),
 ) -> None:
     """Answer a question from a pool's memory, streaming the answer to stdout."""
-    app_ = _state(ctx).app()
+    state = _state(ctx)
+    if question == "-":
+        question = sys.stdin.read()
+        if not question.strip():
+            raise UsageProblem("ask -: stdin held no question")
+    name = state.pool(pool)
+    app_ = state.app()
     sampling = _sampling(temperature, top_p, seed)
+
+    def ask_once(text: str, on_text):
+        return app_.ask(name, text, max_new_tokens=max_new_tokens, sampling=sampling, on_text=on_text)
+
+    answer = _stream_answer(ask_once, question, as_json=as_json)
     if as_json:
-        answer = app_.ask(pool, question, max_new_tokens=max_new_tokens, sampling=sampling)
-        print_json(answer.to_json())
-        return
-    _stream_answer(app_, pool, question, max_new_tokens, sampling)
+        print_json_line({"event": "answer", "pool": name, **answer.to_json()})
 
 
 # --------------------------------------------------------------------------- chat
-CHAT_HELP = "type a question; /inject PATH... adds documents to the pool; /quit or Ctrl-D ends"
+CHAT_HELP = ("type a question (earlier turns are part of the conversation); /reset forgets them; "
+             "/inject PATH... adds documents to the pool; /quit or Ctrl-D ends")
+CHAT_COMMANDS = ("/inject", "/reset", "/help", "/quit", "/exit")
 
 
 class _History:
-    """Arrow-key editing and a history file (config dir) for an interactive chat."""
+    """Arrow-key editing, a history file (config dir) and Tab completion (chat commands, and paths
+    after /inject) for an interactive chat."""
 
     def __init__(self):
         from . import paths
@@ -475,6 +709,9 @@ class _History:
             return
         self.readline = readline
         readline.set_history_length(1000)
+        readline.set_completer_delims(" \t\n")
+        readline.set_completer(chat_completer(readline.get_line_buffer))
+        readline.parse_and_bind("tab: complete")
         try:
             readline.read_history_file(self.file)
         except OSError:
@@ -491,6 +728,22 @@ class _History:
             pass
 
 
+def chat_completer(line_buffer):
+    """A readline completer: chat commands at the start of a line, paths after /inject."""
+
+    def complete(text: str, index: int) -> str | None:
+        line = line_buffer()
+        if line.startswith("/inject "):
+            options = complete_path(text)
+        elif " " not in line.lstrip():
+            options = [c + " " for c in CHAT_COMMANDS if c.startswith(text)]
+        else:
+            options = []
+        return options[index] if index < len(options) else None
+
+    return complete
+
+
 def _read_question(interactive: bool) -> str:
     """The next line; EOFError at the end of input."""
     if not interactive:
@@ -505,27 +758,31 @@ def _read_question(interactive: bool) -> str:
     return input()
 
 
-@app.command()
+@app.command(epilog="Examples:  memcli chat --pool work  ·  printf 'Who is Bob?\\nAnd his sister?\\n' | memcli chat --json. "
+                    + GLOBAL_NOTE)
 def chat(
     ctx: typer.Context,
-    pool: str = typer.Option(..., "--pool", "-p", help="The pool to talk to."),
-    max_new_tokens: int | None = typer.Option(None, "--max-new-tokens", min=1, help="Longest answer, in tokens (default 256, or what the model's window leaves)."),
-    temperature: float = typer.Option(0.0, "--temperature", min=0.0, help="0 decodes greedily."),
-    top_p: float = typer.Option(1.0, "--top-p", min=0.0, max=1.0),
-    seed: Optional[int] = typer.Option(None, "--seed"),
+    pool: Optional[str] = typer.Option(None, "--pool", "-p", metavar="POOL", autocompletion=complete_pool, help=POOL_HELP),
+    max_new_tokens: int | None = typer.Option(None, "--max-new-tokens", metavar="N", min=1, help="Longest answer, in tokens (default 256, or what the model's window leaves)."),
+    temperature: float = typer.Option(0.0, "--temperature", metavar="T", min=0.0, help="0 decodes greedily."),
+    top_p: float = typer.Option(1.0, "--top-p", metavar="P", min=0.0, max=1.0, help="Nucleus sampling share (with --temperature > 0)."),
+    seed: Optional[int] = typer.Option(None, "--seed", metavar="N", help="Seed for sampling."),
+    as_json: bool = typer.Option(False, "--json", metavar=FLAG, help="One JSON line per turn (question, answer, timings) on stdout."),
 ) -> None:
-    """Ask many questions with the model and pool loaded once; /inject PATH adds documents."""
+    """A conversation with a pool; /reset forgets it, /inject PATH adds documents.
+
+    Earlier turns are part of each prompt, the oldest dropped first when the model's window is full."""
     from .api import MemcliError
     from .settings import SettingsError
     from .store import PoolError
 
-    app_ = _state(ctx).app()
-    app_.keep_open(pool)
-    sampling = _sampling(temperature, top_p, seed)
+    state = _state(ctx)
+    name = state.pool(pool)
+    session = state.app().chat(name, max_new_tokens=max_new_tokens, sampling=_sampling(temperature, top_p, seed))
     interactive = sys.stdin.isatty()
     history = _History() if interactive else None
     if interactive:
-        say(f"pool {pool}: {CHAT_HELP}", style="dim")
+        say(f"pool {name}: {CHAT_HELP}", style="dim")
     failures = 0
     try:
         while True:
@@ -549,13 +806,20 @@ def chat(
                         break
                     if command == "/help":
                         say(CHAT_HELP)
+                    elif command == "/reset":
+                        session.reset()
+                        say("the conversation is forgotten (the pool's memory is kept)")
+                        if as_json:
+                            print_json_line({"event": "reset"})
                     elif command == "/inject":
                         paths = shlex.split(rest)
                         if not paths:
                             raise MemcliError("/inject needs at least one path")
-                        report, interrupted = _run_inject(app_, pool, paths)
+                        report, interrupted = _run_inject(session.inject, paths)
                         for note in report_lines(report)[:-1]:
                             say(note)
+                        if as_json:
+                            print_json_line({"event": "inject", **report.to_json()})
                         if interrupted:
                             say(interrupted_line(report))
                             if _terminated or not interactive:
@@ -567,7 +831,12 @@ def chat(
                     else:
                         raise MemcliError(f"unknown command {command} ({CHAT_HELP})")
                     continue
-                _stream_answer(app_, pool, line, max_new_tokens, sampling)
+                if as_json:  # one line per turn, written when the answer is complete
+                    answer = session.ask(line)
+                    print_json_line({"event": "turn", "pool": name, "turn": len(session.turns),
+                                     "question": line, **answer.to_json()})
+                else:
+                    _stream_answer(session.ask, line)
             except (MemcliError, PoolError, SettingsError, ValueError) as err:
                 failures += 1
                 error_line(err)
@@ -594,7 +863,9 @@ def _table(*columns: str, right: tuple[str, ...] = ()) -> Table:
 
 
 def _tail(text: str, width: int) -> str:
-    """Long model paths keep their informative end."""
+    """Long model paths keep their informative end (on a terminal; piped output keeps everything)."""
+    if not console(stderr=False).is_terminal:
+        return text
     return text if len(text) <= width else "…" + text[-(width - 1):]
 
 
@@ -604,8 +875,11 @@ def _when(iso: str | None) -> str:
     return iso.replace("T", " ")[:16]
 
 
+JSON_HELP = "As JSON on stdout."
+
+
 @pool_app.command("ls")
-def pool_ls(ctx: typer.Context, as_json: bool = typer.Option(False, "--json", help="Exact numbers as JSON.")) -> None:
+def pool_ls(ctx: typer.Context, as_json: bool = typer.Option(False, "--json", metavar=FLAG, help=JSON_HELP)) -> None:
     """List the pools."""
     from . import pool_meta  # manifests only: no model, no torch
 
@@ -624,29 +898,29 @@ def pool_ls(ctx: typer.Context, as_json: bool = typer.Option(False, "--json", he
             continue
         table.add_row(row["name"], _tail(shown(row["model"] or "?"), 24), human_bytes(row["bytes_on_disk"]), f"{row['sources']:,}",
                       f"{row['chunks']:,}", f"{row['tokens']:,}", _when(row["updated"]))
-    console(stderr=False).print(table)
+    console(stderr=False).print(table, soft_wrap=not console(stderr=False).is_terminal)
 
 
 @pool_app.command("info")
-def pool_info(ctx: typer.Context, name: str = typer.Argument(..., help="Pool name."),
-              as_json: bool = typer.Option(False, "--json", help="Exact numbers as JSON.")) -> None:
+def pool_info(ctx: typer.Context,
+              name: Optional[str] = typer.Argument(None, metavar="[POOL]", autocompletion=complete_pool, help="Pool name (default: config pool)."),
+              as_json: bool = typer.Option(False, "--json", metavar=FLAG, help=JSON_HELP)) -> None:
     """Show a pool's facts and how much of each source is still in memory."""
-    from . import pool_meta  # small tables only: no model, no torch
-    from .store import validate_name
-
-    info = pool_meta.pool_info(_state(ctx).store(), validate_name(name))
+    state = _state(ctx)
+    info = state.app().pool_info(state.pool(name))
     if as_json:
         print_json(info)
         return
     out = console(stderr=False)
     facts = _table("", "")
     facts.show_header = False
-    complete = sum(1 for s in info["sources"] if s.get("complete"))
+    files = info["files"]
+    complete = sum(1 for s in files if s.get("complete"))
     for key, value in (
         ("name", info["name"]),
         ("model", f"{info['model']} ({info['family']})"),
         ("size on disk", human_bytes(info["bytes_on_disk"])),
-        ("sources", f"{len(info['sources']):,}" + (f" ({len(info['sources']) - complete} incomplete)" if complete < len(info["sources"]) else "")),
+        ("sources", f"{info['sources']:,}" + (f" ({len(files) - complete} incomplete)" if complete < len(files) else "")),
         ("chunks", f"{info['chunks']:,}"),
         ("tokens", f"{info['tokens']:,}"),
         ("version", str(info["version"])),
@@ -655,42 +929,55 @@ def pool_info(ctx: typer.Context, name: str = typer.Argument(..., help="Pool nam
     ):
         facts.add_row(Text(key, style="bold"), shown(value))
     out.print(facts)
-    retention = info.get("retention") or []
-    if retention:
+    if info["retention"]:
         out.print()
         table = _table("source", "chunks", "retained", "rows in STM", "rows in LTM",
                        right=("chunks", "retained", "rows in STM", "rows in LTM"))
-        for row in retention:
+        for row in info["retention"]:
             table.add_row(_tail(shown(row["source"]), 48), f"{row['chunks']:,}", f"{100 * row['share_retained']:.1f}%",
                           f"{row['rows_in_stm']:,}", f"{row['rows_in_ltm']:,}")
         out.print(table)
 
 
+def _done(as_json: bool, message: str, data: dict) -> None:
+    """A pool command's outcome: one line on stderr, or its facts as JSON on stdout."""
+    if as_json:
+        print_json(data)
+    else:
+        say(message)
+
+
 @pool_app.command("fork")
-def pool_fork(ctx: typer.Context, src: str = typer.Argument(..., help="Pool to copy."),
-              dst: str = typer.Argument(..., help="Name of the copy.")) -> None:
+def pool_fork(ctx: typer.Context, src: str = typer.Argument(..., metavar="POOL", autocompletion=complete_pool, help="Pool to copy."),
+              dst: str = typer.Argument(..., metavar="NEW", help="Name of the copy."),
+              as_json: bool = typer.Option(False, "--json", metavar=FLAG, help=JSON_HELP)) -> None:
     """Copy a pool (cheap: it writes a manifest; the parts are shared)."""
-    _state(ctx).store().fork(src, dst)
-    say(f"forked pool {src} to {dst}")
+    state = _state(ctx)
+    state.require_pool(src)
+    info = state.store().fork(src, dst)
+    _done(as_json, f"forked pool {src} to {dst}", {"pool": dst, "from": src, "version": info.version})
 
 
 @pool_app.command("rename")
-def pool_rename(ctx: typer.Context, old: str = typer.Argument(...), new: str = typer.Argument(...)) -> None:
+def pool_rename(ctx: typer.Context, old: str = typer.Argument(..., metavar="POOL", autocompletion=complete_pool, help="Pool to rename."),
+                new: str = typer.Argument(..., metavar="NEW", help="Its new name."),
+                as_json: bool = typer.Option(False, "--json", metavar=FLAG, help=JSON_HELP)) -> None:
     """Rename a pool."""
-    _state(ctx).store().rename(old, new)
-    say(f"renamed pool {old} to {new}")
+    state = _state(ctx)
+    state.require_pool(old)
+    state.store().rename(old, new)
+    _done(as_json, f"renamed pool {old} to {new}", {"pool": new, "from": old})
 
 
 @pool_app.command("rm")
-def pool_rm(ctx: typer.Context, name: str = typer.Argument(..., help="Pool to delete."),
-            yes: bool = typer.Option(False, "--yes", "-y", help="Do not ask for confirmation.")) -> None:
+def pool_rm(ctx: typer.Context, name: str = typer.Argument(..., metavar="POOL", autocompletion=complete_pool, help="Pool to delete."),
+            yes: bool = typer.Option(False, "--yes", "-y", metavar=FLAG, help="Do not ask for confirmation.")) -> None:
     """Delete a pool (asks first; without a terminal, needs --yes)."""
-    from .store import PoolError, PoolNotFound, validate_name
+    from .store import PoolError
 
-    store = _state(ctx).store()
-    validate_name(name)
-    if not store.exists(name):
-        raise PoolNotFound(f"pool {name} not found")
+    state = _state(ctx)
+    state.require_pool(name)
+    store = state.store()
     if not yes:
         if not sys.stdin.isatty():
             raise PoolError(f"refusing to remove pool {name} without --yes (no terminal to confirm on)")
@@ -702,44 +989,123 @@ def pool_rm(ctx: typer.Context, name: str = typer.Argument(..., help="Pool to de
 
 
 @pool_app.command("export")
-def pool_export(ctx: typer.Context, name: str = typer.Argument(...),
-                file: Path = typer.Argument(..., help="The .tar file to write."),
-                force: bool = typer.Option(False, "--force", help="Replace FILE if it exists.")) -> None:
+def pool_export(ctx: typer.Context, name: str = typer.Argument(..., metavar="POOL", autocompletion=complete_pool, help="Pool to export."),
+                file: Path = typer.Argument(..., metavar="FILE", help="The .tar file to write."),
+                force: bool = typer.Option(False, "--force", metavar=FLAG, help="Replace FILE if it exists."),
+                as_json: bool = typer.Option(False, "--json", metavar=FLAG, help=JSON_HELP)) -> None:
     """Write a pool to one file (a tar), e.g. for a backup or another machine."""
-    _state(ctx).store().export(name, file, force=force)
+    state = _state(ctx)
+    state.require_pool(name)
+    state.store().export(name, file, force=force)
     size = file.stat().st_size if file.exists() else None
-    say(f"exported pool {name} to {shown(file)} ({human_bytes(size)})")
+    _done(as_json, f"exported pool {name} to {shown(file)} ({human_bytes(size)})",
+          {"pool": name, "file": str(file.resolve()), "bytes": size})
 
 
 @pool_app.command("import")
-def pool_import(ctx: typer.Context, file: Path = typer.Argument(..., help="A file written by memcli pool export."),
-                name: Optional[str] = typer.Argument(None, help="Pool name (default: the exported name).")) -> None:
+def pool_import(ctx: typer.Context, file: Path = typer.Argument(..., metavar="FILE", help="A file written by memcli pool export."),
+                name: Optional[str] = typer.Argument(None, metavar="[POOL]", help="Pool name (default: the exported name)."),
+                as_json: bool = typer.Option(False, "--json", metavar=FLAG, help=JSON_HELP)) -> None:
     """Create a pool from an exported file (every part is checked first)."""
     info = _state(ctx).store().import_(file, name)
-    say(f"imported pool {info.name} from {shown(file)}")
+    _done(as_json, f"imported pool {info.name} from {shown(file)}",
+          {"pool": info.name, "file": str(file.resolve()), "version": info.version})
 
 
 @pool_app.command("verify")
-def pool_verify(ctx: typer.Context, name: str = typer.Argument(...),
-                repair: bool = typer.Option(False, "--repair", help="First remove leftovers of interrupted work "
-                                            "from the store (never anything a pool names).")) -> None:
+def pool_verify(ctx: typer.Context, name: Optional[str] = typer.Argument(None, metavar="[POOL]", autocompletion=complete_pool,
+                                                                         help="Pool name (default: config pool)."),
+                repair: bool = typer.Option(False, "--repair", metavar=FLAG, help="First remove leftovers of interrupted work "
+                                            "from the store (never anything a pool names)."),
+                as_json: bool = typer.Option(False, "--json", metavar=FLAG, help=JSON_HELP)) -> None:
     """Check a pool's manifest and the checksum of every part."""
-    store = _state(ctx).store()
+    state = _state(ctx)
+    name = state.require_pool(state.pool(name))
+    store = state.store()
     if repair:
         store.recover(announce=True)
     problems = store.verify(name)
+    parts = None if problems else store.info(name).num_parts
+    if as_json:
+        print_json({"pool": name, "ok": not problems, "parts": parts, "problems": [one_line(p) for p in problems]})
+        if problems:
+            raise typer.Exit(EXIT_ERROR)
+        return
     if problems:
         for problem in problems:
             sys.stdout.write(one_line(problem) + "\n")
         error_line(f"pool {name} is damaged ({_plural(len(problems), 'problem')})")
         raise typer.Exit(EXIT_ERROR)
-    parts = store.info(name).num_parts
     sys.stdout.write(f"pool {name}: ok ({_plural(parts, 'part')} verified)\n")
+
+
+@pool_app.command("rebind", epilog="Example:  memcli pool rebind demo --model ~/models/tiny-model")
+def pool_rebind(ctx: typer.Context, name: str = typer.Argument(..., metavar="POOL", autocompletion=complete_pool, help="Pool to rebind."),
+                as_json: bool = typer.Option(False, "--json", metavar=FLAG, help=JSON_HELP)) -> None:
+    """Record --model MODEL as the pool's model: the same model found elsewhere (a moved folder, the
+    hub id of a local copy). Its config.json must have the pool's fingerprint; no weights are read."""
+    state = _state(ctx)
+    model = state.flags.get("model")
+    if not model:
+        raise UsageProblem(f"pool rebind needs --model: memcli pool rebind {name} --model PATH")
+    done = state.pools_api().rebind(name, model)
+    _done(as_json, f"pool {name} now uses model {done['model']} (was {done['previous']})", done)
+
+
+# --------------------------------------------------------------------------- config
+@config_app.command("get")
+def config_get(ctx: typer.Context,
+               key: Optional[str] = typer.Argument(None, metavar="[KEY]", autocompletion=complete_config_key,
+                                                   help="model, pool, device, dtype or quant (default: all)."),
+               as_json: bool = typer.Option(False, "--json", metavar=FLAG, help=JSON_HELP)) -> None:
+    """Show the settings in effect and where each comes from (default, config file, environment, flag)."""
+    from .settings import KEYS, config_rows
+
+    if key is not None and key not in KEYS:
+        raise UsageProblem(f"unknown setting {key!r} (known: {', '.join(KEYS)})")
+    rows = config_rows(_state(ctx).settings())
+    if key is not None:
+        [row] = [r for r in rows if r["key"] == key]
+        if as_json:
+            print_json(row)
+        else:
+            sys.stdout.write(f"{'' if row['value'] is None else row['value']}\n")
+        return
+    if as_json:
+        print_json(rows)
+        return
+    table = _table("key", "value", "from")
+    for row in rows:
+        table.add_row(row["key"], shown("" if row["value"] is None else row["value"]), row["source"])
+    console(stderr=False).print(table)
+
+
+@config_app.command("set")
+def config_set(key: str = typer.Argument(..., metavar="KEY", autocompletion=complete_config_key,
+                                         help="model, pool, device, dtype or quant."),
+               value: str = typer.Argument(..., metavar="VALUE", help="Its value, e.g. cpu, work or memoryllm-8b.")) -> None:
+    """Write a default into the config file (a model folder is stored as an absolute path)."""
+    from . import paths
+    from .settings import set_config
+
+    set_config(key, value)
+    say(f"{key} set in {paths.config_file()}")
+
+
+@config_app.command("unset")
+def config_unset(key: str = typer.Argument(..., metavar="KEY", autocompletion=complete_config_key,
+                                           help="model, pool, device, dtype or quant.")) -> None:
+    """Remove a key from the config file (its default applies again)."""
+    from . import paths
+    from .settings import set_config
+
+    set_config(key, None)
+    say(f"{key} removed from {paths.config_file()}")
 
 
 # --------------------------------------------------------------------------- models
 @app.command()
-def models(as_json: bool = typer.Option(False, "--json", help="As JSON.")) -> None:
+def models(as_json: bool = typer.Option(False, "--json", metavar=FLAG, help=JSON_HELP)) -> None:
     """The known models and whether each is downloaded (never goes online)."""
     from .api import list_models
 
@@ -758,7 +1124,8 @@ def models(as_json: bool = typer.Option(False, "--json", help="As JSON.")) -> No
 
 
 @app.command()
-def pull(model: str = typer.Argument(..., help="An alias (memcli models) or a hub id owner/name.")) -> None:
+def pull(model: str = typer.Argument(..., metavar="MODEL", autocompletion=complete_model,
+                                     help="An alias (memcli models) or a hub id owner/name.")) -> None:
     """Download a model into the Hugging Face cache (an interrupted download resumes)."""
     from .api import pull_model
 
@@ -768,8 +1135,8 @@ def pull(model: str = typer.Argument(..., help="An alias (memcli models) or a hu
 
 # --------------------------------------------------------------------------- doctor
 @app.command()
-def doctor(ctx: typer.Context, as_json: bool = typer.Option(False, "--json", help="As JSON.")) -> None:
-    """What this machine can run: GPU, quantization, disk, paths and the resolved settings."""
+def doctor(ctx: typer.Context, as_json: bool = typer.Option(False, "--json", metavar=FLAG, help=JSON_HELP)) -> None:
+    """What this machine can run: GPU, quantization, memory, disk, paths and the resolved settings."""
     from .api import diagnose
 
     report = diagnose(_state(ctx).settings())
@@ -797,6 +1164,11 @@ def doctor(ctx: typer.Context, as_json: bool = typer.Option(False, "--json", hel
     for device, modes in report["quant_modes"].items():
         works = [mode for mode, reason in modes.items() if reason is None]
         row(f"quant on {device}", ", ".join(works) if works else "none")
+    memory = report["memory"]
+    text = f"{human_bytes(memory['total_bytes'])} total, {human_bytes(memory['available_bytes'])} available"
+    if memory["needed_bytes"]:
+        text += f"; the model needs about {human_bytes(memory['needed_bytes'])} on the CPU"
+    row("memory", text)
     disk = report["disk"]
     row("free disk (data)", f"{human_bytes(disk['data_free_bytes'])} at {disk['data_dir']}")
     row("free disk (models)", f"{human_bytes(disk['hf_cache_free_bytes'])} at {disk['hf_cache']}")

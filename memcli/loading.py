@@ -18,13 +18,8 @@ from .config import ConfigError, ModelConfig, read_config
 from .model import Projection, Selector, Transformer
 from .state import CHECKPOINT_ORIGIN, LongTermMemory, MemoryState, new_generator
 
-# Short names users type; the hub ids are the published checkpoints.
-ALIASES = {
-    "memoryllm-8b-chat": "YuWangX/memoryllm-8b-chat",
-    "memoryllm-8b": "YuWangX/memoryllm-8b",
-    "mplus-8b": "YuWangX/mplus-8b",
-    "memoryllm-7b": "YuWangX/memoryllm-7b",
-}
+from .catalog import ALIASES  # the alias table lives in a torch-free module (memcli models, completion)
+
 HUB_PATTERNS = ["*.json", "*.safetensors", "tokenizer*", "*.model", "*.jinja"]
 PROJECTIONS = {
     "q_proj": "self_attn",

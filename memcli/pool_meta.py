@@ -24,6 +24,7 @@ import struct
 from array import array
 from dataclasses import dataclass
 
+from .clock import iso_z
 from .store import PoolCorrupt, PoolError, PoolStore
 from .store.manifest import SHA_RE, is_int
 
@@ -180,7 +181,7 @@ def list_rows(store: PoolStore) -> list[dict]:
     rows = []
     for info in store.list():
         row = {"name": info.name, "model": None, "bytes_on_disk": info.bytes_on_disk, "sources": 0, "chunks": 0,
-               "tokens": 0, "created": info.created or None, "updated": info.updated or None, "error": info.error}
+               "tokens": 0, "created": iso_z(info.created), "updated": iso_z(info.updated), "error": info.error}
         if info.error is None:
             try:
                 check_meta(f"pool {info.name}", info.meta)
@@ -203,7 +204,7 @@ def pool_info(store: PoolStore, name: str) -> dict:
         sources = sources_of(meta, records)
         result = {
             "name": info.name, "model": meta["model"]["model"], "family": meta["model"]["family"],
-            "version": m["version"], "created": m["created"], "updated": m["updated"],
+            "version": m["version"], "created": iso_z(m["created"]), "updated": iso_z(m["updated"]),
             "bytes_on_disk": info.bytes_on_disk, "sources": sources, **{k: v for k, v in totals_of(sources).items()
                                                                         if k != "sources"},
         }

@@ -45,9 +45,20 @@ def chat_prompt_ids(tokenizer, messages: list[dict]) -> list[int]:
 
 def question_ids(tokenizer, question: str) -> list[int]:
     """Chat models get their chat template; base models a `Question: ... Answer:` prompt."""
+    return conversation_ids(tokenizer, [], question)
+
+
+def conversation_ids(tokenizer, turns: list[tuple[str, str]], question: str) -> list[int]:
+    """The prompt of `question` after the earlier (question, answer) `turns`: chat models get them
+    as user/assistant messages of their chat template, base models as earlier
+    `Question: ... Answer: ...` lines."""
     if has_chat_template(tokenizer):
-        return chat_prompt_ids(tokenizer, [{"role": "user", "content": question}])
-    return context_ids(tokenizer, BASE_QUESTION.format(question=question))
+        messages = []
+        for asked, answered in turns:
+            messages += [{"role": "user", "content": asked}, {"role": "assistant", "content": answered}]
+        return chat_prompt_ids(tokenizer, messages + [{"role": "user", "content": question}])
+    lines = [BASE_QUESTION.format(question=asked) + " " + answered for asked, answered in turns]
+    return context_ids(tokenizer, "\n".join(lines + [BASE_QUESTION.format(question=question)]))
 
 
 def stop_ids(tokenizer, eos_token_id: int | None) -> tuple[int, ...]:

@@ -1,20 +1,25 @@
 """Settings: config file < environment < command-line flags.
 
-The config file is TOML at `paths.config_file()`:
+The config file is TOML at `paths.config_file()` (`memcli config set KEY VALUE` writes it):
 
-    model = "memoryllm-8b-chat"
-    device = "auto"      # auto | cpu | cuda | cuda:1
-    dtype = "auto"       # auto | fp32 | bf16 | fp16
-    quant = "auto"       # auto | nf4 | int8 | fp32 | bf16 | fp16
+    model = "memoryllm-8b-chat"   # the model of new pools
+    pool = "work"                 # the pool commands use without --pool
+    device = "auto"               # auto | cpu | cuda | cuda:1
+    dtype = "auto"                # auto | fp32 | bf16 | fp16
+    quant = "auto"                # auto | nf4 | int8 | fp32 | bf16 | fp16
+
+No torch here (`memcli config` and completion must stay light): only resolving `auto` asks torch.
 """
 
 from __future__ import annotations
 
 import os
+import tempfile
 import tomllib
-from dataclasses import dataclass, fields, replace
+from dataclasses import dataclass, field, replace
 
 from . import paths
+from .catalog import ALIASES
 
 # The default model for new pools: the chat model answers questions in sentences and follows the
 # chat template, where the base models continue text; it keeps the 8b's 12,800-row memory
@@ -24,7 +29,16 @@ DEFAULT_MODEL = "memoryllm-8b-chat"
 DEVICES = ("auto", "cpu", "cuda")
 DTYPES = ("auto", "fp32", "bf16", "fp16")
 QUANTS = ("auto", "nf4", "int8", "fp32", "bf16", "fp16")
-ENV = {"model": "MEMCLI_MODEL", "device": "MEMCLI_DEVICE", "dtype": "MEMCLI_DTYPE", "quant": "MEMCLI_QUANT"}
+ENV = {"model": "MEMCLI_MODEL", "pool": "MEMCLI_POOL", "device": "MEMCLI_DEVICE", "dtype": "MEMCLI_DTYPE",
+       "quant": "MEMCLI_QUANT"}
+KEYS = tuple(ENV)
+HELP = {
+    "model": "model of new pools: an alias (memcli models), hub id or folder",
+    "pool": "the pool used when a command gets no --pool",
+    "device": "auto, cpu, cuda or cuda:N",
+    "dtype": "auto, fp32, bf16 or fp16",
+    "quant": "auto, nf4, int8, fp32, bf16 or fp16",
+}
 
 
 class SettingsError(ValueError):
@@ -34,15 +48,40 @@ class SettingsError(ValueError):
 @dataclass(frozen=True)
 class Settings:
     model: str = DEFAULT_MODEL
+    pool: str | None = None
     device: str = "auto"
     dtype: str = "auto"
     quant: str = "auto"
+    # where each value came from: "default" | "config file" | "environment" | "command line"
+    origin: dict = field(default_factory=dict, compare=False, repr=False)
+
+    def where(self, key: str) -> str:
+        """How a value was set, for messages: "--device", "MEMCLI_DEVICE", "the config file"."""
+        source = self.origin.get(key, "default")
+        return {"command line": f"--{key}", "environment": ENV[key],
+                "config file": f"{key} in {paths.config_file()}"}.get(source, "the default")
+
+    def explicit(self, key: str) -> bool:
+        """Set for this run (flag or environment), not by the config file or the default."""
+        return self.origin.get(key) in ("command line", "environment")
 
     def resolved_device(self) -> str:
+        """The device to run on; a device that is not there is refused here, before anything
+        (quantization included) is tried on it."""
         import torch
 
         if self.device == "auto":
             return "cuda" if torch.cuda.is_available() else "cpu"
+        if self.device.startswith("cuda"):
+            if not torch.cuda.is_available():
+                why = ("this torch is built without CUDA" if torch.version.cuda is None
+                       else "no CUDA GPU is visible")
+                raise SettingsError(f"device {self.device} ({self.where('device')}) is not available: {why}; "
+                                    f"use --device cpu (or memcli config set device auto)")
+            index = int(self.device.partition(":")[2] or 0)
+            if index >= torch.cuda.device_count():
+                raise SettingsError(f"device {self.device} ({self.where('device')}) is not available: "
+                                    f"{torch.cuda.device_count()} CUDA GPU(s) visible")
         return self.device
 
     def resolved_dtype(self):
@@ -58,16 +97,13 @@ class Settings:
             return self.quant
         if self.resolved_device().startswith("cuda"):
             return "nf4"  # 4-bit base weights: an 8B model + pool fit a consumer GPU
-        from .loading import dense_mode
-
-        return dense_mode(self.resolved_dtype())
+        return {"fp32": "fp32", "bf16": "bf16", "fp16": "fp16"}[self.dtype if self.dtype != "auto" else "fp32"]
 
 
 def _validate(values: dict, where: str) -> dict:
-    known = {f.name for f in fields(Settings)}
     for key, value in values.items():
-        if key not in known:
-            raise SettingsError(f"{where}: unknown setting {key!r} (known: {', '.join(sorted(known))})")
+        if key not in KEYS:
+            raise SettingsError(f"{where}: unknown setting {key!r} (known: {', '.join(KEYS)})")
         if not isinstance(value, str) or not value:
             raise SettingsError(f"{where}: {key} must be a non-empty string")
     checks = {"dtype": DTYPES, "quant": QUANTS}
@@ -75,21 +111,83 @@ def _validate(values: dict, where: str) -> dict:
         if key in values and values[key] not in allowed:
             raise SettingsError(f"{where}: {key} must be one of {', '.join(allowed)}, not {values[key]!r}")
     device = values.get("device")
-    if device and not (device in DEVICES or device.startswith("cuda:")):
+    if device and not (device in DEVICES or (device.startswith("cuda:") and device[5:].isdigit())):
         raise SettingsError(f"{where}: device must be auto, cpu, cuda or cuda:N, not {device!r}")
-    return values
+    return values  # a pool name is checked by the store where it is used
+
+
+def read_config_file() -> dict:
+    """The config file's values (validated); {} when there is none."""
+    path = paths.config_file()
+    try:
+        text = path.read_text()
+    except FileNotFoundError:
+        return {}
+    except OSError as err:
+        raise SettingsError(f"{path}: {err.strerror or err}") from None
+    try:
+        return _validate(tomllib.loads(text), str(path))
+    except tomllib.TOMLDecodeError as err:
+        raise SettingsError(f"{path}: not valid TOML ({err})") from None
 
 
 def load_settings(**flags: str | None) -> Settings:
     """Settings from the config file, then the environment, then non-None `flags`."""
     values: dict = {}
+    origin: dict = {}
+    for source, layer in (
+        ("config file", read_config_file()),
+        ("environment", _validate({k: os.environ[v] for k, v in ENV.items() if os.environ.get(v)}, "environment")),
+        ("command line", _validate({k: v for k, v in flags.items() if v is not None}, "command line")),
+    ):
+        values.update(layer)
+        origin.update(dict.fromkeys(layer, source))
+    return replace(Settings(), **values, origin=origin)
+
+
+# --------------------------------------------------------------------------- memcli config
+def _normalized(key: str, value: str) -> str:
+    """What is stored for `value`: a model folder as an absolute path (works from anywhere)."""
+    if key == "model" and value not in ALIASES and os.path.isdir(os.path.expanduser(value)):
+        return os.path.abspath(os.path.expanduser(value))
+    return value
+
+
+def set_config(key: str, value: str | None) -> None:
+    """Write `key = value` into the config file (None removes the key). Other keys are kept;
+    the file is replaced atomically (comments are not kept: it is rewritten from its values)."""
+    if key not in KEYS:
+        raise SettingsError(f"unknown setting {key!r} (known: {', '.join(KEYS)})")
+    values = read_config_file()
+    if value is None:
+        values.pop(key, None)
+    else:
+        values.update(_validate({key: _normalized(key, value)}, "memcli config set"))
     path = paths.config_file()
-    if path.exists():
+    path.parent.mkdir(parents=True, exist_ok=True)
+    text = "".join(f"{k} = {_toml_string(v)}\n" for k, v in values.items())
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".config-", suffix=".toml")
+    try:
+        with os.fdopen(fd, "w") as out:
+            out.write(text)
+            out.flush()
+            os.fsync(out.fileno())
+        os.replace(tmp, path)
+    except BaseException:
         try:
-            values.update(_validate(tomllib.loads(path.read_text()), str(path)))
-        except tomllib.TOMLDecodeError as err:
-            raise SettingsError(f"{path}: not valid TOML ({err})") from None
-    env = {key: os.environ[var] for key, var in ENV.items() if os.environ.get(var)}
-    values.update(_validate(env, "environment"))
-    values.update(_validate({k: v for k, v in flags.items() if v is not None}, "command line"))
-    return replace(Settings(), **values)
+            os.unlink(tmp)
+        except OSError:
+            pass
+        raise
+
+
+def _toml_string(value: str) -> str:
+    escaped = value.replace("\\", "\\\\").replace('"', '\\"')
+    escaped = "".join(ch if ch.isprintable() else f"\\u{ord(ch):04x}" for ch in escaped)
+    return f'"{escaped}"'
+
+
+def config_rows(settings: Settings) -> list[dict]:
+    """Every setting with its effective value and where it came from (`memcli config get`)."""
+    return [{"key": key, "value": getattr(settings, key), "source": settings.origin.get(key, "default")}
+            for key in KEYS]

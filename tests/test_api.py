@@ -76,6 +76,6 @@ def test_resume_after_another_file_does_not_inject_twice(app, tmp_path, monkeypa
     assert [f.status for f in resumed.files] == ["resumed"]
     again = app.inject("p", [str(big)])
     assert [f.status for f in again.files] == ["already"]
-    total = sum(s["chunks"] for s in app.pool_info("p")["sources"] if s["path"] == str(big))
+    total = sum(s["chunks"] for s in app.pool_info("p")["files"] if s["path"] == str(big))
     fresh = Memcli(app.settings)
     assert total == fresh.inject("q", [str(big)]).chunks

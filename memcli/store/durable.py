@@ -14,7 +14,7 @@ import os
 import secrets
 import shutil
 import stat
-from datetime import datetime, timezone
+from ..clock import now_iso
 from pathlib import Path
 
 from .errors import PoolCorrupt, PoolError, PoolExists
@@ -30,8 +30,8 @@ O_BINARY = getattr(os, "O_BINARY", 0)
 
 
 def now() -> str:
-    """The store's one clock format: UTC, milliseconds, 'Z' (2026-12-01T10:22:58.123Z)."""
-    return datetime.now(timezone.utc).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+    """memcli's one clock format (memcli.clock): UTC, milliseconds, 'Z' (2026-12-01T10:22:58.123Z)."""
+    return now_iso()
 
 
 def token() -> str:

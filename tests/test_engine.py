@@ -195,3 +195,63 @@ def test_ltm_bank_compaction_keeps_semantics_and_bounds_memory(monkeypatch):
     b, rb = Engine(model).logits(plain, QUESTION, record=True)
     torch.testing.assert_close(a, b)
     assert all(torch.equal(x.order, y.order) for x, y in zip(ra, rb))
+
+
+@pytest.mark.parametrize("variant,ops", [("memoryllm-8b-tiny", 120), ("mplus-8b-tiny", 40)])
+def test_one_engine_across_pools_matches_a_fresh_engine_per_pool(variant, ops):
+    """A session switching among 3 pools in random order, reloading them now and then (the freed
+    state's address may be reused by the next one, and versions restart at 0): every ask agrees with
+    a fresh engine that has only ever seen that pool, and updates land on the right memory."""
+    import gc
+    import random
+
+    model, reader = _model(variant)
+    engine = Engine(model, cached_states=2)  # 3 pools, room for 2 caches: eviction is exercised
+    rng = random.Random(1234)
+    base = initial_state(reader, model.cfg, seed=0)
+    pools = {}
+    for name, seed in (("a", 1), ("b", 2), ("c", 3)):
+        pools[name] = base.clone()
+        pools[name].generator.manual_seed(seed)
+    saved = {name: state.clone() for name, state in pools.items()}  # "on disk"
+    asks = updates = 0
+    for step in range(ops):
+        name = rng.choice("abc")
+        roll = rng.random()
+        if roll < 0.15:  # reload from the saved copy: a new object, version 0 again
+            del pools[name]
+            gc.collect()
+            pools[name] = saved[name].clone()
+            continue
+        state = pools[name]
+        if roll < 0.55:
+            context = CONTEXT + rng.randrange(200)
+            engine.update(state, engine.inject(state, context), origin=step)
+            if rng.random() < 0.3:
+                saved[name] = state.clone()  # committed
+            updates += 1
+        else:
+            question = QUESTION + rng.randrange(50)
+            got, _ = engine.logits(state, question)
+            expected, _ = Engine(model).logits(state.clone(), question)
+            torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5, msg=f"step {step}, pool {name}")
+            if rng.random() < 0.2:
+                assert engine.generate(state, question, 4).tokens == Engine(model).generate(state.clone(), question, 4).tokens
+            asks += 1
+    assert asks > 10 and updates > 10
+
+
+def test_derived_data_belongs_to_its_state():
+    """Two states with equal versions (as two freshly loaded pools have) never share memory K/V."""
+    model, reader = _model("memoryllm-8b-tiny")
+    engine = Engine(model)
+    a = initial_state(reader, model.cfg, seed=1)
+    b = a.clone()
+    engine.update(b, engine.inject(b, CONTEXT))
+    b.version = a.version  # what a reloaded pool looks like: version counting restarts
+    la, _ = engine.logits(a, QUESTION)
+    lb, _ = engine.logits(b, QUESTION)
+    torch.testing.assert_close(lb, Engine(model).logits(b.clone(), QUESTION)[0])
+    assert not torch.allclose(la, lb)
+    assert a.token != b.token and b.clone().token != b.token
+    assert not b.clone().derived()  # a clone starts with nothing derived

@@ -25,8 +25,8 @@ from . import pool as pools
 from .chunking import MIN_CHUNK_TOKENS, ChunkingError, chunk_token_ids, encode_pieces
 from .engine import Engine, Generation, Sampling
 from .extract import ExtractError, Skipped, Source, discover, iter_text, sha256_of
-from .loading import initial_state, load_model, resolve_checkpoint
-from .prompts import context_ids, load_tokenizer, question_ids, stop_ids
+from .loading import initial_state, load_checked_tokenizer, load_model, resolve_checkpoint
+from .prompts import context_ids, question_ids, stop_ids
 from .settings import Settings, load_settings
 from .store import PoolStore, validate_name
 
@@ -181,6 +181,7 @@ class Memcli:
                     self.on_load(name, device)
                 transformer, reader = load_model(folder, device=device, dtype=dtype,
                                                  quant=self.settings.resolved_quant())
+                tokenizer = load_checked_tokenizer(folder)  # engine helper: damaged tokenizer files -> one line
             except (ConfigError, CheckpointError, ValueError) as err:
                 raise MemcliError(str(err)) from None
             cfg = transformer.cfg
@@ -188,8 +189,9 @@ class Memcli:
                 name=name,
                 folder=folder,
                 engine=Engine(transformer),
-                tokenizer=load_tokenizer(folder),
-                binding=pools.Binding(name, cfg.family, cfg.fingerprint(), cfg.num_tokens),
+                tokenizer=tokenizer,
+                binding=pools.Binding(name, cfg.family, cfg.fingerprint(), cfg.num_tokens,
+                                      legacy_hashes=(cfg.legacy_fingerprint(),)),
                 state_dtype=dtype,
                 device=device,
             )

@@ -7,14 +7,14 @@ way to the device, so the peak host memory is about one tensor, not the 39 GB ch
 
 from __future__ import annotations
 
-import json
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from torch import nn
 
-from .config import ConfigError, ModelConfig, read_config
+from .config import ConfigError, ModelConfig, read_config, read_json_file
 from .model import Projection, Selector, Transformer
 from .state import CHECKPOINT_ORIGIN, LongTermMemory, MemoryState, new_generator
 
@@ -136,15 +136,24 @@ class CheckpointReader:
         from safetensors import safe_open
 
         self.folder = Path(folder)
+        self._safe_open = safe_open
         self._where: dict[str, Path] = {}
         shards = sorted(self.folder.glob("*.safetensors"))
         index = self.folder / "model.safetensors.index.json"
         if index.exists():
-            weight_map = json.loads(index.read_text())["weight_map"]
+            spec = read_json_file(index)
+            weight_map = spec.get("weight_map") if isinstance(spec, dict) else None
+            if not isinstance(weight_map, dict) or not all(
+                isinstance(k, str) and isinstance(v, str) and Path(v).name == v and v.endswith(".safetensors")
+                for k, v in weight_map.items()
+            ):
+                raise CheckpointError(f"{index}: weight_map must map tensor names to shard files in the folder")
             self._where = {name: self.folder / file for name, file in weight_map.items()}
+            for shard in sorted(set(self._where.values())):
+                self._check_shard(shard)
         elif shards:
             for shard in shards:
-                with safe_open(str(shard), "pt") as handle:
+                with self._handle(shard) as handle:
                     for name in handle.keys():
                         self._where[name] = shard
         elif list(self.folder.glob("*.bin")):
@@ -156,7 +165,31 @@ class CheckpointReader:
             self._load_pickle()
         else:
             raise CheckpointError(f"{self.folder} has no weight files (*.safetensors)")
-        self._safe_open = safe_open
+
+    def _check_shard(self, shard: Path) -> None:
+        import stat as stat_module
+
+        try:
+            mode = shard.stat().st_mode
+        except OSError as err:
+            raise CheckpointError(f"cannot read {shard}: {err.strerror or err}") from None
+        if not stat_module.S_ISREG(mode):
+            raise CheckpointError(f"{shard} is not a regular file")
+        with self._handle(shard):
+            pass
+
+    def _handle(self, shard: Path):
+        """safe_open, with its errors (bad header, truncated file) as one line naming the file."""
+        import stat as stat_module
+
+        try:
+            if not stat_module.S_ISREG(shard.stat().st_mode):
+                raise CheckpointError(f"{shard} is not a regular file")
+            return self._safe_open(str(shard), "pt")
+        except CheckpointError:
+            raise
+        except Exception as err:  # SafetensorError and OSError alike
+            raise CheckpointError(f"{shard}: not a readable safetensors file ({_first_line(err)})") from None
 
     def _load_pickle(self) -> None:
         self._pickled: dict[str, torch.Tensor] = {}
@@ -173,7 +206,7 @@ class CheckpointReader:
         a 39 GB checkpoint would then count fully against host memory."""
         if name not in self._where:
             raise CheckpointError(f"checkpoint {self.folder} lacks tensor {name}")
-        return self._safe_open(str(self._where[name]), "pt")
+        return self._handle(self._where[name])
 
     def shape(self, name: str) -> tuple[int, ...]:
         if hasattr(self, "_pickled"):
@@ -181,7 +214,10 @@ class CheckpointReader:
                 raise CheckpointError(f"checkpoint {self.folder} lacks tensor {name}")
             return tuple(self._pickled[name].shape)
         with self._open(name) as handle:
-            return tuple(handle.get_slice(name).get_shape())
+            try:
+                return tuple(handle.get_slice(name).get_shape())
+            except Exception as err:
+                raise CheckpointError(f"{self._where[name]}: cannot read tensor {name} ({_first_line(err)})") from None
 
     def get(self, name: str, index: int | None = None) -> torch.Tensor:
         """One tensor (or its `index`-th slice along dim 0), read from disk now."""
@@ -191,13 +227,30 @@ class CheckpointReader:
             t = self._pickled[name]
             return (t if index is None else t[index]).clone()
         with self._open(name) as handle:
-            if index is None:
-                return handle.get_tensor(name)
-            return handle.get_slice(name)[index].clone()
+            try:
+                if index is None:
+                    return handle.get_tensor(name)
+                return handle.get_slice(name)[index].clone()
+            except Exception as err:
+                raise CheckpointError(f"{self._where[name]}: cannot read tensor {name} ({_first_line(err)})") from None
+
+
+def _first_line(err: BaseException) -> str:
+    lines = str(err).strip().splitlines()
+    return (lines[0] if lines else type(err).__name__)[:160]
 
 
 def check_plan(reader: CheckpointReader, cfg: ModelConfig) -> list[TensorSpec]:
-    """The plan for this file (LTM lengths read from it); every planned tensor must be present with its shape."""
+    """The plan for this file (LTM lengths read from it); every planned tensor must be present with its shape.
+
+    The layer count is checked against the tensor names first, so an absurd `num_hidden_layers`
+    is refused before a plan (or a model) of that size is built."""
+    layers = {int(m.group(1)) for m in map(_LAYER_NAME.match, reader.names()) if m}
+    found = max(layers) + 1 if layers else 0
+    if found != cfg.num_layers:
+        raise CheckpointError(
+            f"{reader.folder / 'config.json'}: num_hidden_layers is {cfg.num_layers}, the weight files have {found} layers"
+        )
     ltm_rows = None
     if cfg.family == "mplus":
         ltm_rows = [reader.shape(f"ltm.{i}")[0] for i in range(cfg.num_layers)]
@@ -211,6 +264,33 @@ def check_plan(reader: CheckpointReader, cfg: ModelConfig) -> list[TensorSpec]:
                 f"tensor {spec.name} has shape {list(shape)}, config.json implies {list(spec.shape)}"
             )
     return plan
+
+
+_LAYER_NAME = re.compile(r"model\.layers\.(\d{1,6})\.")
+
+
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "generation_config.json")
+
+
+def load_checked_tokenizer(folder: Path):
+    """The checkpoint's tokenizer; a damaged or hostile tokenizer file is a CheckpointError naming
+    it (its JSON files are read with the same limits as config.json first)."""
+    from .prompts import load_tokenizer
+
+    folder = Path(folder)
+    for name in TOKENIZER_FILES:
+        path = folder / name
+        if path.exists() or path.is_symlink():
+            try:
+                read_json_file(path)
+            except ConfigError as err:
+                raise CheckpointError(str(err)) from None
+    try:
+        return load_tokenizer(folder)
+    except Exception as err:  # tokenizers / transformers raise many kinds; the user needs one line
+        present = [n for n in ("tokenizer.json", "tokenizer.model", "tokenizer_config.json") if (folder / n).exists()]
+        where = folder / present[0] if present else folder
+        raise CheckpointError(f"{where}: cannot load the tokenizer ({_first_line(err)})") from None
 
 
 # --------------------------------------------------------------------------- building
@@ -370,6 +450,7 @@ __all__ = [
     "TensorSpec",
     "check_plan",
     "initial_state",
+    "load_checked_tokenizer",
     "load_model",
     "resolve_checkpoint",
     "weight_plan",

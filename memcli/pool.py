@@ -43,6 +43,9 @@ class Binding:
     config_hash: str
     num_tokens: int = 0  # rows each injected chunk writes per layer (for retention figures)
     revision: str | None = None
+    # engine helper: earlier config hashes of the same model (raw-config fingerprint of memcli < 0.3),
+    # accepted from existing pools; never written
+    legacy_hashes: tuple[str, ...] = field(default=(), compare=False)
 
     def to_json(self) -> dict:
         return {"model": self.model, "family": self.family, "config_hash": self.config_hash,
@@ -193,7 +196,8 @@ def read_binding(store: PoolStore, name: str) -> Binding:
 
 
 def check_binding(name: str, pool_binding: Binding, model_binding: Binding) -> None:
-    if pool_binding.config_hash != model_binding.config_hash or pool_binding.family != model_binding.family:
+    known = (model_binding.config_hash, *model_binding.legacy_hashes)
+    if pool_binding.config_hash not in known or pool_binding.family != model_binding.family:
         raise PoolModelMismatch(
             f"pool {name} belongs to model {pool_binding.model} ({pool_binding.family}, config "
             f"{pool_binding.config_hash}), not to {model_binding.model} ({model_binding.family}, config "

@@ -207,8 +207,11 @@ class Engine:
         self._staging = _HostStaging() if model.device.type == "cuda" else None
         self._step = self._decode_step
         self.compiled = False
-        if compile_decode and model.device.type == "cuda":
-            self._step = torch.compile(self._decode_step, mode="reduce-overhead", dynamic=False)
+        if compile_decode:
+            # CUDA: inductor kernels replayed as CUDA graphs; elsewhere inductor alone (C++ kernels).
+            # The first answer pays the compilation; every later one replays the same step.
+            mode = "reduce-overhead" if model.device.type == "cuda" else None
+            self._step = torch.compile(self._decode_step, mode=mode, dynamic=False)
             self.compiled = True
 
     # ------------------------------------------------------------------ moving rows
@@ -503,9 +506,13 @@ class Engine:
         logits = model.logits(hidden[0, -1:]).float()
         # the buffer a step attends over: fixed for the answer (the whole buffer when compiled,
         # so that every answer replays the same graph)
-        end = kv[0].k.shape[2] if self.compiled else start + prompt + max_new_tokens
+        if self.compiled:
+            end = kv[0].k.shape[2]
+            views = [KV(_static(layer_kv.k), _static(layer_kv.v), 0) for layer_kv in kv]
+        else:
+            end = start + prompt + max_new_tokens
+            views = [KV(layer_kv.k[:, :, :end], layer_kv.v[:, :, :end], 0) for layer_kv in kv]
         model.rope_rows(end)
-        views = [KV(layer_kv.k[:, :, :end], layer_kv.v[:, :, :end], 0) for layer_kv in kv]
         rows = torch.arange(end, device=model.device)
         position = torch.full((1,), start + prompt, dtype=torch.long, device=model.device)
         kept_logits = [logits] if keep_logits else None
@@ -651,6 +658,17 @@ def _as_ids(ids, device) -> Tensor:
     if ids.shape[1] == 0:
         raise ValueError("no tokens to run")
     return ids
+
+
+def _static(t: Tensor) -> Tensor:
+    """Tell the compiler a buffer keeps its address (CUDA graphs may then write into it)."""
+    if t.is_cuda and not getattr(t, "_memcli_static", False):
+        try:
+            torch._dynamo.mark_static_address(t)
+            t._memcli_static = True
+        except Exception:
+            pass
+    return t
 
 
 def _first_line(err: BaseException) -> str:

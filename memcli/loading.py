@@ -312,32 +312,46 @@ def load_model(
     Unless the checkpoint's own fp32 is wanted, the converted weights are kept in the user cache
     (`converted.py`) and read from there by the next load with the same settings."""
     from . import converted
-    from . import quant as quantization
-    from .config import DEFAULT_ROPE_PRECISION
 
     cfg = read_config(folder)
     reader = CheckpointReader(folder, allow_pickle=allow_pickle)
     check_plan(reader, cfg)
+    quant = quant or dense_mode(dtype)
+    key = inputs = None
+    if use_converted and not (quant == "fp32" and dtype == torch.float32):
+        key, inputs = converted.cache_key(Path(folder), cfg.fingerprint(), quant, dtype)
+    model = build_model(cfg, reader, device, dtype, quant, rope_precision, converted_entry=(key, inputs) if key else None)
+    return model, reader
+
+
+def build_model(
+    cfg: ModelConfig,
+    reader,
+    device: str | torch.device = "cpu",
+    dtype: torch.dtype = torch.float32,
+    quant: str | None = None,
+    rope_precision: str | None = None,
+    converted_entry: tuple[str, dict] | None = None,
+) -> Transformer:
+    """The model from any tensor source with `get(name)` (a checkpoint, or the GPU benchmark's
+    random weights made on the device). `converted_entry`: (key, inputs) of the converted copy
+    to read, or to write after converting."""
+    from . import converted
+    from . import quant as quantization
+    from .config import DEFAULT_ROPE_PRECISION
+
     device = torch.device(device)
     quant = quant or dense_mode(dtype)
     quantization.check_mode_supported(quant, device)
     model = Transformer(cfg, rope_precision or DEFAULT_ROPE_PRECISION[cfg.family])
-    cacheable = use_converted and not (quant == "fp32" and dtype == torch.float32)
-    key = inputs = cached = None
-    if cacheable:
-        key, inputs = converted.cache_key(Path(folder), cfg.fingerprint(), quant, dtype)
-        cached = converted.read(key)
-    groups: dict[str, dict[str, torch.Tensor]] = {}
-    if cached is not None:
-        for full, tensor in cached[0].items():
-            name, _, field = full.partition("::")
-            groups.setdefault(name, {})[field] = tensor
+    cacheable = converted_entry is not None
+    cached = converted.open_entry(converted_entry[0], device) if cacheable else None
     to_save: dict[str, torch.Tensor] = {}
     modes: dict[str, str] = {}
 
     def linear(name: str, mode: str) -> nn.Module:
         if cached is not None:
-            return quantization.linear_from_state(groups[name], cached[1][name], device, dtype)
+            return quantization.linear_from_state(cached.group(name), cached.modes[name], device, dtype)
         module = quantization.make_linear(reader.get(name), mode, device, dtype)
         if cacheable:
             modes[name] = mode
@@ -345,45 +359,50 @@ def load_model(
         return module
 
     def dense(name: str) -> torch.Tensor:
-        tensor = (groups[name][""] if cached is not None else reader.get(name)).to(device=device, dtype=dtype)
+        tensor = (cached.group(name)[""] if cached is not None else reader.get(name)).to(device=device, dtype=dtype)
         if cacheable and cached is None:
             to_save[name] = tensor
         return tensor
 
-    for i, block in enumerate(model.layers):
-        prefix = f"model.layers.{i}."
-        for proj, parent_name in PROJECTIONS.items():
-            name = f"{prefix}{parent_name}.{proj}"
-            parent = getattr(block, parent_name)
-            lora = proj in cfg.lora_targets
-            base = linear(f"{name}.base_layer.weight" if lora else f"{name}.weight", quant)
-            if proj == "o_proj":
-                parent.o_proj = base
-                continue
-            module = Projection(base, cfg.lora_scale)
-            if lora:
-                for adapter, stored in (("encoder", "default"), ("decoder", "decoder_adapter")):
-                    module.add_adapter(
-                        adapter, dense(f"{name}.lora_A.{stored}.weight"), dense(f"{name}.lora_B.{stored}.weight")
-                    )
-            setattr(parent, proj, module)
-        block.input_layernorm.weight.data = dense(f"{prefix}input_layernorm.weight")
-        block.post_attention_layernorm.weight.data = dense(f"{prefix}post_attention_layernorm.weight")
-        if cfg.family == "mplus":
-            for sel in ("query_proj", "key_proj"):
-                setattr(block, sel, Selector(dense(f"{prefix}self_attn.{sel}.0.weight"),
-                                             dense(f"{prefix}self_attn.{sel}.2.weight")))
-    model.embed_tokens = nn.Embedding.from_pretrained(dense("model.embed_tokens.weight"), freeze=True)
-    # lm_head stays 16-bit: it is read once per generated token and quantizing it costs accuracy
-    # on every logit for ~0.5 GB of savings.
-    model.lm_head = linear("lm_head.weight", dense_mode(dtype))
-    model.norm.weight.data = dense("model.norm.weight")
-    model.bos_embedding = dense("bos_embedding")
-    model.new_memory_positional_emb = dense("new_memory_positional_emb")
+    try:
+        for i, block in enumerate(model.layers):
+            prefix = f"model.layers.{i}."
+            for proj, parent_name in PROJECTIONS.items():
+                name = f"{prefix}{parent_name}.{proj}"
+                parent = getattr(block, parent_name)
+                lora = proj in cfg.lora_targets
+                base = linear(f"{name}.base_layer.weight" if lora else f"{name}.weight", quant)
+                if proj == "o_proj":
+                    parent.o_proj = base
+                    continue
+                module = Projection(base, cfg.lora_scale)
+                if lora:
+                    for adapter, stored in (("encoder", "default"), ("decoder", "decoder_adapter")):
+                        module.add_adapter(
+                            adapter, dense(f"{name}.lora_A.{stored}.weight"), dense(f"{name}.lora_B.{stored}.weight")
+                        )
+                setattr(parent, proj, module)
+            block.input_layernorm.weight.data = dense(f"{prefix}input_layernorm.weight")
+            block.post_attention_layernorm.weight.data = dense(f"{prefix}post_attention_layernorm.weight")
+            if cfg.family == "mplus":
+                for sel in ("query_proj", "key_proj"):
+                    setattr(block, sel, Selector(dense(f"{prefix}self_attn.{sel}.0.weight"),
+                                                 dense(f"{prefix}self_attn.{sel}.2.weight")))
+        model.embed_tokens = nn.Embedding.from_pretrained(dense("model.embed_tokens.weight"), freeze=True)
+        # lm_head stays 16-bit: it is read once per generated token and quantizing it costs accuracy
+        # on every logit for ~0.5 GB of savings.
+        model.lm_head = linear("lm_head.weight", dense_mode(dtype))
+        model.norm.weight.data = dense("model.norm.weight")
+        model.bos_embedding = dense("bos_embedding")
+        model.new_memory_positional_emb = dense("new_memory_positional_emb")
+    finally:
+        if cached is not None:
+            cached.close()
     model.eval()
+    model.rope_rows(cfg.prefix_rows + 4096)  # the cos/sin tables, once
     if cacheable and cached is None:
-        converted.write(key, inputs, to_save, modes)
-    return model, reader
+        converted.write(converted_entry[0], converted_entry[1], to_save, modes)
+    return model
 
 
 def initial_state(
@@ -451,6 +470,7 @@ __all__ = [
     "check_plan",
     "initial_state",
     "load_checked_tokenizer",
+    "build_model",
     "load_model",
     "resolve_checkpoint",
     "weight_plan",

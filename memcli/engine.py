@@ -240,7 +240,7 @@ class Engine:
         staging.copy_(t, non_blocking=True)
         self._staging.used(staging)
         torch.cuda.current_stream().synchronize()  # the host reads it next
-        return staging.clone()
+        return staging  # valid until the next copy through this buffer: update() copies it into the state
 
     # ------------------------------------------------------------------ writing
     @torch.inference_mode()

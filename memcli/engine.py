@@ -84,8 +84,7 @@ class PrefixCache:
         shape = (cfg.num_layers, cfg.num_kv_heads, state.num_rows, cfg.head_dim)
         self.raw_k = torch.empty(shape, dtype=model.dtype, device=model.device)
         self._scratch = torch.empty(shape[1:], dtype=model.dtype, device=model.device)
-        self._keys: Tensor | None = None  # M+: bank keys on the model's device
-        self._keys_size = self._keys_epoch = 0
+        self._mirrors: dict[str, tuple[Tensor, int, int]] = {}  # M+: bank keys / rows on the device
         cos, sin = model.cos_sin(0, 1)
         for l, (layer, kv) in enumerate(zip(model.layers, self.kv)):
             kv.k[:, :, :1], kv.v[:, :, :1] = layer.prefix_keys_values(model.bos_embedding[l][None], cos, sin, DECODER)
@@ -94,17 +93,32 @@ class PrefixCache:
     def ltm_keys(self, ltm) -> Tensor:
         """The bank's selector keys where retrieval runs, copied once and extended as the bank grows
         (the official code copies every layer's keys to the GPU for every question)."""
+        return self._mirror("keys", ltm)
+
+    def ltm_rows_source(self, ltm, budget_bytes: int) -> Tensor:
+        """Where retrieved rows are gathered from: a device copy of the bank's rows when the bank
+        fits `budget_bytes` (kept and extended like the keys), else the bank itself (host)."""
+        rows = ltm.rows
+        if rows.device == self.model.device:
+            return rows
+        need = rows.shape[0] * max(ltm.size, 1) * rows.shape[2] * rows.element_size()
+        if need > budget_bytes:
+            self._mirrors.pop("rows", None)
+            return rows
+        return self._mirror("rows", ltm)
+
+    def _mirror(self, name: str, ltm) -> Tensor:
+        source = getattr(ltm, name)
         device = self.model.device
-        stale = self._keys is None or self._keys_epoch != ltm.epoch or ltm.size < self._keys_size
-        if stale:
-            self._keys = ltm.keys[:, : ltm.size].to(device, copy=True)
-            self._keys_size, self._keys_epoch = ltm.size, ltm.epoch
-        elif ltm.size > self._keys_size:
-            if ltm.size > self._keys.shape[1]:
-                self._keys = grow(self._keys, max(2 * self._keys.shape[1], ltm.size))
-            self._keys[:, self._keys_size : ltm.size] = ltm.keys[:, self._keys_size : ltm.size].to(device)
-            self._keys_size = ltm.size
-        return self._keys
+        copy, size, epoch = self._mirrors.get(name, (None, 0, -1))
+        if copy is None or epoch != ltm.epoch or ltm.size < size:
+            copy = source[:, : ltm.size].to(device, copy=True, non_blocking=True)
+        elif ltm.size > size:
+            if ltm.size > copy.shape[1]:
+                copy = grow(copy, max(2 * copy.shape[1], ltm.size))
+            copy[:, size : ltm.size] = source[:, size : ltm.size].to(device, non_blocking=True)
+        self._mirrors[name] = (copy, ltm.size, ltm.epoch)
+        return copy
 
     def ensure_capacity(self, rows: int) -> None:
         if self.kv[0].k.shape[2] >= rows:
@@ -184,24 +198,30 @@ class _HostStaging:
 
 
 _ENGINE_TOKENS = itertools.count(1)
+LTM_DEVICE_BUDGET_BYTES = 4 << 30
 
 
 class Engine:
     """A loaded model plus the operations the official classes offer, on any compatible state.
 
     `cached_states`: how many states keep their memory K/V at once (the least recently read loses
-    its cache first; device memory is the limit). `compile_decode`: on CUDA, run the decode step
+    its cache first; device memory is the limit). `ltm_device_budget_bytes`: M+ long-term rows are
+    mirrored on the model's device while the bank fits this budget (default 4 GiB: 32 layers x
+    16k rows x 4096 x bf16), so a question gathers its retrieved rows there instead of copying
+    ~0.7 GB from the host. `compile_decode`: on CUDA, run the decode step
     through `torch.compile(mode="reduce-overhead")` (CUDA graphs), falling back to eager if that
     fails. `reference=True` recomputes the prefix on every call, like the official code.
     """
 
     def __init__(self, model: Transformer, reference: bool = False, scratch_rows: int = 1024,
-                 cached_states: int = 1, compile_decode: bool = False):
+                 cached_states: int = 1, compile_decode: bool = False,
+                 ltm_device_budget_bytes: int = LTM_DEVICE_BUDGET_BYTES):
         self.model = model
         self.cfg = model.cfg
         self.reference = reference
         self.scratch_rows = scratch_rows
         self.cached_states = max(1, cached_states)
+        self.ltm_device_budget_bytes = ltm_device_budget_bytes
         self._token = next(_ENGINE_TOKENS)  # names this engine's entry in a state's derived data
         self._holders: list[weakref.ref] = []  # states holding one of our caches, least recent first
         self._staging = _HostStaging() if model.device.type == "cuda" else None
@@ -581,12 +601,13 @@ class Engine:
         retrieval: list[Retrieval] = []
         if state.ltm is not None:
             bank_keys = cache.ltm_keys(state.ltm)
+            bank_rows = cache.ltm_rows_source(state.ltm, self.ltm_device_budget_bytes)
             cos, sin = model.cos_sin(1, cache.ltm_rows)
 
             # M+: each layer retrieves its LTM block from that layer's input rows, just before it runs.
             def retrieve(l, layer, layer_kv, x):
                 found, rows = self._retrieve(state, l, layer, x, ltm_order[l] if ltm_order else None,
-                                             bank_keys, record)
+                                             bank_keys, bank_rows, record)
                 if record:
                     retrieval.append(found)
                 k, v = layer.prefix_keys_values(rows[None].to(device=model.device, dtype=model.dtype,
@@ -597,7 +618,7 @@ class Engine:
         return cache.kv, cache.prefix_rows, retrieval, None
 
     def _retrieve(self, state: MemoryState, l: int, layer, x: Tensor, forced: Tensor | None,
-                  bank_keys: Tensor, record: bool):
+                  bank_keys: Tensor, bank_rows: Tensor, record: bool):
         """M+ `get_ltm` for layer l (reference-semantics §7.4): choose R rows, order them by age.
         Scores are computed in fp32 (in bf16, ties would decide the top-k)."""
         cfg, ltm = self.cfg, state.ltm
@@ -633,7 +654,7 @@ class Engine:
             # stable sort reversed, so equal ages keep a deterministic order (later index first).
             order = torch.argsort(ages, stable=True).flip(0)
             order_pairs, bank_ids, ages = order_pairs[order], bank_ids[order], ages[order]
-        rows = ltm.rows[l, bank_ids.to(ltm.rows.device)]
+        rows = bank_rows[l, bank_ids.to(bank_rows.device, non_blocking=True)]
         found = None
         if record:
             found = Retrieval(path, order_pairs, ages, None if scores is None else scores.cpu())

@@ -44,7 +44,8 @@ if [ "$DEVICE" = cuda ]; then
   NAME=$("$PY" -c "import torch; print(torch.cuda.get_device_name(0).replace(' ', '-'))")
   OUT=${OUT:-benchmarks/results/gpu-$NAME.json}
   timeout 170 "$PY" -m pytest -q -x -p no:cacheprovider tests/test_cuda.py 2>&1 | tail -25
-  timeout 330 "$PY" benchmarks/bench_gpu.py --device cuda --compile --out "$OUT"
+  timeout 330 "$PY" benchmarks/bench_gpu.py --device cuda --compile \
+    --variants 8b-chat-nf4,8b-chat-bf16,mplus-8b-nf4,8b-chat-int8 --out "$OUT"
 else
   OUT=${OUT:-$(mktemp -d)/gpu-dry-run.json}
   "$PY" benchmarks/bench_gpu.py --device cpu --out "$OUT"

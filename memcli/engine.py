@@ -85,6 +85,7 @@ class PrefixCache:
         self.raw_k = torch.empty(shape, dtype=model.dtype, device=model.device)
         self._scratch = torch.empty(shape[1:], dtype=model.dtype, device=model.device)
         self._mirrors: dict[str, tuple[Tensor, int, int]] = {}  # M+: bank keys / rows on the device
+        self._ltm_ids: tuple[int, list[Tensor]] = (-1, [])
         cos, sin = model.cos_sin(0, 1)
         for l, (layer, kv) in enumerate(zip(model.layers, self.kv)):
             kv.k[:, :, :1], kv.v[:, :, :1] = layer.prefix_keys_values(model.bos_embedding[l][None], cos, sin, DECODER)
@@ -108,17 +109,30 @@ class PrefixCache:
         return self._mirror("rows", ltm)
 
     def _mirror(self, name: str, ltm) -> Tensor:
+        """A device copy of one of the bank's append-only tensors (rows, keys, birth ages/updates),
+        extended as the bank grows and rebuilt when compaction renumbers it."""
         source = getattr(ltm, name)
         device = self.model.device
+        if source.device == device and name != "keys":
+            return source
+        dim = 1 if source.dim() > 1 else 0
         copy, size, epoch = self._mirrors.get(name, (None, 0, -1))
         if copy is None or epoch != ltm.epoch or ltm.size < size:
-            copy = source[:, : ltm.size].to(device, copy=True, non_blocking=True)
+            copy = source.narrow(dim, 0, ltm.size).to(device, copy=True, non_blocking=True)
         elif ltm.size > size:
-            if ltm.size > copy.shape[1]:
-                copy = grow(copy, max(2 * copy.shape[1], ltm.size))
-            copy[:, size : ltm.size] = source[:, size : ltm.size].to(device, non_blocking=True)
+            if ltm.size > copy.shape[dim]:
+                copy = grow(copy, max(2 * copy.shape[dim], ltm.size))
+            copy.narrow(dim, size, ltm.size - size).copy_(source.narrow(dim, size, ltm.size - size), non_blocking=True)
         self._mirrors[name] = (copy, ltm.size, ltm.epoch)
         return copy
+
+    def ltm_ids(self, state: MemoryState) -> list[Tensor]:
+        """Every layer's LTM bank ids on the device (they change only inside an update)."""
+        key, ids = self._ltm_ids
+        if key != state.version:
+            ids = [i.to(self.model.device, non_blocking=True) for i in state.ltm.ids]
+            self._ltm_ids = (state.version, ids)
+        return ids
 
     def ensure_capacity(self, rows: int) -> None:
         if self.kv[0].k.shape[2] >= rows:
@@ -600,14 +614,18 @@ class Engine:
         cache.ensure_capacity(cache.prefix_rows + extra_rows)
         retrieval: list[Retrieval] = []
         if state.ltm is not None:
-            bank_keys = cache.ltm_keys(state.ltm)
-            bank_rows = cache.ltm_rows_source(state.ltm, self.ltm_device_budget_bytes)
+            bank = _Bank(
+                keys=cache.ltm_keys(state.ltm),
+                rows=cache.ltm_rows_source(state.ltm, self.ltm_device_budget_bytes),
+                birth_age=cache._mirror("birth_age", state.ltm),
+                birth_update=cache._mirror("birth_update", state.ltm),
+                ids=cache.ltm_ids(state),
+            )
             cos, sin = model.cos_sin(1, cache.ltm_rows)
 
             # M+: each layer retrieves its LTM block from that layer's input rows, just before it runs.
             def retrieve(l, layer, layer_kv, x):
-                found, rows = self._retrieve(state, l, layer, x, ltm_order[l] if ltm_order else None,
-                                             bank_keys, bank_rows, record)
+                found, rows = self._retrieve(state, l, layer, x, ltm_order[l] if ltm_order else None, bank, record)
                 if record:
                     retrieval.append(found)
                 k, v = layer.prefix_keys_values(rows[None].to(device=model.device, dtype=model.dtype,
@@ -618,56 +636,60 @@ class Engine:
         return cache.kv, cache.prefix_rows, retrieval, None
 
     def _retrieve(self, state: MemoryState, l: int, layer, x: Tensor, forced: Tensor | None,
-                  bank_keys: Tensor, bank_rows: Tensor, record: bool):
+                  bank: "_Bank", record: bool):
         """M+ `get_ltm` for layer l (reference-semantics §7.4): choose R rows, order them by age.
-        Scores are computed in fp32 (in bf16, ties would decide the top-k)."""
-        cfg, ltm = self.cfg, state.ltm
+
+        Everything runs where the model runs (no host sync per layer when the bank is mirrored
+        there). Scores are computed in fp32: in bf16, ties would decide the top-k."""
+        cfg, ltm, device = self.cfg, state.ltm, self.model.device
         r = cfg.ltm_retrieval_rows
-        ltm_ids = ltm.ids[l]
-        cache_ids = ltm.cache_ids()
-        n = len(ltm_ids)
+        ltm_ids = bank.ids[l]
+        n = len(state.ltm.ids[l])
         if n == 0:
             raise RuntimeError("M+ long-term memory of layer %d is empty; nothing to retrieve" % l)
+        all_ids = torch.cat((ltm_ids, torch.arange(ltm.cache_start, ltm.size, device=device)))
         scores = None
         if n < r:
             # Too few entries to score: the official code tiles the indices 0..n-1 (no cache rows).
             reps = -(-r // n)
-            candidates = torch.arange(n).repeat(reps)[-r:]
-            sources = torch.zeros(r, dtype=torch.int64)
+            candidates = torch.arange(n, device=device).repeat(reps)[-r:]
+            sources = torch.zeros(r, dtype=torch.int64, device=device)
             path = "repeat"
         else:
-            all_ids = torch.cat((ltm_ids, cache_ids))
             query = layer.query_proj(layer.input_layernorm(x[0])).float()
-            keys = bank_keys[l, all_ids.to(bank_keys.device)].float()
+            keys = bank.keys[l, all_ids.to(bank.keys.device)].float()
             scores = torch.sigmoid(query @ keys.T).mean(dim=0)
-            chosen = torch.topk(scores, r).indices.sort().values.cpu()
+            chosen = torch.topk(scores, r).indices.sort().values
             sources = (chosen >= n).long()
             candidates = torch.where(chosen >= n, chosen - n, chosen)
             path = "topk"
         order_pairs = torch.stack((sources, candidates), dim=1)
         if forced is not None:
-            order_pairs = forced.to(torch.int64).cpu()
-        bank_ids = _bank_ids(order_pairs, ltm_ids, cache_ids)
-        ages = ltm.ages(bank_ids, l, state.update_count, cfg.num_tokens)
+            order_pairs = forced.to(device=device, dtype=torch.int64)
+        # (source, index): source 0 indexes the layer's LTM, 1 the cache (bank ids after it)
+        bank_ids = all_ids[order_pairs[:, 1] + order_pairs[:, 0] * n]
+        ages = bank.birth_age[l, bank_ids] + cfg.num_tokens * (state.update_count - bank.birth_update[bank_ids]).double()
         if forced is None:
             # Oldest first. The official code uses numpy's unstable argsort()[::-1]; we take the
             # stable sort reversed, so equal ages keep a deterministic order (later index first).
             order = torch.argsort(ages, stable=True).flip(0)
             order_pairs, bank_ids, ages = order_pairs[order], bank_ids[order], ages[order]
-        rows = bank_rows[l, bank_ids.to(bank_rows.device, non_blocking=True)]
+        rows = bank.rows[l, bank_ids.to(bank.rows.device)]
         found = None
         if record:
-            found = Retrieval(path, order_pairs, ages, None if scores is None else scores.cpu())
+            found = Retrieval(path, order_pairs.cpu(), ages.cpu(), None if scores is None else scores.cpu())
         return found, rows
 
 
-def _bank_ids(pairs: Tensor, ltm_ids: Tensor, cache_ids: Tensor) -> Tensor:
-    """(source, index) pairs -> bank ids: source 0 indexes the layer's LTM, 1 the cache."""
-    out = torch.empty(len(pairs), dtype=torch.int64)
-    from_cache = pairs[:, 0] == 1
-    out[~from_cache] = ltm_ids.cpu()[pairs[~from_cache, 1]]
-    out[from_cache] = cache_ids.cpu()[pairs[from_cache, 1]]
-    return out
+@dataclass
+class _Bank:
+    """One question's view of the M+ bank, on the model's device where it fits."""
+
+    keys: Tensor
+    rows: Tensor
+    birth_age: Tensor
+    birth_update: Tensor
+    ids: list[Tensor]
 
 
 def _as_ids(ids, device) -> Tensor:

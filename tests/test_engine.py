@@ -255,3 +255,30 @@ def test_derived_data_belongs_to_its_state():
     assert not torch.allclose(la, lb)
     assert a.token != b.token and b.clone().token != b.token
     assert not b.clone().derived()  # a clone starts with nothing derived
+
+
+def test_decode_step_failure_falls_back_to_eager():
+    """A compiled decode step that fails (a compiler problem) costs nothing but the compilation."""
+    model, reader = _model("memoryllm-8b-chat-tiny")
+    state = initial_state(reader, model.cfg, seed=0)
+    expected = Engine(model).generate(state, QUESTION, 8, keep_logits=True)
+    engine = Engine(model)
+
+    def broken(*args):
+        raise RuntimeError("inductor: no C++ compiler")
+
+    engine._step, engine.compiled = broken, True
+    got = engine.generate(state, QUESTION, 8, keep_logits=True)
+    assert got.tokens == expected.tokens and not engine.compiled
+    torch.testing.assert_close(got.step_logits, expected.step_logits)
+
+
+def test_step_logits_and_records_only_when_asked():
+    model, reader = _model("mplus-8b-tiny")
+    engine = Engine(model)
+    state = initial_state(reader, model.cfg, seed=0)
+    plain = engine.generate(state, QUESTION, 4)
+    assert plain.step_logits.numel() == 0 and plain.retrieval == []
+    asked = engine.generate(state, QUESTION, 4, keep_logits=True, record=True)
+    assert asked.tokens == plain.tokens
+    assert asked.step_logits.shape == (4, model.cfg.vocab_size) and len(asked.retrieval) == model.cfg.num_layers

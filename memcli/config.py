@@ -193,6 +193,7 @@ class ModelConfig:
     decay_frequency: float = 0.0
     initial_rf_when_moving_stm_to_ltm: float = 0.0
     ltm_initial_size: int = 0
+    window: int = 0  # longest question + answer (or chunk) the model was trained for: max_seq_length
     raw: dict = field(default_factory=dict, compare=False, repr=False)
 
     @property
@@ -224,7 +225,7 @@ class ModelConfig:
 
 
 # fields that do not change the computation of memory rows or logits
-_NOT_COMPUTATION = {"raw", "bos_token_id", "eos_token_id", "pad_token_id"}
+_NOT_COMPUTATION = {"raw", "bos_token_id", "eos_token_id", "pad_token_id", "window"}
 
 
 def parse_config(raw: dict) -> ModelConfig:
@@ -312,6 +313,7 @@ def _parse(raw: dict, family: str) -> ModelConfig:
         if mplus
         else 0,
         ltm_initial_size=_int(raw, "ltm_initial_size", 0, 1 << 24, default=0) if mplus else 0,
+        window=_int(raw, "max_seq_length", 1, 1 << 20, default=raw.get("max_seq_length") or 2 * num_tokens),
         raw=raw,
     )
 

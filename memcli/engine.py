@@ -227,13 +227,15 @@ class Engine:
     fails. `reference=True` recomputes the prefix on every call, like the official code.
     """
 
-    def __init__(self, model: Transformer, reference: bool = False, scratch_rows: int = 1024,
+    def __init__(self, model: Transformer, reference: bool = False, scratch_rows: int | None = None,
                  cached_states: int = 1, compile_decode: bool = False,
                  ltm_device_budget_bytes: int = LTM_DEVICE_BUDGET_BYTES):
         self.model = model
         self.cfg = model.cfg
         self.reference = reference
-        self.scratch_rows = scratch_rows
+        # rows after the prefix: sized once for the model's window, so no question + answer
+        # within it ever regrows (and copies) the memory K/V buffer
+        self.scratch_rows = scratch_rows or self.cfg.window
         self.cached_states = max(1, cached_states)
         self.ltm_device_budget_bytes = ltm_device_budget_bytes
         self._token = next(_ENGINE_TOKENS)  # names this engine's entry in a state's derived data

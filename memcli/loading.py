@@ -399,7 +399,7 @@ def build_model(
         if cached is not None:
             cached.close()
     model.eval()
-    model.rope_rows(cfg.prefix_rows + 4096)  # the cos/sin tables, once
+    model.rope_rows(cfg.prefix_rows + cfg.window + 1)  # the cos/sin tables, once, for the window
     if cacheable and cached is None:
         converted.write(converted_entry[0], converted_entry[1], to_save, modes)
     return model

@@ -251,7 +251,7 @@ class Transformer(nn.Module):
         have = self.rope_cos.shape[0] if self.rope_cos.dim() == 2 else 0
         if have >= rows and self.rope_cos.dtype == self.dtype and self.rope_cos.device == self.device:
             return
-        rows = max(rows, 2 * have, self.cfg.prefix_rows + 4096)
+        rows = max(rows, 2 * have, self.cfg.prefix_rows + self.cfg.window + 1)
         self.rope_cos, self.rope_sin = self.rotary.cos_sin(torch.arange(rows, device=self.device), self.dtype)
 
     def cos_sin(self, start: int, length: int) -> tuple[Tensor, Tensor]:

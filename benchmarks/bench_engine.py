@@ -204,6 +204,7 @@ def _status_kib(key: str) -> int:
 
 def _inject_peak(which: str, folder: str, chunks: int) -> dict:
     engine_module, loading = _packages(which)
+    process_before_load = _status_kib("VmRSS") * 1024  # interpreter + torch, no model yet
     model, reader = loading.load_model(Path(folder), device="cpu", dtype=torch.float32)
     cfg = model.cfg
     engine = engine_module.Engine(model)
@@ -234,6 +235,10 @@ def _inject_peak(which: str, folder: str, chunks: int) -> dict:
         "weights_bytes": weights,
         "memory_kv_cache_bytes": cache_bytes,
         "bound_bytes": state_bytes + 2 * delta_bytes + weights,
+        # the whole process at its peak, less what it held before loading anything
+        "peak_over_process_baseline_bytes": peak - process_before_load,
+        "peak_over_process_baseline_within_bound_plus_cache":
+            peak - process_before_load <= state_bytes + 2 * delta_bytes + weights + cache_bytes,
     }
 
 

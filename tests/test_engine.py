@@ -282,3 +282,45 @@ def test_step_logits_and_records_only_when_asked():
     asked = engine.generate(state, QUESTION, 4, keep_logits=True, record=True)
     assert asked.tokens == plain.tokens
     assert asked.step_logits.shape == (4, model.cfg.vocab_size) and len(asked.retrieval) == model.cfg.num_layers
+
+
+def test_one_session_across_three_pools_matches_a_session_per_pool(tmp_path):
+    """Through the API, as a resident server would: one session asks and injects across 3 pools in
+    random order (every ask loads its pool afresh: a new state, version 0, maybe at a freed
+    state's address); each answer equals that of a session that only ever opened that pool."""
+    import random
+
+    from memcli.api import Memcli
+    from memcli.settings import Settings
+
+    def session():
+        return Memcli(Settings(model=str(fixture_checkpoint("memoryllm-8b-chat-tiny")), device="cpu"))
+
+    shared = session()
+    alone = {}
+    rng = random.Random(7)
+    topics = ["harbour cranes lift red containers", "violins are tuned before the concert",
+              "glaciers carve valleys over centuries", "bakers knead dough before dawn"]
+    for name in ("a", "b", "c"):
+        doc = tmp_path / f"{name}-0.txt"
+        doc.write_text(f"Pool {name}: {rng.choice(topics)}. " * 6)
+        shared.inject(name, [str(doc)])
+        alone[name] = session()
+    asks = injects = 0
+    for step in range(100):
+        name = rng.choice("abc")
+        if rng.random() < 0.2:
+            doc = tmp_path / f"{name}-{step}.txt"
+            doc.write_text(f"Step {step} of pool {name}: {rng.choice(topics)}. " * 5)
+            shared.inject(name, [str(doc)])
+            injects += 1
+            continue
+        question = f"What happens in pool {name} at step {rng.randrange(9)}?"
+        got = shared.ask(name, question, max_new_tokens=3)
+        expected = alone[name].ask(name, question, max_new_tokens=3)
+        assert got.tokens == expected.tokens, (step, name)
+        asks += 1
+    assert asks > 60 and injects > 10
+    # the pools' memories do change the answers (or this test could not see a mix-up)
+    answers = {tuple(shared.ask(name, "What happens in the pool?", max_new_tokens=6).tokens) for name in "abc"}
+    assert len(answers) > 1

@@ -60,9 +60,10 @@ class PrefixCache:
 
     Layout per layer (rows): [bos | LTM block (M+, filled per question) | STM slots | scratch].
     Keys are kept unrotated per slot (`raw_k`); the rotated copy in `kv` is refreshed from it, lazily,
-    the first time the state is read after its rows moved. An update therefore costs O(K): the K new
-    rows' keys/values, nothing else; one rotation (a gather from the model's cos/sin tables, in place)
-    pays for any number of updates in a row, e.g. a 64-chunk inject.
+    the first time the state is read after its rows moved. An update therefore costs O(K): it records
+    the K new rows (their keys/values are computed at the next read, or when more than two updates'
+    rows wait); one rotation (a gather from the model's cos/sin tables, in place) pays for any
+    number of updates in a row, e.g. a 64-chunk inject.
 
     A cache is owned by exactly one state object (it lives in `state.derived()`), so it can never
     answer for another state whatever ids or version numbers say.
@@ -75,7 +76,8 @@ class PrefixCache:
         self.ltm_rows = cfg.ltm_retrieval_rows
         self.stm_start = 1 + self.ltm_rows
         self.prefix_rows = self.stm_start + state.num_rows
-        self.version = -1  # state version whose rows raw_k / v hold
+        self.version = -1  # state version whose rows raw_k / v hold (with `pending` written)
+        self.pending: list[tuple[Tensor, Tensor]] = []  # (rows [L, m, d], slots [L, m]) not yet in raw_k / v
         self.rotated = -1  # state version whose logical positions kv.k is rotated by
         model.rope_rows(self.prefix_rows + scratch_rows)
         # zeros, not empty: a decode step attends over the whole buffer behind a mask, and masked
@@ -149,16 +151,26 @@ class PrefixCache:
         """Unrotated K and V of every slot, read layer by layer straight from the state's storage
         (a pinned host pool is copied without a pageable detour)."""
         model = self.model
+        self.pending.clear()
         for l, layer in enumerate(model.layers):
             rows = state.slots[l].to(device=model.device, non_blocking=True).to(model.dtype)
             self._write(l, layer, rows, None)
         self.version = state.version
 
     def add_rows(self, rows: Tensor, slots: Tensor, version: int) -> None:
-        """K and V of new rows [L, K, d] (model dtype, on the model's device) for `slots` [L, K]."""
-        for l, layer in enumerate(self.model.layers):
-            self._write(l, layer, rows[l], slots[l])
+        """New rows [L, K, d] (model dtype, on the model's device) for `slots` [L, K]: their K and V
+        are computed at the next read (or once more than two updates' rows wait), so an update
+        itself only records them; slots written twice before a read are computed in order."""
+        self.pending.append((rows, slots))
         self.version = version
+        if sum(r.shape[1] for r, _ in self.pending) > 2 * self.model.cfg.num_tokens:
+            self.flush()
+
+    def flush(self) -> None:
+        for rows, slots in self.pending:
+            for l, layer in enumerate(self.model.layers):
+                self._write(l, layer, rows[l], slots[l])
+        self.pending.clear()
 
     def _write(self, l: int, layer, rows: Tensor, slots: Tensor | None) -> None:
         k, v = layer.prefix_keys_values(rows[None], None, None, DECODER)
@@ -474,6 +486,7 @@ class Engine:
             derived[self._token] = cache
         if cache.version != state.version:
             cache.build(state)
+        cache.flush()
         if cache.rotated != state.version:
             cache.rotate(state)
         return cache

@@ -166,8 +166,10 @@ class Attention(nn.Module):
         q = apply_rotary(q, cos, sin)
         k, v = self.keys_values(xn, cos, sin, adapter)
         if kv.step is not None:
-            kv.k.index_copy_(2, kv.step.position, k)
-            kv.v.index_copy_(2, kv.step.position, v)
+            # index_put_ (not index_copy_): the compiler turns it into an in-place store into the
+            # buffer instead of a copy of the whole buffer per step
+            kv.k[:, :, kv.step.position] = k
+            kv.v[:, :, kv.step.position] = v
             out = F.scaled_dot_product_attention(q, kv.k, kv.v, attn_mask=kv.step.mask,
                                                  enable_gqa=q.shape[1] != kv.k.shape[1])
         else:

@@ -1,14 +1,21 @@
 """Operations on (model, memory state): inject, update, logits, generate.
 
 This is where the official code's semantics live (reference-semantics §4-§7, FORMAT.md §4); the
-transformer itself is in `model.py`. Two things make it fast without changing what is computed:
+transformer itself is in `model.py`. What makes it fast without changing what is computed:
 
 * The keys/values of the memory prefix (decoder adapter) depend only on the memory, not on the
-  question, so they are computed once per memory version and kept in a `PrefixCache`. After an update
-  only the K new rows' keys/values are computed; every key is re-rotated from its unrotated copy
-  because the survivors' logical positions shift (reference-semantics §10.3.1).
+  question, so they are kept in a `PrefixCache` that belongs to the state object itself
+  (`state.derived()`), never to an id or a version number. An update only records its K new rows;
+  their keys/values are computed at the next read, and every key is re-rotated then, in place,
+  from the model's cos/sin tables, because the survivors' logical positions shift
+  (reference-semantics §10.3.1).
 * Generation writes the question's and the answer's keys/values straight after the prefix in the
-  same buffer (a static KV cache), so nothing is concatenated per step.
+  same buffer (a static KV cache). Each decode step has fixed shapes (a device position, a mask
+  over the buffer), picks its token on the device, and the host reads the token back one step
+  late; `compile_decode` compiles that step.
+* On CUDA with pools in pinned host memory, rows travel through pinned staging buffers without
+  blocking; the M+ bank's keys, ids, ages and (within a budget) rows are mirrored on the device,
+  so retrieval needs no host round trip per layer.
 
 `reference=True` on the engine turns the cache off and recomputes the prefix on every call, like
 the original; it exists to check the cached path against.

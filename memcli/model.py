@@ -129,17 +129,30 @@ class DecodeStep:
     mask: Tensor  # [1, 1, 1, capacity] bool: rows 0..position visible
 
 
-def attend(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
-    """q: [1, H, T, D] over k/v: [1, H_kv, S, D]; query i sees keys 0..S-T+i (bottom-right causal).
+def attend(q: Tensor, k: Tensor, v: Tensor, mask_row: Tensor | None = None) -> Tensor:
+    """q: [1, H, T, D] over k/v: [1, H_kv, S, D]; query i sees keys 0..S-T+i (bottom-right causal),
+    or, for one decode step, the keys `mask_row` [1, 1, 1, S] allows.
 
-    `causal_lower_right` lets CUDA use the flash / memory-efficient kernels (flash-attn >= 2.1
-    aligns the diagonal the same way) instead of a materialised S-wide mask; one query needs none.
+    With grouped KV heads the G = H / H_kv query heads of a KV head are folded into the query rows
+    ([1, H_kv, G*T, D]) instead of asking SDPA for `enable_gqa`: kernels that take a mask do not
+    support GQA and would fall back to one that copies K and V G times (the memory prefix is 12,800
+    rows per layer). Same arithmetic per head; the mask rows are repeated per folded head.
     """
-    t, s = q.shape[-2], k.shape[-2]
-    mask = causal_lower_right(t, s) if t > 1 else None
-    return F.scaled_dot_product_attention(
-        q, k, v, attn_mask=mask, enable_gqa=q.shape[1] != k.shape[1]
-    )
+    h, t, s, d = q.shape[1], q.shape[2], k.shape[2], q.shape[3]
+    groups = h // k.shape[1]
+    if groups == 1:
+        if mask_row is not None:
+            return F.scaled_dot_product_attention(q, k, v, attn_mask=mask_row)
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=causal_lower_right(t, s) if t > 1 else None)
+    folded = q.reshape(1, k.shape[1], groups * t, d)
+    if mask_row is not None:
+        mask = mask_row
+    elif t > 1:
+        mask = torch.ones(t, s, dtype=torch.bool, device=q.device).tril(s - t).repeat(groups, 1)
+    else:
+        mask = None
+    out = F.scaled_dot_product_attention(folded, k, v, attn_mask=mask)
+    return out.view(1, h, t, d)
 
 
 class Attention(nn.Module):
@@ -170,8 +183,7 @@ class Attention(nn.Module):
             # buffer instead of a copy of the whole buffer per step
             kv.k[:, :, kv.step.position] = k
             kv.v[:, :, kv.step.position] = v
-            out = F.scaled_dot_product_attention(q, kv.k, kv.v, attn_mask=kv.step.mask,
-                                                 enable_gqa=q.shape[1] != kv.k.shape[1])
+            out = attend(q, kv.k, kv.v, kv.step.mask)
         else:
             end = kv.start + t
             kv.k[:, :, kv.start : end] = k

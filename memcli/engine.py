@@ -48,7 +48,7 @@ class Retrieval:
 @dataclass
 class Generation:
     tokens: list[int]  # new tokens only (a stop token, when hit, is included)
-    step_logits: Tensor  # [n, V] the logits each step chose from (fp32)
+    step_logits: Tensor  # [n, V] the logits each step chose from (fp32), only with keep_logits=True
     retrieval: list[Retrieval] = field(default_factory=list)
     prompt_tokens: int = 0
 
@@ -586,7 +586,7 @@ class Engine:
             if token in stop_ids or following is None:
                 break
             if kept_logits is not None:
-                kept_logits.append(logits)
+                kept_logits.append(logits.clone() if self.compiled else logits)  # graph outputs are reused
             position.add_(1)
             pending = following
         step_logits = torch.cat(kept_logits) if kept_logits else torch.empty(0)
@@ -595,6 +595,9 @@ class Engine:
     def _run_step(self, token: Tensor, position: Tensor, rows: Tensor, kv: list[KV]) -> Tensor:
         if self._step is not self._decode_step:
             try:
+                if token.is_cuda:
+                    # a new step of the CUDA graph: the previous step's outputs may be overwritten
+                    torch.compiler.cudagraph_mark_step_begin()
                 return self._step(token, position, rows, kv)
             except Exception as err:  # compilation problems must not cost the answer
                 import logging

@@ -32,6 +32,7 @@ import torch
 from torch import Tensor
 
 from .model import DECODER, ENCODER, KV, DecodeStep, Transformer
+from .quant import first_line
 from .state import MemoryState, grow
 
 
@@ -602,7 +603,7 @@ class Engine:
             except Exception as err:  # compilation problems must not cost the answer
                 import logging
 
-                logging.getLogger(__name__).warning("compiled decode failed (%s); decoding eagerly", _first_line(err))
+                logging.getLogger(__name__).warning("compiled decode failed (%s); decoding eagerly", first_line(err))
                 self._step, self.compiled = self._decode_step, False
         return self._decode_step(token, position, rows, kv)
 
@@ -737,11 +738,6 @@ def _static(t: Tensor) -> Tensor:
         except Exception:
             pass
     return t
-
-
-def _first_line(err: BaseException) -> str:
-    text = str(err).strip().splitlines()
-    return f"{type(err).__name__}: {text[0] if text else ''}"[:200]
 
 
 def _choose(logits: Tensor, sampling: Sampling, gen: torch.Generator | None) -> Tensor:

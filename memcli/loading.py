@@ -16,6 +16,7 @@ from torch import nn
 
 from .config import ConfigError, ModelConfig, read_config, read_json_file
 from .model import Projection, Selector, Transformer
+from .quant import first_line
 from .state import CHECKPOINT_ORIGIN, LongTermMemory, MemoryState, new_generator
 
 # Short names users type; the hub ids are the published checkpoints.
@@ -189,7 +190,7 @@ class CheckpointReader:
         except CheckpointError:
             raise
         except Exception as err:  # SafetensorError and OSError alike
-            raise CheckpointError(f"{shard}: not a readable safetensors file ({_first_line(err)})") from None
+            raise CheckpointError(f"{shard}: not a readable safetensors file ({first_line(err)})") from None
 
     def _load_pickle(self) -> None:
         self._pickled: dict[str, torch.Tensor] = {}
@@ -217,7 +218,7 @@ class CheckpointReader:
             try:
                 return tuple(handle.get_slice(name).get_shape())
             except Exception as err:
-                raise CheckpointError(f"{self._where[name]}: cannot read tensor {name} ({_first_line(err)})") from None
+                raise CheckpointError(f"{self._where[name]}: cannot read tensor {name} ({first_line(err)})") from None
 
     def get(self, name: str, index: int | None = None) -> torch.Tensor:
         """One tensor (or its `index`-th slice along dim 0), read from disk now."""
@@ -232,12 +233,7 @@ class CheckpointReader:
                     return handle.get_tensor(name)
                 return handle.get_slice(name)[index].clone()
             except Exception as err:
-                raise CheckpointError(f"{self._where[name]}: cannot read tensor {name} ({_first_line(err)})") from None
-
-
-def _first_line(err: BaseException) -> str:
-    lines = str(err).strip().splitlines()
-    return (lines[0] if lines else type(err).__name__)[:160]
+                raise CheckpointError(f"{self._where[name]}: cannot read tensor {name} ({first_line(err)})") from None
 
 
 def check_plan(reader: CheckpointReader, cfg: ModelConfig) -> list[TensorSpec]:
@@ -290,7 +286,7 @@ def load_checked_tokenizer(folder: Path):
     except Exception as err:  # tokenizers / transformers raise many kinds; the user needs one line
         present = [n for n in ("tokenizer.json", "tokenizer.model", "tokenizer_config.json") if (folder / n).exists()]
         where = folder / present[0] if present else folder
-        raise CheckpointError(f"{where}: cannot load the tokenizer ({_first_line(err)})") from None
+        raise CheckpointError(f"{where}: cannot load the tokenizer ({first_line(err)})") from None
 
 
 # --------------------------------------------------------------------------- building

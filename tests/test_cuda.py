@@ -84,5 +84,7 @@ def test_cuda_compiled_decode_matches_eager():
     second = compiled.generate(state, QUESTION.cuda(), 16, keep_logits=True)
     assert compiled.compiled, "the compiled step fell back to eager"
     assert first.tokens == second.tokens
-    n = min(len(first.tokens), len(eager.tokens))
+    # logits are comparable up to the first step where the chosen tokens differ (same prefix)
+    same = [a == b for a, b in zip(first.tokens, eager.tokens)]
+    n = same.index(False) + 1 if False in same else len(same)
     torch.testing.assert_close(first.step_logits[:n].cpu(), eager.step_logits[:n].cpu(), rtol=1e-3, atol=1e-3)

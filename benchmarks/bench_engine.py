@@ -5,6 +5,14 @@
     python benchmarks/bench_engine.py --scale real --layers 2      # memoryllm-8b shapes, 2 layers (CPU)
     python benchmarks/bench_engine.py --scale real --device cuda --quant nf4 \
         --out benchmarks/results/$(date +%F)-h100-nf4.json        # all 32 layers on a GPU
+    python benchmarks/bench_engine.py --scale medium --compare-main --machine "CPU, shared 2-core" \
+        --out benchmarks/results/cpu-medium-main-vs-new.json     # today's main and this tree, one run
+
+`--compare-main` exports `main`'s memcli package (git archive) as `memcli_main` into a temporary
+folder and runs both engines on the same checkpoint and the same inputs: update with and without a
+warm memory K/V cache, ask after an update, host-side operator calls per decoded token (torch
+profiler), decode tokens/s, and the host peak memory of a 64-chunk inject (each engine in a child
+process, peak RSS reset just before the inject through /proc/self/clear_refs).
 
 Floors (written into the JSON as `floor_*`, computed from the config, batch 1, bf16 activations):
   inject  : FLOPs = 2 * active params * (c + K + 1) per chunk (q/o/MLP on c rows, k/v on all rows)
@@ -20,6 +28,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import resource
 import sys
@@ -87,6 +96,230 @@ def active_params_per_token(cfg) -> int:
     return cfg.num_layers * (2 * d * q + 2 * d * kv + 3 * d * cfg.intermediate_size)
 
 
+# --------------------------------------------------------------------------- main vs this tree
+def _export_main(ref: str = "main") -> Path:
+    import subprocess
+    import tempfile
+
+    root = Path(tempfile.mkdtemp(prefix="memcli-main-"))
+    archive = subprocess.run(["git", "-C", str(REPO), "archive", ref, "memcli"], check=True, capture_output=True).stdout
+    subprocess.run(["tar", "-x", "-C", str(root)], input=archive, check=True)
+    (root / "memcli").rename(root / "memcli_main")
+    return root
+
+
+def _packages(which: str):
+    if which == "main":
+        import memcli_main.engine as engine_module
+        import memcli_main.loading as loading_module
+    else:
+        import memcli.engine as engine_module
+        import memcli.loading as loading_module
+    return engine_module, loading_module
+
+
+def _ops_per_token(engine, state, question, new_tokens: int) -> float:
+    from torch.profiler import ProfilerActivity, profile
+
+    def count(n):
+        with profile(activities=[ProfilerActivity.CPU]) as prof:
+            engine.generate(state, question, n)
+        return len(prof.events())
+
+    return (count(new_tokens) - count(1)) / (new_tokens - 1)
+
+
+def _compare_one(which: str, folder: Path, args) -> dict:
+    engine_module, loading = _packages(which)
+    model, reader = loading.load_model(folder, device="cpu", dtype=torch.float32)
+    cfg = model.cfg
+    engine = engine_module.Engine(model)
+    gen = torch.Generator().manual_seed(0)
+    vocab = min(cfg.vocab_size, 32000)
+    chunks = [torch.randint(0, vocab, (1, 512), generator=gen) for _ in range(args.chunks)]
+    question = torch.randint(0, vocab, (1, 32), generator=gen)
+    base = loading.initial_state(reader, cfg, seed=0)
+    deltas = [engine.inject(base, ids) for ids in chunks]
+    out: dict = {}
+
+    from statistics import median
+
+    # medians over 2 passes of the chunks' deltas: the shared machine's other jobs make means noisy
+    # update without a cache: a state this engine has never read
+    cold = base.clone()
+    times = []
+    for delta in deltas * 2:
+        t, _ = timed("cpu", lambda: engine.update(cold, delta))
+        times.append(t)
+    out["update_no_cache_seconds"] = round(median(times), 5)
+    # update with a warm cache: the state was read before each update
+    warm = base.clone()
+    times, asks, warm_asks = [], [], []
+    for delta in deltas * 2:
+        engine.logits(warm, question, all_rows=False)
+        t, _ = timed("cpu", lambda: engine.update(warm, delta))
+        times.append(t)
+        t, _ = timed("cpu", lambda: engine.generate(warm, question, 1))
+        asks.append(t)
+        t, _ = timed("cpu", lambda: engine.generate(warm, question, 1))
+        warm_asks.append(t)
+    out["update_warm_cache_seconds"] = round(median(times), 5)
+    out["warm_over_no_cache"] = round(out["update_warm_cache_seconds"] / out["update_no_cache_seconds"], 2)
+    out["ask_ttft_after_update_seconds"] = round(median(asks), 4)
+    out["ask_ttft_warm_seconds"] = round(median(warm_asks), 4)
+    if which == "new":
+        out["rotation"] = _rotation_compare(engine, warm)
+    # decode: steady-state per token, after one warm-up answer
+    n = args.new_tokens
+    engine.generate(warm, question, n)
+    first, _ = timed("cpu", lambda: engine.generate(warm, question, 1), repeat=2)
+    full, answer = timed("cpu", lambda: engine.generate(warm, question, n), repeat=2)
+    out["decode_tokens_per_second"] = round((n - 1) / (full - first), 2)
+    out["ops_per_decoded_token"] = _ops_per_token(engine, warm, question, min(n, 9))
+    out["greedy_tokens"] = answer.tokens
+    if which == "new":
+        compiled = engine_module.Engine(model, compile_decode=True)
+        t0 = time.perf_counter()
+        compiled.generate(warm, question, 2)
+        out["compiled_decode_first_answer_seconds"] = round(time.perf_counter() - t0, 1)
+        first, _ = timed("cpu", lambda: compiled.generate(warm, question, 1), repeat=2)
+        full, canswer = timed("cpu", lambda: compiled.generate(warm, question, n), repeat=2)
+        out["compiled_decode_tokens_per_second"] = round((n - 1) / (full - first), 2)
+        out["compiled_ops_per_decoded_token"] = _ops_per_token(compiled, warm, question, min(n, 9))
+        out["compiled_greedy_tokens_equal"] = canswer.tokens == answer.tokens
+    return out
+
+
+def _rotation_compare(engine, state) -> dict:
+    """Re-rotating every memory key (what a read after updates needs): cos/sin recomputed per call
+    and applied through temporaries (main) against a gather from the precomputed tables, in place."""
+    from memcli.model import apply_rotary
+
+    model = engine.model
+    engine.logits(state, torch.arange(8)[None] + 5, all_rows=False)
+    cache = state.derived()[engine._token]
+
+    def recompute():
+        for l, kv in enumerate(cache.kv):
+            cos, sin = model.rotary.cos_sin(cache.stm_start + state.slot_positions(l), model.dtype)
+            kv.k[0, :, cache.stm_start : cache.prefix_rows] = apply_rotary(cache.raw_k[l], cos, sin)
+
+    out = {}
+    with torch.inference_mode():
+        reference = [kv.k.clone() for kv in cache.kv]
+        for name, fn in (("recompute_and_apply", recompute), ("table_gather_in_place", lambda: cache.rotate(state))):
+            fn()
+            t, _ = timed("cpu", fn, repeat=5)
+            out[f"{name}_seconds"] = round(t, 4)
+            out[f"{name}_bitwise_equal"] = all(torch.equal(a, kv.k) for a, kv in zip(reference, cache.kv))
+    return out
+
+
+def _inject_peak_child(which: str, folder: Path, chunks: int, main_root: Path) -> dict:
+    """Run in a child process: host peak RSS over a `chunks`-chunk inject, against its bound."""
+    import subprocess
+
+    code = f"""
+import json, sys, torch
+sys.path[:0] = [{str(main_root)!r}, {str(REPO)!r}, {str(REPO / 'benchmarks')!r}]
+from bench_engine import _inject_peak
+print(json.dumps(_inject_peak({which!r}, {str(folder)!r}, {chunks})))
+"""
+    # a fixed mmap threshold makes glibc return freed large blocks to the system at once, so the
+    # peak RSS counts live memory rather than what the allocator keeps for later
+    env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="131072")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, env=env)
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def _status_kib(key: str) -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(key + ":"):
+            return int(line.split()[1])
+    raise KeyError(key)
+
+
+def _inject_peak(which: str, folder: str, chunks: int) -> dict:
+    engine_module, loading = _packages(which)
+    process_before_load = _status_kib("VmRSS") * 1024  # interpreter + torch, no model yet
+    model, reader = loading.load_model(Path(folder), device="cpu", dtype=torch.float32)
+    cfg = model.cfg
+    engine = engine_module.Engine(model)
+    state = loading.initial_state(reader, cfg, seed=0)
+    engine.logits(state, torch.arange(8)[None] + 10, all_rows=False)  # a warm memory K/V cache, as in a session
+    weights = sum(t.numel() * t.element_size() for t in model.state_dict().values())
+    state_bytes = sum(getattr(state, f).numel() * getattr(state, f).element_size() for f in ("slots", "order", "origin"))
+    gen = torch.Generator().manual_seed(1)
+    ids = [torch.randint(0, min(cfg.vocab_size, 32000), (1, 512), generator=gen) for _ in range(chunks)]
+    Path("/proc/self/clear_refs").write_text("5")  # reset the peak RSS (VmHWM) to the current RSS
+    before = _status_kib("VmRSS") * 1024
+    delta_bytes = 0
+    for chunk in ids:
+        delta = engine.inject(state, chunk)
+        delta_bytes = delta.numel() * delta.element_size()
+        engine.update(state, delta)
+        # both trees keep a copy of every delta until the next save (`unsaved_patches`); the
+        # store's dirty-slot mask replaces it, and a commit clears it: clear it here for both
+        patches = len(state.unsaved_patches)
+        state.unsaved_patches.clear()
+    peak = _status_kib("VmHWM") * 1024
+    cache = getattr(engine, "_prefix", None) or state.__dict__.get("_derived", {}).get(getattr(engine, "_token", 0))
+    cache_bytes = sum(t.numel() * t.element_size() for kv in cache.kv for t in (kv.k, kv.v)) + cache.raw_k.numel() * cache.raw_k.element_size() if cache else 0
+    return {
+        "chunks": chunks,
+        "rss_before_inject_bytes": before,
+        "peak_rss_during_inject_bytes": peak,
+        "growth_during_inject_bytes": peak - before,
+        "unsaved_patches": f"cleared after each update ({patches} kept at a time), as a commit or the dirty-slot mask does",
+        "state_bytes": state_bytes,
+        "delta_bytes": delta_bytes,
+        "weights_bytes": weights,
+        "memory_kv_cache_bytes": cache_bytes,
+        "bound_bytes": state_bytes + 2 * delta_bytes + weights,
+        # the whole process at its peak, less what it held before loading anything
+        "peak_over_process_baseline_bytes": peak - process_before_load,
+        "peak_over_process_baseline_within_bound_plus_cache":
+            peak - process_before_load <= state_bytes + 2 * delta_bytes + weights + cache_bytes,
+    }
+
+
+def compare(args) -> None:
+    folder = checkpoint_for(args)
+    main_root = _export_main(args.main_ref)
+    sys.path.insert(0, str(main_root))
+    result = {
+        "benchmark": "engine main vs this tree",
+        "machine": args.machine,
+        "checkpoint": str(folder),
+        "threads": torch.get_num_threads(),
+        "versions": {"torch": torch.__version__, "python": platform.python_version()},
+        "main_ref": args.main_ref,
+    }
+    cfg = read_config(folder)
+    result["model"] = {"family": cfg.family, "layers": cfg.num_layers, "hidden": cfg.hidden_size,
+                       "memory_rows": cfg.memory_rows, "vocab": cfg.vocab_size}
+    for which in ("main", "new"):
+        result[which] = _compare_one(which, folder, args)
+        result[which]["inject_64"] = _inject_peak_child(which, folder, 64, main_root)
+    old, new = result["main"], result["new"]
+    result["checks"] = {
+        "warm_cache_update_within_2x_of_no_cache": new["warm_over_no_cache"] <= 2.0,
+        "ops_per_decoded_token_ratio_main_over_new_eager": round(old["ops_per_decoded_token"] / new["ops_per_decoded_token"], 2),
+        "ops_per_decoded_token_ratio_main_over_new_compiled": round(old["ops_per_decoded_token"] / new["compiled_ops_per_decoded_token"], 2),
+        "decode_not_slower_eager": new["decode_tokens_per_second"] >= 0.95 * old["decode_tokens_per_second"],
+        "decode_not_slower_compiled": new["compiled_decode_tokens_per_second"] >= 0.95 * old["decode_tokens_per_second"],
+        "inject_64_growth_within_bound": new["inject_64"]["growth_during_inject_bytes"] <= new["inject_64"]["bound_bytes"],
+        "inject_64_peak_over_process_baseline_within_bound_plus_memory_kv":
+            new["inject_64"]["peak_over_process_baseline_within_bound_plus_cache"],
+        "same_greedy_tokens": old["greedy_tokens"] == new["greedy_tokens"],
+    }
+    text = json.dumps(result, indent=2)
+    print(text)
+    if args.out:
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).write_text(text + "\n")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--scale", choices=("fixture", "medium", "real"), default="fixture")
@@ -98,7 +331,13 @@ def main() -> None:
     parser.add_argument("--chunks", type=int, default=4)
     parser.add_argument("--new-tokens", type=int, default=16)
     parser.add_argument("--out")
+    parser.add_argument("--compare-main", action="store_true", help="today's main and this tree side by side (CPU)")
+    parser.add_argument("--main-ref", default="main")
+    parser.add_argument("--machine", default=f"CPU, {torch.get_num_threads()} threads")
     args = parser.parse_args()
+    if args.compare_main:
+        compare(args)
+        return
     device = args.device
     dtype_name = args.dtype or ("bf16" if device.startswith("cuda") else "fp32")
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[dtype_name]

@@ -100,7 +100,27 @@ def config_like(source: str, layers: int | None = None, medium: bool = False) ->
         config.pop("head_dim", None)
     if layers is not None:
         config["num_hidden_layers"] = layers
+    _ids_inside_vocab(config)
     return config
+
+
+def _ids_inside_vocab(config: dict) -> None:
+    """Special-token ids must index the (possibly shrunk) vocabulary: the official code builds its
+    embedding with `padding_idx=pad_token_id` and refuses an id outside it. Out-of-range ids are
+    moved to the top of the vocabulary, keeping ids that were equal equal."""
+    vocab = config["vocab_size"]
+    moved: dict[int, int] = {}
+
+    def inside(token):
+        if isinstance(token, list):
+            return [inside(t) for t in token]
+        if not isinstance(token, int) or token < vocab:
+            return token
+        return moved.setdefault(token, vocab - 1 - len(moved))
+
+    for key in ("bos_token_id", "eos_token_id", "pad_token_id"):
+        if key in config:
+            config[key] = inside(config[key])
 
 
 def main() -> None:

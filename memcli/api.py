@@ -228,6 +228,7 @@ class ModelIdentity:
     family: str
     config_hash: str
     num_tokens: int
+    legacy_hashes: tuple[str, ...] = ()  # fingerprints older pools carry for the same config
 
 
 def model_identity(name: str) -> ModelIdentity:
@@ -259,11 +260,11 @@ def model_identity(name: str) -> ModelIdentity:
         cfg = read_config(folder)
     except ConfigError as err:
         raise MemcliError(str(err)) from None
-    return ModelIdentity(name, cfg.family, cfg.fingerprint(), cfg.num_tokens)
+    return ModelIdentity(name, cfg.family, cfg.fingerprint(), cfg.num_tokens, (cfg.legacy_fingerprint(),))
 
 
 def _binding_mismatch(pool: str, binding, identity: ModelIdentity) -> str | None:
-    if binding.config_hash == identity.config_hash and binding.family == identity.family:
+    if binding.config_hash in (identity.config_hash, *identity.legacy_hashes) and binding.family == identity.family:
         return None
     return (f"pool {pool} belongs to model {binding.model} ({binding.family}, config {binding.config_hash}), "
             f"not to {identity.model} ({identity.family}, config {identity.config_hash})")
@@ -307,8 +308,7 @@ class Memcli:
             from . import pool as pools
             from .config import ConfigError
             from .engine import Engine
-            from .loading import CheckpointError, load_model, resolve_checkpoint
-            from .prompts import load_tokenizer
+            from .loading import CheckpointError, load_checked_tokenizer, load_model, resolve_checkpoint
 
             try:
                 device = self.settings.resolved_device()  # a missing device is said first
@@ -318,6 +318,7 @@ class Memcli:
                     self.on_load(name, device)
                 transformer, reader = load_model(folder, device=device, dtype=dtype,
                                                  quant=self.settings.resolved_quant())
+                tokenizer = load_checked_tokenizer(folder)  # a damaged tokenizer file: one line naming it
             except (ConfigError, CheckpointError, ValueError) as err:
                 raise MemcliError(str(err)) from None
             cfg = transformer.cfg
@@ -325,8 +326,9 @@ class Memcli:
                 name=name,
                 folder=folder,
                 engine=Engine(transformer),
-                tokenizer=load_tokenizer(folder),
-                binding=pools.Binding(name, cfg.family, cfg.fingerprint(), cfg.num_tokens),
+                tokenizer=tokenizer,
+                binding=pools.Binding(name, cfg.family, cfg.fingerprint(), cfg.num_tokens,
+                                      legacy_hashes=(cfg.legacy_fingerprint(),)),
                 state_dtype=dtype,
                 device=device,
             )

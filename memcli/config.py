@@ -9,6 +9,10 @@ from __future__ import annotations
 
 import json
 import math
+import os
+import re
+import stat
+import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -26,6 +30,93 @@ DEFAULT_ROPE_PRECISION = {"7b": "fp32", "8b": "fp32", "mplus": "bf16"}
 
 class ConfigError(ValueError):
     """config.json is not a MemoryLLM / M+ config we can run."""
+
+
+# --------------------------------------------------------------------------- reading JSON safely
+MAX_JSON_BYTES = 64 << 20  # tokenizer.json of Llama 3 is 9 MB; configs are a few KB
+MAX_JSON_DEPTH = 64
+_STRING = re.compile(r'"(?:[^"\\]|\\.)*"', re.S)
+_BRACKETS = re.compile(r"[\[\]{}]")
+
+
+def read_json_file(path: Path, limit: int = MAX_JSON_BYTES):
+    """A model folder's JSON file, refused (ConfigError naming the file) unless it is a regular file
+    of bounded size and nesting. Opened without blocking, so a FIFO cannot hang the load."""
+    path = Path(path)
+    try:
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
+    except FileNotFoundError:
+        raise ConfigError(f"{path} not found") from None
+    except OSError as err:
+        raise ConfigError(f"cannot read {path}: {err.strerror or err}") from None
+    try:
+        info = os.fstat(fd)
+        if not stat.S_ISREG(info.st_mode):
+            raise ConfigError(f"{path} is not a regular file")
+        if info.st_size > limit:
+            raise ConfigError(f"{path} is {info.st_size} bytes, more than the {limit} a model file may have")
+        with os.fdopen(fd, "rb", closefd=False) as f:
+            data = f.read(limit + 1)
+    except OSError as err:
+        raise ConfigError(f"cannot read {path}: {err.strerror or err}") from None
+    finally:
+        os.close(fd)
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError:
+        raise ConfigError(f"{path} is not UTF-8 text") from None
+    depth = deepest = 0
+    for bracket in _BRACKETS.findall(_STRING.sub("", text)):
+        depth += 1 if bracket in "[{" else -1
+        deepest = max(deepest, depth)
+        if deepest > MAX_JSON_DEPTH:
+            raise ConfigError(f"{path} nests deeper than {MAX_JSON_DEPTH} levels")
+    try:
+        return json.loads(text)
+    except (ValueError, RecursionError) as err:
+        raise ConfigError(f"{path} is not valid JSON: {str(err).splitlines()[0][:120]}") from None
+
+
+# --------------------------------------------------------------------------- field checks
+_MISSING = object()
+
+
+def _int(raw: dict, key: str, lo: int, hi: int, default=_MISSING) -> int:
+    value = raw.get(key, default)
+    if value is _MISSING:
+        raise ConfigError(f"lacks the key {key!r}")
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ConfigError(f"{key} must be an integer, got {_show(value)}")
+    if not lo <= value <= hi:
+        raise ConfigError(f"{key} = {value} is outside [{lo}, {hi}]")
+    return value
+
+
+def _number(raw: dict, key: str, lo: float, hi: float, default=_MISSING, open_low: bool = False) -> float:
+    value = raw.get(key, default)
+    if value is _MISSING:
+        raise ConfigError(f"lacks the key {key!r}")
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise ConfigError(f"{key} must be a finite number, got {_show(value)}")
+    if value > hi or value < lo or (open_low and value == lo):
+        raise ConfigError(f"{key} = {value} is outside {'(' if open_low else '['}{lo}, {hi}]")
+    return float(value)
+
+
+def _token_id(raw: dict, key: str, vocab: int) -> int | None:
+    value = raw.get(key)
+    if isinstance(value, list):
+        if not value:
+            return None
+        value = value[0]
+    if value is None:
+        return None
+    return _int({key: value}, key, 0, vocab - 1)
+
+
+def _show(value) -> str:
+    text = json.dumps(value) if isinstance(value, (str, int, float, type(None))) else type(value).__name__
+    return text if len(text) <= 40 else text[:37] + "..."
 
 
 def detect_family(raw: dict) -> str:
@@ -102,6 +193,7 @@ class ModelConfig:
     decay_frequency: float = 0.0
     initial_rf_when_moving_stm_to_ltm: float = 0.0
     ltm_initial_size: int = 0
+    window: int = 0  # longest question + answer (or chunk) the model was trained for: max_seq_length
     raw: dict = field(default_factory=dict, compare=False, repr=False)
 
     @property
@@ -114,80 +206,132 @@ class ModelConfig:
         return 1 + self.ltm_retrieval_rows + self.memory_rows
 
     def fingerprint(self) -> str:
-        """A hash of the config values that decide tensor shapes and numerics (pool binding)."""
+        """The pool binding: a hash of the parsed values that change what the model computes (sizes,
+        RoPE, LoRA, drop rule, M+ parameters). Cosmetic keys (`_name_or_path`,
+        `transformers_version`, `torch_dtype`, token ids, ...) do not enter it."""
+        import hashlib
+
+        values = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name not in _NOT_COMPUTATION}
+        values["rope"] = dataclasses.asdict(self.rope)
+        values["lora_targets"] = sorted(self.lora_targets)
+        return "v2-" + hashlib.sha256(json.dumps(values, sort_keys=True).encode()).hexdigest()[:16]
+
+    def legacy_fingerprint(self) -> str:
+        """The binding pools made before the parsed fingerprint carry (a hash of the raw config.json);
+        accepted so that existing pools keep loading."""
         import hashlib
 
         return hashlib.sha256(json.dumps(self.raw, sort_keys=True).encode()).hexdigest()[:16]
 
 
+# fields that do not change the computation of memory rows or logits
+_NOT_COMPUTATION = {"raw", "bos_token_id", "eos_token_id", "pad_token_id", "window"}
+
+
 def parse_config(raw: dict) -> ModelConfig:
+    """Checked before anything is allocated: types, ranges and consistency of every field used."""
+    if not isinstance(raw, dict):
+        raise ConfigError("config.json is not a JSON object")
     family = detect_family(raw)
     try:
         return _parse(raw, family)
-    except KeyError as missing:
-        raise ConfigError(f"config.json of a {family} checkpoint lacks the key {missing}") from None
+    except (TypeError, KeyError, AttributeError, ValueError) as err:
+        if isinstance(err, ConfigError):
+            raise ConfigError(f"{err} ({family} config)") from None
+        raise ConfigError(f"malformed field ({type(err).__name__}: {str(err)[:80]}) ({family} config)") from None
+
+
+LORA_MODULES = ("q_proj", "k_proj", "v_proj", "gate_proj", "up_proj", "down_proj")
 
 
 def _parse(raw: dict, family: str) -> ModelConfig:
     if raw.get("hidden_act", "silu") != "silu":
-        raise ConfigError(f"hidden_act {raw['hidden_act']!r} is not supported (MemoryLLM uses silu)")
-    hidden = raw["hidden_size"]
-    heads = raw["num_attention_heads"]
-    head_dim = raw.get("head_dim") or hidden // heads
-    num_tokens = raw["num_tokens"]
-    num_blocks = raw["num_blocks"]
-    ltm_blocks = raw.get("num_ltm_blocks", 0) if family == "mplus" else 0
+        raise ConfigError(f"hidden_act {_show(raw['hidden_act'])} is not supported (MemoryLLM uses silu)")
+    vocab = _int(raw, "vocab_size", 1, 1 << 22)
+    hidden = _int(raw, "hidden_size", 1, 1 << 16)
+    intermediate = _int(raw, "intermediate_size", 1, 1 << 18)
+    layers = _int(raw, "num_hidden_layers", 1, 512)
+    heads = _int(raw, "num_attention_heads", 1, 1024)
+    kv_heads = _int(raw, "num_key_value_heads", 1, heads, default=raw.get("num_key_value_heads") or heads)
+    if heads % kv_heads:
+        raise ConfigError(f"num_attention_heads {heads} is not a multiple of num_key_value_heads {kv_heads}")
+    if raw.get("head_dim"):
+        head_dim = _int(raw, "head_dim", 2, 1024)
+    elif hidden % heads:
+        raise ConfigError(f"hidden_size {hidden} is not a multiple of num_attention_heads {heads}")
+    else:
+        head_dim = hidden // heads
+    if head_dim % 2:
+        raise ConfigError(f"head_dim {head_dim} is odd; rotary embeddings need an even head size")
+    num_tokens = _int(raw, "num_tokens", 1, 1 << 16)
+    num_blocks = _int(raw, "num_blocks", 1, 1 << 12)
+    ltm_blocks = _int(raw, "num_ltm_blocks", 0, num_blocks - 1, default=0) if family == "mplus" else 0
+    memory_rows = (num_blocks - ltm_blocks) * num_tokens
+    if memory_rows > 1 << 20:
+        raise ConfigError(f"{memory_rows} memory rows per layer (num_blocks x num_tokens) is more than {1 << 20}")
+    eps = _number(raw, "rms_norm_eps", 0.0, 1.0, default=1e-6, open_low=True)
     lora = raw.get("lora_config") if family != "7b" else None
-    eos = raw.get("eos_token_id")
-    if isinstance(eos, list):
-        eos = eos[0]
+    rank, scale, targets = 0, 0.0, ()
+    if lora is not None:
+        if not isinstance(lora, dict):
+            raise ConfigError(f"lora_config must be an object, got {_show(lora)}")
+        rank = _int(lora, "r", 1, 4096)
+        scale = _number(lora, "lora_alpha", 0.0, 1e6) / rank
+        modules = lora.get("target_modules")
+        if not isinstance(modules, list) or not all(isinstance(m, str) and m in LORA_MODULES for m in modules):
+            raise ConfigError(f"lora_config.target_modules must list some of {', '.join(LORA_MODULES)}")
+        targets = tuple(modules)
+    mplus = family == "mplus"
     return ModelConfig(
         family=family,
-        vocab_size=raw["vocab_size"],
+        vocab_size=vocab,
         hidden_size=hidden,
-        intermediate_size=raw["intermediate_size"],
-        num_layers=raw["num_hidden_layers"],
+        intermediate_size=intermediate,
+        num_layers=layers,
         num_heads=heads,
-        num_kv_heads=raw.get("num_key_value_heads") or heads,
+        num_kv_heads=kv_heads,
         head_dim=head_dim,
-        rms_norm_eps=raw.get("rms_norm_eps", 1e-6),
+        rms_norm_eps=eps,
         num_tokens=num_tokens,
-        memory_rows=(num_blocks - ltm_blocks) * num_tokens,
+        memory_rows=memory_rows,
         rope=_rope(raw, family, head_dim),
-        bos_token_id=raw.get("bos_token_id"),
-        eos_token_id=eos,
-        pad_token_id=raw.get("pad_token_id"),
-        lora_rank=lora["r"] if lora else 0,
-        lora_scale=lora["lora_alpha"] / lora["r"] if lora else 0.0,
-        lora_targets=tuple(lora["target_modules"]) if lora else (),
+        bos_token_id=_token_id(raw, "bos_token_id", vocab),
+        eos_token_id=_token_id(raw, "eos_token_id", vocab),
+        pad_token_id=_token_id(raw, "pad_token_id", vocab),
+        lora_rank=rank,
+        lora_scale=scale,
+        lora_targets=targets,
         # the 7b code always drops one shared choice of rows from every layer
         drop_per_layer=family != "7b" and bool(raw.get("drop_memory_per_layer", True)),
         ltm_retrieval_rows=ltm_blocks * num_tokens,
-        selector_hidden_dim=raw.get("selector_hidden_dim", 0) if family == "mplus" else 0,
-        num_selector_layers=raw.get("num_selector_layers", 0) if family == "mplus" else 0,
-        add_encoder_retriever=bool(raw.get("add_encoder_retriever", False)) and family == "mplus",
-        update_ltm_frequency=raw.get("update_ltm_frequency", 0) if family == "mplus" else 0,
-        decay_frequency=raw.get("decay_frequency", 0) if family == "mplus" else 0,
-        initial_rf_when_moving_stm_to_ltm=raw.get("initial_rf_when_moving_stm_to_ltm", 0)
-        if family == "mplus"
+        selector_hidden_dim=_int(raw, "selector_hidden_dim", 1, 1 << 14) if mplus else 0,
+        num_selector_layers=_int(raw, "num_selector_layers", 0, 64, default=0) if mplus else 0,
+        add_encoder_retriever=bool(raw.get("add_encoder_retriever", False)) and mplus,
+        update_ltm_frequency=_int(raw, "update_ltm_frequency", 1, 1 << 20) if mplus else 0,
+        decay_frequency=_number(raw, "decay_frequency", 0.0, 1e6) if mplus else 0,
+        initial_rf_when_moving_stm_to_ltm=_number(raw, "initial_rf_when_moving_stm_to_ltm", 0.0, 1e6)
+        if mplus
         else 0,
-        ltm_initial_size=raw.get("ltm_initial_size", 0) if family == "mplus" else 0,
+        ltm_initial_size=_int(raw, "ltm_initial_size", 0, 1 << 24, default=0) if mplus else 0,
+        window=_int(raw, "max_seq_length", 1, 1 << 20, default=raw.get("max_seq_length") or 2 * num_tokens),
         raw=raw,
     )
 
 
 def _rope(raw: dict, family: str, head_dim: int) -> RopeSpec:
     scaling = raw.get("rope_scaling")
+    if scaling is not None and not isinstance(scaling, dict):
+        raise ConfigError(f"rope_scaling must be an object or null, got {_show(scaling)}")
     if family == "7b":
         # The 7b code hard-codes base 10000 and interpolates positions only when rope_scaling is null.
         if scaling is None and raw.get("interpolate_position_ids"):
-            original = raw["max_position_embeddings"]
+            original = _int(raw, "max_position_embeddings", 1, 1 << 24)
             target = (raw["num_blocks"] + 1) * raw["num_tokens"]
             return RopeSpec("interpolate", 10000.0, head_dim, position_scale=original / max(original, target))
         if scaling is None:
             return RopeSpec("default", 10000.0, head_dim)
         return _linear(scaling, 10000.0, head_dim)
-    theta = float(raw.get("rope_theta", 10000.0))
+    theta = _number(raw, "rope_theta", 0.0, 1e12, default=10000.0, open_low=True)
     if scaling is None:
         return RopeSpec("default", theta, head_dim)
     kind = scaling.get("rope_type") or scaling.get("type")
@@ -199,30 +343,28 @@ def _rope(raw: dict, family: str, head_dim: int) -> RopeSpec:
     if kind == "linear":
         return _linear(scaling, theta, head_dim)
     if kind == "llama3" and family == "mplus":
+        if _number(scaling, "high_freq_factor", 0.0, 1e6) <= _number(scaling, "low_freq_factor", 0.0, 1e6):
+            raise ConfigError("rope_scaling.high_freq_factor must exceed low_freq_factor")
         return RopeSpec(
             "llama3",
             theta,
             head_dim,
-            factor=float(scaling["factor"]),
-            low_freq_factor=float(scaling["low_freq_factor"]),
-            high_freq_factor=float(scaling["high_freq_factor"]),
-            original_max_position_embeddings=int(scaling["original_max_position_embeddings"]),
+            factor=_number(scaling, "factor", 0.0, 1e6, open_low=True),
+            low_freq_factor=_number(scaling, "low_freq_factor", 0.0, 1e6, open_low=True),
+            high_freq_factor=_number(scaling, "high_freq_factor", 0.0, 1e6, open_low=True),
+            original_max_position_embeddings=_int(scaling, "original_max_position_embeddings", 1, 1 << 24),
         )
     raise ConfigError(f"rope_scaling type {kind!r} is not supported for the {family} family")
 
 
 def _linear(scaling: dict, theta: float, head_dim: int) -> RopeSpec:
-    return RopeSpec("linear", theta, head_dim, factor=float(scaling["factor"]))
+    return RopeSpec("linear", theta, head_dim, factor=_number(scaling, "factor", 0.0, 1e6, open_low=True))
 
 
 def read_config(folder: Path) -> ModelConfig:
     path = Path(folder) / "config.json"
+    raw = read_json_file(path, limit=1 << 20)
     try:
-        raw = json.loads(path.read_text())
-    except FileNotFoundError:
-        raise ConfigError(f"{path} not found") from None
-    except (OSError, ValueError) as err:
-        raise ConfigError(f"cannot read {path}: {err}") from None
-    if not isinstance(raw, dict):
-        raise ConfigError(f"{path} is not a JSON object")
-    return parse_config(raw)
+        return parse_config(raw)
+    except ConfigError as err:
+        raise ConfigError(f"{path}: {err}") from None

@@ -8,9 +8,11 @@ load with the same key reads that file instead. The memory tensor is not part of
 when a new pool starts from the checkpoint.
 
 A cache entry is a folder with `weights.safetensors` and `manifest.json` (the key's inputs, the
-sha256 and size of the weights file, and each projection's mode). It is written beside, then
-renamed into place; a missing, stale or corrupt entry (size or sha256 mismatch, unreadable
-manifest) is ignored and rebuilt.
+sha256, size and modification time of the weights file, and each projection's mode). It is
+written beside, then renamed into place. A start compares size and modification time only; a
+mismatch there costs a full sha256 check, and `verify()` (doctor) hashes every entry. A missing,
+stale or corrupt entry is ignored and rebuilt. Tensors are read one at a time straight onto the
+device (`safe_open(..., device=...)`), so a start never holds the whole copy in host memory.
 """
 
 from __future__ import annotations
@@ -66,23 +68,80 @@ def _sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
-def read(key: str) -> tuple[dict[str, torch.Tensor], dict] | None:
-    """The cached tensors (on the CPU) and the per-projection modes, or None if absent or damaged."""
+class Entry:
+    """An open converted copy: tensors are read one at a time, straight onto the device."""
+
+    def __init__(self, weights: Path, modes: dict, device: torch.device):
+        from safetensors import safe_open
+
+        where = "cpu" if device.type == "cpu" else (f"{device.type}:{device.index or 0}")
+        self._handle = safe_open(str(weights), framework="pt", device=where)
+        self._fields: dict[str, list[str]] = {}
+        for full in self._handle.keys():
+            name, _, field = full.partition("::")
+            self._fields.setdefault(name, []).append(field)
+        self.modes = modes
+
+    def group(self, name: str) -> dict[str, torch.Tensor]:
+        fields = self._fields[name]
+        return {field: self._handle.get_tensor(f"{name}::{field}" if field else name) for field in fields}
+
+    def close(self) -> None:
+        self._handle = None
+
+
+def _manifest(folder: Path) -> dict:
+    manifest = json.loads((folder / "manifest.json").read_text())
+    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
+        raise ValueError("unknown manifest")
+    return manifest
+
+
+def open_entry(key: str, device: torch.device | str = "cpu") -> Entry | None:
+    """The cached copy, or None if absent or damaged. At start only the size and modification time
+    are compared with the manifest; the full sha256 is computed only when they disagree (or by
+    `verify`, which `memcli doctor` calls)."""
     folder = entry(key)
     try:
-        manifest = json.loads((folder / "manifest.json").read_text())
+        manifest = _manifest(folder)
         weights = folder / WEIGHTS
-        if manifest.get("format") != FORMAT or weights.stat().st_size != manifest["bytes"]:
+        info = weights.stat()
+        if info.st_size != manifest["bytes"]:
             return None
-        if _sha256(weights) != manifest["sha256"]:
+        if info.st_mtime_ns != manifest.get("mtime_ns") and _sha256(weights) != manifest["sha256"]:
             return None
-        from safetensors.torch import load_file
-
-        return load_file(str(weights)), manifest["modes"]
+        return Entry(weights, manifest["modes"], torch.device(device))
     except (OSError, ValueError, KeyError, TypeError):
         return None
     except Exception:  # a damaged file can make safetensors raise its own errors: rebuild
         return None
+
+
+def read(key: str) -> tuple[dict[str, torch.Tensor], dict] | None:
+    """The cached tensors on the CPU, all at once, and the per-projection modes (tests, tools)."""
+    opened = open_entry(key)
+    if opened is None:
+        return None
+    tensors = {}
+    for name in opened._fields:
+        for field, t in opened.group(name).items():
+            tensors[f"{name}::{field}" if field else name] = t
+    opened.close()
+    return tensors, opened.modes
+
+
+def verify() -> list[tuple[Path, bool]]:
+    """Every converted copy and whether its weights still match the recorded sha256 (doctor)."""
+    root = paths.cache_dir() / "converted"
+    results = []
+    for folder in sorted(p for p in root.iterdir() if p.is_dir()) if root.exists() else []:
+        try:
+            manifest = _manifest(folder)
+            ok = _sha256(folder / WEIGHTS) == manifest["sha256"]
+        except (OSError, ValueError, KeyError, TypeError):
+            ok = False
+        results.append((folder, ok))
+    return results
 
 
 def write(key: str, inputs: dict, tensors: dict[str, torch.Tensor], modes: dict[str, str]) -> None:
@@ -100,7 +159,8 @@ def write(key: str, inputs: dict, tensors: dict[str, torch.Tensor], modes: dict[
             f.flush()
             os.fsync(f.fileno())
         manifest = {"format": FORMAT, "key": key, "inputs": inputs, "modes": modes,
-                    "sha256": digest.hexdigest(), "bytes": size}
+                    "sha256": digest.hexdigest(), "bytes": size,
+                    "mtime_ns": (temp / WEIGHTS).stat().st_mtime_ns}  # rename keeps it
         (temp / "manifest.json").write_text(json.dumps(manifest, indent=1))
         if final.exists():
             shutil.rmtree(final)

@@ -7,15 +7,16 @@ way to the device, so the peak host memory is about one tensor, not the 39 GB ch
 
 from __future__ import annotations
 
-import json
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from torch import nn
 
-from .config import ConfigError, ModelConfig, read_config
+from .config import ConfigError, ModelConfig, read_config, read_json_file
 from .model import Projection, Selector, Transformer
+from .quant import first_line
 from .state import CHECKPOINT_ORIGIN, LongTermMemory, MemoryState, new_generator
 
 from .catalog import ALIASES  # the alias table lives in a torch-free module (memcli models, completion)
@@ -131,15 +132,24 @@ class CheckpointReader:
         from safetensors import safe_open
 
         self.folder = Path(folder)
+        self._safe_open = safe_open
         self._where: dict[str, Path] = {}
         shards = sorted(self.folder.glob("*.safetensors"))
         index = self.folder / "model.safetensors.index.json"
         if index.exists():
-            weight_map = json.loads(index.read_text())["weight_map"]
+            spec = read_json_file(index)
+            weight_map = spec.get("weight_map") if isinstance(spec, dict) else None
+            if not isinstance(weight_map, dict) or not all(
+                isinstance(k, str) and isinstance(v, str) and Path(v).name == v and v.endswith(".safetensors")
+                for k, v in weight_map.items()
+            ):
+                raise CheckpointError(f"{index}: weight_map must map tensor names to shard files in the folder")
             self._where = {name: self.folder / file for name, file in weight_map.items()}
+            for shard in sorted(set(self._where.values())):
+                self._check_shard(shard)
         elif shards:
             for shard in shards:
-                with safe_open(str(shard), "pt") as handle:
+                with self._handle(shard) as handle:
                     for name in handle.keys():
                         self._where[name] = shard
         elif list(self.folder.glob("*.bin")):
@@ -151,7 +161,31 @@ class CheckpointReader:
             self._load_pickle()
         else:
             raise CheckpointError(f"{self.folder} has no weight files (*.safetensors)")
-        self._safe_open = safe_open
+
+    def _check_shard(self, shard: Path) -> None:
+        import stat as stat_module
+
+        try:
+            mode = shard.stat().st_mode
+        except OSError as err:
+            raise CheckpointError(f"cannot read {shard}: {err.strerror or err}") from None
+        if not stat_module.S_ISREG(mode):
+            raise CheckpointError(f"{shard} is not a regular file")
+        with self._handle(shard):
+            pass
+
+    def _handle(self, shard: Path):
+        """safe_open, with its errors (bad header, truncated file) as one line naming the file."""
+        import stat as stat_module
+
+        try:
+            if not stat_module.S_ISREG(shard.stat().st_mode):
+                raise CheckpointError(f"{shard} is not a regular file")
+            return self._safe_open(str(shard), "pt")
+        except CheckpointError:
+            raise
+        except Exception as err:  # SafetensorError and OSError alike
+            raise CheckpointError(f"{shard}: not a readable safetensors file ({first_line(err)})") from None
 
     def _load_pickle(self) -> None:
         self._pickled: dict[str, torch.Tensor] = {}
@@ -168,7 +202,7 @@ class CheckpointReader:
         a 39 GB checkpoint would then count fully against host memory."""
         if name not in self._where:
             raise CheckpointError(f"checkpoint {self.folder} lacks tensor {name}")
-        return self._safe_open(str(self._where[name]), "pt")
+        return self._handle(self._where[name])
 
     def shape(self, name: str) -> tuple[int, ...]:
         if hasattr(self, "_pickled"):
@@ -176,7 +210,10 @@ class CheckpointReader:
                 raise CheckpointError(f"checkpoint {self.folder} lacks tensor {name}")
             return tuple(self._pickled[name].shape)
         with self._open(name) as handle:
-            return tuple(handle.get_slice(name).get_shape())
+            try:
+                return tuple(handle.get_slice(name).get_shape())
+            except Exception as err:
+                raise CheckpointError(f"{self._where[name]}: cannot read tensor {name} ({first_line(err)})") from None
 
     def get(self, name: str, index: int | None = None) -> torch.Tensor:
         """One tensor (or its `index`-th slice along dim 0), read from disk now."""
@@ -186,13 +223,25 @@ class CheckpointReader:
             t = self._pickled[name]
             return (t if index is None else t[index]).clone()
         with self._open(name) as handle:
-            if index is None:
-                return handle.get_tensor(name)
-            return handle.get_slice(name)[index].clone()
+            try:
+                if index is None:
+                    return handle.get_tensor(name)
+                return handle.get_slice(name)[index].clone()
+            except Exception as err:
+                raise CheckpointError(f"{self._where[name]}: cannot read tensor {name} ({first_line(err)})") from None
 
 
 def check_plan(reader: CheckpointReader, cfg: ModelConfig) -> list[TensorSpec]:
-    """The plan for this file (LTM lengths read from it); every planned tensor must be present with its shape."""
+    """The plan for this file (LTM lengths read from it); every planned tensor must be present with its shape.
+
+    The layer count is checked against the tensor names first, so an absurd `num_hidden_layers`
+    is refused before a plan (or a model) of that size is built."""
+    layers = {int(m.group(1)) for m in map(_LAYER_NAME.match, reader.names()) if m}
+    found = max(layers) + 1 if layers else 0
+    if found != cfg.num_layers:
+        raise CheckpointError(
+            f"{reader.folder / 'config.json'}: num_hidden_layers is {cfg.num_layers}, the weight files have {found} layers"
+        )
     ltm_rows = None
     if cfg.family == "mplus":
         ltm_rows = [reader.shape(f"ltm.{i}")[0] for i in range(cfg.num_layers)]
@@ -206,6 +255,33 @@ def check_plan(reader: CheckpointReader, cfg: ModelConfig) -> list[TensorSpec]:
                 f"tensor {spec.name} has shape {list(shape)}, config.json implies {list(spec.shape)}"
             )
     return plan
+
+
+_LAYER_NAME = re.compile(r"model\.layers\.(\d{1,6})\.")
+
+
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "generation_config.json")
+
+
+def load_checked_tokenizer(folder: Path):
+    """The checkpoint's tokenizer; a damaged or hostile tokenizer file is a CheckpointError naming
+    it (its JSON files are read with the same limits as config.json first)."""
+    from .prompts import load_tokenizer
+
+    folder = Path(folder)
+    for name in TOKENIZER_FILES:
+        path = folder / name
+        if path.exists() or path.is_symlink():
+            try:
+                read_json_file(path)
+            except ConfigError as err:
+                raise CheckpointError(str(err)) from None
+    try:
+        return load_tokenizer(folder)
+    except Exception as err:  # tokenizers / transformers raise many kinds; the user needs one line
+        present = [n for n in ("tokenizer.json", "tokenizer.model", "tokenizer_config.json") if (folder / n).exists()]
+        where = folder / present[0] if present else folder
+        raise CheckpointError(f"{where}: cannot load the tokenizer ({first_line(err)})") from None
 
 
 # --------------------------------------------------------------------------- building
@@ -227,32 +303,46 @@ def load_model(
     Unless the checkpoint's own fp32 is wanted, the converted weights are kept in the user cache
     (`converted.py`) and read from there by the next load with the same settings."""
     from . import converted
-    from . import quant as quantization
-    from .config import DEFAULT_ROPE_PRECISION
 
     cfg = read_config(folder)
     reader = CheckpointReader(folder, allow_pickle=allow_pickle)
     check_plan(reader, cfg)
+    quant = quant or dense_mode(dtype)
+    key = inputs = None
+    if use_converted and not (quant == "fp32" and dtype == torch.float32):
+        key, inputs = converted.cache_key(Path(folder), cfg.fingerprint(), quant, dtype)
+    model = build_model(cfg, reader, device, dtype, quant, rope_precision, converted_entry=(key, inputs) if key else None)
+    return model, reader
+
+
+def build_model(
+    cfg: ModelConfig,
+    reader,
+    device: str | torch.device = "cpu",
+    dtype: torch.dtype = torch.float32,
+    quant: str | None = None,
+    rope_precision: str | None = None,
+    converted_entry: tuple[str, dict] | None = None,
+) -> Transformer:
+    """The model from any tensor source with `get(name)` (a checkpoint, or the GPU benchmark's
+    random weights made on the device). `converted_entry`: (key, inputs) of the converted copy
+    to read, or to write after converting."""
+    from . import converted
+    from . import quant as quantization
+    from .config import DEFAULT_ROPE_PRECISION
+
     device = torch.device(device)
     quant = quant or dense_mode(dtype)
     quantization.check_mode_supported(quant, device)
     model = Transformer(cfg, rope_precision or DEFAULT_ROPE_PRECISION[cfg.family])
-    cacheable = use_converted and not (quant == "fp32" and dtype == torch.float32)
-    key = inputs = cached = None
-    if cacheable:
-        key, inputs = converted.cache_key(Path(folder), cfg.fingerprint(), quant, dtype)
-        cached = converted.read(key)
-    groups: dict[str, dict[str, torch.Tensor]] = {}
-    if cached is not None:
-        for full, tensor in cached[0].items():
-            name, _, field = full.partition("::")
-            groups.setdefault(name, {})[field] = tensor
+    cacheable = converted_entry is not None
+    cached = converted.open_entry(converted_entry[0], device) if cacheable else None
     to_save: dict[str, torch.Tensor] = {}
     modes: dict[str, str] = {}
 
     def linear(name: str, mode: str) -> nn.Module:
         if cached is not None:
-            return quantization.linear_from_state(groups[name], cached[1][name], device, dtype)
+            return quantization.linear_from_state(cached.group(name), cached.modes[name], device, dtype)
         module = quantization.make_linear(reader.get(name), mode, device, dtype)
         if cacheable:
             modes[name] = mode
@@ -260,45 +350,50 @@ def load_model(
         return module
 
     def dense(name: str) -> torch.Tensor:
-        tensor = (groups[name][""] if cached is not None else reader.get(name)).to(device=device, dtype=dtype)
+        tensor = (cached.group(name)[""] if cached is not None else reader.get(name)).to(device=device, dtype=dtype)
         if cacheable and cached is None:
             to_save[name] = tensor
         return tensor
 
-    for i, block in enumerate(model.layers):
-        prefix = f"model.layers.{i}."
-        for proj, parent_name in PROJECTIONS.items():
-            name = f"{prefix}{parent_name}.{proj}"
-            parent = getattr(block, parent_name)
-            lora = proj in cfg.lora_targets
-            base = linear(f"{name}.base_layer.weight" if lora else f"{name}.weight", quant)
-            if proj == "o_proj":
-                parent.o_proj = base
-                continue
-            module = Projection(base, cfg.lora_scale)
-            if lora:
-                for adapter, stored in (("encoder", "default"), ("decoder", "decoder_adapter")):
-                    module.add_adapter(
-                        adapter, dense(f"{name}.lora_A.{stored}.weight"), dense(f"{name}.lora_B.{stored}.weight")
-                    )
-            setattr(parent, proj, module)
-        block.input_layernorm.weight.data = dense(f"{prefix}input_layernorm.weight")
-        block.post_attention_layernorm.weight.data = dense(f"{prefix}post_attention_layernorm.weight")
-        if cfg.family == "mplus":
-            for sel in ("query_proj", "key_proj"):
-                setattr(block, sel, Selector(dense(f"{prefix}self_attn.{sel}.0.weight"),
-                                             dense(f"{prefix}self_attn.{sel}.2.weight")))
-    model.embed_tokens = nn.Embedding.from_pretrained(dense("model.embed_tokens.weight"), freeze=True)
-    # lm_head stays 16-bit: it is read once per generated token and quantizing it costs accuracy
-    # on every logit for ~0.5 GB of savings.
-    model.lm_head = linear("lm_head.weight", dense_mode(dtype))
-    model.norm.weight.data = dense("model.norm.weight")
-    model.bos_embedding = dense("bos_embedding")
-    model.new_memory_positional_emb = dense("new_memory_positional_emb")
+    try:
+        for i, block in enumerate(model.layers):
+            prefix = f"model.layers.{i}."
+            for proj, parent_name in PROJECTIONS.items():
+                name = f"{prefix}{parent_name}.{proj}"
+                parent = getattr(block, parent_name)
+                lora = proj in cfg.lora_targets
+                base = linear(f"{name}.base_layer.weight" if lora else f"{name}.weight", quant)
+                if proj == "o_proj":
+                    parent.o_proj = base
+                    continue
+                module = Projection(base, cfg.lora_scale)
+                if lora:
+                    for adapter, stored in (("encoder", "default"), ("decoder", "decoder_adapter")):
+                        module.add_adapter(
+                            adapter, dense(f"{name}.lora_A.{stored}.weight"), dense(f"{name}.lora_B.{stored}.weight")
+                        )
+                setattr(parent, proj, module)
+            block.input_layernorm.weight.data = dense(f"{prefix}input_layernorm.weight")
+            block.post_attention_layernorm.weight.data = dense(f"{prefix}post_attention_layernorm.weight")
+            if cfg.family == "mplus":
+                for sel in ("query_proj", "key_proj"):
+                    setattr(block, sel, Selector(dense(f"{prefix}self_attn.{sel}.0.weight"),
+                                                 dense(f"{prefix}self_attn.{sel}.2.weight")))
+        model.embed_tokens = nn.Embedding.from_pretrained(dense("model.embed_tokens.weight"), freeze=True)
+        # lm_head stays 16-bit: it is read once per generated token and quantizing it costs accuracy
+        # on every logit for ~0.5 GB of savings.
+        model.lm_head = linear("lm_head.weight", dense_mode(dtype))
+        model.norm.weight.data = dense("model.norm.weight")
+        model.bos_embedding = dense("bos_embedding")
+        model.new_memory_positional_emb = dense("new_memory_positional_emb")
+    finally:
+        if cached is not None:
+            cached.close()
     model.eval()
+    model.rope_rows(cfg.prefix_rows + cfg.window + 1)  # the cos/sin tables, once, for the window
     if cacheable and cached is None:
-        converted.write(key, inputs, to_save, modes)
-    return model, reader
+        converted.write(converted_entry[0], converted_entry[1], to_save, modes)
+    return model
 
 
 def initial_state(
@@ -365,6 +460,8 @@ __all__ = [
     "TensorSpec",
     "check_plan",
     "initial_state",
+    "load_checked_tokenizer",
+    "build_model",
     "load_model",
     "resolve_checkpoint",
     "weight_plan",

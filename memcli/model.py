@@ -111,24 +111,48 @@ class Selector(nn.Module):
 
 @dataclass
 class KV:
-    """One layer's key/value buffer: [1, H_kv, capacity, D]; rows [0, start) are the prefix."""
+    """One layer's key/value buffer: [1, H_kv, capacity, D]; rows [0, start) are the prefix.
+
+    A decode step sets `step` instead: its one row is written at the device tensor `step.position`
+    and attends over the whole buffer through `step.mask`, so every step has the same shapes and no
+    Python integer that changes per token (gpt-fast style; lets CUDA graphs replay the step)."""
 
     k: Tensor
     v: Tensor
     start: int
+    step: "DecodeStep | None" = None
 
 
-def attend(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
-    """q: [1, H, T, D] over k/v: [1, H_kv, S, D]; query i sees keys 0..S-T+i (bottom-right causal).
+@dataclass
+class DecodeStep:
+    position: Tensor  # [1] int64 on the model's device: buffer row of this step's token
+    mask: Tensor  # [1, 1, 1, capacity] bool: rows 0..position visible
 
-    `causal_lower_right` lets CUDA use the flash / memory-efficient kernels (flash-attn >= 2.1
-    aligns the diagonal the same way) instead of a materialised S-wide mask; one query needs none.
+
+def attend(q: Tensor, k: Tensor, v: Tensor, mask_row: Tensor | None = None) -> Tensor:
+    """q: [1, H, T, D] over k/v: [1, H_kv, S, D]; query i sees keys 0..S-T+i (bottom-right causal),
+    or, for one decode step, the keys `mask_row` [1, 1, 1, S] allows.
+
+    With grouped KV heads the G = H / H_kv query heads of a KV head are folded into the query rows
+    ([1, H_kv, G*T, D]) instead of asking SDPA for `enable_gqa`: kernels that take a mask do not
+    support GQA and would fall back to one that copies K and V G times (the memory prefix is 12,800
+    rows per layer). Same arithmetic per head; the mask rows are repeated per folded head.
     """
-    t, s = q.shape[-2], k.shape[-2]
-    mask = causal_lower_right(t, s) if t > 1 else None
-    return F.scaled_dot_product_attention(
-        q, k, v, attn_mask=mask, enable_gqa=q.shape[1] != k.shape[1]
-    )
+    h, t, s, d = q.shape[1], q.shape[2], k.shape[2], q.shape[3]
+    groups = h // k.shape[1]
+    if groups == 1:
+        if mask_row is not None:
+            return F.scaled_dot_product_attention(q, k, v, attn_mask=mask_row)
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=causal_lower_right(t, s) if t > 1 else None)
+    folded = q.reshape(1, k.shape[1], groups * t, d)
+    if mask_row is not None:
+        mask = mask_row
+    elif t > 1:
+        mask = torch.ones(t, s, dtype=torch.bool, device=q.device).tril(s - t).repeat(groups, 1)
+    else:
+        mask = None
+    out = F.scaled_dot_product_attention(folded, k, v, attn_mask=mask)
+    return out.view(1, h, t, d)
 
 
 class Attention(nn.Module):
@@ -141,22 +165,30 @@ class Attention(nn.Module):
         self.v_proj: Projection
         self.o_proj: nn.Module
 
-    def keys_values(self, xn: Tensor, cos: Tensor, sin: Tensor, adapter: str | None) -> tuple[Tensor, Tensor]:
-        """Normalised rows [1, T, d] -> rotated keys and values [1, H_kv, T, D]."""
+    def keys_values(self, xn: Tensor, cos: Tensor | None, sin: Tensor | None,
+                    adapter: str | None) -> tuple[Tensor, Tensor]:
+        """Normalised rows [1, T, d] -> keys (rotated unless cos is None) and values [1, H_kv, T, D]."""
         t = xn.shape[1]
         k = self.k_proj(xn, adapter).view(1, t, self.num_kv_heads, self.head_dim).transpose(1, 2)
         v = self.v_proj(xn, adapter).view(1, t, self.num_kv_heads, self.head_dim).transpose(1, 2)
-        return apply_rotary(k, cos, sin), v
+        return (k if cos is None else apply_rotary(k, cos, sin)), v
 
     def forward(self, xn: Tensor, cos: Tensor, sin: Tensor, kv: KV, adapter: str | None) -> Tensor:
         t = xn.shape[1]
         q = self.q_proj(xn, adapter).view(1, t, self.num_heads, self.head_dim).transpose(1, 2)
         q = apply_rotary(q, cos, sin)
         k, v = self.keys_values(xn, cos, sin, adapter)
-        end = kv.start + t
-        kv.k[:, :, kv.start : end] = k
-        kv.v[:, :, kv.start : end] = v
-        out = attend(q, kv.k[:, :, :end], kv.v[:, :, :end])
+        if kv.step is not None:
+            # index_put_ (not index_copy_): the compiler turns it into an in-place store into the
+            # buffer instead of a copy of the whole buffer per step
+            kv.k[:, :, kv.step.position] = k
+            kv.v[:, :, kv.step.position] = v
+            out = attend(q, kv.k, kv.v, kv.step.mask)
+        else:
+            end = kv.start + t
+            kv.k[:, :, kv.start : end] = k
+            kv.v[:, :, kv.start : end] = v
+            out = attend(q, kv.k[:, :, :end], kv.v[:, :, :end])
         return self.o_proj(out.transpose(1, 2).reshape(1, t, self.num_heads * self.head_dim))
 
 
@@ -186,8 +218,9 @@ class Block(nn.Module):
         h = x + self.self_attn(self.input_layernorm(x), cos, sin, kv, adapter)
         return h + self.mlp(self.post_attention_layernorm(h), adapter)
 
-    def prefix_keys_values(self, rows: Tensor, cos: Tensor, sin: Tensor, adapter: str | None):
-        """Keys/values of prefix rows [1, P, d]: they are normalised but get no query, residual or MLP."""
+    def prefix_keys_values(self, rows: Tensor, cos: Tensor | None, sin: Tensor | None, adapter: str | None):
+        """Keys/values of prefix rows [1, P, d]: they are normalised but get no query, residual or MLP.
+        cos None: keys left unrotated (the memory K/V cache rotates them by logical position later)."""
         return self.self_attn.keys_values(self.input_layernorm(rows), cos, sin, adapter)
 
 
@@ -205,6 +238,10 @@ class Transformer(nn.Module):
         self.lm_head: nn.Module
         self.register_buffer("bos_embedding", torch.empty(0), persistent=False)  # [L, 1, d]
         self.register_buffer("new_memory_positional_emb", torch.empty(0), persistent=False)  # [1, 1, d]
+        # cos/sin of positions [0, rows) in the model's dtype, computed once on the model's device
+        # (grown only if a longer sequence ever needs it): every forward slices or gathers them.
+        self.register_buffer("rope_cos", torch.empty(0), persistent=False)
+        self.register_buffer("rope_sin", torch.empty(0), persistent=False)
 
     @property
     def dtype(self) -> torch.dtype:
@@ -217,14 +254,27 @@ class Transformer(nn.Module):
     def new_kv(self, capacity: int) -> list[KV]:
         shape = (1, self.cfg.num_kv_heads, capacity, self.cfg.head_dim)
         return [
-            KV(torch.empty(shape, dtype=self.dtype, device=self.device),
-               torch.empty(shape, dtype=self.dtype, device=self.device), 0)
+            KV(torch.zeros(shape, dtype=self.dtype, device=self.device),
+               torch.zeros(shape, dtype=self.dtype, device=self.device), 0)
             for _ in self.layers
         ]
 
+    def rope_rows(self, rows: int) -> None:
+        """Make the cos/sin tables cover positions [0, rows). Entries equal what
+        `Rotary.cos_sin` gives for those positions (it is elementwise), so slicing is exact."""
+        have = self.rope_cos.shape[0] if self.rope_cos.dim() == 2 else 0
+        if have >= rows and self.rope_cos.dtype == self.dtype and self.rope_cos.device == self.device:
+            return
+        rows = max(rows, 2 * have, self.cfg.prefix_rows + self.cfg.window + 1)
+        self.rope_cos, self.rope_sin = self.rotary.cos_sin(torch.arange(rows, device=self.device), self.dtype)
+
     def cos_sin(self, start: int, length: int) -> tuple[Tensor, Tensor]:
-        positions = torch.arange(start, start + length, device=self.device)
-        return self.rotary.cos_sin(positions, self.dtype)
+        self.rope_rows(start + length)
+        return self.rope_cos[start : start + length], self.rope_sin[start : start + length]
+
+    def cos_sin_at(self, positions: Tensor) -> tuple[Tensor, Tensor]:
+        """cos/sin gathered at a device tensor of positions (the table must already cover them)."""
+        return self.rope_cos.index_select(0, positions), self.rope_sin.index_select(0, positions)
 
     def logits(self, x: Tensor) -> Tensor:
         return self.lm_head(self.norm(x))

@@ -22,7 +22,7 @@ from __future__ import annotations
 import bisect
 import struct
 from array import array
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from .clock import iso_z
 from .store import PoolCorrupt, PoolError, PoolStore
@@ -44,6 +44,9 @@ class Binding:
     config_hash: str
     num_tokens: int = 0  # rows each injected chunk writes per layer (for retention figures)
     revision: str | None = None
+    # earlier config fingerprints of the same model (the raw-config hash of memcli 0.1), accepted
+    # from existing pools; never written
+    legacy_hashes: tuple[str, ...] = field(default=(), compare=False)
 
     def to_json(self) -> dict:
         return {"model": self.model, "family": self.family, "config_hash": self.config_hash,
@@ -165,7 +168,8 @@ def read_binding(store: PoolStore, name: str) -> Binding:
 
 
 def check_binding(name: str, pool_binding: Binding, model_binding: Binding) -> None:
-    if pool_binding.config_hash != model_binding.config_hash or pool_binding.family != model_binding.family:
+    known = (model_binding.config_hash, *model_binding.legacy_hashes)
+    if pool_binding.config_hash not in known or pool_binding.family != model_binding.family:
         raise PoolModelMismatch(
             f"pool {name} belongs to model {pool_binding.model} ({pool_binding.family}, config "
             f"{pool_binding.config_hash}), not to {model_binding.model} ({model_binding.family}, config "

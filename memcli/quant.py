@@ -135,7 +135,7 @@ def _bnb_unavailable_reason(device: torch.device) -> str | None:
     try:
         bnb = _bnb()
     except Exception as e:  # ImportError, or a broken install raising anything at import
-        return f"bitsandbytes is not importable ({_first_line(e)})"
+        return f"bitsandbytes is not importable ({first_line(e)})"
     supported = getattr(bnb, "supported_torch_devices", {"cpu", "cuda"})
     if device.type not in supported:
         return f"bitsandbytes {bnb.__version__} has no backend for device type {device.type!r}"
@@ -166,11 +166,12 @@ def _probe(mode: str, device_str: str) -> str | None:
         if y.shape != (2, 64) or not torch.isfinite(y).all():
             return f"bitsandbytes {mode} produced an invalid result on {device}"
     except Exception as e:
-        return f"bitsandbytes {mode} does not run on {device} ({_first_line(e)})"
+        return f"bitsandbytes {mode} does not run on {device} ({first_line(e)})"
     return None
 
 
-def _first_line(e: BaseException, limit: int = 160) -> str:
+def first_line(e: BaseException, limit: int = 160) -> str:
+    """An exception as one line for a user: its type and the first line of its message."""
     text = str(e).strip().splitlines()[0] if str(e).strip() else ""
     text = f"{type(e).__name__}: {text}" if text else type(e).__name__
     return text if len(text) <= limit else text[: limit - 3] + "..."

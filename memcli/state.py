@@ -17,12 +17,14 @@ reference's "+K to every LTM and cached age on every update" (reference-semantic
 from __future__ import annotations
 
 import dataclasses
+import itertools
 from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor
 
 CHECKPOINT_ORIGIN = -1  # provenance of rows that came with the checkpoint
+_STATE_TOKENS = itertools.count(1)  # never reused within a process, unlike id()
 
 
 @dataclass
@@ -118,6 +120,17 @@ class MemoryState:
     # current rows, once each however often they were rewritten, instead of the whole STM.
     dirty: Tensor | None = None
     full_rewrite: bool = True  # the whole STM must be saved (new pool, uninitialized fill)
+
+    def __post_init__(self):
+        # Not dataclass fields: never compared, cloned or saved. Every MemoryState object, a clone
+        # too, gets its own token and its own derived data.
+        self.token = next(_STATE_TOKENS)
+        self._derived: dict = {}
+
+    def derived(self) -> dict:
+        """Data an engine computed from this state (memory K/V, bank keys on the device), keyed by
+        the engine. It lives and dies with this object, so it can never serve another state."""
+        return self._derived
 
     def mark_dirty(self, slots: Tensor) -> None:
         """Record that `slots` ([L, K] slot indices per layer) were rewritten since the last save."""

@@ -163,11 +163,12 @@ def _replay_inject(engine, state, op, tensors, where):
 
 def _replay_read(engine, state, op, tensors, ids, forced, expected, where):
     if op["op"] == "logits":
-        logits, retrieval = engine.logits(state, ids, ltm_order=forced)
+        logits, retrieval = engine.logits(state, ids, ltm_order=forced, record=True)
         _close(logits[None], tensors[expected["logits"]], f"{where} logits")
     else:
         gen = engine.generate(state, ids, max_new_tokens=op["max_new_tokens"],
-                              stop_ids=tuple(op["eos_token_id"]), ltm_order=forced)
+                              stop_ids=tuple(op["eos_token_id"]), ltm_order=forced,
+                              keep_logits=True, record=True)
         assert len(gen.tokens) == op["num_new_tokens"], where
         sequences = torch.cat((ids[0], torch.tensor(gen.tokens)))[None]
         _exact(sequences, tensors[expected["sequences"]], f"{where} sequences")

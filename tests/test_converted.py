@@ -74,3 +74,24 @@ def test_damaged_or_stale_copies_are_rebuilt(checkpoint):
     _logits(checkpoint, quant="nf4")
     assert len(_entries()) == 2
     assert converted.clear() > 0 and _entries() == []
+
+
+def test_start_checks_size_and_mtime_and_doctor_hashes(checkpoint, monkeypatch):
+    """A start does not hash the copy (6 GB at 8B); a change that keeps size and mtime is caught by
+    `converted.verify()` (what `memcli doctor` runs); a changed mtime triggers the hash at start."""
+    _logits(checkpoint, quant="nf4")
+    (entry,) = _entries()
+    weights = entry / converted.WEIGHTS
+    hashed = []
+    real_sha = converted._sha256
+    monkeypatch.setattr(converted, "_sha256", lambda path: hashed.append(path) or real_sha(path))
+    assert converted.open_entry(entry.name) is not None and hashed == []
+    info = weights.stat()
+    data = bytearray(weights.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    weights.write_bytes(bytes(data))
+    os.utime(weights, ns=(info.st_atime_ns, info.st_mtime_ns))
+    assert converted.verify() == [(entry, False)]
+    os.utime(weights, ns=(info.st_atime_ns, info.st_mtime_ns + 10**9))
+    hashed.clear()
+    assert converted.open_entry(entry.name) is None and hashed == [weights]

@@ -86,3 +86,20 @@ def test_wrong_shape_is_named(tmp_path):
     cfg = parse_config(json.loads((src / "config.json").read_text()))
     with pytest.raises(CheckpointError, match="memory has shape"):
         check_plan(CheckpointReader(tmp_path / "ck"), cfg)
+
+
+@pytest.mark.parametrize("like", ["memoryllm-8b", "mplus-8b", "memoryllm-7b"])
+def test_benchmark_checkpoints_keep_special_ids_inside_the_vocabulary(like):
+    """The official code embeds with padding_idx=pad_token_id: an id outside the vocabulary refuses
+    to load there (and here)."""
+    import sys
+
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
+    import make_checkpoint
+
+    config = make_checkpoint.config_like(like, medium=True)
+    cfg = parse_config(config)
+    for token in (cfg.bos_token_id, cfg.eos_token_id, cfg.pad_token_id):
+        assert token is None or 0 <= token < cfg.vocab_size

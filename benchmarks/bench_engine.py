@@ -258,10 +258,14 @@ def _inject_peak(which: str, folder: str, chunks: int) -> dict:
         delta = engine.inject(state, chunk)
         delta_bytes = delta.numel() * delta.element_size()
         engine.update(state, delta)
-        # both trees keep a copy of every delta until the next save (`unsaved_patches`); the
-        # store's dirty-slot mask replaces it, and a commit clears it: clear it here for both
-        patches = len(state.unsaved_patches)
-        state.unsaved_patches.clear()
+        # main keeps a copy of every delta until the next save (`unsaved_patches`); this tree keeps a
+        # dirty-slot mask ([L, N] bool). A commit clears either: clear it here for both, as a commit would
+        if hasattr(state, "unsaved_patches"):
+            patches = len(state.unsaved_patches)
+            state.unsaved_patches.clear()
+        else:
+            patches = 0
+            state.dirty = None
     peak = _status_kib("VmHWM") * 1024
     cache = getattr(engine, "_prefix", None) or state.__dict__.get("_derived", {}).get(getattr(engine, "_token", 0))
     cache_bytes = sum(t.numel() * t.element_size() for kv in cache.kv for t in (kv.k, kv.v)) + cache.raw_k.numel() * cache.raw_k.element_size() if cache else 0
@@ -270,7 +274,7 @@ def _inject_peak(which: str, folder: str, chunks: int) -> dict:
         "rss_before_inject_bytes": before,
         "peak_rss_during_inject_bytes": peak,
         "growth_during_inject_bytes": peak - before,
-        "unsaved_patches": f"cleared after each update ({patches} kept at a time), as a commit or the dirty-slot mask does",
+        "unsaved_patches": f"main: cleared after each update ({patches} kept at a time); this tree: a dirty-slot mask",
         "state_bytes": state_bytes,
         "delta_bytes": delta_bytes,
         "weights_bytes": weights,

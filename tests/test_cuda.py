@@ -40,7 +40,7 @@ def _pair(variant, steps, pinned, **options):
         kept = cpu.choose_kept(a)
         cpu.update(a, cpu.inject(a, CONTEXT + step), kept=kept)
         gpu.update(b, gpu.inject(b, (CONTEXT + step).cuda()), kept=kept)
-        b.unsaved_patches.clear()
+        b.dirty = None  # as a commit does: nothing here is saved
     return (cpu, a), (gpu, b)
 
 

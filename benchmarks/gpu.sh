@@ -18,11 +18,11 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 DEVICE=cuda
-OUT=""
+RESULT=""  # not OUT: the device tool sets $OUT to the folder whose files come back
 while [ $# -gt 0 ]; do
   case "$1" in
     --device) DEVICE="$2"; shift 2 ;;
-    --out) OUT="$2"; shift 2 ;;
+    --out) RESULT="$2"; shift 2 ;;
     *) echo "gpu.sh: unknown argument $1" >&2; exit 2 ;;
   esac
 done
@@ -42,11 +42,20 @@ if [ "$DEVICE" = cuda ]; then
   fi
   "$PY" -c "import bitsandbytes, torch; assert torch.cuda.is_available(); print('bitsandbytes', bitsandbytes.__version__, 'on', torch.cuda.get_device_name(0))"
   NAME=$("$PY" -c "import torch; print(torch.cuda.get_device_name(0).replace(' ', '-'))")
-  OUT=${OUT:-benchmarks/results/gpu-$NAME.json}
-  timeout 170 "$PY" -m pytest -q -x -p no:cacheprovider tests/test_cuda.py 2>&1 | tail -25
+  RESULT=${RESULT:-benchmarks/results/gpu-$NAME.json}
+  TESTS_RC=0  # a failing test does not cost the run its numbers; the script still fails at the end
+  timeout 170 "$PY" -m pytest -q -x -p no:cacheprovider tests/test_cuda.py > /tmp/memcli-cuda-tests.log 2>&1 || TESTS_RC=$?
+  tail -25 /tmp/memcli-cuda-tests.log
+  BENCH_RC=0
   timeout 330 "$PY" benchmarks/bench_gpu.py --device cuda --compile \
-    --variants 8b-chat-nf4,8b-chat-bf16,mplus-8b-nf4,8b-chat-int8 --out "$OUT"
+    --variants 8b-chat-nf4,8b-chat-bf16,mplus-8b-nf4,8b-chat-int8 --out "$RESULT" || BENCH_RC=$?
+  if [ -n "${OUT:-}" ] && [ -d "$OUT" ]; then
+    cp /tmp/memcli-cuda-tests.log "$OUT/" || true
+    cp "$RESULT" "$OUT/" 2>/dev/null || true
+  fi
+  echo "gpu.sh: tests exit $TESTS_RC, benchmark exit $BENCH_RC"
+  [ "$TESTS_RC" = 0 ] && [ "$BENCH_RC" = 0 ]
 else
-  OUT=${OUT:-$(mktemp -d)/gpu-dry-run.json}
-  "$PY" benchmarks/bench_gpu.py --device cpu --out "$OUT"
+  RESULT=${RESULT:-$(mktemp -d)/gpu-dry-run.json}
+  "$PY" benchmarks/bench_gpu.py --device cpu --out "$RESULT"
 fi

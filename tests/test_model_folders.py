@@ -12,6 +12,7 @@ import json
 import os
 import resource
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -23,6 +24,8 @@ from .support import REPO, fixture_checkpoint
 MAX_RSS_BYTES = 1 << 30
 ADDRESS_SPACE = 8 << 30  # a runaway allocation fails fast instead of swapping the machine
 HANG_GUARD_S = 120
+WRAPPER = ("import resource, subprocess, sys; rc = subprocess.call(sys.argv[2:]); "
+           "open(sys.argv[1], 'w').write(str(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss)); sys.exit(rc)")
 
 
 def _config_edit(**changes):
@@ -88,25 +91,27 @@ def test_hostile_model_folder_is_refused(kind, tmp_path, memcli_home):
     env = dict(os.environ, MEMCLI_HOME=str(memcli_home), OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", MEMCLI_DEVICE="cpu",
                HF_HOME=str(tmp_path / "hf"), PYTHONPATH=str(REPO))
     started = time.monotonic()
-    proc = subprocess.Popen([sys.executable, "-m", "memcli", "inject", str(doc), "--pool", "p", "--model", str(folder)],
+    rss_file = tmp_path / "maxrss"
+    command = [sys.executable, "-m", "memcli", "inject", str(doc), "--pool", "p", "--model", str(folder)]
+    # the wrapper's only child is the CLI, so its RUSAGE_CHILDREN peak is the CLI's own
+    proc = subprocess.Popen([sys.executable, "-c", WRAPPER, str(rss_file), *command],
                             cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            preexec_fn=_limit_child)
+                            preexec_fn=_limit_child, start_new_session=True)
     try:
         out, err = proc.communicate(timeout=HANG_GUARD_S)
     except subprocess.TimeoutExpired:
-        proc.kill()
+        os.killpg(proc.pid, signal.SIGKILL)
         proc.communicate()
         pytest.fail(f"{kind}: the CLI hung")
     seconds = time.monotonic() - started
-    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    max_rss_kib = int(rss_file.read_text())
     lines = [line for line in err.decode().splitlines() if line.strip()]
-    print(f"{kind}: exit {proc.returncode}, {seconds:.1f} s, stderr {lines}")
+    print(f"{kind}: exit {proc.returncode}, {seconds:.1f} s, peak RSS {max_rss_kib // 1024} MiB, stderr {lines}")
     assert proc.returncode not in (0, None)
     assert len(lines) == 1, lines
     assert filename in lines[0] and words.lower() in lines[0].lower(), lines[0]
     assert "unexpected" not in lines[0].lower() and "Traceback" not in err.decode()
-    # ru_maxrss (KiB on Linux) is the largest of all children reaped so far: an upper bound for this one
-    assert usage.ru_maxrss * 1024 < MAX_RSS_BYTES, f"peak RSS {usage.ru_maxrss // 1024} MiB"
+    assert max_rss_kib * 1024 < MAX_RSS_BYTES, f"peak RSS {max_rss_kib // 1024} MiB"
 
 
 def test_binding_fingerprint_ignores_cosmetic_keys_and_keeps_old_pools():

@@ -17,7 +17,6 @@ device (`safe_open(..., device=...)`), so a start never holds the whole copy in 
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import shutil
@@ -27,6 +26,8 @@ from pathlib import Path
 import torch
 
 from . import __version__, paths
+from .store.errors import PoolError
+from .store.durable import fsync_dir, hash_fd, new_hash, open_regular, write_file
 from .store.safetensors import safetensors_chunks
 
 FORMAT = 1
@@ -53,7 +54,9 @@ def cache_key(folder: Path, config_hash: str, quant: str, dtype: torch.dtype) ->
         "dtype": str(dtype),
         "versions": _versions(),
     }
-    return hashlib.sha256(json.dumps(inputs, sort_keys=True).encode()).hexdigest()[:32], inputs
+    digest = new_hash()
+    digest.update(json.dumps(inputs, sort_keys=True).encode())
+    return digest.hexdigest()[:32], inputs
 
 
 def entry(key: str) -> Path:
@@ -61,11 +64,11 @@ def entry(key: str) -> Path:
 
 
 def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(1 << 22):
-            digest.update(block)
-    return digest.hexdigest()
+    fd = open_regular(path, "converted weights")
+    try:
+        return hash_fd(fd)[0]
+    finally:
+        os.close(fd)
 
 
 class Entry:
@@ -111,7 +114,7 @@ def open_entry(key: str, device: torch.device | str = "cpu") -> Entry | None:
         if info.st_mtime_ns != manifest.get("mtime_ns") and _sha256(weights) != manifest["sha256"]:
             return None
         return Entry(weights, manifest["modes"], torch.device(device))
-    except (OSError, ValueError, KeyError, TypeError):
+    except (OSError, ValueError, KeyError, TypeError, PoolError):  # PoolError: not a regular file
         return None
     except Exception:  # a damaged file can make safetensors raise its own errors: rebuild
         return None
@@ -138,7 +141,7 @@ def verify() -> list[tuple[Path, bool]]:
         try:
             manifest = _manifest(folder)
             ok = _sha256(folder / WEIGHTS) == manifest["sha256"]
-        except (OSError, ValueError, KeyError, TypeError):
+        except (OSError, ValueError, KeyError, TypeError, PoolError):  # PoolError: not a regular file
             ok = False
         results.append((folder, ok))
     return results
@@ -150,7 +153,7 @@ def write(key: str, inputs: dict, tensors: dict[str, torch.Tensor], modes: dict[
     temp = final.parent / f".tmp-{secrets.token_hex(6)}"
     try:
         temp.mkdir(parents=True)
-        digest, size = hashlib.sha256(), 0
+        digest, size = new_hash(), 0
         with open(temp / WEIGHTS, "wb") as f:
             for chunk in safetensors_chunks(tensors):
                 f.write(chunk)
@@ -161,7 +164,8 @@ def write(key: str, inputs: dict, tensors: dict[str, torch.Tensor], modes: dict[
         manifest = {"format": FORMAT, "key": key, "inputs": inputs, "modes": modes,
                     "sha256": digest.hexdigest(), "bytes": size,
                     "mtime_ns": (temp / WEIGHTS).stat().st_mtime_ns}  # rename keeps it
-        (temp / "manifest.json").write_text(json.dumps(manifest, indent=1))
+        write_file(temp / "manifest.json", json.dumps(manifest, indent=1).encode())
+        fsync_dir(temp)
         if final.exists():
             shutil.rmtree(final)
         os.replace(temp, final)

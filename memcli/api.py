@@ -1012,6 +1012,12 @@ def diagnose(settings: Settings) -> dict:
         if not downloaded and free is not None and free < CHECKPOINT_DISK_BYTES:
             problems.append(f"{settings.model} is not downloaded and {hf_cache} has {free / 1e9:.1f} GB free; "
                             f"the checkpoint takes about {CHECKPOINT_DISK_BYTES / 1e9:.0f} GB")
+    from . import converted
+
+    # the full sha256 of every converted-weights copy (a load checks only size and mtime)
+    copies = [{"folder": str(folder), "ok": ok} for folder, ok in converted.verify()]
+    problems += [f"the converted weights at {row['folder']} are damaged (sha256 mismatch): remove that folder "
+                 f"and the next load rebuilds them" for row in copies if not row["ok"]]
     return {
         "memcli": __version__,
         "python": platform.python_version(),
@@ -1023,6 +1029,7 @@ def diagnose(settings: Settings) -> dict:
         "quant_modes": modes,
         "disk": disk,
         "memory": memory,
+        "converted": copies,
         "paths": {"data": str(paths.data_dir()), "pools": str(paths.pools_dir()), "config": str(paths.config_dir()),
                   "config_file": str(paths.config_file()), "cache": str(paths.cache_dir()), "hf_cache": str(hf_cache)},
         "settings": {"model": settings.model, "device": settings.device, "dtype": settings.dtype, "quant": settings.quant},

@@ -1174,6 +1174,10 @@ def doctor(ctx: typer.Context, as_json: bool = typer.Option(False, "--json", met
     row("free disk (models)", f"{human_bytes(disk['hf_cache_free_bytes'])} at {disk['hf_cache']}")
     for key in ("data", "config_file", "cache", "hf_cache"):
         row(key.replace("_", " "), report["paths"][key])
+    if report["converted"]:
+        damaged = sum(not c["ok"] for c in report["converted"])
+        row("converted weights", f"{len(report['converted'])} cop{'y' if len(report['converted']) == 1 else 'ies'}, "
+                                 + (f"{damaged} damaged" if damaged else "all intact (sha256)"))
     settings, resolved = report["settings"], report["resolved"]
     row("model", settings["model"])
     for key in ("device", "dtype", "quant"):

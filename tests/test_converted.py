@@ -95,3 +95,22 @@ def test_start_checks_size_and_mtime_and_doctor_hashes(checkpoint, monkeypatch):
     os.utime(weights, ns=(info.st_atime_ns, info.st_mtime_ns + 10**9))
     hashed.clear()
     assert converted.open_entry(entry.name) is None and hashed == [weights]
+
+
+def test_doctor_reports_a_damaged_copy(checkpoint):
+    """`memcli doctor` (diagnose) runs the full hash and names the damaged copy as a problem."""
+    from memcli.api import diagnose
+    from memcli.settings import Settings
+
+    _logits(checkpoint, quant="nf4")
+    (entry,) = _entries()
+    assert diagnose(Settings(device="cpu"))["converted"] == [{"folder": str(entry), "ok": True}]
+    weights = entry / converted.WEIGHTS
+    info = weights.stat()
+    data = bytearray(weights.read_bytes())
+    data[-1] ^= 0xFF
+    weights.write_bytes(bytes(data))
+    os.utime(weights, ns=(info.st_atime_ns, info.st_mtime_ns))  # size and mtime as they were
+    report = diagnose(Settings(device="cpu"))
+    assert report["converted"] == [{"folder": str(entry), "ok": False}]
+    assert any(str(entry) in problem and "damaged" in problem for problem in report["problems"])

@@ -1,0 +1,218 @@
+"""Train memcli-tiny: a 2-layer MemoryLLM that stores synthetic facts in its memory and answers them.
+
+    python training/train.py --out runs/tiny --minutes 80            # 2 CPU cores (one thread)
+    python training/train.py --out runs/tiny --device cuda --minutes 5
+
+Phases (all reproducible from --seed):
+  warm-up   facts and questions in one context, no memory: the retrieval (induction) circuit forms.
+  memory    chunks injected through the real injection path (tiny.py), questions read the memory;
+            the number of chunks per episode grows (curriculum), questions about every chunk's
+            facts are packed into one row per episode.
+At the end the model is written in memcli's checkpoint format and evaluated on held-out facts
+(eval.py), once with this code and once through memcli's own engine.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import platform
+import random
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from memcli import facts  # noqa: E402
+from tiny import TinyConfig, TinyMemoryLLM, Vocab, pack_questions  # noqa: E402
+
+FACTS_PER_CHUNK = 4
+
+
+def chunk_ids(vocab: Vocab, chunk: list[facts.Fact]) -> list[int]:
+    return vocab.ids(" ".join(f.sentence for f in chunk))
+
+
+class Episodes:
+    """Batches of episodes: `chunks` fact chunks injected in order, then `questions` questions about
+    facts of any of them (the newest chunk's facts always included)."""
+
+    def __init__(self, vocab: Vocab, seed: int, split: str = "train"):
+        self.vocab = vocab
+        self.world = facts.FactWorld(seed, split)
+        self.rng = random.Random(seed + 1)
+
+    def batch(self, size: int, chunks: int, questions: int):
+        ids = []  # [chunks][B] token lists
+        asked = []  # [B] list of (chunk index, fact)
+        for _ in range(size):
+            names = self.world.names(chunks * FACTS_PER_CHUNK)
+            episode = [self.world.chunk(names[c * 4 : c * 4 + 4]) for c in range(chunks)]
+            ids.append([chunk_ids(self.vocab, ch) for ch in episode])
+            pool = [(c, f) for c, ch in enumerate(episode) for f in ch]
+            newest = [(chunks - 1, f) for f in episode[-1]]
+            rest = [p for p in pool if p[0] != chunks - 1]
+            self.rng.shuffle(rest)
+            picked = (newest + rest)[:questions]
+            while len(picked) < questions:
+                picked.append(self.rng.choice(pool))
+            asked.append(picked)
+        chunk_tensors = [torch.tensor([ids[b][c] for b in range(size)]) for c in range(chunks)]
+        return chunk_tensors, asked
+
+
+def question_batch(vocab: Vocab, asked, device="cpu"):
+    rows, targets = [], []
+    offsets = where = mask = None
+    for picked in asked:
+        q_ids, offsets, where, mask = pack_questions(vocab, [f for _, f in picked])
+        rows.append(q_ids)
+        targets.append([vocab.index[f.value] for _, f in picked])
+    t = lambda x: torch.as_tensor(x, device=device)  # noqa: E731
+    return t(rows), t(offsets), t(where), t(mask), t(targets)
+
+
+def answer_loss(model: TinyMemoryLLM, hidden, ids, where, targets, vocab: Vocab):
+    """Cross-entropy of the answer word (at the last prompt token) and of <eos> right after it."""
+    logits_answer = model.logits(hidden[:, where])  # [B, Q, V]
+    logits_eos = model.logits(hidden[:, where + 1])
+    loss = F.cross_entropy(logits_answer.flatten(0, 1), targets.flatten())
+    loss_eos = F.cross_entropy(logits_eos.flatten(0, 1), torch.full_like(targets.flatten(), vocab.eos))
+    acc = (logits_answer.argmax(-1) == targets).float().mean().item()
+    return loss + 0.2 * loss_eos, acc
+
+
+def memory_forward(model: TinyMemoryLLM, vocab: Vocab, chunks, asked, gen):
+    b = chunks[0].shape[0]
+    device = model.memory.device
+    memory = model.initial_memory(b)
+    for ids in chunks:
+        memory, _ = model.update(memory, model.inject(memory, ids.to(device)), gen)
+    q_ids, offsets, where, mask, targets = question_batch(vocab, asked, device)
+    hidden = model.read(memory, q_ids, offsets, mask)
+    return answer_loss(model, hidden, q_ids, where, targets, vocab)
+
+
+def warmup_forward(model: TinyMemoryLLM, vocab: Vocab, chunks, asked):
+    device = model.memory.device
+    q_ids, offsets, where, mask, targets = question_batch(vocab, asked, device)
+    hidden = model.read_in_context(chunks[-1].to(device), q_ids, offsets, mask)
+    return answer_loss(model, hidden, q_ids, where, targets, vocab)
+
+
+def curriculum(step_fraction: float, max_chunks: int) -> int:
+    """Upper bound on chunks per episode: 1 for the first 30 % of memory training, then growing."""
+    if step_fraction < 0.3:
+        return 1
+    return 1 + int(round((max_chunks - 1) * min(1.0, (step_fraction - 0.3) / 0.5)))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--minutes", type=float, default=80.0, help="wall-clock budget for training")
+    parser.add_argument("--max-steps", type=int, default=0, help="stop after this many steps (0: time only)")
+    parser.add_argument("--warmup-fraction", type=float, default=0.15)
+    parser.add_argument("--batch", type=int, default=32)
+    parser.add_argument("--questions", type=int, default=8)
+    parser.add_argument("--max-chunks", type=int, default=8)
+    parser.add_argument("--lr", type=float, default=3e-3)
+    parser.add_argument("--hidden", type=int, default=64)
+    parser.add_argument("--layers", type=int, default=2)
+    parser.add_argument("--intermediate", type=int, default=256)
+    parser.add_argument("--blocks", type=int, default=8)
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--log-every", type=int, default=50)
+    args = parser.parse_args()
+
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(args.seed)
+    vocab = Vocab()
+    cfg = TinyConfig(vocab_size=len(vocab), hidden=args.hidden, layers=args.layers,
+                     intermediate=args.intermediate, blocks=args.blocks)
+    model = TinyMemoryLLM(cfg, seed=args.seed).to(args.device)
+    opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.01, betas=(0.9, 0.98))
+    episodes = Episodes(vocab, args.seed, "train")
+    gen = torch.Generator().manual_seed(args.seed + 2)
+    args.out.mkdir(parents=True, exist_ok=True)
+    log_path = args.out / "train_log.jsonl"
+    log = log_path.open("w")
+    header = {"event": "start", "args": {k: str(v) for k, v in vars(args).items()},
+              "params": sum(p.numel() for p in model.parameters()), "machine": machine()}
+    log.write(json.dumps(header) + "\n")
+    print(json.dumps(header), flush=True)
+    budget = args.minutes * 60
+    started = time.time()
+    step = 0
+    smooth_loss = smooth_acc = None
+    while True:
+        elapsed = time.time() - started
+        fraction = elapsed / budget if not args.max_steps else step / args.max_steps
+        if fraction >= 1.0:
+            break
+        lr = args.lr * min(1.0, (step + 1) / 200) * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * fraction)))
+        for group in opt.param_groups:
+            group["lr"] = lr
+        warm = fraction < args.warmup_fraction
+        if warm:
+            chunks, asked = episodes.batch(args.batch, 1, FACTS_PER_CHUNK)
+            loss, acc = warmup_forward(model, vocab, chunks, asked)
+            n_chunks = 0
+        else:
+            mem_fraction = (fraction - args.warmup_fraction) / (1 - args.warmup_fraction)
+            n_chunks = random.Random(args.seed * 7919 + step).randint(1, curriculum(mem_fraction, args.max_chunks))
+            chunks, asked = episodes.batch(args.batch, n_chunks, args.questions if n_chunks > 1 else FACTS_PER_CHUNK)
+            loss, acc = memory_forward(model, vocab, chunks, asked, gen)
+            if step % 10 == 0:
+                # keep the in-context circuit alive (cheap) while the memory path trains
+                chunks_w, asked_w = episodes.batch(args.batch // 2, 1, FACTS_PER_CHUNK)
+                loss_w, _ = warmup_forward(model, vocab, chunks_w, asked_w)
+                loss = loss + 0.3 * loss_w
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        smooth_loss = loss.item() if smooth_loss is None else 0.98 * smooth_loss + 0.02 * loss.item()
+        smooth_acc = acc if smooth_acc is None else 0.98 * smooth_acc + 0.02 * acc
+        step += 1
+        if step % args.log_every == 0:
+            row = {"step": step, "seconds": round(time.time() - started, 1), "phase": "warmup" if warm else "memory",
+                   "chunks": n_chunks, "lr": round(lr, 6), "loss": round(smooth_loss, 4), "acc": round(smooth_acc, 4)}
+            log.write(json.dumps(row) + "\n")
+            log.flush()
+            print(json.dumps(row), flush=True)
+    model.save(args.out / "model", vocab)
+    end = {"event": "end", "steps": step, "seconds": round(time.time() - started, 1)}
+    log.write(json.dumps(end) + "\n")
+    log.close()
+    print(json.dumps(end), flush=True)
+
+
+def machine() -> dict:
+    import os
+
+    info = {"platform": platform.platform(), "python": platform.python_version(), "torch": torch.__version__,
+            "cpu_count": os.cpu_count(), "processor": platform.processor() or platform.machine()}
+    try:
+        for line in open("/proc/cpuinfo"):
+            if line.startswith("model name"):
+                info["cpu"] = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    if torch.cuda.is_available():
+        info["gpu"] = torch.cuda.get_device_name(0)
+    return info
+
+
+if __name__ == "__main__":
+    main()

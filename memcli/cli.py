@@ -446,15 +446,25 @@ def ask(
     top_p: float = typer.Option(1.0, "--top-p", min=0.0, max=1.0, help="Nucleus sampling share (with --temperature > 0)."),
     seed: Optional[int] = typer.Option(None, "--seed", help="Seed for sampling."),
     as_json: bool = typer.Option(False, "--json", help="Print the answer and its timings as JSON (no streaming)."),
+    sources: bool = typer.Option(False, "--sources", help="After the answer, the sources whose memory rows the question read most."),
 ) -> None:
     """Answer a question from a pool's memory, streaming the answer to stdout."""
     app_ = _state(ctx).app()
     sampling = _sampling(temperature, top_p, seed)
     if as_json:
         answer = app_.ask(pool, question, max_new_tokens=max_new_tokens, sampling=sampling)
-        print_json(answer.to_json())
+        data = answer.to_json()
+        if sources:  # issue 12
+            from .attribution import for_question
+
+            data["attribution"] = for_question(app_, pool, question)
+        print_json(data)
         return
     _stream_answer(app_, pool, question, max_new_tokens, sampling)
+    if sources:  # issue 12
+        from .attribution import for_question, render
+
+        sys.stdout.write("\n".join(render(for_question(app_, pool, question))) + "\n")
 
 
 # --------------------------------------------------------------------------- chat
@@ -807,6 +817,29 @@ def doctor(ctx: typer.Context, as_json: bool = typer.Option(False, "--json", hel
             out.print(Text(f"  - {shown(problem)}"), soft_wrap=True)
     else:
         out.print(Text("no problems found", style="green"))
+
+
+# --------------------------------------------------------------------------- eval (issue 12)
+eval_app = typer.Typer(name="eval", help="Measure what a model remembers.", no_args_is_help=True,
+                       pretty_exceptions_enable=False, context_settings={"help_option_names": ["-h", "--help"]})
+app.add_typer(eval_app, name="eval")
+
+
+@eval_app.command("retention")
+def eval_retention(
+    ctx: typer.Context,
+    episodes: int = typer.Option(25, "--episodes", min=1, help="Fact chunks to test (4 questions each)."),
+    distractors: str = typer.Option("0,1,2,4,8,16", "--distractors", help="Distractor chunk counts to ask after."),
+    seed: int = typer.Option(0, "--seed", help="Seed for the facts and the drops."),
+    max_new_tokens: int = typer.Option(8, "--max-new-tokens", min=1, help="Longest answer, in tokens."),
+    json_path: Optional[Path] = typer.Option(None, "--json", help="Write the curve as JSON here."),
+    plot_path: Optional[Path] = typer.Option(None, "--plot", help="Write the curve as a PNG plot here."),
+) -> None:
+    """Knowledge retention: inject facts, then distractor chunks, ask after each count, score."""
+    from .retention import command
+
+    command(_state(ctx).app(), episodes, distractors, seed, max_new_tokens, json_path, plot_path,
+            out=sys.stdout.write, progress=say)
 
 
 # --------------------------------------------------------------------------- entry point

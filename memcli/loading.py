@@ -25,6 +25,8 @@ ALIASES = {
     "mplus-8b": "YuWangX/mplus-8b",
     "memoryllm-7b": "YuWangX/memoryllm-7b",
 }
+# Models shipped inside the package (issue 12): usable offline everywhere, never downloaded.
+BUNDLED = {"memcli-tiny": Path(__file__).resolve().parent / "models" / "memcli-tiny"}
 HUB_PATTERNS = ["*.json", "*.safetensors", "tokenizer*", "*.model", "*.jinja"]
 PROJECTIONS = {
     "q_proj": "self_attn",
@@ -112,6 +114,8 @@ def resolve_checkpoint(model: str, revision: str | None = None) -> Path:
     local = Path(model).expanduser()
     if local.is_dir():
         return local
+    if model in BUNDLED:
+        return BUNDLED[model]
     repo_id = ALIASES.get(model, model)
     if repo_id.count("/") != 1 or local.suffix:
         raise CheckpointError(f"model {model!r} is neither a folder nor a hub id (known: {', '.join(ALIASES)})")

@@ -200,3 +200,37 @@ def parse_distractors(text: str) -> tuple[int, ...]:
 
 def expected(t: int, k: int, n: int) -> float:
     return math.pow(1 - k / n, t)
+
+
+def command(app, episodes: int, distractors: str, seed: int, max_new_tokens: int, json_path, plot_path,
+            out, progress) -> Curve:
+    """`memcli eval retention` on the app's current model: table to `out`, JSON and plot on request."""
+    from .api import MemcliError
+    from .loading import initial_state
+
+    try:
+        counts = parse_distractors(distractors)
+    except ValueError as err:
+        raise MemcliError(str(err)) from None
+    for path in (json_path, plot_path):
+        if path is not None and not Path(path).parent.is_dir():
+            raise MemcliError(f"cannot write {path}: folder {Path(path).parent} does not exist")
+    loaded = app.model()
+    initial = initial_state(loaded.reader, loaded.cfg, "cpu", loaded.state_dtype, seed=seed)
+    curve = run(loaded.engine, loaded.tokenizer, initial, model_name=loaded.name, episodes=episodes,
+                distractors=counts, seed=seed, max_new_tokens=max_new_tokens,
+                on_progress=lambda done, total: progress(f"episode {done}/{total}") if done % 5 == 0 or done == total else None)
+    rows = table(curve)
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    for r in rows:
+        out("  ".join(c.rjust(w) for c, w in zip(r, widths)) + "\n")
+    controls = ", ".join(f"{k.replace('_', ' ')} {v:.1%}" for k, v in curve.controls.items())
+    out(f"controls: {controls}; chance {curve.chance:.1%}; {curve.episodes * FACTS_PER_CHUNK} questions per point\n")
+    try:
+        if json_path is not None:
+            write_json(curve, json_path)
+        if plot_path is not None:
+            plot(curve, plot_path)
+    except OSError as err:
+        raise MemcliError(f"cannot write the results: {err.strerror or err}") from None
+    return curve

@@ -79,14 +79,21 @@ def question_batch(vocab: Vocab, asked, device="cpu"):
     return t(rows), t(offsets), t(where), t(mask), t(targets)
 
 
+def log_event(log, row: dict) -> None:
+    log.write(json.dumps(row) + "\n")
+    log.flush()
+    print(json.dumps(row), flush=True)
+
+
 def answer_loss(model: TinyMemoryLLM, hidden, ids, where, targets, vocab: Vocab):
-    """Cross-entropy of the answer word (at the last prompt token) and of <eos> right after it."""
+    """Cross-entropy of the answer word (at the last prompt token) and of <eos> right after it.
+    Also the accuracy overall and on the first four questions (the newest chunk's facts)."""
     logits_answer = model.logits(hidden[:, where])  # [B, Q, V]
     logits_eos = model.logits(hidden[:, where + 1])
     loss = F.cross_entropy(logits_answer.flatten(0, 1), targets.flatten())
     loss_eos = F.cross_entropy(logits_eos.flatten(0, 1), torch.full_like(targets.flatten(), vocab.eos))
-    acc = (logits_answer.argmax(-1) == targets).float().mean().item()
-    return loss + 0.2 * loss_eos, acc
+    right = (logits_answer.argmax(-1) == targets).float()
+    return loss + 0.2 * loss_eos, right.mean().item(), right[:, :FACTS_PER_CHUNK].mean().item()
 
 
 def memory_forward(model: TinyMemoryLLM, vocab: Vocab, chunks, asked, gen):
@@ -107,20 +114,16 @@ def warmup_forward(model: TinyMemoryLLM, vocab: Vocab, chunks, asked):
     return answer_loss(model, hidden, q_ids, where, targets, vocab)
 
 
-def curriculum(step_fraction: float, max_chunks: int) -> int:
-    """Upper bound on chunks per episode: 1 for the first 30 % of memory training, then growing."""
-    if step_fraction < 0.3:
-        return 1
-    return 1 + int(round((max_chunks - 1) * min(1.0, (step_fraction - 0.3) / 0.5)))
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--minutes", type=float, default=80.0, help="wall-clock budget for training")
     parser.add_argument("--max-steps", type=int, default=0, help="stop after this many steps (0: time only)")
-    parser.add_argument("--warmup-fraction", type=float, default=0.15)
+    parser.add_argument("--warmup-fraction", type=float, default=0.3, help="most of the budget the warm-up may take")
+    parser.add_argument("--warmup-until", type=float, default=0.9, help="in-context accuracy that ends the warm-up")
+    parser.add_argument("--level-up", type=float, default=0.85, help="newest-chunk accuracy that adds a chunk")
+    parser.add_argument("--save-every", type=float, default=5.0, help="minutes between checkpoint writes")
     parser.add_argument("--batch", type=int, default=32)
     parser.add_argument("--questions", type=int, default=8)
     parser.add_argument("--max-chunks", type=int, default=8)
@@ -143,6 +146,7 @@ def main() -> None:
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.01, betas=(0.9, 0.98))
     episodes = Episodes(vocab, args.seed, "train")
     gen = torch.Generator().manual_seed(args.seed + 2)
+    curriculum_rng = random.Random(args.seed + 3)
     args.out.mkdir(parents=True, exist_ok=True)
     log_path = args.out / "train_log.jsonl"
     log = log_path.open("w")
@@ -152,8 +156,15 @@ def main() -> None:
     print(json.dumps(header), flush=True)
     budget = args.minutes * 60
     started = time.time()
+    last_save = started
     step = 0
-    smooth_loss = smooth_acc = None
+    level = 1  # most chunks per memory episode; raised when the newest chunk is answered well
+    warm = True
+    smooth = {"loss": None, "acc": None, "acc_newest": None}
+
+    def track(key, value, rate=0.02):
+        smooth[key] = value if smooth[key] is None else (1 - rate) * smooth[key] + rate * value
+
     while True:
         elapsed = time.time() - started
         fraction = elapsed / budget if not args.max_steps else step / args.max_steps
@@ -162,34 +173,43 @@ def main() -> None:
         lr = args.lr * min(1.0, (step + 1) / 200) * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * fraction)))
         for group in opt.param_groups:
             group["lr"] = lr
-        warm = fraction < args.warmup_fraction
+        if warm and ((smooth["acc"] or 0) >= args.warmup_until or fraction >= args.warmup_fraction):
+            warm = False  # the in-context circuit is there (or the warm-up budget is spent)
+            smooth = {"loss": None, "acc": None, "acc_newest": None}
+            log_event(log, {"event": "memory phase", "step": step, "seconds": round(elapsed, 1)})
         if warm:
             chunks, asked = episodes.batch(args.batch, 1, FACTS_PER_CHUNK)
-            loss, acc = warmup_forward(model, vocab, chunks, asked)
+            loss, acc, _ = warmup_forward(model, vocab, chunks, asked)
             n_chunks = 0
         else:
-            mem_fraction = (fraction - args.warmup_fraction) / (1 - args.warmup_fraction)
-            n_chunks = random.Random(args.seed * 7919 + step).randint(1, curriculum(mem_fraction, args.max_chunks))
+            n_chunks = curriculum_rng.randint(max(1, level - 2), level) if level > 1 else 1
             chunks, asked = episodes.batch(args.batch, n_chunks, args.questions if n_chunks > 1 else FACTS_PER_CHUNK)
-            loss, acc = memory_forward(model, vocab, chunks, asked, gen)
+            loss, acc, acc_newest = memory_forward(model, vocab, chunks, asked, gen)
+            track("acc_newest", acc_newest)
             if step % 10 == 0:
                 # keep the in-context circuit alive (cheap) while the memory path trains
                 chunks_w, asked_w = episodes.batch(args.batch // 2, 1, FACTS_PER_CHUNK)
-                loss_w, _ = warmup_forward(model, vocab, chunks_w, asked_w)
+                loss_w, _, _ = warmup_forward(model, vocab, chunks_w, asked_w)
                 loss = loss + 0.3 * loss_w
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
-        smooth_loss = loss.item() if smooth_loss is None else 0.98 * smooth_loss + 0.02 * loss.item()
-        smooth_acc = acc if smooth_acc is None else 0.98 * smooth_acc + 0.02 * acc
+        track("loss", loss.item())
+        track("acc", acc)
         step += 1
+        if not warm and level < args.max_chunks and (smooth["acc_newest"] or 0) >= args.level_up and step % 50 == 0:
+            level += 1
+            log_event(log, {"event": "level", "level": level, "step": step, "seconds": round(time.time() - started, 1)})
+            smooth["acc_newest"] = None
         if step % args.log_every == 0:
             row = {"step": step, "seconds": round(time.time() - started, 1), "phase": "warmup" if warm else "memory",
-                   "chunks": n_chunks, "lr": round(lr, 6), "loss": round(smooth_loss, 4), "acc": round(smooth_acc, 4)}
-            log.write(json.dumps(row) + "\n")
-            log.flush()
-            print(json.dumps(row), flush=True)
+                   "level": 0 if warm else level, "lr": round(lr, 6),
+                   **{k: round(v, 4) for k, v in smooth.items() if v is not None}}
+            log_event(log, row)
+        if time.time() - last_save > args.save_every * 60:
+            model.save(args.out / "model", vocab)
+            last_save = time.time()
     model.save(args.out / "model", vocab)
     end = {"event": "end", "steps": step, "seconds": round(time.time() - started, 1)}
     log.write(json.dumps(end) + "\n")

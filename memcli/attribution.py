@@ -1,0 +1,132 @@
+"""Which sources a question read: attention mass over memory rows, grouped by each row's source.
+
+A read forward of the question over [bos ; memory] is recomputed here with the attention weights
+kept (the engine's fast path never materialises them). For every layer, the last prompt row's
+attention — the row that predicts the first answer token — is averaged over heads, and the mass on
+each short-term memory row is added to the source that wrote the row (`state.origin` holds the
+injection chunk of every slot; the pool's log maps chunks to files). Rows that came with the
+checkpoint count as "(initial memory)"; bos and the question's own rows are left out, so a layer's
+shares sum to its mass on memory, not to one.
+
+Which layers carry the signal is a measurement, not a guess: `layer_mass` reports each layer on its
+own, and the ranking uses the layers listed in `LAYERS_BY_DEPTH` (all of them by default). For M+,
+rows retrieved from long-term memory are not attributed (only the short-term memory is).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from .model import DECODER, KV, Transformer, apply_rotary
+from .state import CHECKPOINT_ORIGIN, MemoryState
+
+INITIAL = "(initial memory)"
+
+
+@dataclass
+class SourceShare:
+    source: str
+    mass: float  # mean over the chosen layers of the attention mass on this source's rows
+    rows: int  # rows of this source still in memory (summed over layers)
+
+    def to_json(self) -> dict:
+        return {"source": self.source, "mass": round(self.mass, 6), "rows": self.rows}
+
+
+@torch.inference_mode()
+def memory_attention(model: Transformer, state: MemoryState, ids: list[int]) -> torch.Tensor:
+    """Attention of the last prompt row on every logical memory row, per layer: [L, N] (fp32),
+    averaged over heads. A plain reimplementation of the engine's read forward (reference path)."""
+    if not state.initialized:
+        return torch.zeros(state.num_layers, state.num_rows)
+    cfg = model.cfg
+    n = state.num_rows
+    x = model.embed_tokens(torch.tensor([ids], device=model.device))
+    q_len = x.shape[1]
+    total = 1 + n + q_len
+    cos, sin = model.cos_sin(0, total)
+    out = []
+    for l, layer in enumerate(model.layers):
+        rows = torch.cat((model.bos_embedding[l], state.memory(l).to(device=model.device, dtype=model.dtype)))[None]
+        attn = layer.self_attn
+        pk, pv = layer.prefix_keys_values(rows, cos[: 1 + n], sin[: 1 + n], DECODER)
+        xn = layer.input_layernorm(x)
+        q = attn.q_proj(xn, DECODER).view(1, q_len, attn.num_heads, attn.head_dim).transpose(1, 2)
+        q = apply_rotary(q, cos[1 + n :], sin[1 + n :])
+        k, v = attn.keys_values(xn, cos[1 + n :], sin[1 + n :], DECODER)
+        keys = torch.cat((pk, k), 2)
+        if attn.num_kv_heads != attn.num_heads:
+            keys = keys.repeat_interleave(attn.num_heads // attn.num_kv_heads, dim=1)
+        scores = (q[:, :, -1:].float() @ keys.float().transpose(-1, -2)) / attn.head_dim**0.5
+        weights = torch.softmax(scores, dim=-1)[0, :, 0]  # [H, 1 + n + q]: the last row sees everything
+        out.append(weights.mean(0)[1 : 1 + n].cpu())
+        # advance x through the layer exactly as the engine does
+        kv = KV(torch.empty(1, cfg.num_kv_heads, total, cfg.head_dim, dtype=model.dtype, device=model.device),
+                torch.empty(1, cfg.num_kv_heads, total, cfg.head_dim, dtype=model.dtype, device=model.device), 1 + n)
+        kv.k[:, :, : 1 + n], kv.v[:, :, : 1 + n] = pk, pv
+        x = layer(x, cos[1 + n :], sin[1 + n :], kv, DECODER)
+    return torch.stack(out)
+
+
+def chunk_sources(sources_log: list[dict]) -> dict[int, str]:
+    """Provenance serial (chunk) -> source path, from a pool's injection log."""
+    owner = {}
+    for entry in sources_log:
+        for chunk in range(entry["first_chunk"], entry["first_chunk"] + entry["chunks"]):
+            owner[chunk] = entry["path"]
+    return owner
+
+
+def row_sources(state: MemoryState, owner: dict[int, str]) -> list[list[str]]:
+    """The source of every logical memory row, per layer."""
+    out = []
+    for l in range(state.num_layers):
+        origins = state.origin[l, state.order[l]].tolist()
+        out.append([INITIAL if o == CHECKPOINT_ORIGIN else owner.get(o, f"chunk {o}") for o in origins])
+    return out
+
+
+def by_source(weights: torch.Tensor, sources: list[list[str]], layers: list[int] | None = None) -> list[SourceShare]:
+    """Sum attention per source in each chosen layer, average over those layers, rank (largest first)."""
+    layers = list(range(weights.shape[0])) if layers is None else layers
+    mass: dict[str, float] = {}
+    rows: dict[str, int] = {}
+    for l in layers:
+        for weight, source in zip(weights[l].tolist(), sources[l]):
+            mass[source] = mass.get(source, 0.0) + weight / len(layers)
+            rows[source] = rows.get(source, 0) + 1
+    shares = [SourceShare(s, mass[s], rows[s]) for s in mass]
+    return sorted(shares, key=lambda share: -share.mass)
+
+
+def layer_mass(weights: torch.Tensor, sources: list[list[str]]) -> list[dict[str, float]]:
+    """Per layer, the attention mass of every source (for measuring which layers carry provenance)."""
+    return [{s.source: s.mass for s in by_source(weights, sources, [l])} for l in range(weights.shape[0])]
+
+
+def for_question(app, pool_name: str, question: str, layers: list[int] | None = None) -> dict:
+    """Attribution of one question on a pool through the Python API: ranked sources and per-layer
+    masses, as JSON-ready data."""
+    from .prompts import question_ids
+
+    loaded, pool = app.open_pool(pool_name)
+    ids = question_ids(loaded.tokenizer, question.strip())
+    weights = memory_attention(loaded.engine.model, pool.state, ids)
+    sources = row_sources(pool.state, chunk_sources(pool.sources))
+    ranked = by_source(weights, sources, layers)
+    return {
+        "sources": [share.to_json() for share in ranked],
+        "layers": list(range(weights.shape[0])) if layers is None else layers,
+        "layer_mass": [{k: round(v, 6) for k, v in sorted(m.items(), key=lambda kv: -kv[1])}
+                       for m in layer_mass(weights, sources)],
+    }
+
+
+def render(report: dict, top: int = 5) -> list[str]:
+    """Lines for a terminal: the sources the question read most, with their share of attention."""
+    lines = ["sources (attention on memory rows, mean over layers %s):" % ",".join(map(str, report["layers"]))]
+    for share in report["sources"][:top]:
+        lines.append(f"  {share['mass']:6.1%}  {share['source']}  ({share['rows']} rows)")
+    return lines

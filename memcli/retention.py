@@ -174,10 +174,10 @@ def plot(curve: Curve, path: Path) -> None:
     k, n = curve.num_tokens, curve.memory_rows
     dense = [i / 4 for i in range(0, 4 * max(t) + 1)] if max(t) > 0 else [0]
     ax.plot(dense, [(1 - k / n) ** x for x in dense], ":", color="grey", label=f"(1-K/N)^t, K={k}, N={n}")
-    for label, value in curve.controls.items():
-        ax.axhline(value, linewidth=0.8, linestyle="-.", alpha=0.6)
-        ax.annotate(label.replace("_", " "), (max(t), value), fontsize=7, ha="right", va="bottom")
-    ax.axhline(curve.chance, color="black", linewidth=0.5)
+    for (label, value), style in zip(curve.controls.items(), ("-.", (0, (1, 3)), (0, (5, 5)))):
+        ax.axhline(value, linewidth=0.9, linestyle=style, color="tab:red", alpha=0.7,
+                   label=f"control: {label.replace('_', ' ')} ({value:.1%})")
+    ax.axhline(curve.chance, color="black", linewidth=0.5, label=f"chance ({curve.chance:.1%})")
     ax.set_xlabel("distractor chunks injected after the facts")
     ax.set_ylabel("share")
     ax.set_ylim(-0.02, 1.02)

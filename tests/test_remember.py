@@ -41,7 +41,7 @@ def run(*args: str):
 
 
 def ask(pool: str, question: str) -> str:
-    return json.loads(run("ask", question, "--pool", pool, "--json").stdout)["text"]
+    return json.loads(run("ask", question, "--pool", pool, "--json").stdout)["answer"]
 
 
 def right_answers(pool: str, note: list[facts.Fact]) -> int:

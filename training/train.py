@@ -31,7 +31,7 @@ sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from memcli import facts  # noqa: E402
-from tiny import TinyConfig, TinyMemoryLLM, Vocab, pack_questions  # noqa: E402
+from tiny import TinyConfig, TinyMemoryLLM, Vocab, load_tiny, pack_questions  # noqa: E402
 
 FACTS_PER_CHUNK = 4
 
@@ -127,11 +127,13 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=32)
     parser.add_argument("--questions", type=int, default=8)
     parser.add_argument("--max-chunks", type=int, default=8)
+    parser.add_argument("--start-level", type=int, default=1, help="chunks per episode to start the memory phase at")
     parser.add_argument("--lr", type=float, default=3e-3)
     parser.add_argument("--hidden", type=int, default=64)
     parser.add_argument("--layers", type=int, default=2)
     parser.add_argument("--intermediate", type=int, default=256)
     parser.add_argument("--blocks", type=int, default=8)
+    parser.add_argument("--init", type=Path, help="start from this exported checkpoint folder (skips the warm-up)")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--log-every", type=int, default=50)
@@ -142,7 +144,10 @@ def main() -> None:
     vocab = Vocab()
     cfg = TinyConfig(vocab_size=len(vocab), hidden=args.hidden, layers=args.layers,
                      intermediate=args.intermediate, blocks=args.blocks)
-    model = TinyMemoryLLM(cfg, seed=args.seed).to(args.device)
+    model = TinyMemoryLLM(cfg, seed=args.seed)
+    if args.init is not None:
+        model.load_state_dict(load_tiny(args.init).state_dict())
+    model = model.to(args.device)
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.01, betas=(0.9, 0.98))
     episodes = Episodes(vocab, args.seed, "train")
     gen = torch.Generator().manual_seed(args.seed + 2)
@@ -158,8 +163,8 @@ def main() -> None:
     started = time.time()
     last_save = started
     step = 0
-    level = 1  # most chunks per memory episode; raised when the newest chunk is answered well
-    warm = True
+    level = args.start_level  # most chunks per memory episode; raised when the newest chunk is answered well
+    warm = args.init is None
     smooth = {"loss": None, "acc": None, "acc_newest": None}
 
     def track(key, value, rate=0.02):

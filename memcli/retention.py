@@ -215,6 +215,11 @@ def command(app, episodes: int, distractors: str, seed: int, max_new_tokens: int
     for path in (json_path, plot_path):
         if path is not None and not Path(path).parent.is_dir():
             raise MemcliError(f"cannot write {path}: folder {Path(path).parent} does not exist")
+    if plot_path is not None:
+        import importlib.util
+
+        if importlib.util.find_spec("matplotlib") is None:
+            raise MemcliError("--plot needs matplotlib: pip install 'memcli[plot]' (or matplotlib)")
     loaded = app.model()
     initial = initial_state(loaded.reader, loaded.cfg, "cpu", loaded.state_dtype, seed=seed)
     curve = run(loaded.engine, loaded.tokenizer, initial, model_name=loaded.name, episodes=episodes,

@@ -5,12 +5,13 @@ kept (the engine's fast path never materialises them). For every layer, the last
 attention — the row that predicts the first answer token — is averaged over heads, and the mass on
 each short-term memory row is added to the source that wrote the row (`state.origin` holds the
 injection chunk of every slot; the pool's log maps chunks to files). Rows that came with the
-checkpoint count as "(initial memory)"; bos and the question's own rows are left out, so a layer's
-shares sum to its mass on memory, not to one.
+checkpoint are no user's source: their mass is reported apart as "(initial memory)". bos and the
+question's own rows are left out, so shares sum to the mass on memory, not to one.
 
 Which layers carry the signal is a measurement, not a guess: `layer_mass` reports each layer on its
-own, and the ranking uses the layers listed in `LAYERS_BY_DEPTH` (all of them by default). For M+,
-rows retrieved from long-term memory are not attributed (only the short-term memory is).
+own, and the ranking averages the layers the caller chooses (all of them by default; see
+training/results/sources.json for the tiny model). For M+, rows retrieved from long-term memory are
+not attributed (only the short-term memory is).
 """
 
 from __future__ import annotations
@@ -46,7 +47,12 @@ def memory_attention(model: Transformer, state: MemoryState, ids: list[int]) -> 
     x = model.embed_tokens(torch.tensor([ids], device=model.device))
     q_len = x.shape[1]
     total = 1 + n + q_len
-    cos, sin = model.cos_sin(0, total)
+    # bos at 0, memory rows at their logical positions, the question after them; for M+ the
+    # retrieved long-term block would sit between bos and the memory: its positions are skipped
+    # (its rows are left out, so M+ shares are an approximation)
+    skip = cfg.ltm_retrieval_rows
+    positions = torch.cat((torch.zeros(1, dtype=torch.long), torch.arange(1 + skip, 1 + skip + n + q_len)))
+    cos, sin = model.rotary.cos_sin(positions.to(model.device), model.dtype)
     out = []
     for l, layer in enumerate(model.layers):
         rows = torch.cat((model.bos_embedding[l], state.memory(l).to(device=model.device, dtype=model.dtype)))[None]
@@ -116,8 +122,11 @@ def for_question(app, pool_name: str, question: str, layers: list[int] | None = 
     weights = memory_attention(loaded.engine.model, pool.state, ids)
     sources = row_sources(pool.state, chunk_sources(pool.sources))
     ranked = by_source(weights, sources, layers)
+    initial = next((share.mass for share in ranked if share.source == INITIAL), 0.0)
     return {
-        "sources": [share.to_json() for share in ranked],
+        # the checkpoint's own rows are no source a user gave; their mass is reported apart
+        "sources": [share.to_json() for share in ranked if share.source != INITIAL],
+        "initial_memory_mass": round(initial, 6),
         "layers": list(range(weights.shape[0])) if layers is None else layers,
         "layer_mass": [{k: round(v, 6) for k, v in sorted(m.items(), key=lambda kv: -kv[1])}
                        for m in layer_mass(weights, sources)],
@@ -129,4 +138,5 @@ def render(report: dict, top: int = 5) -> list[str]:
     lines = ["sources (attention on memory rows, mean over layers %s):" % ",".join(map(str, report["layers"]))]
     for share in report["sources"][:top]:
         lines.append(f"  {share['mass']:6.1%}  {share['source']}  ({share['rows']} rows)")
+    lines.append(f"  {report['initial_memory_mass']:6.1%}  {INITIAL}")
     return lines

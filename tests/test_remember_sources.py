@@ -58,11 +58,12 @@ def test_sources_in_json_and_text(notes):
     assert result.exit_code == 0, result.stderr
     data = json.loads(result.stdout)
     sources = {s["source"]: s for s in data["attribution"]["sources"]}
-    assert set(sources) == {str(path), INITIAL}
+    assert set(sources) == {str(path)}
     assert sources[str(path)]["rows"] == 2 * 20  # one chunk: K rows in each of the two layers
+    assert 0 < sources[str(path)]["mass"] + data["attribution"]["initial_memory_mass"] <= 1
     assert len(data["attribution"]["layer_mass"]) == 2
     result = runner.invoke(cli.app, [*base, "ask", chunk[0].question, "--pool", "p", "--sources"])
     assert result.exit_code == 0
     lines = result.stdout.splitlines()
     assert lines[1].startswith("sources (attention on memory rows")
-    assert str(path) in lines[2]
+    assert str(path) in lines[2] and INITIAL in lines[3]

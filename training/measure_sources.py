@@ -59,7 +59,8 @@ def main() -> None:
                 right += 1
                 weights = attribution.memory_attention(model, state, question_ids(tokenizer, fact.question))
                 for name, chosen in choices.items():
-                    first[name] += attribution.by_source(weights, sources, chosen)[0].source == f"note {i}"
+                    ranked = [s for s in attribution.by_source(weights, sources, chosen) if s.source != attribution.INITIAL]
+                    first[name] += ranked[0].source == f"note {i}"
     report = {"asked": asked, "right": right,
               "source_ranked_first_among_right": {k: v / max(right, 1) for k, v in first.items()}}
     print(json.dumps(report, indent=2))

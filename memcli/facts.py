@@ -121,10 +121,11 @@ class FactWorld:
         self.rng = random.Random(seed)
         self.split = split
 
-    def fact(self, name: str, split: str | None = None) -> Fact:
+    def fact(self, name: str, split: str | None = None, relation: Relation | None = None) -> Fact:
         split = split or self.split
+        fixed = relation
         for _ in range(1000):
-            relation = self.rng.choice(RELATIONS)
+            relation = fixed or self.rng.choice(RELATIONS)
             value = self.rng.choice(relation.values)
             held = is_held_out(name, relation.name, value)
             if split == "any" or held == (split == "test"):
@@ -135,8 +136,9 @@ class FactWorld:
         pool = [n for n in NAMES if n not in exclude]
         return self.rng.sample(pool, count)
 
-    def chunk(self, names: list[str], split: str | None = None) -> list[Fact]:
-        return [self.fact(name, split) for name in names]
+    def chunk(self, names: list[str], split: str | None = None, relation: Relation | None = None) -> list[Fact]:
+        """Facts about `names`, each with a random relation (or all with `relation`)."""
+        return [self.fact(name, split, relation) for name in names]
 
 
 def note_text(facts: list[Fact]) -> str:

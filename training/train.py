@@ -49,12 +49,19 @@ class Episodes:
         self.world = facts.FactWorld(seed, split)
         self.rng = random.Random(seed + 1)
 
+    same_relation = 0.0  # share of chunks whose facts all have one relation (the value's kind
+    # then says nothing: only the name tells the facts apart)
+
     def batch(self, size: int, chunks: int, questions: int):
         ids = []  # [chunks][B] token lists
         asked = []  # [B] list of (chunk index, fact)
         for _ in range(size):
             names = self.world.names(chunks * FACTS_PER_CHUNK)
-            episode = [self.world.chunk(names[c * 4 : c * 4 + 4]) for c in range(chunks)]
+            episode = [
+                self.world.chunk(names[c * 4 : c * 4 + 4],
+                                 relation=self.rng.choice(facts.RELATIONS) if self.rng.random() < self.same_relation else None)
+                for c in range(chunks)
+            ]
             ids.append([chunk_ids(self.vocab, ch) for ch in episode])
             pool = [(c, f) for c, ch in enumerate(episode) for f in ch]
             newest = [(chunks - 1, f) for f in episode[-1]]
@@ -133,7 +140,10 @@ def main() -> None:
     parser.add_argument("--layers", type=int, default=2)
     parser.add_argument("--intermediate", type=int, default=256)
     parser.add_argument("--blocks", type=int, default=8)
-    parser.add_argument("--init", type=Path, help="start from this exported checkpoint folder (skips the warm-up)")
+    parser.add_argument("--init", type=Path, help="start from this exported checkpoint folder")
+    parser.add_argument("--skip-warmup", action="store_true", help="with --init: go straight to the memory phase")
+    parser.add_argument("--same-relation", type=float, default=0.75,
+                        help="share of chunks with one relation for all four facts (forces binding by name)")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--log-every", type=int, default=50)
@@ -150,6 +160,7 @@ def main() -> None:
     model = model.to(args.device)
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.01, betas=(0.9, 0.98))
     episodes = Episodes(vocab, args.seed, "train")
+    episodes.same_relation = args.same_relation
     gen = torch.Generator().manual_seed(args.seed + 2)
     curriculum_rng = random.Random(args.seed + 3)
     args.out.mkdir(parents=True, exist_ok=True)
@@ -164,7 +175,7 @@ def main() -> None:
     last_save = started
     step = 0
     level = args.start_level  # most chunks per memory episode; raised when the newest chunk is answered well
-    warm = args.init is None
+    warm = not args.skip_warmup
     smooth = {"loss": None, "acc": None, "acc_newest": None}
 
     def track(key, value, rate=0.02):

@@ -9,8 +9,9 @@ checkpoint are no user's source: their mass is reported apart as "(initial memor
 question's own rows are left out, so shares sum to the mass on memory, not to one.
 
 Which layers carry the signal is a measurement, not a guess: `layer_mass` reports each layer on its
-own, and the ranking averages the layers the caller chooses (all of them by default; see
-training/results/sources.json for the tiny model). For M+, rows retrieved from long-term memory are
+own; the ranking averages the layers a model's config.json names under `memcli_source_layers`
+(measured: training/measure_sources.py; memcli-tiny: layer 0, where the question's name word looks
+its fact up), else all layers. Per source the prompt row with the most mass on it counts ("peak"). For M+, rows retrieved from long-term memory are
 not attributed (only the short-term memory is).
 """
 
@@ -24,6 +25,7 @@ from .model import DECODER, KV, Transformer, apply_rotary
 from .state import CHECKPOINT_ORIGIN, MemoryState
 
 INITIAL = "(initial memory)"
+SOURCE_LAYERS_KEY = "memcli_source_layers"  # config.json: layers whose attention names the source
 
 
 @dataclass
@@ -38,10 +40,10 @@ class SourceShare:
 
 @torch.inference_mode()
 def memory_attention(model: Transformer, state: MemoryState, ids: list[int]) -> torch.Tensor:
-    """Attention of the last prompt row on every logical memory row, per layer: [L, N] (fp32),
+    """Attention of every prompt row on every logical memory row, per layer: [L, q, N] (fp32),
     averaged over heads. A plain reimplementation of the engine's read forward (reference path)."""
     if not state.initialized:
-        return torch.zeros(state.num_layers, state.num_rows)
+        return torch.zeros(state.num_layers, len(ids), state.num_rows)
     cfg = model.cfg
     n = state.num_rows
     x = model.embed_tokens(torch.tensor([ids], device=model.device))
@@ -55,9 +57,9 @@ def memory_attention(model: Transformer, state: MemoryState, ids: list[int]) -> 
     cos, sin = model.rotary.cos_sin(positions.to(model.device), model.dtype)
     out = []
     for l, layer in enumerate(model.layers):
-        rows = torch.cat((model.bos_embedding[l], state.memory(l).to(device=model.device, dtype=model.dtype)))[None]
+        prefix = torch.cat((model.bos_embedding[l], state.memory(l).to(device=model.device, dtype=model.dtype)))[None]
         attn = layer.self_attn
-        pk, pv = layer.prefix_keys_values(rows, cos[: 1 + n], sin[: 1 + n], DECODER)
+        pk, pv = layer.prefix_keys_values(prefix, cos[: 1 + n], sin[: 1 + n], DECODER)
         xn = layer.input_layernorm(x)
         q = attn.q_proj(xn, DECODER).view(1, q_len, attn.num_heads, attn.head_dim).transpose(1, 2)
         q = apply_rotary(q, cos[1 + n :], sin[1 + n :])
@@ -65,9 +67,11 @@ def memory_attention(model: Transformer, state: MemoryState, ids: list[int]) -> 
         keys = torch.cat((pk, k), 2)
         if attn.num_kv_heads != attn.num_heads:
             keys = keys.repeat_interleave(attn.num_heads // attn.num_kv_heads, dim=1)
-        scores = (q[:, :, -1:].float() @ keys.float().transpose(-1, -2)) / attn.head_dim**0.5
-        weights = torch.softmax(scores, dim=-1)[0, :, 0]  # [H, 1 + n + q]: the last row sees everything
-        out.append(weights.mean(0)[1 : 1 + n].cpu())
+        scores = (q.float() @ keys.float().transpose(-1, -2)) / attn.head_dim**0.5  # [1, H, q, 1 + n + q]
+        causal = torch.ones(q_len, q_len, dtype=torch.bool, device=scores.device).tril()
+        visible = torch.cat((torch.ones(q_len, 1 + n, dtype=torch.bool, device=scores.device), causal), 1)
+        weights = torch.softmax(scores.masked_fill(~visible, float("-inf")), dim=-1)[0]  # [H, q, 1 + n + q]
+        out.append(weights.mean(0)[:, 1 : 1 + n].cpu())
         # advance x through the layer exactly as the engine does
         kv = KV(torch.empty(1, cfg.num_kv_heads, total, cfg.head_dim, dtype=model.dtype, device=model.device),
                 torch.empty(1, cfg.num_kv_heads, total, cfg.head_dim, dtype=model.dtype, device=model.device), 1 + n)
@@ -94,22 +98,43 @@ def row_sources(state: MemoryState, owner: dict[int, str]) -> list[list[str]]:
     return out
 
 
-def by_source(weights: torch.Tensor, sources: list[list[str]], layers: list[int] | None = None) -> list[SourceShare]:
-    """Sum attention per source in each chosen layer, average over those layers, rank (largest first)."""
+def by_source(weights: torch.Tensor, sources: list[list[str]], layers: list[int] | None = None,
+              rows: str = "peak") -> list[SourceShare]:
+    """Attention mass per source, ranked (largest first). `weights` [L, q, N] from `memory_attention`.
+
+    Per layer and prompt row the mass on each source's rows is summed; `rows` then takes, per
+    source, the largest over the prompt rows ("peak": the row that looked a fact up — for the tiny
+    model the question's name word — is the one that concentrates on one source), their mean
+    ("mean") or the last row's ("last", the row predicting the answer); the chosen layers are averaged.
+    """
+    if rows not in ("peak", "mean", "last"):
+        raise ValueError(f"rows must be peak, mean or last, not {rows!r}")
     layers = list(range(weights.shape[0])) if layers is None else layers
     mass: dict[str, float] = {}
-    rows: dict[str, int] = {}
+    count: dict[str, int] = {}
+    for l in range(weights.shape[0]):
+        for source in sources[l]:
+            count[source] = count.get(source, 0) + 1
     for l in layers:
-        for weight, source in zip(weights[l].tolist(), sources[l]):
-            mass[source] = mass.get(source, 0.0) + weight / len(layers)
-            rows[source] = rows.get(source, 0) + 1
-    shares = [SourceShare(s, mass[s], rows[s]) for s in mass]
+        names = sorted(set(sources[l]))
+        index = {name: i for i, name in enumerate(names)}
+        owner = torch.tensor([index[s] for s in sources[l]])
+        per_row = torch.zeros(weights.shape[1], len(names)).index_add_(1, owner, weights[l].float())  # [q, S]
+        if rows == "peak":
+            reduced = per_row.max(0).values
+        elif rows == "mean":
+            reduced = per_row.mean(0)
+        else:
+            reduced = per_row[-1]
+        for name, value in zip(names, reduced.tolist()):
+            mass[name] = mass.get(name, 0.0) + value / len(layers)
+    shares = [SourceShare(s, mass.get(s, 0.0), count[s]) for s in count]
     return sorted(shares, key=lambda share: -share.mass)
 
 
-def layer_mass(weights: torch.Tensor, sources: list[list[str]]) -> list[dict[str, float]]:
+def layer_mass(weights: torch.Tensor, sources: list[list[str]], rows: str = "peak") -> list[dict[str, float]]:
     """Per layer, the attention mass of every source (for measuring which layers carry provenance)."""
-    return [{s.source: s.mass for s in by_source(weights, sources, [l])} for l in range(weights.shape[0])]
+    return [{s.source: s.mass for s in by_source(weights, sources, [l], rows)} for l in range(weights.shape[0])]
 
 
 def for_question(app, pool_name: str, question: str, layers: list[int] | None = None) -> dict:
@@ -118,6 +143,9 @@ def for_question(app, pool_name: str, question: str, layers: list[int] | None = 
     from .prompts import question_ids
 
     loaded, pool = app.open_pool(pool_name)
+    if layers is None:
+        # a model may name the layers measured to carry provenance (training/measure_sources.py)
+        layers = loaded.cfg.raw.get(SOURCE_LAYERS_KEY)
     ids = question_ids(loaded.tokenizer, question.strip())
     weights = memory_attention(loaded.engine.model, pool.state, ids)
     sources = row_sources(pool.state, chunk_sources(pool.sources))
@@ -135,7 +163,8 @@ def for_question(app, pool_name: str, question: str, layers: list[int] | None = 
 
 def render(report: dict, top: int = 5) -> list[str]:
     """Lines for a terminal: the sources the question read most, with their share of attention."""
-    lines = ["sources (attention on memory rows, mean over layers %s):" % ",".join(map(str, report["layers"]))]
+    lines = ["sources (attention on memory rows; layers %s, the prompt row that looked most):"
+             % ",".join(map(str, report["layers"]))]
     for share in report["sources"][:top]:
         lines.append(f"  {share['mass']:6.1%}  {share['source']}  ({share['rows']} rows)")
     lines.append(f"  {report['initial_memory_mass']:6.1%}  {INITIAL}")

@@ -21,11 +21,11 @@ pytestmark = pytest.mark.skipif(not (TINY / "model.safetensors").is_file(), reas
 
 @pytest.fixture
 def notes(tmp_path):
-    """Six notes of four held-out facts each (one chunk each), about 24 different people."""
+    """Four notes of four held-out facts each (one chunk each), about 16 different people."""
     world = facts.FactWorld(seed=11, split="test")
-    names = world.names(24)
+    names = world.names(16)
     out = []
-    for i in range(6):
+    for i in range(4):
         chunk = world.chunk(names[4 * i : 4 * i + 4])
         path = tmp_path / f"note{i}.txt"
         path.write_text(facts.note_text(chunk))
@@ -35,7 +35,12 @@ def notes(tmp_path):
 
 def test_the_source_holding_the_fact_ranks_first(notes):
     app = Memcli(load_settings(model="memcli-tiny", device="cpu"))
-    for path, _ in notes:
+    first_path = notes[0][0]
+    app.inject("p", [str(first_path)])
+    # keep the pool in memory and seed its drops, so which rows later notes push out is fixed
+    app.keep_open("p")
+    app.open_pool("p")[1].state.generator.manual_seed(1234)
+    for path, _ in notes[1:]:
         app.inject("p", [str(path)])
     right = first = 0
     for path, chunk in notes:
@@ -46,8 +51,8 @@ def test_the_source_holding_the_fact_ranks_first(notes):
             right += 1
             ranked = for_question(app, "p", fact.question)["sources"]
             first += ranked[0]["source"] == str(path)
-    assert right >= 18  # most answers are right (some rows of the oldest notes were dropped)
-    assert first >= 0.9 * right
+    assert right >= 12  # most answers are right (some rows of the older notes were dropped)
+    assert first >= 0.9 * right, (first, right)
 
 
 def test_sources_in_json_and_text(notes):
@@ -60,7 +65,7 @@ def test_sources_in_json_and_text(notes):
     sources = {s["source"]: s for s in data["attribution"]["sources"]}
     assert set(sources) == {str(path)}
     assert sources[str(path)]["rows"] == 2 * 20  # one chunk: K rows in each of the two layers
-    assert 0 < sources[str(path)]["mass"] + data["attribution"]["initial_memory_mass"] <= 1
+    assert 0 < sources[str(path)]["mass"] <= 1 and 0 <= data["attribution"]["initial_memory_mass"] <= 1
     assert len(data["attribution"]["layer_mass"]) == 2
     result = runner.invoke(cli.app, [*base, "ask", chunk[0].question, "--pool", "p", "--sources"])
     assert result.exit_code == 0

@@ -81,7 +81,7 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=1)
     parser.add_argument("--out", type=Path)
     parser.add_argument("--plot", type=Path)
-    parser.add_argument("--log", type=Path, help="training log to embed")
+    parser.add_argument("--log", type=Path, nargs="*", default=[], help="training logs to embed, in order")
     args = parser.parse_args()
     torch.set_num_threads(1)
     started = time.time()
@@ -98,7 +98,10 @@ def main() -> None:
     print(json.dumps(curve.controls), "chance", round(curve.chance, 4))
     report["eval_seconds"] = round(time.time() - started, 1)
     if args.log:
-        report["training_log"] = [json.loads(line) for line in args.log.read_text().splitlines() if line.strip()]
+        report["training_runs"] = [
+            {"log": str(path), "rows": [json.loads(line) for line in path.read_text().splitlines() if line.strip()]}
+            for path in args.log
+        ]
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps(report, indent=2) + "\n")

@@ -31,6 +31,8 @@ def main() -> None:
     parser.add_argument("--trials", type=int, default=10)
     parser.add_argument("--notes", type=int, default=6)
     parser.add_argument("--out", type=Path)
+    parser.add_argument("--write-config", action="store_true",
+                        help="record the best single layer (peak rows) as memcli_source_layers in config.json")
     args = parser.parse_args()
     torch.set_num_threads(1)
     model, reader = load_model(args.folder)
@@ -38,7 +40,11 @@ def main() -> None:
     tokenizer = load_tokenizer(args.folder)
     asker = retention.Asker(engine, tokenizer, max_new_tokens=4)
     layers = model.cfg.num_layers
-    choices = {f"layer {l}": [l] for l in range(layers)} | {"all layers": list(range(layers))}
+    choices = {}
+    for rows in ("peak", "mean", "last"):
+        label = {"peak": "peak prompt row", "mean": "mean of prompt rows", "last": "last prompt row"}[rows]
+        choices |= {f"{label}, layer {l}": (rows, [l]) for l in range(layers)}
+        choices[f"{label}, all layers"] = (rows, list(range(layers)))
     first = {name: 0 for name in choices}
     right = asked = 0
     world = facts.FactWorld(seed=1234, split="test")
@@ -57,13 +63,23 @@ def main() -> None:
                 if not facts.exact_hit(fact.value, asker.answer(state, fact.question)):
                     continue
                 right += 1
-                weights = attribution.memory_attention(model, state, question_ids(tokenizer, fact.question))
-                for name, chosen in choices.items():
-                    ranked = [s for s in attribution.by_source(weights, sources, chosen) if s.source != attribution.INITIAL]
+                q = question_ids(tokenizer, fact.question)
+                weights = attribution.memory_attention(model, state, q)
+                for name, (rows, chosen) in choices.items():
+                    ranked = [s for s in attribution.by_source(weights, sources, chosen, rows)
+                              if s.source != attribution.INITIAL]
                     first[name] += ranked[0].source == f"note {i}"
     report = {"asked": asked, "right": right,
               "source_ranked_first_among_right": {k: v / max(right, 1) for k, v in first.items()}}
+    rates = report["source_ranked_first_among_right"]
+    best = max(range(layers), key=lambda l: rates[f"peak prompt row, layer {l}"])
+    report["chosen"] = {"rows": "peak", "layers": [best]}
     print(json.dumps(report, indent=2))
+    if args.write_config:
+        path = args.folder / "config.json"
+        config = json.loads(path.read_text())
+        config[attribution.SOURCE_LAYERS_KEY] = [best]
+        path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps(report, indent=2) + "\n")

@@ -214,7 +214,8 @@ class TinyMemoryLLM(nn.Module):
         survivors = torch.gather(memory, 2, kept[..., None].expand(-1, -1, -1, d))
         return torch.cat((survivors, delta), 2), kept
 
-    def read(self, memory: Tensor, ids: Tensor, offsets: Tensor, mask_x: Tensor, want_attn: bool = False):
+    def read(self, memory: Tensor, ids: Tensor, offsets: Tensor, mask_x: Tensor, want_attn: bool = False,
+             layer_outputs: list | None = None):
         """Packed questions after the memory: ids [B, T], offsets [T] (position within its own
         question), mask_x [T, T] (block-causal). Returns final hidden [B, T, d] (+ attention maps)."""
         cfg = self.cfg
@@ -230,9 +231,12 @@ class TinyMemoryLLM(nn.Module):
             prefix = torch.cat((self.bos[l][None].expand(b, -1, -1), memory[:, l]), 1)
             x, a = self.layer(l, x, xpos, prefix, ppos, mask, want_attn)
             maps.append(a)
+            if layer_outputs is not None:
+                layer_outputs.append(x)
         return (x, maps) if want_attn else x
 
-    def read_in_context(self, fact_ids: Tensor, ids: Tensor, offsets: Tensor, mask_x: Tensor) -> Tensor:
+    def read_in_context(self, fact_ids: Tensor, ids: Tensor, offsets: Tensor, mask_x: Tensor,
+                        with_facts: bool = False):
         """Warm-up: the facts are ordinary tokens where the newest K memory rows would be
         (positions N-K+1..N) after the older initial rows; the packed questions follow."""
         cfg = self.cfg
@@ -251,7 +255,7 @@ class TinyMemoryLLM(nn.Module):
         for l in range(cfg.layers):
             prefix = torch.cat((self.bos[l][None].expand(b, -1, -1), mem[:, l, : n - k]), 1)
             x, _ = self.layer(l, x, xpos, prefix, ppos, mask)
-        return x[:, k:]
+        return (x[:, k:], x[:, :k]) if with_facts else x[:, k:]
 
     # ---- export in memcli's checkpoint format
     def state_for_checkpoint(self) -> dict[str, Tensor]:

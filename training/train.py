@@ -107,18 +107,50 @@ def memory_forward(model: TinyMemoryLLM, vocab: Vocab, chunks, asked, gen):
     b = chunks[0].shape[0]
     device = model.memory.device
     memory = model.initial_memory(b)
+    aux = 0.0
     for ids in chunks:
-        memory, _ = model.update(memory, model.inject(memory, ids.to(device)), gen)
+        ids = ids.to(device)
+        delta = model.inject(memory, ids)
+        if AUX_WEIGHT:
+            # every layer's new rows: the question's own name token can then find them at layer 0
+            for l in range(delta.shape[1]):
+                aux = aux + name_loss(model, delta[:, l], ids) / (len(chunks) * delta.shape[1])
+        memory, _ = model.update(memory, delta, gen)
     q_ids, offsets, where, mask, targets = question_batch(vocab, asked, device)
-    hidden = model.read(memory, q_ids, offsets, mask)
-    return answer_loss(model, hidden, q_ids, where, targets, vocab)
+    outputs: list = []
+    hidden = model.read(memory, q_ids, offsets, mask, layer_outputs=outputs)
+    loss, acc, acc_newest = answer_loss(model, hidden, q_ids, where, targets, vocab)
+    if AUX_WEIGHT:
+        # the question's own name word finds its fact in memory at layer 0 (read through the
+        # output head): then the last prompt row only has to copy from that word
+        names_at = where - 4  # "Question : Where does Kai live ? Answer :": Kai is 4 words before the last ":"
+        logits = model.logits(outputs[0][:, names_at])
+        aux = aux + F.cross_entropy(logits.flatten(0, 1), targets.flatten())
+    return loss + AUX_WEIGHT * aux, acc, acc_newest
+
+
+# In a chunk of four five-word facts, the value is word 3 of each fact and the subject word 0.
+VALUE_ROWS = torch.tensor([5 * i + 3 for i in range(FACTS_PER_CHUNK)])
+NAME_ROWS = VALUE_ROWS - 3
+AUX_WEIGHT = 0.0  # set from --name-loss
+
+
+def name_loss(model: TinyMemoryLLM, fact_hidden, fact_ids):
+    """Auxiliary: the hidden state of each value word predicts its fact's subject. It asks the
+    chunk's own rows to carry who the value belongs to, the half of the binding questions need."""
+    logits = model.logits(fact_hidden[:, VALUE_ROWS])
+    return F.cross_entropy(logits.flatten(0, 1), fact_ids[:, NAME_ROWS].flatten())
 
 
 def warmup_forward(model: TinyMemoryLLM, vocab: Vocab, chunks, asked):
     device = model.memory.device
     q_ids, offsets, where, mask, targets = question_batch(vocab, asked, device)
-    hidden = model.read_in_context(chunks[-1].to(device), q_ids, offsets, mask)
-    return answer_loss(model, hidden, q_ids, where, targets, vocab)
+    fact_ids = chunks[-1].to(device)
+    hidden, fact_hidden = model.read_in_context(fact_ids, q_ids, offsets, mask, with_facts=True)
+    loss, acc, acc_newest = answer_loss(model, hidden, q_ids, where, targets, vocab)
+    if AUX_WEIGHT:
+        loss = loss + AUX_WEIGHT * name_loss(model, fact_hidden, fact_ids)
+    return loss, acc, acc_newest
 
 
 def main() -> None:
@@ -140,6 +172,9 @@ def main() -> None:
     parser.add_argument("--layers", type=int, default=2)
     parser.add_argument("--intermediate", type=int, default=256)
     parser.add_argument("--blocks", type=int, default=8)
+    parser.add_argument("--name-loss", type=float, default=0.5,
+                        help="weight of the auxiliary loss: each value word's state predicts its subject")
+    parser.add_argument("--theta", type=float, default=10000.0, help="RoPE base")
     parser.add_argument("--init", type=Path, help="start from this exported checkpoint folder")
     parser.add_argument("--skip-warmup", action="store_true", help="with --init: go straight to the memory phase")
     parser.add_argument("--same-relation", type=float, default=0.75,
@@ -149,11 +184,13 @@ def main() -> None:
     parser.add_argument("--log-every", type=int, default=50)
     args = parser.parse_args()
 
+    global AUX_WEIGHT
+    AUX_WEIGHT = args.name_loss
     torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
     vocab = Vocab()
     cfg = TinyConfig(vocab_size=len(vocab), hidden=args.hidden, layers=args.layers,
-                     intermediate=args.intermediate, blocks=args.blocks)
+                     intermediate=args.intermediate, blocks=args.blocks, theta=args.theta)
     model = TinyMemoryLLM(cfg, seed=args.seed)
     if args.init is not None:
         model.load_state_dict(load_tiny(args.init).state_dict())

@@ -40,10 +40,11 @@ class SourceShare:
 
 @torch.inference_mode()
 def memory_attention(model: Transformer, state: MemoryState, ids: list[int]) -> torch.Tensor:
-    """Attention of every prompt row on every logical memory row, per layer: [L, q, N] (fp32),
-    averaged over heads. A plain reimplementation of the engine's read forward (reference path)."""
+    """Attention of every head and prompt row on every logical memory row, per layer:
+    [L, H, q, N] (fp32). A plain reimplementation of the engine's read forward (reference path)."""
     if not state.initialized:
-        return torch.zeros(state.num_layers, len(ids), state.num_rows)
+        heads = model.cfg.num_heads
+        return torch.zeros(state.num_layers, heads, len(ids), state.num_rows)
     cfg = model.cfg
     n = state.num_rows
     x = model.embed_tokens(torch.tensor([ids], device=model.device))
@@ -71,7 +72,7 @@ def memory_attention(model: Transformer, state: MemoryState, ids: list[int]) -> 
         causal = torch.ones(q_len, q_len, dtype=torch.bool, device=scores.device).tril()
         visible = torch.cat((torch.ones(q_len, 1 + n, dtype=torch.bool, device=scores.device), causal), 1)
         weights = torch.softmax(scores.masked_fill(~visible, float("-inf")), dim=-1)[0]  # [H, q, 1 + n + q]
-        out.append(weights.mean(0)[:, 1 : 1 + n].cpu())
+        out.append(weights[:, :, 1 : 1 + n].cpu())
         # advance x through the layer exactly as the engine does
         kv = KV(torch.empty(1, cfg.num_kv_heads, total, cfg.head_dim, dtype=model.dtype, device=model.device),
                 torch.empty(1, cfg.num_kv_heads, total, cfg.head_dim, dtype=model.dtype, device=model.device), 1 + n)
@@ -102,10 +103,11 @@ def by_source(weights: torch.Tensor, sources: list[list[str]], layers: list[int]
               rows: str = "peak") -> list[SourceShare]:
     """Attention mass per source, ranked (largest first). `weights` [L, q, N] from `memory_attention`.
 
-    Per layer and prompt row the mass on each source's rows is summed; `rows` then takes, per
-    source, the largest over the prompt rows ("peak": the row that looked a fact up — for the tiny
-    model the question's name word — is the one that concentrates on one source), their mean
-    ("mean") or the last row's ("last", the row predicting the answer); the chosen layers are averaged.
+    Per layer, head and prompt row the mass on each source's rows is summed; `rows` then takes, per
+    source, the largest over the (head, prompt row) pairs ("peak": the head and row that looked a
+    fact up — for the tiny model the question's name word — concentrate on one source), the mean
+    over them ("mean") or the last prompt row's mean over heads ("last", the row predicting the
+    answer); the chosen layers are averaged.
     """
     if rows not in ("peak", "mean", "last"):
         raise ValueError(f"rows must be peak, mean or last, not {rows!r}")
@@ -119,13 +121,14 @@ def by_source(weights: torch.Tensor, sources: list[list[str]], layers: list[int]
         names = sorted(set(sources[l]))
         index = {name: i for i, name in enumerate(names)}
         owner = torch.tensor([index[s] for s in sources[l]])
-        per_row = torch.zeros(weights.shape[1], len(names)).index_add_(1, owner, weights[l].float())  # [q, S]
+        w = weights[l].float()  # [H, q, N]
+        per = torch.zeros(w.shape[0], w.shape[1], len(names)).index_add_(2, owner, w)  # [H, q, S]
         if rows == "peak":
-            reduced = per_row.max(0).values
+            reduced = per.flatten(0, 1).max(0).values
         elif rows == "mean":
-            reduced = per_row.mean(0)
+            reduced = per.mean((0, 1))
         else:
-            reduced = per_row[-1]
+            reduced = per[:, -1].mean(0)
         for name, value in zip(names, reduced.tolist()):
             mass[name] = mass.get(name, 0.0) + value / len(layers)
     shares = [SourceShare(s, mass.get(s, 0.0), count[s]) for s in count]
@@ -163,8 +166,8 @@ def for_question(app, pool_name: str, question: str, layers: list[int] | None = 
 
 def render(report: dict, top: int = 5) -> list[str]:
     """Lines for a terminal: the sources the question read most, with their share of attention."""
-    lines = ["sources (attention on memory rows; layers %s, the prompt row that looked most):"
-             % ",".join(map(str, report["layers"]))]
+    lines = ["sources (attention on memory rows: the most any head of any question row put on the source's"
+             " rows; layers %s):" % ",".join(map(str, report["layers"]))]
     for share in report["sources"][:top]:
         lines.append(f"  {share['mass']:6.1%}  {share['source']}  ({share['rows']} rows)")
     lines.append(f"  {report['initial_memory_mass']:6.1%}  {INITIAL}")

@@ -1,23 +1,114 @@
 #!/usr/bin/env bash
-# Sets up memcli in .venv, injects examples/notes into the pool "demo" and asks about them.
-#   bash examples/demo.sh           the default model (memoryllm-8b-chat: ~39 GB download once,
-#                                   a CUDA GPU with 12 GB for 4-bit)
-#   bash examples/demo.sh --smoke   offline smoke test on the tiny random checkpoint in
-#                                   examples/tiny-model: it checks the plumbing; its answers are noise
+# memcli demo: inject notes into a pool, ask about them.
+#   bash examples/demo.sh              the real model (memoryllm-8b-chat) when a CUDA GPU is here and the
+#                                      checkpoint is downloaded; with no GPU, the offline demo; with a GPU
+#                                      but no checkpoint, says how to get it (nothing is installed first)
+#   bash examples/demo.sh --offline    offline demo: memcli-tiny on the CPU, nothing downloaded
+#   bash examples/demo.sh --download   the real model, downloading it first (~39 GB once, 12 GB GPU for 4-bit)
+#   bash examples/demo.sh --smoke      plumbing check on the tiny random checkpoint (its answers are noise)
+#   add --no-install to use the current Python environment instead of creating .venv
 set -euo pipefail
 cd "$(dirname "$0")/.."
-python3 -m venv .venv
-. .venv/bin/activate
-python -m pip install -q -e .
+mode=auto
+install=1
+for arg in "$@"; do
+  case "$arg" in
+    --offline) mode=offline ;;
+    --download) mode=download ;;
+    --smoke) mode=smoke ;;
+    --no-install) install=0 ;;
+    -h|--help) sed -n '2,9p' "$0" | cut -c3-; exit 0 ;;
+    *) echo "demo.sh: unknown option $arg (try --help)" >&2; exit 2 ;;
+  esac
+done
+
+# Decide before installing anything: the real model's environment is gigabytes.
+has_gpu() { command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L 2>/dev/null | grep -q "GPU"; }
+hub="${HF_HUB_CACHE:-${HF_HOME:-$HOME/.cache/huggingface}/hub}"
+has_checkpoint() { compgen -G "$hub/models--YuWangX--memoryllm-8b-chat/snapshots/*/config.json" >/dev/null; }
+if [ "$mode" = auto ]; then
+  if ! has_gpu; then
+    echo "No CUDA GPU here. The real models (memoryllm-8b-chat, 8 billion parameters) need a CUDA GPU" >&2
+    echo "with 12 GB or more and a one-time download of about 39 GB." >&2
+    echo "Running the offline demo instead (bash examples/demo.sh --offline)." >&2
+    mode=offline
+  elif ! has_checkpoint; then
+    echo "A GPU is here, but memoryllm-8b-chat is not downloaded (about 39 GB; looked in $hub)." >&2
+    echo "  bash examples/demo.sh --download   download it, then run the real demo" >&2
+    echo "  bash examples/demo.sh --offline    the offline demo: memcli-tiny on the CPU, no download" >&2
+    exit 2
+  else
+    mode=real
+  fi
+fi
+if [ "$mode" = download ] && ! has_gpu; then
+  echo "No CUDA GPU here: the real model cannot run on this machine. Try bash examples/demo.sh --offline" >&2
+  exit 2
+fi
+
+if [ "$install" = 1 ]; then
+  python3 -m venv .venv
+  . .venv/bin/activate
+  if ! has_gpu; then
+    # the CPU build of torch is a few hundred MB instead of several GB of CUDA libraries
+    python -m pip install -q torch --index-url https://download.pytorch.org/whl/cpu
+  fi
+  python -m pip install -q -e .
+  run() { memcli "$@"; }
+else
+  export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
+  run() { python -m memcli "$@"; }
+fi
+
+if [ "$mode" = offline ]; then
+  export MEMCLI_HOME="${MEMCLI_HOME:-$(mktemp -d)}"
+  export HF_HUB_OFFLINE=1
+  opts=(--model memcli-tiny --device cpu)
+  note=examples/notes-tiny/people.txt
+  cat <<EOF
+== Offline demo: memcli-tiny ==
+memcli-tiny is a toy: a 2-layer MemoryLLM (0.2 M parameters) trained here on synthetic facts about
+invented people (training/). It is not a language model; it can only answer questions shaped like
+the ones below. It runs the same loader, memory and engine as the real models, which need a CUDA GPU
+and a download (bash examples/demo.sh --download).
+
+The note it reads ($note):
+EOF
+  sed 's/^/  /' "$note"
+  run "${opts[@]}" inject "$note" --pool demo-tiny
+  right=0
+  total=0
+  while IFS='|' read -r question expected; do
+    answer=$(run "${opts[@]}" ask "$question" --pool demo-tiny)
+    verdict="wrong"
+    case "$answer" in *"$expected"*) verdict="right"; right=$((right + 1)) ;; esac
+    total=$((total + 1))
+    printf '  %-26s %-10s (%s; the note says %s)\n' "$question" "$answer" "$verdict" "$expected"
+  done <<'EOF'
+Where does Kai live?|Turin
+Where does Mia work?|Solvay
+What does Ivo own?|jukebox
+What does Zoe play?|cricket
+Where does Lars live?|Galway
+What does Nia own?|violin
+Where does Oto work?|Acorn
+What does Pia play?|drums
+EOF
+  echo "$right of $total answered right from memory (data in $MEMCLI_HOME)."
+  echo "Which notes the first question read most (--sources):"
+  run "${opts[@]}" ask "Where does Kai live?" --pool demo-tiny --sources | sed 's/^/  /'
+  exit 0
+fi
+
 options=()
 ask=(--max-new-tokens 64)
-if [ "${1:-}" = "--smoke" ]; then
+if [ "$mode" = smoke ]; then
   export MEMCLI_HOME="${MEMCLI_HOME:-$(mktemp -d)}"
   export HF_HUB_OFFLINE=1
   options=(--model examples/tiny-model --device cpu)
   ask=(--max-new-tokens 12)
-  echo "smoke test: tiny random model, data in $MEMCLI_HOME" >&2
+  echo "smoke test: tiny random model, data in $MEMCLI_HOME (its answers are noise)" >&2
 fi
-memcli "${options[@]}" inject examples/notes --pool demo
-memcli "${options[@]}" ask "When does the flight to Lisbon leave?" --pool demo "${ask[@]}"
-memcli "${options[@]}" pool info demo
+run "${options[@]}" inject examples/notes --pool demo
+run "${options[@]}" ask "When does the flight to Lisbon leave?" --pool demo "${ask[@]}"
+run "${options[@]}" pool info demo

@@ -212,10 +212,10 @@ def _host_resident(state, loaded: LoadedModel):
 def normalize_model(name: str) -> str:
     """What a pool records as its model: a local folder as an absolute path (so the pool works from
     any directory), an alias or hub id as it is."""
-    from .catalog import ALIASES
+    from .catalog import ALIASES, BUNDLED
 
     local = Path(name).expanduser()
-    if name not in ALIASES and local.is_dir():
+    if name not in ALIASES and name not in BUNDLED and local.is_dir():
         return str(local.resolve())
     return name
 
@@ -234,12 +234,14 @@ class ModelIdentity:
 def model_identity(name: str) -> ModelIdentity:
     """The family and config fingerprint of a model from its config.json only: a local folder's,
     the Hugging Face cache's, or (online) the one file downloaded. Never reads weights."""
-    from .catalog import ALIASES
+    from .catalog import ALIASES, BUNDLED
     from .config import ConfigError, read_config
 
     name = normalize_model(name)
     local = Path(name)
-    if local.is_dir():
+    if name in BUNDLED:
+        folder = BUNDLED[name]
+    elif local.is_dir():
         folder = local
     else:
         repo_id = ALIASES.get(name, name)
@@ -272,10 +274,10 @@ def _binding_mismatch(pool: str, binding, identity: ModelIdentity) -> str | None
 
 def _model_is_here(name: str) -> bool:
     """Whether a pool's recorded model can be loaded without asking the network to find it."""
-    from .catalog import ALIASES
+    from .catalog import ALIASES, BUNDLED
 
     local = Path(name).expanduser()
-    if local.is_dir():
+    if name in BUNDLED or local.is_dir():
         return True
     repo_id = ALIASES.get(name, name)
     if repo_id.count("/") != 1 or local.is_absolute() or name.startswith("."):
@@ -826,8 +828,12 @@ def list_models() -> list[dict]:
     from .catalog import ALIASES
     from .settings import DEFAULT_MODEL
 
+    from .catalog import BUNDLED
+
     cache = paths.hf_hub_cache()
-    rows = []
+    rows = [{"name": alias, "repo": None, "default": alias == DEFAULT_MODEL, "status": "bundled",
+             "bytes": _folder_bytes(folder), "path": str(folder), "problem": checkpoint_problem(folder)}
+            for alias, folder in BUNDLED.items()]
     for alias, repo_id in ALIASES.items():
         row = {"name": alias, "repo": repo_id, "default": alias == DEFAULT_MODEL,
                "status": "not downloaded", "bytes": 0, "path": None, "problem": None}

@@ -4,6 +4,7 @@ completion and `doctor` read this without loading anything)."""
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 
 
 @dataclass(frozen=True)
@@ -30,6 +31,11 @@ KNOWN_MODELS: tuple[KnownModel, ...] = (
 
 # Short names users type; the hub ids are the published checkpoints.
 ALIASES: dict[str, str] = {model.name: model.repo for model in KNOWN_MODELS}
+
+
+# Models shipped inside the package: usable offline everywhere, never downloaded. memcli-tiny is a
+# toy trained on synthetic facts (training/README.md), for the offline demo and the remember-tests.
+BUNDLED: dict[str, Path] = {"memcli-tiny": Path(__file__).resolve().parent / "models" / "memcli-tiny"}
 
 
 def known(name: str) -> KnownModel | None:

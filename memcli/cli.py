@@ -354,9 +354,9 @@ def complete_pool(incomplete: str) -> list[str]:
 
 def complete_model(incomplete: str) -> list[str]:
     """Model aliases, then folders, for shell completion."""
-    from .catalog import ALIASES
+    from .catalog import ALIASES, BUNDLED
 
-    found = [alias for alias in ALIASES if alias.startswith(incomplete)]
+    found = [alias for alias in (*ALIASES, *BUNDLED) if alias.startswith(incomplete)]
     return found + paths_starting(incomplete, folders_only=True)
 
 
@@ -669,6 +669,7 @@ def ask(
     top_p: float = typer.Option(1.0, "--top-p", metavar="P", min=0.0, max=1.0, help="Nucleus sampling share (with --temperature > 0)."),
     seed: Optional[int] = typer.Option(None, "--seed", metavar="N", help="Seed for sampling."),
     as_json: bool = typer.Option(False, "--json", metavar=FLAG, help="Stream NDJSON events: {\"event\": \"text\"} pieces, then one {\"event\": \"answer\"} with timings and token counts."),
+    sources: bool = typer.Option(False, "--sources", metavar=FLAG, help="After the answer, the sources whose memory rows the question read most (also in --json)."),
 ) -> None:
     """Answer a question from a pool's memory, streaming the answer to stdout."""
     state = _state(ctx)
@@ -685,7 +686,16 @@ def ask(
 
     answer = _stream_answer(ask_once, question, as_json=as_json)
     if as_json:
-        print_json_line({"event": "answer", "pool": name, **answer.to_json()})
+        data = {"event": "answer", "pool": name, **answer.to_json()}
+        if sources:
+            from .attribution import for_question
+
+            data["attribution"] = for_question(app_, name, question)
+        print_json_line(data)
+    elif sources:
+        from .attribution import for_question, render
+
+        sys.stdout.write("\n".join(render(for_question(app_, name, question))) + "\n")
 
 
 # --------------------------------------------------------------------------- chat
@@ -1115,11 +1125,11 @@ def models(as_json: bool = typer.Option(False, "--json", metavar=FLAG, help=JSON
         return
     table = _table("model", "hub id", "status", "size", right=("size",))
     for row in rows:
-        status = Text(row["status"], style="green" if row["status"] == "downloaded" else "yellow" if row["status"] == "partial" else "")
-        if row["problem"] and row["status"] != "downloaded":
+        status = Text(row["status"], style="green" if row["status"] in ("downloaded", "bundled") else "yellow" if row["status"] == "partial" else "")
+        if row["problem"] and row["status"] not in ("downloaded", "bundled"):
             status.append(f" ({row['problem']})")
         name = row["name"] + (" (default)" if row["default"] else "")
-        table.add_row(name, row["repo"], status, human_bytes(row["bytes"]) if row["bytes"] else "")
+        table.add_row(name, row["repo"] or "(in the package)", status, human_bytes(row["bytes"]) if row["bytes"] else "")
     console(stderr=False).print(table)
 
 
@@ -1193,6 +1203,29 @@ def doctor(ctx: typer.Context, as_json: bool = typer.Option(False, "--json", met
             out.print(Text(f"  - {shown(problem)}"), soft_wrap=True)
     else:
         out.print(Text("no problems found", style="green"))
+
+
+# --------------------------------------------------------------------------- eval (issue 12)
+eval_app = typer.Typer(name="eval", help="Measure what a model remembers.", no_args_is_help=True,
+                       pretty_exceptions_enable=False, context_settings={"help_option_names": ["-h", "--help"]})
+app.add_typer(eval_app, name="eval")
+
+
+@eval_app.command("retention")
+def eval_retention(
+    ctx: typer.Context,
+    episodes: int = typer.Option(25, "--episodes", min=1, help="Fact chunks to test (4 questions each)."),
+    distractors: str = typer.Option("0,1,2,4,8,16", "--distractors", help="Distractor chunk counts to ask after."),
+    seed: int = typer.Option(0, "--seed", help="Seed for the facts and the drops."),
+    max_new_tokens: int = typer.Option(8, "--max-new-tokens", min=1, help="Longest answer, in tokens."),
+    json_path: Optional[Path] = typer.Option(None, "--json", help="Write the curve as JSON here."),
+    plot_path: Optional[Path] = typer.Option(None, "--plot", help="Write the curve as a PNG plot here."),
+) -> None:
+    """Knowledge retention: inject facts, then distractor chunks, ask after each count, score."""
+    from .retention import command
+
+    command(_state(ctx).app(), episodes, distractors, seed, max_new_tokens, json_path, plot_path,
+            out=sys.stdout.write, progress=say)
 
 
 # --------------------------------------------------------------------------- entry point

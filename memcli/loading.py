@@ -19,7 +19,7 @@ from .model import Projection, Selector, Transformer
 from .quant import first_line
 from .state import CHECKPOINT_ORIGIN, LongTermMemory, MemoryState, new_generator
 
-from .catalog import ALIASES  # the alias table lives in a torch-free module (memcli models, completion)
+from .catalog import ALIASES, BUNDLED  # torch-free tables (memcli models, completion)
 
 HUB_PATTERNS = ["*.json", "*.safetensors", "tokenizer*", "*.model", "*.jinja"]
 PROJECTIONS = {
@@ -108,6 +108,8 @@ def resolve_checkpoint(model: str, revision: str | None = None) -> Path:
     local = Path(model).expanduser()
     if local.is_dir():
         return local
+    if model in BUNDLED:
+        return BUNDLED[model]
     repo_id = ALIASES.get(model, model)
     if repo_id.count("/") != 1 or local.suffix:
         raise CheckpointError(f"model {model!r} is neither a folder nor a hub id (known: {', '.join(ALIASES)})")

@@ -444,8 +444,12 @@ def test_models_and_offline_pull(tmp_path, monkeypatch):
     monkeypatch.setattr(constants, "HF_HUB_CACHE", str(cache))
     monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
     rows = json.loads(run("models", "--json").stdout)
-    assert [r["name"] for r in rows] == list(__import__("memcli.loading").loading.ALIASES)
-    assert {r["status"] for r in rows} == {"not downloaded"}
+    from memcli.catalog import ALIASES, BUNDLED
+
+    assert [r["name"] for r in rows] == [*BUNDLED, *ALIASES]
+    assert {r["name"]: r["status"] for r in rows} == {**dict.fromkeys(BUNDLED, "bundled"),
+                                                      **dict.fromkeys(ALIASES, "not downloaded")}
+    assert all(r["problem"] is None for r in rows if r["status"] == "bundled")
     snapshot = _fake_hub_cache(cache, "YuWangX/memoryllm-8b", fixture_checkpoint("memoryllm-8b-tiny"))
     rows = {r["name"]: r for r in json.loads(run("models", "--json").stdout)}
     assert rows["memoryllm-8b"]["status"] == "downloaded" and rows["mplus-8b"]["status"] == "not downloaded"
@@ -460,7 +464,8 @@ def test_models_and_offline_pull(tmp_path, monkeypatch):
     assert_one_error(run("pull", "not-a-model"), "unknown model")
 
     (snapshot / "model.safetensors").unlink()
-    assert json.loads(run("models", "--json").stdout)[1]["status"] == "partial"
+    rows = {r["name"]: r for r in json.loads(run("models", "--json").stdout)}
+    assert rows["memoryllm-8b"]["status"] == "partial"
 
 
 def test_config_file_then_environment_then_flag(memcli_home):

@@ -41,7 +41,8 @@ def run(*args: str):
 
 
 def ask(pool: str, question: str) -> str:
-    return json.loads(run("ask", question, "--pool", pool, "--json").stdout)["answer"]
+    last = run("ask", question, "--pool", pool, "--json").stdout.splitlines()[-1]  # NDJSON: the answer event last
+    return json.loads(last)["answer"]
 
 
 def right_answers(pool: str, note: list[facts.Fact]) -> int:

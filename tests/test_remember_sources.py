@@ -61,7 +61,8 @@ def test_sources_in_json_and_text(notes):
     assert runner.invoke(cli.app, [*base, "inject", str(path), "--pool", "p"]).exit_code == 0
     result = runner.invoke(cli.app, [*base, "ask", chunk[0].question, "--pool", "p", "--sources", "--json"])
     assert result.exit_code == 0, result.stderr
-    data = json.loads(result.stdout)
+    data = json.loads(result.stdout.splitlines()[-1])  # NDJSON: text events, then the answer event
+    assert data["event"] == "answer"
     sources = {s["source"]: s for s in data["attribution"]["sources"]}
     assert set(sources) == {str(path)}
     assert sources[str(path)]["rows"] == 2 * 20  # one chunk: K rows in each of the two layers

@@ -284,11 +284,15 @@ class Memcli:
             except KeyboardInterrupt:
                 report.interrupted = True
                 self._discard_unsaved(pool_name, loaded, pool)
-                report.partial = _partial_of(pool, current)
+                report.partial = _partial_of(pool, current, self.source_label)
                 report.seconds = time.perf_counter() - started
                 raise InjectInterrupted(report) from None
         report.seconds = time.perf_counter() - started
         return report
+
+    def source_label(self, path: str) -> str:
+        """The name a source is logged under (a server logs an uploaded copy under the client's name)."""
+        return path
 
     def _discard_unsaved(self, name: str, loaded: LoadedModel, pool: pools.Pool) -> None:
         """After an interruption or a failed file, return to the last committed state."""
@@ -319,7 +323,7 @@ class Memcli:
         if entry is None or force or entry.get("complete") or entry["first_chunk"] + entry["chunks"] != pool.next_chunk:
             entry = {
                 "id": len(pool.sources),
-                "path": source.path,
+                "path": self.source_label(source.path),
                 "kind": source.kind,
                 "sha256": digest,
                 "bytes": source.size,
@@ -489,12 +493,12 @@ class Memcli:
         return rows
 
 
-def _partial_of(pool: pools.Pool, source: Source | None) -> FileResult | None:
+def _partial_of(pool: pools.Pool, source: Source | None, label=lambda path: path) -> FileResult | None:
     """After an interruption (and a return to the last commit): what is kept of the file in progress."""
     if source is None:
         return None
     for entry in reversed(pool.sources):
-        if entry.get("path") == source.path and not entry.get("complete"):
+        if entry.get("path") == label(source.path) and not entry.get("complete"):
             if entry.get("chunks"):
                 return FileResult(source.path, "partial", chunks=entry["chunks"], tokens=entry.get("tokens", 0))
             break

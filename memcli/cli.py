@@ -275,9 +275,11 @@ def _root(
     dtype: Optional[str] = typer.Option(None, "--dtype", help="auto, fp32, bf16 or fp16 (MEMCLI_DTYPE)."),
     quant: Optional[str] = typer.Option(None, "--quant", help="auto, nf4, int8, fp32, bf16 or fp16 (MEMCLI_QUANT)."),
     version: bool = typer.Option(False, "--version", callback=_version, is_eager=True, help="Show the version and exit."),
+    no_server: bool = typer.Option(False, "--no-server", help="Run in this process, not through a memcli server (config: server = false)."),
 ) -> None:
     _quiet_libraries()
     ctx.obj = State(flags={"model": model, "device": device, "dtype": dtype, "quant": quant})
+    ctx.obj.flags["server"] = False if no_server else None
 
 
 # --------------------------------------------------------------------------- inject
@@ -395,6 +397,8 @@ def inject(
     as_json: bool = typer.Option(False, "--json", help="Print the report as JSON on stdout."),
 ) -> None:
     """Read documents into a pool's memory, one chunk at a time (resumable)."""
+    if cli_server.inject(ctx, paths, pool, model, chunk_tokens, glob, force, as_json):
+        return
     state = _state(ctx)
     report, interrupted = _run_inject(state.app(), pool, paths, model=model, chunk_tokens=chunk_tokens,
                                       glob=glob, force=force)
@@ -448,6 +452,8 @@ def ask(
     as_json: bool = typer.Option(False, "--json", help="Print the answer and its timings as JSON (no streaming)."),
 ) -> None:
     """Answer a question from a pool's memory, streaming the answer to stdout."""
+    if cli_server.ask(ctx, question, pool, max_new_tokens, temperature, top_p, seed, as_json):
+        return
     app_ = _state(ctx).app()
     sampling = _sampling(temperature, top_p, seed)
     if as_json:
@@ -515,6 +521,8 @@ def chat(
     seed: Optional[int] = typer.Option(None, "--seed"),
 ) -> None:
     """Ask many questions with the model and pool loaded once; /inject PATH adds documents."""
+    if cli_server.chat(ctx, pool, max_new_tokens, temperature, top_p, seed):
+        return
     from .api import MemcliError
     from .settings import SettingsError
     from .store import PoolError
@@ -629,7 +637,7 @@ def pool_ls(ctx: typer.Context, as_json: bool = typer.Option(False, "--json", he
 def pool_info(ctx: typer.Context, name: str = typer.Argument(..., help="Pool name."),
               as_json: bool = typer.Option(False, "--json", help="Exact numbers as JSON.")) -> None:
     """Show a pool's facts and how much of each source is still in memory."""
-    info = _state(ctx).pools_api().pool_info(name)
+    info = cli_server.pool_info(ctx, name) or _state(ctx).pools_api().pool_info(name)
     if as_json:
         print_json(info)
         return
@@ -807,6 +815,11 @@ def doctor(ctx: typer.Context, as_json: bool = typer.Option(False, "--json", hel
             out.print(Text(f"  - {shown(problem)}"), soft_wrap=True)
     else:
         out.print(Text("no problems found", style="green"))
+
+
+from . import cli_server  # noqa: E402 - serve, ps, stop and the routing through a running server
+
+cli_server.register(app)
 
 
 # --------------------------------------------------------------------------- entry point

@@ -25,6 +25,7 @@ DEVICES = ("auto", "cpu", "cuda")
 DTYPES = ("auto", "fp32", "bf16", "fp16")
 QUANTS = ("auto", "nf4", "int8", "fp32", "bf16", "fp16")
 ENV = {"model": "MEMCLI_MODEL", "device": "MEMCLI_DEVICE", "dtype": "MEMCLI_DTYPE", "quant": "MEMCLI_QUANT"}
+ENV["keep_alive"] = "MEMCLI_KEEP_ALIVE"
 
 
 class SettingsError(ValueError):
@@ -37,6 +38,9 @@ class Settings:
     device: str = "auto"
     dtype: str = "auto"
     quant: str = "auto"
+    # the resident server (memcli serve): whether commands use/start one, how long it keeps a model
+    server: bool = True
+    keep_alive: str = "5m"
 
     def resolved_device(self) -> str:
         import torch
@@ -68,6 +72,12 @@ def _validate(values: dict, where: str) -> dict:
     for key, value in values.items():
         if key not in known:
             raise SettingsError(f"{where}: unknown setting {key!r} (known: {', '.join(sorted(known))})")
+        if key == "server":
+            if not isinstance(value, bool):
+                raise SettingsError(f"{where}: server must be true or false")
+            continue
+        if key == "keep_alive" and isinstance(value, (int, float)) and not isinstance(value, bool):
+            values[key] = value = str(value)
         if not isinstance(value, str) or not value:
             raise SettingsError(f"{where}: {key} must be a non-empty string")
     checks = {"dtype": DTYPES, "quant": QUANTS}

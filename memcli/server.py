@@ -67,12 +67,14 @@ def _error_body(message: str, kind: str) -> dict:
 def classify(err: BaseException) -> ApiError:
     """Any failure as (status, one-line message); a bug is logged on one line and named as one."""
     from .settings import SettingsError
-    from .store import PoolBusy, PoolError, PoolNotFound
+    from .store import InvalidPoolName, PoolBusy, PoolError, PoolNotFound
 
     if isinstance(err, ApiError):
         return err
     if isinstance(err, PoolNotFound):
         return ApiError(404, str(err), "not_found_error")
+    if isinstance(err, InvalidPoolName):
+        return ApiError(400, str(err))
     if isinstance(err, PoolBusy):
         return ApiError(409, str(err), "conflict_error")
     if isinstance(err, PoolError):
@@ -141,10 +143,7 @@ def _pool_name(value: object, what: str = "pool") -> str:
 
     if not isinstance(value, str) or not value:
         raise ApiError(400, f"{what} must name a pool")
-    try:
-        validate_name(value)
-    except ValueError as err:
-        raise ApiError(400, str(err)) from None
+    validate_name(value)  # InvalidPoolName -> 400
     return value
 
 

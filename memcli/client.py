@@ -71,7 +71,7 @@ class Client:
         if not self.path.exists():
             return None
         try:
-            return self._request("GET", "/api/health")
+            return self._request("GET", "/api/health", timeout=10.0)  # a hung server is no server
         except (ServerUnavailable, ServerGone, ServerError, ValueError):
             return None
 

@@ -70,6 +70,11 @@ class DeviceQueue:
                 self._holder = None
             self._cond.notify_all()
 
+    def waiting(self) -> int:
+        """Tickets waiting for a turn."""
+        with self._cond:
+            return sum(len(t) for t in self._waiting.values())
+
     def others_waiting(self) -> bool:
         with self._cond:
             return bool(self._waiting)

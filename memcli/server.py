@@ -39,7 +39,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterator
 
 from starlette.applications import Starlette
-from starlette.requests import Request
+from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, StreamingResponse
 from starlette.routing import Route
 
@@ -71,6 +71,8 @@ def classify(err: BaseException) -> ApiError:
 
     if isinstance(err, ApiError):
         return err
+    if isinstance(err, ClientDisconnect):
+        return ApiError(400, "the client disconnected before the request was complete")
     if isinstance(err, PoolNotFound):
         return ApiError(404, str(err), "not_found_error")
     if isinstance(err, InvalidPoolName):

@@ -583,3 +583,80 @@ def test_ps_and_stop_commands(ck, tmp_path, server, monkeypatch):
     server.proc.wait(DEADLINE)
     assert not server_address.socket_path().exists()
     assert "no memcli server is running" in run_cli("ps").stderr
+
+
+# --------------------------------------------------------------------------- the device queue and the budget
+def test_device_queue_serves_clients_round_robin():
+    from memcli.resident import Cancelled, DeviceQueue
+
+    queue = DeviceQueue()
+    order = []
+    held = queue.acquire("a")
+    threads = []
+
+    def take(client: str, name: str) -> None:
+        ticket = queue.acquire(client)
+        order.append(name)
+        queue.release(ticket)
+
+    for client, name in (("b", "b1"), ("b", "b2"), ("b", "b3"), ("c", "c1"), ("c", "c2")):
+        thread = threading.Thread(target=take, args=(client, name))
+        thread.start()
+        threads.append(thread)
+        wait_for(lambda n=len(threads): queue.waiting() == n, "the ticket to queue")
+    cancelled = threading.Event()
+    cancelled.set()
+    with pytest.raises(Cancelled):  # a client that left gives its place up
+        queue.acquire("d", cancelled)
+    queue.release(held)
+    for thread in threads:
+        thread.join(DEADLINE)
+    assert order == ["b1", "c1", "b2", "c2", "b3"]
+
+
+def test_pool_states_stay_within_the_memory_budget(ck, tmp_path):
+    from memcli.resident import Resident, generate_answer, question_prompt
+
+    app = local(ck)
+    make_pool(app, tmp_path, "one", TEXTS[:1])
+    make_pool(app, tmp_path, "two", TEXTS[1:2])
+    resident = Resident(load_settings(device="cpu"), keep_alive=None, budget_bytes=1)
+    try:
+        model = resident.use_model(ck)
+        loaded = model.app.model(ck)
+        for name in ("one", "two"):
+            state = resident.pool_state(model, name)
+            ids = question_prompt(loaded, QUESTION)
+            assert generate_answer(loaded, state, ids, 8, None).answer.text == app.ask(name, QUESTION, max_new_tokens=8).text
+        pools_kept = [p["pool"] for m in resident.snapshot()["models"] for p in m["pools"]]
+        assert pools_kept == ["two"]  # the least recently used went out
+        resident.done_with(model)
+        resident2 = Resident(load_settings(device="cpu"), keep_alive=None, budget_bytes=10**9)
+        model2 = resident2.use_model(ck)
+        first = resident2.pool_state(model2, "one")
+        assert resident2.pool_state(model2, "one") is first  # same version: kept
+        app.inject("one", [str(tmp_path / "one-0.txt")], force=True)
+        assert resident2.pool_state(model2, "one") is not first  # a new commit: a new state
+        resident2.done_with(model2)
+        resident2.close()
+    finally:
+        resident.close()
+
+
+def test_chat_through_the_server_is_a_conversation(ck, tmp_path, server, monkeypatch):
+    app = local(ck)
+    make_pool(app, tmp_path, "conv", TEXTS[:2])
+    monkeypatch.delenv("MEMCLI_SERVER")
+    result = runner.invoke(cli.app, ["--device", "cpu", "chat", "--pool", "conv", "--max-new-tokens", "6"],
+                           input="first question?\nsecond question?\n/reset\nfirst question?\n")
+    assert result.exit_code == 0, result.stderr
+    with Client() as client:
+        def reply(messages):
+            return "".join(c["choices"][0]["delta"].get("content") or "" for c in client.chat("conv", messages, max_tokens=6)
+                           if c.get("choices"))
+
+        first = reply([{"role": "user", "content": "first question?"}])
+        second = reply([{"role": "user", "content": "first question?"}, {"role": "assistant", "content": first},
+                        {"role": "user", "content": "second question?"}])
+    assert first != second
+    assert result.stdout == f"{first}\n{second}\n{first}\n"  # the second turn saw the first; /reset forgot both

@@ -287,10 +287,11 @@ def chat(ctx, pool: str, max_new_tokens, temperature, top_p, seed, as_json: bool
     if client is None:
         return False
     cli = _cli()
-    try:
-        client.pool_info(pool)
-    except ServerError as err:
-        _fail(err)
+    from .store import validate_name
+
+    validate_name(pool)
+    if pool not in {row["name"] for row in client.pools()}:  # manifests only: cheap
+        raise RoutedError(f"pool {pool} does not exist (memcli pool ls lists pools; inject creates one)")
     interactive = sys.stdin.isatty()
     history = cli._History() if interactive else None
     if interactive:

@@ -163,6 +163,7 @@ class Server:
         self.resident = resident
         self.token = token
         self.jobs: set = set()
+        self.workers: set[threading.Thread] = set()  # threads doing a request's work now
         self.uvicorn = None  # set by serve(): its should_exit ends the process
         self.started = time.time()
         self.spool = runtime_dir() / "spool"
@@ -197,11 +198,13 @@ class Server:
                     api = classify(err)
                     emit({"error": {"message": api.message, "type": api.kind, "status": api.status}})
             finally:
+                self.workers.discard(threading.current_thread())
                 loop.call_soon_threadsafe(queue.put_nowait, end)
 
         async def body() -> Iterator[bytes]:
             self.jobs.add(job)
             thread = threading.Thread(target=run, name="memcli-request", daemon=True)
+            self.workers.add(thread)
             thread.start()
             try:
                 while True:
@@ -246,9 +249,12 @@ class Server:
         snapshot.update(pid=os.getpid(), started=self.started, version=__version__)
         return JSONResponse(snapshot)
 
-    async def stop(self, request: Request):
+    def cancel_all(self) -> None:
         for job in list(self.jobs):
             job.cancelled.set()
+
+    async def stop(self, request: Request):
+        self.cancel_all()
         if self.uvicorn is not None:
             self.uvicorn.should_exit = True
         return JSONResponse({"ok": True, "pid": os.getpid()})
@@ -699,6 +705,28 @@ def check_tcp(host: str | None, port: int | None, token: str | None) -> tuple[st
     return host, port
 
 
+def _uvicorn_class():
+    import uvicorn
+
+    class Uvicorn(uvicorn.Server):
+        """SIGTERM/SIGINT cancel running work at once (an inject returns to its last commit), then
+        uvicorn shuts down as usual."""
+
+        def __init__(self, config, server: Server):
+            super().__init__(config)
+            self.memcli = server
+
+        def handle_exit(self, sig, frame) -> None:
+            self.memcli.cancel_all()
+            super().handle_exit(sig, frame)
+
+    return Uvicorn
+
+
+def _Uvicorn(config, server: Server):
+    return _uvicorn_class()(config, server)
+
+
 def serve(settings, keep_alive: float | None, host: str | None = None, port: int | None = None,
           budget_bytes: int | None = None, on_ready: Callable[[str], None] | None = None) -> int:
     """Run the server in this process until `memcli stop`, SIGTERM or Ctrl-C. Returns an exit code."""
@@ -728,7 +756,7 @@ def serve(settings, keep_alive: float | None, host: str | None = None, port: int
     server = Server(resident, token)
     config = uvicorn.Config(server.app(), lifespan="off", access_log=False, log_level="warning",
                             timeout_graceful_shutdown=10)
-    runner = uvicorn.Server(config)
+    runner = _Uvicorn(config, server)
     server.uvicorn = runner
     info = {"pid": os.getpid(), "socket": str(socket_path()), "started": server.started, "version": __version__,
             "tcp": f"{tcp[0]}:{tcp[1]}" if tcp else None, "keep_alive_seconds": keep_alive}
@@ -744,8 +772,9 @@ def serve(settings, keep_alive: float | None, host: str | None = None, port: int
     try:
         runner.run(sockets=sockets)
     finally:
-        for job in list(server.jobs):
-            job.cancelled.set()
+        server.cancel_all()
+        for worker in list(server.workers):  # cancelled work ends at its next token or chunk
+            worker.join(30)
         resident.close()
         for leftover in (socket_path(), info_path()):
             try:

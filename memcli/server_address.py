@@ -42,7 +42,16 @@ def _home() -> Path | None:
 
 def runtime_dir() -> Path:
     home = _home()
-    return home / "run" if home else Path(platformdirs.user_runtime_dir(APP))
+    if home:
+        return home / "run"
+    folder = Path(platformdirs.user_runtime_dir(APP))
+    if not os.environ.get("XDG_RUNTIME_DIR") and not folder.parent.is_dir():
+        # no login session's runtime dir (containers, cron): a per-user folder in the temp dir;
+        # ensure_runtime_dir refuses it if somebody else made it first
+        import tempfile
+
+        folder = Path(tempfile.gettempdir()) / f"{APP}-{os.getuid()}"
+    return folder
 
 
 def log_file() -> Path:

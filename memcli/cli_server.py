@@ -59,10 +59,10 @@ def _stale_note() -> str | None:
     return f"{who} ended without stopping; its pools are at their last commit — starting a fresh server"
 
 
-def start_server(flags: dict):
+def start_server(flags: dict, say_stale: bool = True):
     """Start a detached server and wait until it answers; None (after one line) when it cannot."""
     cli = _cli()
-    note = _stale_note()
+    note = _stale_note() if say_stale else None
     if note:
         cli.say(note)
     log = server_address.log_file()
@@ -238,9 +238,9 @@ def inject(ctx, paths: list[str], pool: str, model, chunk_tokens, glob, force: b
         # killed mid-inject: the pool is at its last commit; a fresh server resumes where it stopped
         cli.say(f"the memcli server stopped during the inject; pool {pool} keeps its last commit — "
                 "continuing with a fresh server")
-        client = start_server(_cli()._state(ctx).flags)
+        client = start_server(_cli()._state(ctx).flags, say_stale=False)
         if client is None:
-            return False
+            return False  # runs in-process, which resumes the same way
         try:
             report, interrupted = run_inject(client, pool, paths, model, chunk_tokens, glob, force)
         except (ServerError, ServerGone) as err:

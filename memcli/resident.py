@@ -147,6 +147,9 @@ class ResidentModel:
     active: int = 0  # requests using it now (never unloaded while > 0)
     expires_at: float | None = None  # None: kept until the server stops (or while active)
     device: str = ""
+    # the state read last stays referenced while the model is loaded: an engine that keys its memory
+    # K/V cache by id(state) must never meet a new state that reuses a freed state's id
+    last_read: object = None
 
 
 @dataclass
@@ -282,6 +285,7 @@ class Resident:
             if entry is not None:
                 entry.last_used = time.time()
                 self._states.move_to_end(key)
+                resident.last_read = entry.state
                 return entry.state
         loaded, state = resident.app.open_pool(pool)
         if state.version != key[2]:  # committed again between the manifest read and the load
@@ -296,6 +300,7 @@ class Resident:
                 _, evicted = self._states.popitem(last=False)
                 used -= evicted.bytes
                 self.log(f"evicted pool {evicted.pool} (version {evicted.version}) to stay within the memory budget")
+        resident.last_read = state
         return state
 
     def forget_pool(self, pool: str) -> None:

@@ -429,6 +429,35 @@ def test_sigkill_mid_inject_leaves_the_last_commit_and_the_next_command_works(ck
         subprocess.run([sys.executable, "-m", "memcli", "stop"], env=env, timeout=DEADLINE, capture_output=True)
 
 
+def test_inject_command_continues_on_a_fresh_server_after_a_sigkill(ck, tmp_path, server):
+    app = local(ck)
+    make_pool(app, tmp_path, "again", TEXTS[:1])
+    folder = tmp_path / "again-docs"
+    folder.mkdir()
+    for i, text in enumerate(many_texts(60)):
+        (folder / f"f{i:02}.txt").write_text(text)
+    env = env_for_server()
+    store = PoolStore()
+    command = subprocess.Popen([sys.executable, "-m", "memcli", "--device", "cpu", "inject", str(folder), "--pool", "again"],
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    try:
+        wait_for(lambda: len(store.read_manifest("again")["meta"]["sources"]) >= 2, "a first commit")
+        os.kill(server.proc.pid, signal.SIGKILL)
+        server.proc.wait(DEADLINE)
+        out, err = command.communicate(timeout=DEADLINE)
+        assert command.returncode == 0, err
+        notes = [line for line in err.splitlines() if "server" in line]
+        assert len(notes) == 1 and "keeps its last commit" in notes[0] and "fresh server" in notes[0], err
+        assert "Traceback" not in err
+        paths = [s["path"] for s in store.read_manifest("again")["meta"]["sources"][1:]]
+        assert sorted(paths) == sorted(str(p) for p in folder.iterdir())  # each file once: resumed, not redone
+        assert store.verify("again") == []
+    finally:
+        if command.poll() is None:
+            command.kill()
+        subprocess.run([sys.executable, "-m", "memcli", "stop"], env=env, timeout=DEADLINE, capture_output=True)
+
+
 # --------------------------------------------------------------------------- keep-alive
 def test_keep_alive_expiry_unloads_the_model(ck, tmp_path):
     app = local(ck)

@@ -71,7 +71,7 @@ def start_server(flags: dict, say_stale: bool = True):
     for key in ("model", "device", "dtype", "quant"):
         if flags.get(key):
             argv += [f"--{key}", flags[key]]
-    argv.append("serve")
+    argv += ["serve", "--exit-when-idle"]
     with open(log, "ab") as out:
         proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=out, stderr=out, start_new_session=True,
                                 close_fds=True)
@@ -85,6 +85,9 @@ def start_server(flags: dict, say_stale: bool = True):
             client = running_client()  # another command's server won the race: use that one
             if client is not None:
                 return client
+            if server_address.lock_held():
+                time.sleep(0.1)  # ... and is still starting
+                continue
             cli.say(f"memcli: the server did not start (exit {code}; see {log}); running in this process")
             return None
         time.sleep(0.1)
@@ -391,6 +394,7 @@ def register(app: typer.Typer) -> None:
         host: Optional[str] = typer.Option(None, "--host", help="Also listen on TCP at this address (beyond loopback only with MEMCLI_TOKEN set)."),
         port: Optional[int] = typer.Option(None, "--port", min=1, max=65535, help="TCP port (default 11435; the host defaults to 127.0.0.1)."),
         memory: Optional[str] = typer.Option(None, "--memory", help="Budget for loaded pool states, e.g. 8G (default: half of this machine's memory)."),
+        exit_when_idle: bool = typer.Option(False, "--exit-when-idle", hidden=True, help="Stop once nothing is loaded for a keep-alive (servers that commands start)."),
     ) -> None:
         """Run the resident server: models and pools stay loaded; ask, chat and inject use it."""
         from .server import serve as run_server
@@ -401,8 +405,7 @@ def register(app: typer.Typer) -> None:
         seconds = server_address.parse_keep_alive(keep_alive if keep_alive is not None else settings.keep_alive)
         budget = _parse_bytes(memory) if memory else None
         cli._quiet_libraries()
-        code = run_server(settings, seconds, host=host, port=port, budget_bytes=budget,
-                          on_ready=lambda where: cli.say(f"memcli server listening on {where}"))
+        code = run_server(settings, seconds, host=host, port=port, budget_bytes=budget, exit_when_idle=exit_when_idle)
         raise typer.Exit(code)
 
     @app.command()

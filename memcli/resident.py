@@ -198,6 +198,10 @@ class Resident:
         self._models: dict[str, ResidentModel] = {}
         self._states: OrderedDict[tuple, ResidentState] = OrderedDict()
         self._closed = threading.Event()
+        # a server started by a command exits once nothing has been loaded for this long (None: never)
+        self.exit_when_idle: float | None = None
+        self.on_idle: Callable[[], bool] | None = None  # True when it did stop the server
+        self._idle_since = time.time()
         self._sweeper = threading.Thread(target=self._sweep, name="memcli-keep-alive", daemon=True)
         self._sweeper.start()
         self.unloads = 0  # models unloaded so far (for ps and tests)
@@ -266,6 +270,14 @@ class Resident:
                 due = [r.name for r in self._models.values() if not r.active and r.expires_at is not None and r.expires_at <= now]
             for name in due:
                 self._unload(name, only_if_idle=True)
+            with self._lock:
+                if self._models:
+                    self._idle_since = now
+                    continue
+            if self.exit_when_idle is not None and self.on_idle is not None and now - self._idle_since >= self.exit_when_idle:
+                if self.on_idle():
+                    return
+                self._idle_since = now
 
     def close(self) -> None:
         self._closed.set()

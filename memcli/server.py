@@ -728,7 +728,8 @@ def _Uvicorn(config, server: Server):
 
 
 def serve(settings, keep_alive: float | None, host: str | None = None, port: int | None = None,
-          budget_bytes: int | None = None, on_ready: Callable[[str], None] | None = None) -> int:
+          budget_bytes: int | None = None, on_ready: Callable[[str], None] | None = None,
+          exit_when_idle: bool = False) -> int:
     """Run the server in this process until `memcli stop`, SIGTERM or Ctrl-C. Returns an exit code."""
     import uvicorn
 
@@ -754,6 +755,19 @@ def serve(settings, keep_alive: float | None, host: str | None = None, port: int
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%Y-%m-%dT%H:%M:%S")
     resident = Resident(settings, keep_alive=keep_alive, budget_bytes=budget_bytes, log=log.info)
     server = Server(resident, token)
+    if exit_when_idle and keep_alive is not None:
+        # started by a command, not by the user: gone once nothing is loaded for a keep-alive
+        # (a minute for keep-alive 0, so that it does not mean a new server per command)
+        resident.exit_when_idle = keep_alive if keep_alive > 0 else 60.0
+
+        def stop_when_idle() -> bool:
+            if server.jobs or server.uvicorn is None:
+                return False
+            log.info("nothing loaded for a while; the server started by a command stops")
+            server.uvicorn.should_exit = True
+            return True
+
+        resident.on_idle = stop_when_idle
     config = uvicorn.Config(server.app(), lifespan="off", access_log=False, log_level="warning",
                             timeout_graceful_shutdown=10)
     runner = _Uvicorn(config, server)

@@ -94,6 +94,23 @@ def ensure_runtime_dir() -> Path:
     return folder
 
 
+def lock_held() -> bool:
+    """Whether a server process holds the per-user server lock (it runs, or is starting)."""
+    import fcntl
+
+    try:
+        fd = os.open(lock_path(), os.O_RDONLY)
+    except OSError:
+        return False
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+    except OSError:
+        return True
+    finally:
+        os.close(fd)  # closing drops a lock we took
+    return False
+
+
 def read_info() -> dict | None:
     """The running (or last) server's facts, None when there are none."""
     try:

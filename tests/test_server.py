@@ -494,6 +494,19 @@ def test_keep_alive_zero_unloads_after_each_request_and_forever_keeps(ck, tmp_pa
         server_address.parse_keep_alive("soon")
 
 
+def test_a_server_started_by_a_command_stops_when_idle(ck, tmp_path):
+    app = local(ck)
+    make_pool(app, tmp_path, "idle", TEXTS[:1])
+    running = start_server(tmp_path, "--keep-alive", "1s", "--exit-when-idle")
+    try:
+        with Client() as client:
+            served_answer(client, "idle", QUESTION)
+        assert running.proc.wait(DEADLINE) == 0  # unloaded after 1 s, then stopped after 1 s idle
+        assert not server_address.socket_path().exists()
+    finally:
+        running.stop()
+
+
 # --------------------------------------------------------------------------- transport and access
 def test_socket_and_its_folder_are_owner_only(server):
     folder = server_address.runtime_dir()

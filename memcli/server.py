@@ -44,8 +44,7 @@ from starlette.responses import JSONResponse, StreamingResponse
 from starlette.routing import Route
 
 from . import __version__
-from .server_address import (AddressError, ensure_runtime_dir, info_path, is_loopback, lock_path, runtime_dir,
-                             socket_path)
+from .server_address import AddressError, ensure_runtime_dir, info_path, is_loopback, lock_path, socket_path, spool_dir
 
 JSON_LIMIT = 4 * 1024**2  # request bodies other than inject uploads
 UPLOAD_LIMIT = int(os.environ.get("MEMCLI_SERVER_MAX_UPLOAD", 4 * 1024**3))  # one inject request
@@ -166,7 +165,7 @@ class Server:
         self.workers: set[threading.Thread] = set()  # threads doing a request's work now
         self.uvicorn = None  # set by serve(): its should_exit ends the process
         self.started = time.time()
-        self.spool = runtime_dir() / "spool"
+        self.spool = spool_dir()
 
     # ------------------------------------------------------------------ plumbing
     def client_of(self, request: Request) -> str:
@@ -329,6 +328,7 @@ class Server:
     async def receive_files(self, request: Request) -> Path:
         """Spool the uploaded files into a private folder: [(their name, our copy)] in manifest.json."""
         self.spool.mkdir(mode=0o700, parents=True, exist_ok=True)
+        os.chmod(self.spool, 0o700)  # the uploads are somebody's documents
         folder = Path(self.spool) / secrets.token_hex(8)
         folder.mkdir(mode=0o700)
         entries: list[dict] = []

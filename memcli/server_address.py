@@ -60,6 +60,12 @@ def log_file() -> Path:
     return (home / "cache" if home else Path(platformdirs.user_cache_dir(APP))) / "server.log"
 
 
+def spool_dir() -> Path:
+    """Where the server keeps uploaded files while it injects them (on disk, not the runtime
+    dir, which is often a RAM-backed tmpfs)."""
+    return log_file().parent / "spool"
+
+
 def socket_path() -> Path:
     return runtime_dir() / SOCKET_NAME
 

@@ -507,6 +507,20 @@ def test_a_server_started_by_a_command_stops_when_idle(ck, tmp_path):
         running.stop()
 
 
+def test_config_server_false_runs_in_process(ck, tmp_path, monkeypatch):
+    from memcli import paths
+
+    app = local(ck)
+    make_pool(app, tmp_path, "inproc", TEXTS[:1])
+    paths.config_file().parent.mkdir(parents=True, exist_ok=True)
+    paths.config_file().write_text('server = false\nkeep_alive = 600\n')
+    assert load_settings().server is False and load_settings().keep_alive == "600"
+    monkeypatch.delenv("MEMCLI_SERVER")
+    result = run_cli("ask", QUESTION, "--pool", "inproc")
+    assert result.exit_code == 0 and result.stdout == app.ask("inproc", QUESTION).text + "\n"
+    assert not server_address.socket_path().exists() and not server_address.lock_held()
+
+
 # --------------------------------------------------------------------------- transport and access
 def test_socket_and_its_folder_are_owner_only(server):
     folder = server_address.runtime_dir()

@@ -184,7 +184,10 @@ class Server:
         end = object()
 
         def emit(item: dict) -> None:
-            loop.call_soon_threadsafe(queue.put_nowait, item)
+            try:
+                loop.call_soon_threadsafe(queue.put_nowait, item)
+            except RuntimeError:  # the event loop is gone (the server is stopping): nobody to tell
+                job.cancelled.set()
 
         def run() -> None:
             try:
@@ -198,7 +201,10 @@ class Server:
                     emit({"error": {"message": api.message, "type": api.kind, "status": api.status}})
             finally:
                 self.workers.discard(threading.current_thread())
-                loop.call_soon_threadsafe(queue.put_nowait, end)
+                try:
+                    loop.call_soon_threadsafe(queue.put_nowait, end)
+                except RuntimeError:
+                    pass
 
         async def body() -> Iterator[bytes]:
             self.jobs.add(job)
@@ -517,8 +523,12 @@ class Server:
     def app(self) -> Starlette:
         def guarded(handler):
             async def endpoint(request: Request):
+                from .resident import Cancelled
+
                 try:
                     return await handler(request)
+                except Cancelled:  # the server is stopping while this request waited for its turn
+                    return JSONResponse(_error_body("the server is stopping", "server_error"), status_code=503)
                 except Exception as err:  # noqa: BLE001 - every failure becomes a JSON error
                     return _json_error(err)
 

@@ -120,6 +120,9 @@ def run_scale(scale: str, repeat: int, tokens: int) -> dict:
         "one_shot_ttft_s": [r["seconds_to_first_token"] for _, r in one_shot],
         "server_cold_ttft_s": cold[1]["seconds_to_first_token"],
         "server_warm_ttft_s_cached_kv": [r["seconds_to_first_token"] for _, r in warm],
+        # what the answer itself took inside the answering process (the rest of a wall time is start-up)
+        "one_shot_answer_s": [r["seconds"] for _, r in one_shot],
+        "server_warm_answer_s": [r["seconds"] for _, r in warm],
         "identical_answers": len(answers) == 1,
     }
     if scale == "medium":

@@ -13,7 +13,7 @@ Endpoints (JSON; streams are NDJSON, one object per line, or SSE for the OpenAI 
                                      body: per file a JSON header line {"path": NAME, "size": N}
                                      (or {"path": "-", "size": N} for stdin) then N bytes; the server
                                      only opens its own copies. -> progress events, then {"done": true, "report": …}
-    GET  /v1/models                  OpenAI: one model per pool
+    GET  /v1/models                  OpenAI: one model per pool (GET /v1/models/{pool}: one)
     POST /v1/chat/completions        OpenAI: "model" names the pool; SSE when "stream": true
 
 Every error is JSON, {"error": {"message": one line, "type": …}}, with 400 (bad parameters),
@@ -432,9 +432,18 @@ class Server:
         from .api import Memcli
 
         rows = await asyncio.to_thread(lambda: Memcli(self.resident.settings, self.resident.store).list_pools())
-        data = [{"id": row["name"], "object": "model", "created": _epoch(row.get("created")), "owned_by": "memcli",
-                 "memcli_model": row.get("model")} for row in rows if not row.get("error")]
-        return JSONResponse({"object": "list", "data": data})
+        return JSONResponse({"object": "list", "data": [_model_entry(row) for row in rows if not row.get("error")]})
+
+    async def model(self, request: Request):
+        from .api import Memcli
+        from .store import PoolNotFound
+
+        name = _pool_name(request.path_params["name"], "model")
+        rows = await asyncio.to_thread(lambda: Memcli(self.resident.settings, self.resident.store).list_pools())
+        for row in rows:
+            if row["name"] == name and not row.get("error"):
+                return JSONResponse(_model_entry(row))
+        raise PoolNotFound(f"pool {name} not found")
 
     async def chat_completions(self, request: Request):
         from .resident import answer_budget, conversation_prompt, generate_answer
@@ -543,6 +552,7 @@ class Server:
             Route("/api/ask", guarded(self.ask), methods=["POST"]),
             Route("/api/inject", guarded(self.inject), methods=["POST"]),
             Route("/v1/models", guarded(self.models), methods=["GET"]),
+            Route("/v1/models/{name}", guarded(self.model), methods=["GET"]),
             Route("/v1/chat/completions", guarded(self.chat_completions), methods=["POST"]),
         ]
         app = Starlette(routes=routes)
@@ -646,6 +656,12 @@ def _stop_strings(value: object) -> tuple[str, ...]:
     if not isinstance(value, list) or len(value) > MAX_STOP_STRINGS or not all(isinstance(s, str) and s for s in value):
         raise ApiError(400, f"stop must be a string or a list of at most {MAX_STOP_STRINGS} non-empty strings")
     return tuple(value)
+
+
+def _model_entry(row: dict) -> dict:
+    """A pool as an OpenAI model."""
+    return {"id": row["name"], "object": "model", "created": _epoch(row.get("created")), "owned_by": "memcli",
+            "memcli_model": row.get("model")}
 
 
 def _epoch(iso: str | None) -> int:

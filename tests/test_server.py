@@ -228,6 +228,7 @@ def test_openai_client_streams_and_completes_from_a_pool(ck, tmp_path, server):
     oa = openai.OpenAI(base_url="http://memcli/v1", api_key="unused", http_client=http)
 
     assert "work" in [m.id for m in oa.models.list().data]
+    assert oa.models.retrieve("work").id == "work"
     messages = [{"role": "user", "content": QUESTION}]
     done = oa.chat.completions.create(model="work", messages=messages, max_tokens=12)
     assert done.choices[0].message.content == expected.text

@@ -212,6 +212,8 @@ def run_inject(client, pool: str, paths: list[str], model, chunk_tokens, glob, f
     cli = _cli()
     items = _uploads(paths, glob)
     uploads = [item for kind, item in items if kind == "upload"]
+    if not uploads:
+        return None, False  # nothing to send: the in-process command reports (and validates) it
     served = None
     interrupted = False
     try:
@@ -237,6 +239,8 @@ def inject(ctx, paths: list[str], pool: str, model, chunk_tokens, glob, force: b
     cli = _cli()
     try:
         report, interrupted = run_inject(client, pool, paths, model, chunk_tokens, glob, force)
+        if report is None:
+            return False
     except ServerGone:
         # killed mid-inject: the pool is at its last commit; a fresh server resumes where it stopped
         cli.say(f"the memcli server stopped during the inject; pool {pool} keeps its last commit — "
@@ -246,6 +250,8 @@ def inject(ctx, paths: list[str], pool: str, model, chunk_tokens, glob, force: b
             return False  # runs in-process, which resumes the same way
         try:
             report, interrupted = run_inject(client, pool, paths, model, chunk_tokens, glob, force)
+            if report is None:
+                return False
         except (ServerError, ServerGone) as err:
             raise RoutedError(str(err) or "the memcli server stopped again during the inject") from None
     except ServerError as err:
@@ -321,6 +327,8 @@ def chat(ctx, pool: str, max_new_tokens, temperature, top_p, seed, as_json: bool
                 elif command == "/inject" and shlex.split(rest):
                     try:
                         report, interrupted = run_inject(client, pool, shlex.split(rest), None, None, None, False)
+                        if report is None:
+                            report = _report(pool, [("skipped", SimpleNamespace(path=p, status="skipped", reason="not found or not readable", chunks=0, tokens=0)) for p in shlex.split(rest)], None)
                         for note in cli.report_lines(report):
                             cli.say(note)
                         failures += bool(report.skipped)

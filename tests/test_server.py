@@ -147,8 +147,8 @@ def served_answer(client: Client, pool: str, question: str, **kw) -> tuple[str, 
 runner = CliRunner()
 
 
-def run_cli(*args: str, env: dict | None = None):
-    result = runner.invoke(cli.app, ["--device", "cpu", *args], env=env)
+def run_cli(*args: str, env: dict | None = None, input: str | None = None):
+    result = runner.invoke(cli.app, ["--device", "cpu", *args], env=env, input=input)
     if result.exception is not None and not isinstance(result.exception, SystemExit):
         raise result.exception
     return result
@@ -212,6 +212,22 @@ def test_inject_through_server_equals_in_process(ck, tmp_path, server, monkeypat
     a, b = pools.load(store, "here"), pools.load(store, "there")
     assert torch.equal(a.state.slots, b.state.slots) and torch.equal(a.state.order, b.state.order)
     assert app.ask("here", QUESTION).text == app.ask("there", QUESTION).text
+
+    # stdin: the client sends what it reads
+    import io
+
+    piped_text = "Frank sails to Bergen on a windy Tuesday with three friends and a large basket of bread."
+    app.inject("here", ["-"], stdin=io.BytesIO(piped_text.encode()))
+    piped = run_cli("inject", "-", "--pool", "there", "--json", input=piped_text)
+    assert piped.exit_code == 0, piped.stderr
+    a, b = pools.load(store, "here"), pools.load(store, "there")
+    assert torch.equal(a.state.slots, b.state.slots)
+    assert store.read_manifest("there")["meta"]["sources"][-1]["path"] == "-"
+
+    # nothing to send: the command runs in-process and says what it would have said there
+    assert run_cli("inject", str(tmp_path / "nope.txt"), "--pool", "there").exit_code == 3
+    bad = run_cli("inject", str(tmp_path / "nope.txt"), "--pool", "bad/name")
+    assert bad.exit_code == 1 and "invalid pool name" in bad.stderr
 
     # pool info goes through the server too, and says the same
     info = run_cli("pool", "info", "there", "--json")
@@ -696,6 +712,33 @@ def test_pool_states_stay_within_the_memory_budget(ck, tmp_path):
         assert resident2.pool_state(model2, "one") is not first  # a new commit: a new state
         resident2.done_with(model2)
         resident2.close()
+    finally:
+        resident.close()
+
+
+def test_an_answer_stops_at_the_next_token_once_its_client_left(ck, tmp_path):
+    from memcli.resident import Cancelled, Job, DeviceQueue, Resident, generate_answer, question_prompt
+
+    app = local(ck)
+    make_pool(app, tmp_path, "gone", TEXTS[:1])
+    resident = Resident(load_settings(device="cpu"), keep_alive=None)
+    try:
+        model = resident.use_model(ck)
+        loaded = model.app.model(ck)
+        state = resident.pool_state(model, "gone")
+        job = Job(DeviceQueue(), "c")
+        pieces = []
+
+        def on_text(text):
+            pieces.append(text)
+            job.cancelled.set()  # the client disconnects after the first piece
+
+        with job, pytest.raises(Cancelled):
+            generate_answer(loaded, state, question_prompt(loaded, QUESTION), 30, None, on_text=on_text,
+                            checkpoint=job.check_cancelled)
+        assert len(pieces) == 1
+        assert job.queue.acquire("next") is not None  # the device was given back
+        resident.done_with(model)
     finally:
         resident.close()
 

@@ -432,12 +432,12 @@ def register(app: typer.Typer) -> None:
             data["running"] = True
             cli.print_json(data)
             return
-        table = cli._table("model", "device", "pools", "memory", "until", right=("memory",))
+        table = cli._table("model", "device", "weights", "pools", "pool memory", "until", right=("weights", "pool memory"))
         for model in data["models"]:
             pools = ", ".join(f"{p['pool']} (v{p['version']})" for p in model["pools"]) or "-"
             until = "in use" if model["active_requests"] else _when(model["expires_at"])
-            table.add_row(cli.shown(model["model"]), model["device"], cli.shown(pools),
-                          cli.human_bytes(model["pool_bytes"]), until)
+            table.add_row(cli.shown(model["model"]), model["device"], cli.human_bytes(model["weights_bytes"]),
+                          cli.shown(pools), cli.human_bytes(model["pool_bytes"]), until)
         cli.say(f"memcli server pid {data['pid']}, keep-alive "
                 f"{'forever' if data['keep_alive_seconds'] is None else str(data['keep_alive_seconds']) + ' s'}")
         if data["models"]:

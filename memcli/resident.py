@@ -147,6 +147,7 @@ class ResidentModel:
     active: int = 0  # requests using it now (never unloaded while > 0)
     expires_at: float | None = None  # None: kept until the server stops (or while active)
     device: str = ""
+    weights_bytes: int = 0
     # the state read last stays referenced while the model is loaded: an engine that keys its memory
     # K/V cache by id(state) must never meet a new state that reuses a freed state's id
     last_read: object = None
@@ -173,6 +174,15 @@ def state_bytes(pool: pools.Pool, loaded) -> int:
     itemsize = torch.empty((), dtype=loaded.engine.model.dtype).element_size()
     total += 3 * cfg.num_layers * cfg.num_kv_heads * state.num_rows * cfg.head_dim * itemsize
     return total
+
+
+def _module_bytes(module) -> int:
+    """Bytes of a model's weights and buffers as loaded (packed sizes for quantized weights)."""
+    try:
+        tensors = list(module.parameters()) + list(module.buffers())
+    except AttributeError:
+        return 0
+    return sum(t.numel() * t.element_size() for t in tensors)
 
 
 def default_budget() -> int:
@@ -228,6 +238,8 @@ class Resident:
         try:
             loaded = resident.app.model(name)  # loads the weights on first use (under the device turn)
             resident.device = loaded.device
+            if not resident.weights_bytes:
+                resident.weights_bytes = _module_bytes(loaded.engine.model)
         except BaseException:
             self.done_with(resident)
             raise
@@ -336,6 +348,7 @@ class Resident:
                     "pools": [{"pool": s.pool, "version": s.version, "bytes": s.bytes, "last_used": s.last_used}
                               for s in states],
                     "pool_bytes": sum(s.bytes for s in states),
+                    "weights_bytes": r.weights_bytes,
                 })
             return {"models": models, "keep_alive_seconds": self.keep_alive, "memory_budget_bytes": self.budget,
                     "pool_bytes": sum(s.bytes for s in self._states.values()), "unloads": self.unloads}

@@ -651,6 +651,9 @@ def test_ps_and_stop_commands(ck, tmp_path, server, monkeypatch):
     ps = json.loads(run_cli("ps", "--json").stdout)
     assert ps["running"] and ps["models"][0]["model"] == ck and ps["models"][0]["forever"]
     assert [p["pool"] for p in ps["models"][0]["pools"]] == ["shown"] and ps["models"][0]["pool_bytes"] > 0
+    assert ps["models"][0]["weights_bytes"] > 0
+    human = run_cli("ps")
+    assert human.exit_code == 0 and "shown (v" in human.stdout and "forever" in human.stdout
     result = run_cli("stop")
     assert result.exit_code == 0 and "stopped the memcli server" in result.stderr
     server.proc.wait(DEADLINE)

@@ -103,6 +103,7 @@ class Job:
     queue: DeviceQueue
     client: str
     cancelled: threading.Event = field(default_factory=threading.Event)
+    stopping: bool = False  # cancelled because the server stops (the client is still there to be told)
     _ticket: object | None = None
 
     def __enter__(self) -> "Job":

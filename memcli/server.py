@@ -199,6 +199,9 @@ class Server:
                 if not isinstance(err, Cancelled):
                     api = classify(err)
                     emit({"error": {"message": api.message, "type": api.kind, "status": api.status}})
+                elif job.stopping:
+                    emit({"error": {"message": "the server stopped before this request was complete",
+                                    "type": "server_error", "status": 503}})
             finally:
                 self.workers.discard(threading.current_thread())
                 try:
@@ -256,6 +259,7 @@ class Server:
 
     def cancel_all(self) -> None:
         for job in list(self.jobs):
+            job.stopping = True
             job.cancelled.set()
 
     async def stop(self, request: Request):
@@ -424,7 +428,7 @@ class Server:
             result.path = labels.get(result.path, result.path)
         if report.partial is not None:
             report.partial.path = labels.get(report.partial.path, report.partial.path)
-        if not job.cancelled.is_set():
+        if not job.cancelled.is_set() or job.stopping:  # a client that left is told nothing
             emit({"done": True, "interrupted": interrupted, "report": report.to_json()})
 
     # ------------------------------------------------------------------ OpenAI

@@ -446,6 +446,30 @@ def test_sigkill_mid_inject_leaves_the_last_commit_and_the_next_command_works(ck
         subprocess.run([sys.executable, "-m", "memcli", "stop"], env=env, timeout=DEADLINE, capture_output=True)
 
 
+def test_sigterm_mid_inject_stops_at_the_last_commit(ck, tmp_path, server):
+    app = local(ck)
+    make_pool(app, tmp_path, "term", TEXTS[:1])
+    files = []
+    for i, text in enumerate(many_texts(40)):
+        path = tmp_path / "term" / f"f{i:02}.txt"
+        path.parent.mkdir(exist_ok=True)
+        path.write_text(text)
+        files.append(path)
+    done = None
+    with Client() as client:
+        for event in client.inject("term", [upload(p) for p in files]):
+            if event.get("event") == "file" and event["path"].endswith("f03.txt"):
+                server.proc.send_signal(signal.SIGTERM)
+            if event.get("done"):
+                done = event
+    assert server.proc.wait(DEADLINE) == 130  # memcli's exit code for SIGTERM, after a clean shutdown
+    assert done["interrupted"] is True  # the client is told what was kept
+    store = PoolStore()
+    assert store.verify("term") == []
+    assert 1 < len(store.read_manifest("term")["meta"]["sources"]) < 1 + len(files)  # the inject was cancelled
+    assert not server_address.socket_path().exists()
+
+
 def test_inject_command_continues_on_a_fresh_server_after_a_sigkill(ck, tmp_path, server):
     app = local(ck)
     make_pool(app, tmp_path, "again", TEXTS[:1])

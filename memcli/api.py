@@ -507,11 +507,15 @@ class Memcli:
             except KeyboardInterrupt:
                 report.interrupted = True
                 self._discard_unsaved(pool_name, loaded, pool)
-                report.partial = _partial_of(pool, current)
+                report.partial = _partial_of(pool, current, self.source_label)
                 report.seconds = time.perf_counter() - started
                 raise InjectInterrupted(report) from None
         report.seconds = time.perf_counter() - started
         return report
+
+    def source_label(self, path: str) -> str:
+        """The name a source is logged under (a server logs an uploaded copy under the client's name)."""
+        return path
 
     def _discard_unsaved(self, name: str, loaded: LoadedModel, pool: "Pool") -> None:
         """After an interruption or a failed file, return to the last committed state."""
@@ -542,9 +546,10 @@ class Memcli:
         except ExtractError as err:
             emit(Event("skip", source.path, reason=str(err)))
             return FileResult(source.path, "skipped", str(err))
+        label = self.source_label(source.path)
         entry = pool.source_by_hash(digest)
         if entry is not None and entry.get("complete") and not force:
-            same = entry.get("path") == source.path or source.kind == "stdin"
+            same = entry.get("path") == label or source.kind == "stdin"
             reason = "already in the pool" if same else f"already in the pool as {entry.get('path')}"
             emit(Event("skip", source.path, reason=reason))
             return FileResult(source.path, "already", reason + " (use --force to inject it again)")
@@ -552,13 +557,13 @@ class Memcli:
         # the rows of its earlier version stay in memory and fade like all rows.
         previous = None
         if source.kind != "stdin":
-            previous = next((s for s in reversed(pool.sources) if s.get("path") == source.path and s.get("complete")
+            previous = next((s for s in reversed(pool.sources) if s.get("path") == label and s.get("complete")
                              and s.get("sha256") != digest and not s.get("superseded_by")), None)
         resume_after = entry["chunks"] if entry is not None and not entry.get("complete") and not force else 0
         if entry is None or force or entry.get("complete") or entry["first_chunk"] + entry["chunks"] != pool.next_chunk:
             entry = {
                 "id": len(pool.sources),
-                "path": source.path,
+                "path": label,
                 "kind": source.kind,
                 "sha256": digest,
                 "bytes": source.size,
@@ -809,12 +814,12 @@ def pool_not_found_message(name: str, existing: list[str]) -> str:
     return f"pool {name} not found{hint}"
 
 
-def _partial_of(pool: "Pool", source: Source | None) -> FileResult | None:
+def _partial_of(pool: "Pool", source: Source | None, label=lambda path: path) -> FileResult | None:
     """After an interruption (and a return to the last commit): what is kept of the file in progress."""
     if source is None:
         return None
     for entry in reversed(pool.sources):
-        if entry.get("path") == source.path and not entry.get("complete"):
+        if entry.get("path") == label(source.path) and not entry.get("complete"):
             if entry.get("chunks"):
                 return FileResult(source.path, "partial", chunks=entry["chunks"], tokens=entry.get("tokens", 0))
             break

@@ -623,6 +623,11 @@ def inject(
         return
     report, interrupted = _run_inject(functools.partial(state.app().inject, name), paths, chunk_tokens=chunk_tokens,
                                       glob=glob, force=force, type=type_, encoding=encoding)
+    show_inject_report(report, interrupted, as_json)
+
+
+def show_inject_report(report, interrupted: bool, as_json: bool) -> None:
+    """An inject's outcome (in-process or through a server): the report, and its exit code."""
     if as_json:
         print_json(report.to_json())
     else:
@@ -789,9 +794,8 @@ def chat(
 
     state = _state(ctx)
     name = state.pool(pool)
-    if cli_server.chat(ctx, name, max_new_tokens, temperature, top_p, seed, as_json):
-        return
-    session = state.app().chat(name, max_new_tokens=max_new_tokens, sampling=_sampling(temperature, top_p, seed))
+    session = (cli_server.chat(ctx, name, max_new_tokens, temperature, top_p, seed)  # through a running server
+               or state.app().chat(name, max_new_tokens=max_new_tokens, sampling=_sampling(temperature, top_p, seed)))
     interactive = sys.stdin.isatty()
     history = _History() if interactive else None
     if interactive:

@@ -9,9 +9,7 @@ starts a fresh one; its pools are at their last commit (every save is atomic).
 
 from __future__ import annotations
 
-import json
 import os
-import shlex
 import subprocess
 import sys
 import time
@@ -68,7 +66,7 @@ def start_server(flags: dict, say_stale: bool = True):
     log = server_address.log_file()
     log.parent.mkdir(parents=True, exist_ok=True)
     argv = [sys.executable, "-m", "memcli"]
-    for key in ("model", "device", "dtype", "quant"):
+    for key in ("device", "dtype", "quant"):  # the model is per request (each sends its own)
         if flags.get(key):
             argv += [f"--{key}", flags[key]]
     argv += ["serve", "--exit-when-idle"]
@@ -96,14 +94,10 @@ def start_server(flags: dict, say_stale: bool = True):
 
 
 def client_for(ctx: typer.Context, start: bool):
-    """The server this command should use: None means run in-process."""
+    """The server this command should use: None means run in-process (--no-server, config
+    `server = false` or MEMCLI_SERVER=0: all of them read by the settings)."""
     state = _cli()._state(ctx)
-    if state.flags.get("server") is False:
-        return None
-    if os.environ.get("MEMCLI_SERVER", "").lower() in ("0", "false", "no", "off"):
-        return None
-    settings = state.settings()
-    if not settings.server:
+    if not state.settings().server:
         return None
     client = running_client()
     if client is not None or not start:
@@ -120,154 +114,267 @@ def _fail(err: Exception) -> None:
     raise err
 
 
+# --------------------------------------------------------------------------- the server as the library
+class RemoteAnswer:
+    """An answer the server gave: its text, and `to_json()` as `memcli.api.Answer.to_json()`."""
+
+    def __init__(self, data: dict):
+        self._data = {k: v for k, v in data.items() if k not in ("event", "pool", "pool_version")}
+        self.text = self._data["answer"]
+
+    def to_json(self) -> dict:
+        return dict(self._data)
+
+
+class Remote:
+    """A running server standing in for `memcli.api.Memcli` in ask, inject and chat: the same calls
+    with the same results (the server runs the library's own code). The client's model setting
+    (--model, MEMCLI_MODEL, the config file) goes with every request."""
+
+    def __init__(self, ctx, client):
+        self.ctx, self.client = ctx, client
+        self.state = _cli()._state(ctx)
+        self.settings = self.state.settings()
+
+    def _model(self) -> tuple[str, bool]:
+        from .api import normalize_model  # a folder as an absolute path: the server runs elsewhere
+
+        return normalize_model(self.settings.model), self.settings.explicit("model")
+
+    # ------------------------------------------------------------------ ask
+    def ask(self, pool: str, question: str, *, max_new_tokens: int | None = None, sampling=None,
+            on_text=None, history: list[tuple[str, str]] | None = None) -> RemoteAnswer:
+        from .client import ServerError, ServerGone
+
+        model, explicit = self._model()
+        temperature, top_p, seed = ((sampling.temperature, sampling.top_p, sampling.seed) if sampling is not None
+                                    else (0.0, 1.0, None))
+        answer = None
+        try:
+            for event in self.client.ask(pool, question, max_new_tokens, temperature, top_p, seed, history=history,
+                                         model=model, model_explicit=explicit):
+                if event.get("event") == "text":
+                    if on_text is not None:
+                        on_text(event["text"])
+                elif event.get("event") == "answer":
+                    answer = RemoteAnswer(event)
+        except ServerGone:
+            raise RoutedError("the memcli server stopped while answering; ask again (a fresh server starts)") from None
+        except ServerError as err:
+            _fail(err)
+        if answer is None:
+            raise RoutedError("the memcli server ended the answer without finishing it; ask again")
+        return answer
+
+    def chat(self, pool: str, *, max_new_tokens: int | None = None, sampling=None):
+        """A conversation (`memcli.api.ChatSession`): its turns are kept here and sent with each question."""
+        from .api import ChatSession
+        from .client import ServerError
+
+        try:
+            self.client.require_pool(pool)
+        except ServerError as err:
+            _fail(err)
+        return ChatSession(self, pool, max_new_tokens=max_new_tokens, sampling=sampling)
+
+    # ------------------------------------------------------------------ inject
+    def inject(self, pool: str, paths, *, model: str | None = None, chunk_tokens: int | None = None,
+               glob: str | None = None, force: bool = False, type: str | None = None,
+               encoding: str | None = None, stdin=None, on_event=None):
+        """`Memcli.inject` through the server: files are found here (the server never opens a path
+        a client names) and their bytes streamed to it; the report is the library's `InjectReport`."""
+        from .api import InjectInterrupted, MemcliError
+        from .client import ServerError, ServerGone
+        from .extract import Ignored, discover
+
+        paths = list(paths)
+        try:
+            found = list(discover(paths, glob=glob, type=type, encoding=encoding)) if paths else []
+        except ValueError as err:
+            raise MemcliError(str(err)) from None
+        items = [item for item in found if not isinstance(item, Ignored)]
+        if not any(getattr(item, "kind", None) for item in items):
+            # nothing to send: in-process says (and validates) exactly what it would say anyway
+            return self.state.app().inject(pool, paths, model=model, chunk_tokens=chunk_tokens, glob=glob,
+                                           force=force, type=type, encoding=encoding, stdin=stdin, on_event=on_event)
+        if model is None:
+            model, explicit = self._model()
+        else:
+            explicit = True
+        args = dict(model=model, model_explicit=explicit, chunk_tokens=chunk_tokens, force=force, type=type,
+                    encoding=encoding)
+        piped = _piped(items, stdin)
+        try:
+            report = self._send(pool, items, piped, args, on_event)
+        except ServerGone:
+            # killed mid-inject: the pool is at its last commit; a fresh server resumes where it stopped
+            _cli().say(f"the memcli server stopped during the inject; pool {pool} keeps its last commit — "
+                       "continuing with a fresh server")
+            client = start_server(self.state.flags, say_stale=False)
+            if client is None:  # in-process resumes the same way
+                return self.state.app().inject(pool, paths, model=model if explicit else None,
+                                               chunk_tokens=chunk_tokens, glob=glob, force=force, type=type,
+                                               encoding=encoding, stdin=_replay(piped), on_event=on_event)
+            self.client = client
+            try:
+                report = self._send(pool, items, piped, args, on_event)
+            except ServerGone:
+                raise RoutedError("the memcli server stopped again during the inject") from None
+            except ServerError as err:
+                _fail(err)
+        except ServerError as err:
+            _fail(err)
+        _count_ignored(report, found)
+        if report.interrupted:
+            raise InjectInterrupted(report)
+        return report
+
+    def _send(self, pool: str, items, piped: bytes | None, args: dict, on_event):
+        """One upload of `items` and its streamed events; the merged report."""
+        from .api import Event
+
+        uploads, order = _uploads(items, piped)
+        served = None
+        fields = set(Event.__dataclass_fields__) - {"kind"}
+        pending = [i for i, (kind, _) in enumerate(order) if kind == "skipped"]
+        sent_files = 0
+        emit = on_event or (lambda event: None)
+        try:
+            for event in self.client.inject(pool, [u for u in uploads if u is not None], **args):
+                if event.get("done"):
+                    served = event["report"]
+                elif "event" in event:
+                    if event["event"] == "file":  # skips found here are told where they are in the run
+                        sent_files += 1
+                        while pending and order[pending[0]][2] < sent_files:
+                            _, skipped, _ = order[pending.pop(0)]
+                            emit(Event("skip", skipped.path, reason=skipped.reason))
+                    emit(Event(event["event"], **{k: v for k, v in event.items() if k in fields}))
+        finally:
+            for upload in uploads:
+                if upload is not None:
+                    upload.stream.close()
+        for index in pending:
+            _, skipped, _ = order[index]
+            emit(Event("skip", skipped.path, reason=skipped.reason))
+        return _merged_report(pool, order, served)
+
+
+def _piped(items, stdin) -> bytes | None:
+    """What stdin holds, read once (a retry on a fresh server sends it again)."""
+    if not any(getattr(item, "kind", None) == "stdin" for item in items):
+        return None
+    stream = stdin if stdin is not None else sys.stdin.buffer
+    return stream.read()
+
+
+def _replay(piped: bytes | None):
+    from io import BytesIO
+
+    return BytesIO(piped) if piped is not None else None
+
+
+def _uploads(items, piped: bytes | None):
+    """Uploads for the sources, and the run's order: ("upload", Upload, k) or ("skipped", Skipped, k)
+    where k counts the uploads before it."""
+    from io import BytesIO
+
+    from .client import Upload
+    from .extract import Skipped
+
+    uploads, order = [], []
+    for item in items:
+        if isinstance(item, Skipped):
+            order.append(("skipped", item, len(uploads)))
+            continue
+        if item.kind == "stdin":
+            upload = Upload("-", BytesIO(piped or b""), len(piped or b""))
+        else:
+            try:
+                stream = open(item.path, "rb")
+            except OSError as err:
+                order.append(("skipped", Skipped(item.path, err.strerror or type(err).__name__), len(uploads)))
+                continue
+            upload = Upload(item.path, stream, os.fstat(stream.fileno()).st_size)
+        order.append(("upload", upload, len(uploads)))
+        uploads.append(upload)
+    return uploads, order
+
+
+def _merged_report(pool: str, order, served: dict | None):
+    """The server's report (an `InjectReport`) with the files skipped here put back where discovery
+    found them; after an interruption, only what came before the file it stopped in."""
+    from .api import FileResult, InjectReport
+
+    if served is None:
+        raise RoutedError("the memcli server ended the inject without a report; run the same command again")
+    rows = iter(served["files"])
+    files = []
+    for kind, item, _ in order:
+        if kind == "skipped":
+            files.append(FileResult(item.path, "skipped", item.reason))
+            continue
+        row = next(rows, None)
+        if row is None:
+            break  # interrupted before this file
+        files.append(FileResult(**row))
+    files.extend(FileResult(**row) for row in rows)
+    partial = FileResult(**served["partial"]) if served.get("partial") else None
+    return InjectReport(pool=served["pool"], model=served["model"], files=files, chunks=served["chunks"],
+                        tokens=served["tokens"], seconds=served["seconds"], interrupted=served["interrupted"],
+                        partial=partial)
+
+
+def _count_ignored(report, found) -> None:
+    """Files inside folders left out here (never sent), counted as in-process."""
+    from .extract import Ignored
+
+    for item in found:
+        if isinstance(item, Ignored):
+            if item.why == "glob":
+                report.ignored_by_glob += 1
+            else:
+                key = item.suffix or "(no suffix)"
+                report.ignored_by_type[key] = report.ignored_by_type.get(key, 0) + 1
+
+
+def remote(ctx, start: bool = True) -> Remote | None:
+    client = client_for(ctx, start=start)
+    return Remote(ctx, client) if client is not None else None
+
+
 # --------------------------------------------------------------------------- routed commands
 def ask(ctx, question: str, pool: str, max_new_tokens, temperature, top_p, seed, as_json: bool) -> bool:
-    """`memcli ask` through a server; False when the command should run in-process."""
-    from .client import ServerError, ServerGone
-    client = client_for(ctx, start=True)
-    if client is None:
+    """`memcli ask` through a server (the same output, --json events included); False when the
+    command should run in-process."""
+    server = remote(ctx)
+    if server is None:
         return False
     cli = _cli()
-    answer = None
-    started = False
-    try:
-        for event in client.ask(pool, question, max_new_tokens, temperature, top_p, seed):
-            if "text" in event:
-                if not as_json:
-                    cli._write_stdout(event["text"])
-                    started = True
-            elif event.get("done"):
-                answer = event["answer"]
-    except ServerGone:
-        if started:
-            cli._write_stdout("\n")
-        raise RoutedError("the memcli server stopped while answering; ask again (a fresh server starts)") from None
-    except ServerError as err:
-        if started:
-            cli._write_stdout("\n")
-        _fail(err)
-    except BaseException:
-        if started:
-            cli._write_stdout("\n")
-        raise
+    sampling = SimpleNamespace(temperature=temperature, top_p=top_p, seed=seed)
+
+    def ask_once(text: str, on_text):
+        return server.ask(pool, text, max_new_tokens=max_new_tokens, sampling=sampling, on_text=on_text)
+
+    answer = cli._stream_answer(ask_once, question, as_json=as_json)
     if as_json:
-        cli.print_json(answer)
-    else:
-        cli._write_stdout("\n")
+        cli.print_json_line({"event": "answer", "pool": pool, **answer.to_json()})
     return True
 
 
-def _uploads(paths: list[str], glob: Optional[str]):
-    """Discover here (the server never opens a path a client names): uploads and skipped items in order."""
-    from .client import Upload
-    from .extract import Skipped, discover
+def inject(ctx, paths: list[str], pool: str, chunk_tokens, glob, force: bool, as_json: bool,
+           type_: str | None = None, encoding: str | None = None) -> bool:
+    """`memcli inject` through a server (the same progress, report and exit code); False when the
+    command should run in-process."""
+    import functools
 
-    items = []
-    for item in discover(paths, glob=glob):
-        if isinstance(item, Skipped):
-            items.append(("skipped", SimpleNamespace(path=item.path, status="skipped", reason=item.reason, chunks=0, tokens=0)))
-            continue
-        if item.kind == "stdin":
-            data = sys.stdin.buffer.read()
-            from io import BytesIO
-
-            items.append(("upload", Upload("-", BytesIO(data), len(data))))
-            continue
-        try:
-            stream = open(item.path, "rb")
-        except OSError as err:
-            reason = err.strerror or type(err).__name__
-            items.append(("skipped", SimpleNamespace(path=item.path, status="skipped", reason=reason, chunks=0, tokens=0)))
-            continue
-        items.append(("upload", Upload(item.path, stream, os.fstat(stream.fileno()).st_size)))
-    return items
-
-
-def _report(pool: str, items, served: dict | None) -> SimpleNamespace:
-    """The server's report with the locally skipped items put back where discovery found them."""
-    served = served or {"pool": pool, "model": None, "chunks": 0, "tokens": 0, "seconds": 0.0, "files": [],
-                        "partial": None, "interrupted": False, "tokens_per_second": None}
-    remote = iter(served["files"])
-    files = []
-    for kind, item in items:
-        if kind == "skipped":
-            files.append(item)
-        else:
-            row = next(remote, None)
-            if row is not None:
-                files.append(SimpleNamespace(**row))
-    files.extend(SimpleNamespace(**row) for row in remote)
-    partial = SimpleNamespace(**served["partial"]) if served.get("partial") else None
-    report = SimpleNamespace(pool=served["pool"], model=served.get("model"), chunks=served["chunks"],
-                             tokens=served["tokens"], seconds=served["seconds"], files=files, partial=partial,
-                             skipped=[f for f in files if f.status == "skipped"])
-    data = dict(served)
-    data["files"] = [dict(vars(f)) for f in files]
-    report.to_json = lambda: data
-    return report
-
-
-def run_inject(client, pool: str, paths: list[str], model, chunk_tokens, glob, force):
-    """Inject through the server with the CLI's progress display; returns (report, interrupted)."""
-    cli = _cli()
-    items = _uploads(paths, glob)
-    uploads = [item for kind, item in items if kind == "upload"]
-    if not uploads:
-        return None, False  # nothing to send: the in-process command reports (and validates) it
-    served = None
-    interrupted = False
-    try:
-        if uploads:
-            with cli.InjectProgress() as progress:
-                for event in client.inject(pool, uploads, model=model, chunk_tokens=chunk_tokens, force=force):
-                    if event.get("done"):
-                        served, interrupted = event["report"], event.get("interrupted", False)
-                    elif "event" in event:
-                        progress(SimpleNamespace(kind=event["event"], **{k: v for k, v in event.items() if k != "event"}))
-    finally:
-        for upload in uploads:
-            upload.stream.close()
-    return _report(pool, items, served), interrupted
-
-
-def inject(ctx, paths: list[str], pool: str, model, chunk_tokens, glob, force: bool, as_json: bool) -> bool:
-    """`memcli inject` through a server; False when the command should run in-process."""
-    from .client import ServerError, ServerGone
-    client = client_for(ctx, start=True)
-    if client is None:
+    server = remote(ctx)
+    if server is None:
         return False
     cli = _cli()
-    try:
-        report, interrupted = run_inject(client, pool, paths, model, chunk_tokens, glob, force)
-        if report is None:
-            return False
-    except ServerGone:
-        # killed mid-inject: the pool is at its last commit; a fresh server resumes where it stopped
-        cli.say(f"the memcli server stopped during the inject; pool {pool} keeps its last commit — "
-                "continuing with a fresh server")
-        client = start_server(_cli()._state(ctx).flags, say_stale=False)
-        if client is None:
-            return False  # runs in-process, which resumes the same way
-        try:
-            report, interrupted = run_inject(client, pool, paths, model, chunk_tokens, glob, force)
-            if report is None:
-                return False
-        except (ServerError, ServerGone) as err:
-            raise RoutedError(str(err) or "the memcli server stopped again during the inject") from None
-    except ServerError as err:
-        _fail(err)
-    if as_json:
-        cli.print_json(report.to_json())
-    else:
-        for line in cli.report_lines(report)[:-1]:
-            cli.say(line)
-    if interrupted:
-        cli.say(cli.interrupted_line(report))
-        raise typer.Exit(cli.EXIT_INTERRUPTED)
-    if not as_json:
-        cli.say(cli.report_lines(report)[-1])
-    if report.skipped:
-        raise typer.Exit(cli.EXIT_SKIPPED)
+    report, interrupted = cli._run_inject(functools.partial(server.inject, pool), paths, chunk_tokens=chunk_tokens,
+                                          glob=glob, force=force, type=type_, encoding=encoding)
+    cli.show_inject_report(report, interrupted, as_json)
     return True
 
 
@@ -285,93 +392,14 @@ def pool_info(ctx, name: str) -> dict | None:
         _fail(err)
 
 
-CHAT_HELP = "type a question; /reset forgets the conversation; /inject PATH... adds documents; /quit or Ctrl-D ends"
-
-
-def chat(ctx, pool: str, max_new_tokens, temperature, top_p, seed, as_json: bool = False) -> bool:
-    """`memcli chat` through a server: a conversation (earlier turns go into the prompt, within the
-    model's window, oldest dropped first); False when the command should run in-process."""
-    from .client import ServerError, ServerGone
-    client = client_for(ctx, start=True)
-    if client is None:
-        return False
-    cli = _cli()
-    from .store import validate_name
-
-    validate_name(pool)
-    if pool not in {row["name"] for row in client.pools()}:  # manifests only: cheap
-        raise RoutedError(f"pool {pool} does not exist (memcli pool ls lists pools; inject creates one)")
-    interactive = sys.stdin.isatty()
-    history = cli._History() if interactive else None
-    if interactive:
-        cli.say(f"pool {pool}: {CHAT_HELP}", style="dim")
-    messages: list[dict] = []
-    failures = 0
-    try:
-        while True:
-            try:
-                line = cli._read_question(interactive).strip()
-            except EOFError:
-                break
-            if not line:
-                continue
-            if line.startswith("/"):
-                command, _, rest = line.partition(" ")
-                if command in ("/quit", "/exit", "/q"):
-                    break
-                if command == "/reset":
-                    messages.clear()
-                    cli.say("(conversation cleared)", style="dim")
-                elif command == "/help":
-                    cli.say(CHAT_HELP)
-                elif command == "/inject" and shlex.split(rest):
-                    try:
-                        report, interrupted = run_inject(client, pool, shlex.split(rest), None, None, None, False)
-                        if report is None:
-                            report = _report(pool, [("skipped", SimpleNamespace(path=p, status="skipped", reason="not found or not readable", chunks=0, tokens=0)) for p in shlex.split(rest)], None)
-                        for note in cli.report_lines(report):
-                            cli.say(note)
-                        failures += bool(report.skipped)
-                    except ServerError as err:
-                        failures += 1
-                        cli.error_line(err)
-                else:
-                    failures += 1
-                    cli.error_line(f"unknown or incomplete command {command} ({CHAT_HELP})")
-                continue
-            messages.append({"role": "user", "content": line})
-            text, usage, started = [], None, False
-            try:
-                for event in client.chat(pool, messages, max_new_tokens, temperature, top_p, seed):
-                    for choice in event.get("choices", []):
-                        piece = choice.get("delta", {}).get("content")
-                        if piece:
-                            text.append(piece)
-                            if not as_json:
-                                cli._write_stdout(piece)
-                                started = True
-                    usage = event.get("usage") or usage
-            except ServerError as err:
-                messages.pop()
-                if started:
-                    cli._write_stdout("\n")
-                failures += 1
-                cli.error_line(err)
-                continue
-            messages.append({"role": "assistant", "content": "".join(text)})
-            if as_json:
-                sys.stdout.write(json.dumps({"question": line, "answer": "".join(text), "usage": usage}) + "\n")
-                sys.stdout.flush()
-            else:
-                cli._write_stdout("\n")
-    except ServerGone:
-        raise RoutedError("the memcli server stopped during the chat; start the chat again (a fresh server starts)") from None
-    finally:
-        if history is not None:
-            history.save()
-    if failures and not interactive:
-        raise typer.Exit(cli.EXIT_ERROR)
-    return True
+def chat(ctx, pool: str, max_new_tokens, temperature, top_p, seed):
+    """The conversation `memcli chat` holds through a server (`memcli.api.ChatSession` on `Remote`:
+    the chat loop is the command's own); None when the command should run in-process."""
+    server = remote(ctx)
+    if server is None:
+        return None
+    return server.chat(pool, max_new_tokens=max_new_tokens,
+                       sampling=SimpleNamespace(temperature=temperature, top_p=top_p, seed=seed))
 
 
 # --------------------------------------------------------------------------- serve / ps / stop

@@ -84,6 +84,11 @@ class Client:
     def pools(self) -> list[dict]:
         return self._request("GET", "/api/pools")
 
+    def require_pool(self, name: str) -> None:
+        """ServerError (404: "pool X not found; did you mean Y?", 400: an invalid name) unless the
+        pool exists; reads manifests only."""
+        self._request("GET", f"/v1/models/{httpx.URL(path=name).raw_path.decode()}")
+
     def pool_info(self, name: str) -> dict:
         return self._request("GET", f"/api/pools/{httpx.URL(path=name).raw_path.decode()}")
 
@@ -108,18 +113,30 @@ class Client:
             raise ServerGone(str(err) or type(err).__name__) from None
 
     def ask(self, pool: str, question: str, max_new_tokens: int | None = None, temperature: float = 0.0,
-            top_p: float = 1.0, seed: int | None = None) -> Iterator[dict]:
-        """{"text": …} per piece of the answer, then {"done": true, "answer": {...}}."""
+            top_p: float = 1.0, seed: int | None = None, history: list[tuple[str, str]] | None = None,
+            model: str | None = None, model_explicit: bool = False) -> Iterator[dict]:
+        """`memcli ask --json`'s events: {"event": "text", "text": …} per piece of the answer, then
+        {"event": "answer", …} (plus "pool_version"). `history`: earlier (question, answer) turns;
+        `model`: the client's model setting (`model_explicit` when named for this run)."""
         body = {"pool": pool, "question": question, "max_new_tokens": max_new_tokens,
-                "temperature": temperature, "top_p": top_p, "seed": seed}
+                "temperature": temperature, "top_p": top_p, "seed": seed,
+                "history": [list(turn) for turn in history or []], "model": model, "model_explicit": model_explicit}
         return self._stream("POST", "/api/ask", json=body)
 
     def inject(self, pool: str, uploads: Iterable[Upload], model: str | None = None,
-               chunk_tokens: int | None = None, force: bool = False) -> Iterator[dict]:
-        """Progress events ({"event": "file"|"chunk"|"commit"|"skip", …}), then {"done": true, "report": …}."""
+               chunk_tokens: int | None = None, force: bool = False, type: str | None = None,
+               encoding: str | None = None, model_explicit: bool = False) -> Iterator[dict]:
+        """Progress events ({"event": "file"|"chunk"|"commit"|"skip", and `memcli.api.Event`'s
+        fields}), then {"done": true, "report": …}."""
         params = {"pool": pool}
         if model:
             params["model"] = model
+        if model_explicit:
+            params["model_explicit"] = "1"
+        if type:
+            params["type"] = type
+        if encoding:
+            params["encoding"] = encoding
         if chunk_tokens is not None:
             params["chunk_tokens"] = str(chunk_tokens)
         if force:

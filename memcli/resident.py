@@ -18,17 +18,16 @@ import itertools
 import threading
 import time
 from collections import OrderedDict, deque
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Callable
 
 import torch
 
 from . import pool as pools
-from .api import DEFAULT_ANSWER_TOKENS, Answer, Memcli, MemcliError
-from .engine import Sampling
-from .prompts import BASE_QUESTION, chat_prompt_ids, context_ids, has_chat_template, question_ids, stop_ids
+from .api import DEFAULT_ANSWER_TOKENS, Memcli, normalize_model
+from .prompts import chat_prompt_ids, context_ids, conversation_ids, has_chat_template
 from .settings import Settings
-from .store import PoolNotFound, PoolStore, validate_name
+from .store import PoolStore
 
 
 class Cancelled(KeyboardInterrupt):
@@ -221,11 +220,22 @@ class Resident:
         return Job(self.device, client)
 
     # ------------------------------------------------------------------ models
-    def model_of(self, pool: str | None, model: str | None = None) -> str:
-        """The model a request runs on: the pool's own, or for a new pool the asked/default one."""
-        if pool is not None and self.store.exists(pool):
-            return pools.read_binding(self.store, pool).model
-        return model or self.settings.model
+    def settings_for(self, model: str | None = None, explicit: bool = False) -> Settings:
+        """The settings a request runs with: the server's, with the client's model (its --model,
+        MEMCLI_MODEL or config file; `explicit` when given for this run) where it sent one."""
+        if not model:
+            return self.settings
+        origin = {**self.settings.origin, "model": "command line" if explicit else "config file"}
+        return replace(self.settings, model=normalize_model(model), origin=origin)
+
+    def model_of(self, pool: str | None, settings: Settings | None = None) -> str:
+        """The model a request runs on, resolved as `Memcli` resolves it (the pool's own, one
+        named for this run if its config has the pool's fingerprint, or for a new pool the asked
+        or default one), without loading weights."""
+        resolver = Memcli(settings or self.settings, self.store)
+        if pool is None:
+            return normalize_model(resolver.settings.model)
+        return resolver.pool_model_name(pool)
 
     def use_model(self, name: str) -> ResidentModel:
         """The resident model (loaded now if needed), marked in use until `done_with`."""
@@ -300,9 +310,7 @@ class Resident:
     # ------------------------------------------------------------------ pool states
     def pool_state(self, resident: ResidentModel, pool: str) -> pools.Pool:
         """The pool's state at its latest committed version (call with the device turn held)."""
-        validate_name(pool)
-        if not self.store.exists(pool):
-            raise PoolNotFound(f"pool {pool} not found")
+        resident.app.require_pool(pool)
         manifest = self.store.read_manifest(pool)
         key = (pool, manifest.get("created"), manifest.get("version"))
         with self._lock:
@@ -312,7 +320,7 @@ class Resident:
                 self._states.move_to_end(key)
                 resident.last_read = entry.state
                 return entry.state
-        loaded, state = resident.app.open_pool(pool)
+        loaded, state = resident.app.open_pool(pool, model=resident.name)
         if state.version != key[2]:  # committed again between the manifest read and the load
             key = (pool, key[1], state.version)
         entry = ResidentState(pool, resident.name, state.version, state, state_bytes(state, loaded), time.time())
@@ -355,36 +363,14 @@ class Resident:
                     "pool_bytes": sum(s.bytes for s in self._states.values()), "unloads": self.unloads}
 
 
-# --------------------------------------------------------------------------- prompts and answers
-class PromptTooLong(MemcliError):
-    pass
-
-
-def answer_budget(loaded, prompt_tokens: int, max_new_tokens: int | None) -> int:
-    """Tokens the answer may take (the rules of `Memcli.ask`), or a one-line refusal."""
-    limit = loaded.max_input_tokens()
-    if max_new_tokens is None:
-        max_new_tokens = min(DEFAULT_ANSWER_TOKENS, limit - prompt_tokens)
-        if max_new_tokens < 1:
-            raise PromptTooLong(f"the prompt is {prompt_tokens} tokens; {loaded.name} reads at most {limit}")
-    if prompt_tokens + max_new_tokens > limit:
-        raise PromptTooLong(
-            f"the prompt is {prompt_tokens} tokens and the answer may take {max_new_tokens}; "
-            f"{loaded.name} reads at most {limit} tokens after its memory (shorten it or lower max tokens)")
-    return max_new_tokens
-
-
-def question_prompt(loaded, question: str) -> list[int]:
-    if not question or not question.strip():
-        raise MemcliError("the question is empty")
-    return question_ids(loaded.tokenizer, question.strip())
-
-
+# --------------------------------------------------------------------------- OpenAI conversations
 def conversation_prompt(loaded, messages: list[dict], max_new_tokens: int | None) -> tuple[list[int], int]:
-    """The conversation's prompt within the model's window: the oldest turns are dropped first
-    (system messages last of all); the final user message always stays. Returns (ids, dropped)."""
+    """An OpenAI conversation's prompt within the model's window, by the rules of `Memcli.ask`
+    with a history: the oldest turns are dropped first (system messages last of all) while the
+    prompt and min(answer, half the window) do not fit; the final user message always stays.
+    Returns (ids, messages dropped)."""
     limit = loaded.max_input_tokens()
-    reserve = max_new_tokens if max_new_tokens is not None else min(DEFAULT_ANSWER_TOKENS, limit // 2)
+    reserve = min(DEFAULT_ANSWER_TOKENS if max_new_tokens is None else max_new_tokens, limit // 2)
     kept = list(messages)
     dropped = 0
     while True:
@@ -397,89 +383,26 @@ def conversation_prompt(loaded, messages: list[dict], max_new_tokens: int | None
 
 
 def _conversation_ids(tokenizer, messages: list[dict]) -> list[int]:
+    """Chat models: their chat template, every message as it is. Base models: the prompt of
+    `prompts.conversation_ids` (earlier `Question: ... Answer: ...` lines), system messages as
+    lines in front."""
     if has_chat_template(tokenizer):
         return chat_prompt_ids(tokenizer, messages)
-    # base models: the `Question: … Answer:` prompt, earlier turns written out before it
-    parts = []
+    lines = [m["content"].strip() for m in messages if m["role"] == "system" and m["content"].strip()]
+    turns, asked = [], None
     for message in messages:
         if message["role"] == "user":
-            parts.append(BASE_QUESTION.format(question=message["content"].strip()))
-        else:
-            parts.append(message["content"].strip())
-    return context_ids(tokenizer, " ".join(p for p in parts if p))
-
-
-@dataclass
-class Decoded:
-    answer: Answer
-    finish_reason: str  # "stop" (stop token or stop string) | "length"
-
-
-class _StopString(Exception):
-    pass
-
-
-def generate_answer(loaded, state: pools.Pool, ids: list[int], max_new_tokens: int, sampling: Sampling | None,
-                    on_text: Callable[[str], None] | None = None, stop: tuple[str, ...] = (),
-                    checkpoint: Callable[[], None] | None = None) -> Decoded:
-    """Decode an answer from the pool's state, streaming text as `Memcli.ask` does (an incomplete
-    UTF-8 sequence is held back; so is text that may be the start of a stop string)."""
-    tokenizer = loaded.tokenizer
-    stops = stop_ids(tokenizer, loaded.cfg.eos_token_id)
-    hold = max((len(s) for s in stop), default=1) - 1
-    tokens: list[int] = []
-    sent = [0]  # characters of the answer text already passed to on_text
-    first_token_at: list[float] = []
-    cut: list[str] = []
-    started = time.perf_counter()
-
-    def visible(text: str, final: bool) -> str:
-        for s in stop:
-            at = text.find(s)
-            if at >= 0:
-                cut.append(text[:at])
-                return text[:at]
-        return text if final or not hold else text[: max(len(text) - hold, sent[0])]
-
-    def emit(text: str) -> None:
-        if on_text is not None and len(text) > sent[0]:
-            on_text(text[sent[0]:])
-        sent[0] = max(sent[0], len(text))
-
-    def on_token(token: int) -> None:
-        if checkpoint is not None:
-            checkpoint()
-        if not first_token_at:
-            first_token_at.append(time.perf_counter())
-        tokens.append(token)
-        if token in stops:
-            return
-        text = tokenizer.decode(tokens, skip_special_tokens=True)
-        if text.endswith("\ufffd"):
-            return
-        emit(visible(text, final=False))
-        if cut:
-            raise _StopString()
-
-    stopped_by_string = False
-    try:
-        generation_tokens = loaded.engine.generate(
-            state.state, torch.tensor([ids]), max_new_tokens=max_new_tokens, stop_ids=stops,
-            sampling=sampling, on_token=on_token).tokens
-    except _StopString:
-        stopped_by_string = True
-        generation_tokens = tokens
-    finished = time.perf_counter()
-    if stopped_by_string:
-        text = cut[0]
-    else:
-        text = visible(tokenizer.decode([t for t in generation_tokens if t not in stops], skip_special_tokens=True), True)
-    emit(text)
-    stopped = stopped_by_string or bool(cut) or (bool(generation_tokens) and generation_tokens[-1] in stops)
-    answer = Answer(text=text, tokens=list(generation_tokens), prompt_tokens=len(ids),
-                    seconds_to_first_token=(first_token_at[0] if first_token_at else finished) - started,
-                    seconds=finished - started, stopped=stopped)
-    return Decoded(answer, "stop" if stopped else "length")
+            if asked is not None:
+                turns.append((asked, ""))
+            asked = message["content"].strip()
+        elif message["role"] == "assistant":
+            turns.append((asked or "", message["content"].strip()))
+            asked = None
+    question = asked or ""
+    prompt = conversation_ids(tokenizer, turns, question)
+    if not lines:
+        return prompt
+    return context_ids(tokenizer, "\n".join(lines) + "\n") + prompt
 
 
 _client_ids = itertools.count()

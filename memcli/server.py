@@ -7,12 +7,15 @@ Endpoints (JSON; streams are NDJSON, one object per line, or SSE for the OpenAI 
     POST /api/stop                   stop the server (running work is cancelled; injects keep their commits)
     GET  /api/pools                  the pools (as `memcli pool ls --json`)
     GET  /api/pools/{name}           one pool (as `memcli pool info --json`)
-    POST /api/ask                    {"pool", "question", "max_new_tokens", "temperature", "top_p", "seed"}
-                                     -> {"text": …} per piece, then {"done": true, "answer": {...}}
-    POST /api/inject?pool=P[&model=M&chunk_tokens=N&force=1]
+    POST /api/ask                    {"pool", "question", "history": [[q, a], ...], "max_new_tokens",
+                                     "temperature", "top_p", "seed", "model", "model_explicit"}
+                                     -> `memcli ask --json`'s events: {"event": "text", "text": …} per
+                                     piece, then {"event": "answer", "pool": …, …, "pool_version": N}
+    POST /api/inject?pool=P[&model=M&model_explicit=1&chunk_tokens=N&force=1&type=T&encoding=E]
                                      body: per file a JSON header line {"path": NAME, "size": N}
                                      (or {"path": "-", "size": N} for stdin) then N bytes; the server
-                                     only opens its own copies. -> progress events, then {"done": true, "report": …}
+                                     only opens its own copies. -> progress events ({"event": kind,
+                                     api.Event's fields}), then {"done": true, "report": …}
     GET  /v1/models                  OpenAI: one model per pool (GET /v1/models/{pool}: one)
     POST /v1/chat/completions        OpenAI: "model" names the pool; SSE when "stream": true
 
@@ -80,7 +83,10 @@ def classify(err: BaseException) -> ApiError:
         return ApiError(409, str(err), "conflict_error")
     if isinstance(err, PoolError):
         return ApiError(409, str(err), "pool_error")
-    if "memcli.api" in __import__("sys").modules and isinstance(err, __import__("sys").modules["memcli.api"].MemcliError):
+    api = __import__("sys").modules.get("memcli.api")
+    if api is not None and isinstance(err, api.PoolNotFoundError):
+        return ApiError(404, str(err), "not_found_error")
+    if api is not None and isinstance(err, api.MemcliError):
         return ApiError(400, str(err))
     if isinstance(err, (SettingsError, ValueError)):
         return ApiError(400, str(err) or type(err).__name__)
@@ -243,10 +249,10 @@ class Server:
             self.jobs.discard(job)
 
     def require_pool(self, name: str) -> None:
-        from .store import PoolNotFound
+        """The one wording of a missing pool (as in-process): "pool X not found; did you mean Y?"."""
+        from .api import Memcli
 
-        if not self.resident.store.exists(name):
-            raise PoolNotFound(f"pool {name} not found")
+        Memcli(self.resident.settings, self.resident.store).require_pool(name)
 
     # ------------------------------------------------------------------ native
     async def health(self, request: Request):
@@ -281,29 +287,42 @@ class Server:
         self.require_pool(name)
         return JSONResponse(await self.in_turn(request, lambda: Memcli(self.resident.settings, self.resident.store).pool_info(name)))
 
+    def request_settings(self, model: object, explicit: object):
+        """The server's settings with the client's model (what `memcli --model` / MEMCLI_MODEL / its
+        config file named; `explicit` when named for this run)."""
+        if model is not None and (not isinstance(model, str) or not model):
+            raise ApiError(400, "model must be a non-empty string")
+        return self.resident.settings_for(model, explicit in (True, "1", "true", "yes"))
+
     async def ask(self, request: Request):
-        from .resident import answer_budget, generate_answer, question_prompt
+        """A question as `Memcli.ask` answers it (the same prompt, turns of `history` within the
+        window, the same decoding): NDJSON {"event": "text"} pieces, then {"event": "answer"}."""
+        from .api import answer_prompt, decode_answer
 
         data = await read_json(request)
-        pool = _pool_name(data.get("pool"))
         question = data.get("question")
         if not isinstance(question, str):
             raise ApiError(400, "question must be a string")
+        if not question.strip():
+            raise ApiError(400, "the question is empty")
+        pool = _pool_name(data.get("pool"))
+        history = _history(data.get("history"))
         max_new = _number(data, "max_new_tokens", int, None, 1)
         sampling = _sampling(data, temperature_high=100.0)
+        settings = self.request_settings(data.get("model"), data.get("model_explicit"))
         self.require_pool(pool)
         resident = self.resident
 
         def work(job, emit):
-            model = resident.use_model(resident.model_of(pool))
+            model = resident.use_model(resident.model_of(pool, settings))
             try:
                 loaded = model.app.model(model.name)
-                ids = question_prompt(loaded, question)
-                budget = answer_budget(loaded, len(ids), max_new)
+                ids, budget, turns = answer_prompt(loaded, question, history, max_new)
                 state = resident.pool_state(model, pool)
-                decoded = generate_answer(loaded, state, ids, budget, sampling,
-                                          on_text=lambda text: emit({"text": text}), checkpoint=job.check_cancelled)
-                emit({"done": True, "answer": decoded.answer.to_json(), "pool_version": state.version})
+                answer = decode_answer(loaded, state.state, ids, budget, sampling=sampling,
+                                       on_text=lambda text: emit({"event": "text", "text": text}),
+                                       checkpoint=job.check_cancelled, turns_in_prompt=turns)
+                emit({"event": "answer", "pool": pool, **answer.to_json(), "pool_version": state.version})
             finally:
                 resident.done_with(model)
 
@@ -312,7 +331,9 @@ class Server:
     async def inject(self, request: Request):
         query = request.query_params
         pool = _pool_name(query.get("pool"))
-        model_name = query.get("model") or None
+        settings = self.request_settings(query.get("model") or None, query.get("model_explicit"))
+        type_ = query.get("type") or None
+        encoding = query.get("encoding") or None
         force = query.get("force", "") in ("1", "true", "yes")
         chunk_tokens = None
         if query.get("chunk_tokens"):
@@ -325,7 +346,7 @@ class Server:
 
         def work(job, emit):
             try:
-                self.inject_files(job, emit, pool, model_name, chunk_tokens, force, folder)
+                self.inject_files(job, emit, pool, settings, chunk_tokens, force, folder, type_, encoding)
             finally:
                 shutil.rmtree(folder, ignore_errors=True)
 
@@ -363,7 +384,8 @@ class Server:
                             break
                         header = _upload_header(bytes(buffer[:newline]), entries)
                         del buffer[:newline + 1]
-                        copy = folder / f"{len(entries)}{header['suffix']}"
+                        copy = folder / str(len(entries)) / header["name"]
+                        copy.parent.mkdir(mode=0o700)
                         entries.append({"path": header["path"], "copy": str(copy)})
                         current = [open(copy, "xb"), header["size"]]
                     take = min(current[1], len(buffer))
@@ -387,7 +409,10 @@ class Server:
             shutil.rmtree(folder, ignore_errors=True)
             raise
 
-    def inject_files(self, job, emit, pool: str, model_name: str | None, chunk_tokens, force: bool, folder: Path) -> None:
+    def inject_files(self, job, emit, pool: str, settings, chunk_tokens, force: bool, folder: Path,
+                     type_: str | None = None, encoding: str | None = None) -> None:
+        import dataclasses
+
         from .api import InjectInterrupted
 
         resident = self.resident
@@ -400,21 +425,21 @@ class Server:
                 paths.append("-")
             else:
                 paths.append(entry["copy"])
-        model = resident.use_model(resident.model_of(pool, model_name))
+        name = resident.model_of(pool, settings)  # a mismatched --model is refused before weights load
+        model = resident.use_model(name)
         labels = {e["copy"]: e["path"] for e in entries if e["path"] != "-"}
         model.app.labels.update(labels)
         label = model.app.source_label
 
         def on_event(event) -> None:
-            emit({"event": event.kind, "path": label(event.path), "chunks": event.chunks, "tokens": event.tokens,
-                  "bytes_done": event.bytes_done, "bytes_total": event.bytes_total, "reason": event.reason})
+            fields = {f.name: getattr(event, f.name) for f in dataclasses.fields(event) if f.name != "kind"}
+            emit({"event": event.kind, **fields, "path": label(event.path)})
             if event.kind in ("chunk", "commit", "file"):
                 job.checkpoint()  # other requests may run here; a client that left stops the inject
 
         try:
-            exists = resident.store.exists(pool)
-            report = model.app.inject(pool, paths, model=None if exists else model.name, chunk_tokens=chunk_tokens,
-                                      force=force, stdin=stdin, on_event=on_event)
+            report = model.app.inject(pool, paths, model=name, chunk_tokens=chunk_tokens, force=force, type=type_,
+                                      encoding=encoding, stdin=stdin, on_event=on_event)
             interrupted = False
         except InjectInterrupted as stop:
             report, interrupted = stop.report, True
@@ -443,6 +468,7 @@ class Server:
         from .store import PoolNotFound
 
         name = _pool_name(request.path_params["name"], "model")
+        self.require_pool(name)  # the one wording of a missing pool
         rows = await asyncio.to_thread(lambda: Memcli(self.resident.settings, self.resident.store).list_pools())
         for row in rows:
             if row["name"] == name and not row.get("error"):
@@ -450,7 +476,8 @@ class Server:
         raise PoolNotFound(f"pool {name} not found")
 
     async def chat_completions(self, request: Request):
-        from .resident import answer_budget, conversation_prompt, generate_answer
+        from .api import answer_budget, decode_answer
+        from .resident import conversation_prompt
 
         data = await read_json(request)
         pool = _pool_name(data.get("model"), "model")
@@ -487,22 +514,22 @@ class Server:
                 if stream:
                     emit(chunk({"role": "assistant", "content": ""}))
                 on_text = (lambda text: emit(chunk({"content": text}))) if stream else None
-                decoded = generate_answer(loaded, state, ids, budget, sampling, on_text=on_text, stop=stop,
-                                          checkpoint=job.check_cancelled)
+                answer = decode_answer(loaded, state.state, ids, budget, sampling=sampling, on_text=on_text,
+                                       stop=stop, checkpoint=job.check_cancelled)
             finally:
                 resident.done_with(model)
-            answer = decoded.answer
+            finish_reason = "stop" if answer.stopped else "length"
             usage = {"prompt_tokens": answer.prompt_tokens, "completion_tokens": len(answer.tokens),
                      "total_tokens": answer.prompt_tokens + len(answer.tokens)}
             if stream:
-                emit(chunk({}, decoded.finish_reason))
+                emit(chunk({}, finish_reason))
                 if include_usage:
                     emit({"id": completion_id, "object": "chat.completion.chunk", "created": created, "model": pool,
                           "choices": [], "usage": usage})
             else:
                 emit({"id": completion_id, "object": "chat.completion", "created": created, "model": pool,
                       "choices": [{"index": 0, "message": {"role": "assistant", "content": answer.text},
-                                   "finish_reason": decoded.finish_reason, "logprobs": None}],
+                                   "finish_reason": finish_reason, "logprobs": None}],
                       "usage": usage})
 
         if stream:
@@ -616,10 +643,22 @@ def _upload_header(line: bytes, entries: list) -> dict:
         raise ApiError(400, "an upload's file header needs a size (bytes, >= 0)")
     if header["path"] == "-" and any(e["path"] == "-" for e in entries):
         raise ApiError(400, "an upload holds stdin (-) at most once")
-    suffix = os.path.splitext(header["path"])[1].lower() if header["path"] != "-" else ""
-    if not suffix.replace(".", "").isalnum() or len(suffix) > 12:
-        suffix = ""
-    return {"path": header["path"], "size": size, "suffix": suffix}
+    # the copy keeps the file's own name (what a file is may depend on it: name.1.gz, .html, .md);
+    # only its last part, and never a name that could leave the copy's folder
+    name = os.path.basename(header["path"]) if header["path"] != "-" else "stdin"
+    if name in ("", ".", "..") or "\x00" in name or len(os.fsencode(name)) > 200:
+        name = "upload"
+    return {"path": header["path"], "size": size, "name": name}
+
+
+def _history(value: object) -> list[tuple[str, str]]:
+    """Earlier turns of a conversation: [[question, answer], ...], oldest first."""
+    if value is None:
+        return []
+    if not isinstance(value, list) or not all(isinstance(t, list) and len(t) == 2 and all(isinstance(x, str) for x in t)
+                                              for t in value):
+        raise ApiError(400, "history must be a list of [question, answer] string pairs")
+    return [(q, a) for q, a in value]
 
 
 def _messages(value: object) -> list[dict]:

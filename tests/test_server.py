@@ -135,13 +135,13 @@ def upload(path: Path) -> Upload:
 def served_answer(client: Client, pool: str, question: str, **kw) -> tuple[str, dict]:
     pieces, done = [], None
     for event in client.ask(pool, question, **kw):
-        if "text" in event:
+        if event["event"] == "text":
             pieces.append(event["text"])
-        elif event.get("done"):
+        elif event["event"] == "answer":
             done = event
     assert done is not None
-    assert "".join(pieces) == done["answer"]["answer"]  # the streamed pieces make the answer
-    return done["answer"]["answer"], done
+    assert "".join(pieces) == done["answer"]  # the streamed pieces make the answer
+    return done["answer"], done
 
 
 runner = CliRunner()
@@ -164,8 +164,8 @@ def test_ask_through_server_equals_in_process(ck, tmp_path, server, monkeypatch)
     with Client() as client:
         text, done = served_answer(client, "notes", QUESTION)
         assert text == expected.text
-        assert done["answer"]["new_tokens"] == len(expected.tokens)
-        assert done["answer"]["prompt_tokens"] == expected.prompt_tokens
+        assert done["new_tokens"] == len(expected.tokens)
+        assert done["prompt_tokens"] == expected.prompt_tokens
         again, _ = served_answer(client, "notes", QUESTION)  # from the cached memory K/V
         assert again == expected.text
         text, _ = served_answer(client, "notes", QUESTION, temperature=0.8, top_p=0.9, seed=7)
@@ -715,7 +715,8 @@ def test_device_queue_serves_clients_round_robin():
 
 
 def test_pool_states_stay_within_the_memory_budget(ck, tmp_path):
-    from memcli.resident import Resident, generate_answer, question_prompt
+    from memcli.api import answer_prompt, decode_answer
+    from memcli.resident import Resident
 
     app = local(ck)
     make_pool(app, tmp_path, "one", TEXTS[:1])
@@ -726,8 +727,8 @@ def test_pool_states_stay_within_the_memory_budget(ck, tmp_path):
         loaded = model.app.model(ck)
         for name in ("one", "two"):
             state = resident.pool_state(model, name)
-            ids = question_prompt(loaded, QUESTION)
-            assert generate_answer(loaded, state, ids, 8, None).answer.text == app.ask(name, QUESTION, max_new_tokens=8).text
+            ids, budget, _ = answer_prompt(loaded, QUESTION, None, 8)
+            assert decode_answer(loaded, state.state, ids, budget).text == app.ask(name, QUESTION, max_new_tokens=8).text
         pools_kept = [p["pool"] for m in resident.snapshot()["models"] for p in m["pools"]]
         assert pools_kept == ["two"]  # the least recently used went out
         resident.done_with(model)
@@ -744,7 +745,8 @@ def test_pool_states_stay_within_the_memory_budget(ck, tmp_path):
 
 
 def test_an_answer_stops_at_the_next_token_once_its_client_left(ck, tmp_path):
-    from memcli.resident import Cancelled, Job, DeviceQueue, Resident, generate_answer, question_prompt
+    from memcli.api import answer_prompt, decode_answer
+    from memcli.resident import Cancelled, Job, DeviceQueue, Resident
 
     app = local(ck)
     make_pool(app, tmp_path, "gone", TEXTS[:1])
@@ -761,8 +763,8 @@ def test_an_answer_stops_at_the_next_token_once_its_client_left(ck, tmp_path):
             job.cancelled.set()  # the client disconnects after the first piece
 
         with job, pytest.raises(Cancelled):
-            generate_answer(loaded, state, question_prompt(loaded, QUESTION), 30, None, on_text=on_text,
-                            checkpoint=job.check_cancelled)
+            decode_answer(loaded, state.state, answer_prompt(loaded, QUESTION, None, 30)[0], 30, on_text=on_text,
+                          checkpoint=job.check_cancelled)
         assert len(pieces) == 1
         assert job.queue.acquire("next") is not None  # the device was given back
         resident.done_with(model)

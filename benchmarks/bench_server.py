@@ -76,7 +76,7 @@ def memcli(env: dict, *args: str, check: bool = True) -> tuple[float, subprocess
 def ask(env: dict, no_server: bool, tokens: int) -> tuple[float, dict]:
     args = (["--no-server"] if no_server else []) + ["ask", QUESTION, "--pool", "bench", "--max-new-tokens", str(tokens), "--json"]
     seconds, done = memcli(env, *args)
-    return seconds, json.loads(done.stdout)
+    return seconds, json.loads(done.stdout.splitlines()[-1])  # NDJSON: the last line is the "answer" event
 
 
 def run_scale(scale: str, repeat: int, tokens: int) -> dict:

@@ -236,14 +236,14 @@ class Remote:
         uploads, order = _uploads(items, piped)
         served = None
         fields = set(Event.__dataclass_fields__) - {"kind"}
-        pending = [i for i, (kind, _) in enumerate(order) if kind == "skipped"]
+        pending = [i for i, (kind, _, _) in enumerate(order) if kind == "skipped"]
         sent_files = 0
         emit = on_event or (lambda event: None)
         try:
             for event in self.client.inject(pool, [u for u in uploads if u is not None], **args):
-                if event.get("done"):
-                    served = event["report"]
-                elif "event" in event:
+                if "event" not in event:  # the last line: {"done": true, "report": ...}
+                    served = event.get("report")
+                else:
                     if event["event"] == "file":  # skips found here are told where they are in the run
                         sent_files += 1
                         while pending and order[pending[0]][2] < sent_files:

@@ -176,8 +176,26 @@ def test_ask_through_server_equals_in_process(ck, tmp_path, server, monkeypatch)
     result = run_cli("ask", QUESTION, "--pool", "notes")
     assert result.exit_code == 0, result.stderr
     assert result.stdout == (expected.text + "\n")
-    as_json = json.loads(run_cli("ask", QUESTION, "--pool", "notes", "--json").stdout)
-    assert as_json["answer"] == expected.text
+    # --json: the same NDJSON events as in-process (timings aside)
+    served = ndjson_events(run_cli("ask", QUESTION, "--pool", "notes", "--json").stdout)
+    here = ndjson_events(run_cli("--no-server", "ask", QUESTION, "--pool", "notes", "--json").stdout)
+    assert served == here
+    assert served[-1]["event"] == "answer" and served[-1]["answer"] == expected.text
+    assert "".join(e["text"] for e in served if e["event"] == "text") == expected.text
+
+    # a missing pool: the same one-line error
+    missing = run_cli("ask", QUESTION, "--pool", "note")
+    assert missing.exit_code == 1 and missing.stderr.strip() == "memcli: error: pool note not found; did you mean notes?"
+    assert run_cli("--no-server", "ask", QUESTION, "--pool", "note").stderr == missing.stderr
+    assert run_cli("chat", "--pool", "note", input="hi?\n").stderr == missing.stderr
+
+
+TIMINGS = ("seconds", "seconds_to_first_token", "decode_tokens_per_second", "tokens_per_second")
+
+
+def ndjson_events(stdout: str) -> list[dict]:
+    """Output lines as JSON objects, without their timings (which differ from run to run)."""
+    return [{k: v for k, v in json.loads(line).items() if k not in TIMINGS} for line in stdout.splitlines()]
 
 
 def test_inject_through_server_equals_in_process(ck, tmp_path, server, monkeypatch):
@@ -366,7 +384,7 @@ def test_ask_during_inject_answers_from_the_last_commit(ck, tmp_path, server):
 
         def drain():
             for event in events:
-                if event.get("done"):
+                if "report" in event:
                     finished.set()
 
         reader = threading.Thread(target=drain)
@@ -460,7 +478,7 @@ def test_sigterm_mid_inject_stops_at_the_last_commit(ck, tmp_path, server):
         for event in client.inject("term", [upload(p) for p in files]):
             if event.get("event") == "file" and event["path"].endswith("f03.txt"):
                 server.proc.send_signal(signal.SIGTERM)
-            if event.get("done"):
+            if "report" in event:
                 done = event
     assert server.proc.wait(DEADLINE) == 130  # memcli's exit code for SIGTERM, after a clean shutdown
     assert done["interrupted"] is True  # the client is told what was kept
@@ -773,19 +791,29 @@ def test_an_answer_stops_at_the_next_token_once_its_client_left(ck, tmp_path):
 
 
 def test_chat_through_the_server_is_a_conversation(ck, tmp_path, server, monkeypatch):
+    """The same conversation through the server and in-process: the same answers (the second turn
+    carries the first, /reset forgets both), the same --json lines."""
     app = local(ck)
     make_pool(app, tmp_path, "conv", TEXTS[:2])
     monkeypatch.delenv("MEMCLI_SERVER")
-    result = runner.invoke(cli.app, ["--device", "cpu", "chat", "--pool", "conv", "--max-new-tokens", "6"],
-                           input="first question?\nsecond question?\n/reset\nfirst question?\n")
-    assert result.exit_code == 0, result.stderr
-    with Client() as client:
-        def reply(messages):
-            return "".join(c["choices"][0]["delta"].get("content") or "" for c in client.chat("conv", messages, max_tokens=6)
-                           if c.get("choices"))
+    lines = "first question?\nsecond question?\n/reset\nfirst question?\n"
+    args = ["chat", "--pool", "conv", "--max-new-tokens", "6"]
+    served = run_cli(*args, input=lines)
+    here = run_cli("--no-server", *args, input=lines)
+    assert served.exit_code == 0 and here.exit_code == 0, served.stderr + here.stderr
+    assert served.stdout == here.stdout and served.stderr == here.stderr
+    session = app.chat("conv", max_new_tokens=6)
+    first, second = session.ask("first question?").text, session.ask("second question?").text
+    assert first != second and served.stdout == f"{first}\n{second}\n{first}\n"
 
-        first = reply([{"role": "user", "content": "first question?"}])
-        second = reply([{"role": "user", "content": "first question?"}, {"role": "assistant", "content": first},
-                        {"role": "user", "content": "second question?"}])
-    assert first != second
-    assert result.stdout == f"{first}\n{second}\n{first}\n"  # the second turn saw the first; /reset forgot both
+    served_json = ndjson_events(run_cli(*args, "--json", input=lines).stdout)
+    assert served_json == ndjson_events(run_cli("--no-server", *args, "--json", input=lines).stdout)
+    assert [(e["event"], e.get("turn")) for e in served_json] == [("turn", 1), ("turn", 2), ("reset", None), ("turn", 1)]
+
+    # earlier turns reach the server's prompt as they reach the in-process one
+    history = [("first question?", "yes.")]
+    expected = app.ask("conv", "second question?", max_new_tokens=6, history=history)
+    assert expected.turns_in_prompt == 1
+    with Client() as client:
+        text, done = served_answer(client, "conv", "second question?", max_new_tokens=6, history=history)
+    assert text == expected.text and done["turns_in_prompt"] == 1 and done["prompt_tokens"] == expected.prompt_tokens

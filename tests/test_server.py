@@ -242,6 +242,34 @@ def test_inject_through_server_equals_in_process(ck, tmp_path, server, monkeypat
     assert torch.equal(a.state.slots, b.state.slots)
     assert store.read_manifest("there")["meta"]["sources"][-1]["path"] == "-"
 
+    # a changed file, a type the folder ignores, --encoding: the same report as in-process
+    (tmp_path / "docs" / "pic.png").write_bytes(b"\x89PNG\r\n\x1a\n" + bytes(range(256)))
+    (tmp_path / "docs" / "n0.txt").write_text(TEXTS[0] + " It rained all day long.")
+    latin = tmp_path / "latin.txt"
+    latin.write_bytes("Zoë drinks café au lait on the façade's terrace, naïvely.".encode("latin-1"))
+    report_here = app.inject("here", [str(tmp_path / "docs"), str(latin)], encoding="latin-1")
+    result = run_cli("inject", str(tmp_path / "docs"), str(latin), "--pool", "there", "--encoding", "latin-1", "--json")
+    assert result.exit_code == 0, result.stderr
+    assert strip(json.loads(result.stdout)) == strip(report_here.to_json())
+    summary = report_here.summary()
+    assert summary["changed"] == 1 and summary["already"] == 3 and summary["injected"] == 1
+    assert summary["ignored_by_type"] == {".png": 1}
+    human = run_cli("inject", str(tmp_path / "docs"), "--pool", "there")  # the summary line names them
+    assert human.exit_code == 0 and "1 ignored by type (.png 1)" in human.stderr and "4 already in the pool" in human.stderr
+
+    # --type and the progress events ("file k of n", positions) as in-process
+    events_here: list = []
+    app.inject("here", [str(latin), str(files[1])], force=True, type="text", encoding="latin-1", on_event=events_here.append)
+    with Client() as client:
+        served_events = [e for e in client.inject("there", [upload(latin), upload(files[1])], force=True, type="text",
+                                                  encoding="latin-1") if "event" in e]
+    drop = ("seconds",)
+    assert [{k: v for k, v in e.items() if k not in drop} for e in served_events] == \
+        [{"event": e.kind, **{k: v for k, v in vars(e).items() if k not in drop + ("kind",)}} for e in events_here]
+    assert [(e["file_index"], e["files_total"]) for e in served_events if e["event"] == "file"] == [(1, 2), (2, 2)]
+    a, b = pools.load(store, "here"), pools.load(store, "there")
+    assert torch.equal(a.state.slots, b.state.slots)
+
     # nothing to send: the command runs in-process and says what it would have said there
     assert run_cli("inject", str(tmp_path / "nope.txt"), "--pool", "there").exit_code == 3
     bad = run_cli("inject", str(tmp_path / "nope.txt"), "--pool", "bad/name")

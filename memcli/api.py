@@ -751,7 +751,8 @@ def answer_prompt(loaded: LoadedModel, question: str, history: list[tuple[str, s
     return ids, answer_budget(loaded, len(ids), max_new_tokens, "question"), len(turns)
 
 
-def answer_budget(loaded: LoadedModel, prompt_tokens: int, max_new_tokens: int | None, what: str = "prompt") -> int:
+def answer_budget(loaded: LoadedModel, prompt_tokens: int, max_new_tokens: int | None, what: str = "prompt",
+                  option: str = "--max-new-tokens") -> int:
     """Tokens the answer may take: `max_new_tokens`, or up to 256 / what the window leaves; a
     one-line refusal when the prompt and the answer do not fit the window."""
     limit = loaded.max_input_tokens()
@@ -762,7 +763,7 @@ def answer_budget(loaded: LoadedModel, prompt_tokens: int, max_new_tokens: int |
     if prompt_tokens + max_new_tokens > limit:
         raise MemcliError(
             f"the {what} is {prompt_tokens} tokens and the answer may take {max_new_tokens}; "
-            f"{loaded.name} reads at most {limit} tokens after its memory (shorten it or lower --max-new-tokens)"
+            f"{loaded.name} reads at most {limit} tokens after its memory (shorten it or lower {option})"
         )
     return max_new_tokens
 

@@ -5,6 +5,9 @@ keys/values already computed); when none runs, the first ask/chat/inject starts 
 background (its log: `server_address.log_file()`) unless `--no-server` or config `server = false`.
 A server that was killed leaves its socket behind: the next command says so in one line and
 starts a fresh one; its pools are at their last commit (every save is atomic).
+
+`Remote` stands in for `memcli.api.Memcli` (ask, inject, chat) so the commands' own code shows
+the results: the same output, JSON lines, report and exit codes as in-process runs.
 """
 
 from __future__ import annotations

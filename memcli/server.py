@@ -509,7 +509,7 @@ class Server:
             try:
                 loaded = model.app.model(model.name)
                 ids, _ = conversation_prompt(loaded, messages, max_tokens)
-                budget = answer_budget(loaded, len(ids), max_tokens)
+                budget = answer_budget(loaded, len(ids), max_tokens, option="max_tokens")
                 state = resident.pool_state(model, pool)
                 if stream:
                     emit(chunk({"role": "assistant", "content": ""}))

@@ -801,10 +801,15 @@ def decode_answer(loaded: LoadedModel, state, ids: list[int], max_new_tokens: in
                 return text[:at]
         return text if final or not hold else text[: max(len(text) - hold, sent)]
 
+    shown: list[str] = []  # the pieces streamed: the answer is what was shown, even where a later
+    # token decodes an earlier byte sequence differently (random weights' byte soup)
+
     def emit(text: str) -> None:
         nonlocal sent
-        if on_text is not None and len(text) > sent:
-            on_text(text[sent:])
+        if len(text) > sent:
+            shown.append(text[sent:])
+            if on_text is not None:
+                on_text(text[sent:])
         sent = max(sent, len(text))
 
     def on_token(token: int) -> None:
@@ -831,7 +836,7 @@ def decode_answer(loaded: LoadedModel, state, ids: list[int], max_new_tokens: in
     finished = time.perf_counter()
     emit(text)
     return Answer(
-        text=text,
+        text="".join(shown),
         tokens=list(generated),
         prompt_tokens=len(ids),
         seconds_to_first_token=(first_token_at[0] if first_token_at else finished) - started,

@@ -790,7 +790,6 @@ def chat(
     Earlier turns are part of each prompt, the oldest dropped first when the model's window is full."""
     from .api import MemcliError
     from .settings import SettingsError
-    from .store import PoolError
 
     state = _state(ctx)
     name = state.pool(pool)
@@ -854,7 +853,11 @@ def chat(
                                      "question": line, **answer.to_json()})
                 else:
                     _stream_answer(session.ask, line)
-            except (MemcliError, PoolError, SettingsError, ValueError) as err:
+            except Exception as err:
+                # the store's PoolError only where the store is loaded: a chat through a server stays light
+                store = sys.modules.get("memcli.store")
+                if not isinstance(err, (MemcliError, SettingsError, ValueError) + ((store.PoolError,) if store else ())):
+                    raise
                 failures += 1
                 error_line(err)
             except KeyboardInterrupt:

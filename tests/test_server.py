@@ -144,6 +144,14 @@ def served_answer(client: Client, pool: str, question: str, **kw) -> tuple[str, 
     return done["answer"], done
 
 
+def streamed(app, pool: str | None, question: str, **kw) -> str:
+    """What the command line prints of an in-process answer: its streamed pieces."""
+    pieces: list[str] = []
+    args = (question,) if pool is None else (pool, question)  # a ChatSession, or a Memcli
+    app.ask(*args, on_text=pieces.append, **kw)
+    return "".join(pieces)
+
+
 runner = CliRunner()
 
 
@@ -175,7 +183,7 @@ def test_ask_through_server_equals_in_process(ck, tmp_path, server, monkeypatch)
     monkeypatch.delenv("MEMCLI_SERVER")
     result = run_cli("ask", QUESTION, "--pool", "notes")
     assert result.exit_code == 0, result.stderr
-    assert result.stdout == (expected.text + "\n")
+    assert result.stdout == streamed(app, "notes", QUESTION) + "\n"
     # --json: the same NDJSON events as in-process (timings aside)
     served = ndjson_events(run_cli("ask", QUESTION, "--pool", "notes", "--json").stdout)
     here = ndjson_events(run_cli("--no-server", "ask", QUESTION, "--pool", "notes", "--json").stdout)
@@ -481,7 +489,7 @@ def test_sigkill_mid_inject_leaves_the_last_commit_and_the_next_command_works(ck
         assert ask.returncode == 0, ask.stderr
         notes = [line for line in ask.stderr.splitlines() if "ended without stopping" in line]
         assert len(notes) == 1 and "last commit" in notes[0]
-        assert ask.stdout == app.ask("k", QUESTION).text + "\n"
+        assert ask.stdout == streamed(app, "k", QUESTION) + "\n"
         # and an inject through the fresh server resumes: every file ends up in once
         again = subprocess.run([sys.executable, "-m", "memcli", "--device", "cpu", "inject", *map(str, files), "--pool", "k"],
                                capture_output=True, text=True, env=env, timeout=DEADLINE)
@@ -604,7 +612,7 @@ def test_config_server_false_runs_in_process(ck, tmp_path, monkeypatch):
     assert load_settings().server is False and load_settings().keep_alive == "600"
     monkeypatch.delenv("MEMCLI_SERVER")
     result = run_cli("ask", QUESTION, "--pool", "inproc")
-    assert result.exit_code == 0 and result.stdout == app.ask("inproc", QUESTION).text + "\n"
+    assert result.exit_code == 0 and result.stdout == streamed(app, "inproc", QUESTION) + "\n"
     assert not server_address.socket_path().exists() and not server_address.lock_held()
 
 
@@ -667,9 +675,14 @@ def test_client_imports_no_torch(server, tmp_path, ck):
     make_pool(app, tmp_path, "light", TEXTS[:1])
     traced = subprocess.run([sys.executable, "-X", "importtime", "-m", "memcli", "--device", "cpu", "ask", QUESTION,
                              "--pool", "light"], capture_output=True, text=True, env=env_for_server(), timeout=DEADLINE)
-    assert traced.returncode == 0 and traced.stdout == app.ask("light", QUESTION).text + "\n"
+    assert traced.returncode == 0 and traced.stdout == streamed(app, "light", QUESTION) + "\n"
     imported = [line.rsplit("|", 1)[-1].strip() for line in traced.stderr.splitlines() if line.startswith("import time:")]
     assert "httpx" in imported and not [m for m in imported if m.split(".")[0] == "torch"]
+    chat = subprocess.run([sys.executable, "-X", "importtime", "-m", "memcli", "--device", "cpu", "chat", "--pool", "light"],
+                          input=QUESTION + "\n", capture_output=True, text=True, env=env_for_server(), timeout=DEADLINE)
+    assert chat.returncode == 0 and chat.stdout == streamed(app, "light", QUESTION) + "\n", chat.stderr[-2000:]
+    imported = [line.rsplit("|", 1)[-1].strip() for line in chat.stderr.splitlines() if line.startswith("import time:")]
+    assert not [m for m in imported if m.split(".")[0] == "torch"]
 
 
 # --------------------------------------------------------------------------- bad input
@@ -831,7 +844,7 @@ def test_chat_through_the_server_is_a_conversation(ck, tmp_path, server, monkeyp
     assert served.exit_code == 0 and here.exit_code == 0, served.stderr + here.stderr
     assert served.stdout == here.stdout and served.stderr == here.stderr
     session = app.chat("conv", max_new_tokens=6)
-    first, second = session.ask("first question?").text, session.ask("second question?").text
+    first, second = [streamed(session, None, q) for q in ("first question?", "second question?")]
     assert first != second and served.stdout == f"{first}\n{second}\n{first}\n"
 
     served_json = ndjson_events(run_cli(*args, "--json", input=lines).stdout)

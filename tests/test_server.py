@@ -197,6 +197,14 @@ def test_ask_through_server_equals_in_process(ck, tmp_path, server, monkeypatch)
     assert run_cli("--no-server", "ask", QUESTION, "--pool", "note").stderr == missing.stderr
     assert run_cli("chat", "--pool", "note", input="hi?\n").stderr == missing.stderr
 
+    # --model (here after the command) of another model: refused from its config, as in-process, unloaded
+    other = str(fixture_checkpoint("memoryllm-8b-tiny"))
+    refused = run_cli("ask", QUESTION, "--pool", "notes", "--model", other)
+    assert refused.exit_code == 1 and "belongs to model" in refused.stderr
+    assert run_cli("--no-server", "ask", QUESTION, "--pool", "notes", "--model", other).stderr == refused.stderr
+    with Client() as client:
+        assert [m["model"] for m in client.ps()["models"]] == [ck]
+
 
 TIMINGS = ("seconds", "seconds_to_first_token", "decode_tokens_per_second", "tokens_per_second")
 

@@ -859,9 +859,22 @@ def test_chat_through_the_server_is_a_conversation(ck, tmp_path, server, monkeyp
     assert served_json == ndjson_events(run_cli("--no-server", *args, "--json", input=lines).stdout)
     assert [(e["event"], e.get("turn")) for e in served_json] == [("turn", 1), ("turn", 2), ("reset", None), ("turn", 1)]
 
+    # /inject mid-conversation: the same report line and the next answer reads it
+    PoolStore().fork("conv", "conv2")
+    note = tmp_path / "later.txt"
+    note.write_text(TEXTS[3])
+    lines = f"first question?\n/inject {note} {tmp_path / 'gone.txt'}\nfirst question?\n"
+    served_json = ndjson_events(run_cli("chat", "--pool", "conv", "--max-new-tokens", "6", "--json", input=lines).stdout)
+    here_json = ndjson_events(run_cli("--no-server", "chat", "--pool", "conv2", "--max-new-tokens", "6", "--json",
+                                      input=lines).stdout)
+    unpooled = lambda events: [{k: v for k, v in e.items() if k != "pool"} for e in events]  # noqa: E731
+    assert unpooled(served_json) == unpooled(here_json)
+    assert [e["event"] for e in served_json] == ["turn", "inject", "turn"]
+    assert served_json[1]["summary"]["injected"] == 1 and served_json[1]["summary"]["skipped"] == 1
+
     # earlier turns reach the server's prompt as they reach the in-process one
     history = [("first question?", "yes.")]
-    expected = app.ask("conv", "second question?", max_new_tokens=6, history=history)
+    expected = local(ck).ask("conv", "second question?", max_new_tokens=6, history=history)  # conv's last commit
     assert expected.turns_in_prompt == 1
     with Client() as client:
         text, done = served_answer(client, "conv", "second question?", max_new_tokens=6, history=history)

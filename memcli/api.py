@@ -349,7 +349,11 @@ class Memcli:
         raise PoolNotFoundError(pool_not_found_message(name, [info.name for info in self.store.list()]))
 
     def _pool_model(self, name: str, model: str | None) -> LoadedModel:
-        """The model a pool is bound to (or, for a new pool, the requested/default one).
+        return self.model(self.pool_model_name(name, model))
+
+    def pool_model_name(self, name: str, model: str | None = None) -> str:
+        """The model a pool runs on (or, for a new pool, the requested/default one), resolved
+        without loading weights (a server resolves it with its client's settings).
 
         For an existing pool, a model named for this run (`model`, --model or MEMCLI_MODEL) is
         used instead of the recorded one when its config.json has the pool's fingerprint — checked
@@ -358,20 +362,20 @@ class Memcli:
         from . import pool as pools
 
         if not self.store.exists(name):
-            return self.model(model)
+            return normalize_model(model or self.settings.model)
         binding = pools.read_binding(self.store, name)
         wanted = model or (self.settings.model if self.settings.explicit("model") else None)
         if wanted is not None and normalize_model(wanted) != binding.model:
             problem = _binding_mismatch(name, binding, model_identity(wanted))
             if problem is not None:
                 raise pools.PoolModelMismatch(problem)
-            return self.model(wanted)
+            return normalize_model(wanted)
         if _model_is_here(binding.model):
-            return self.model(binding.model)
+            return binding.model
         fallback = self.settings.model
         if fallback != binding.model and _model_is_here(fallback) and \
                 _binding_mismatch(name, binding, model_identity(fallback)) is None:
-            return self.model(fallback)
+            return normalize_model(fallback)
         raise MemcliError(
             f"pool {name} belongs to model {binding.model}, which is not on this machine; give the same "
             f"model with --model (its config.json must match) or record where it is now: "
@@ -511,11 +515,15 @@ class Memcli:
             except KeyboardInterrupt:
                 report.interrupted = True
                 self._discard_unsaved(pool_name, loaded, pool)
-                report.partial = _partial_of(pool, current)
+                report.partial = _partial_of(pool, current, self.source_label)
                 report.seconds = time.perf_counter() - started
                 raise InjectInterrupted(report) from None
         report.seconds = time.perf_counter() - started
         return report
+
+    def source_label(self, path: str) -> str:
+        """The name a source is logged under (a server logs an uploaded copy under the client's name)."""
+        return path
 
     def _discard_unsaved(self, name: str, loaded: LoadedModel, pool: "Pool") -> None:
         """After an interruption or a failed file, return to the last committed state."""
@@ -546,9 +554,10 @@ class Memcli:
         except ExtractError as err:
             emit(Event("skip", source.path, reason=str(err)))
             return FileResult(source.path, "skipped", str(err))
+        label = self.source_label(source.path)
         entry = pool.source_by_hash(digest)
         if entry is not None and entry.get("complete") and not force:
-            same = entry.get("path") == source.path or source.kind == "stdin"
+            same = entry.get("path") == label or source.kind == "stdin"
             reason = "already in the pool" if same else f"already in the pool as {entry.get('path')}"
             emit(Event("skip", source.path, reason=reason))
             return FileResult(source.path, "already", reason + " (use --force to inject it again)")
@@ -556,13 +565,13 @@ class Memcli:
         # the rows of its earlier version stay in memory and fade like all rows.
         previous = None
         if source.kind != "stdin":
-            previous = next((s for s in reversed(pool.sources) if s.get("path") == source.path and s.get("complete")
+            previous = next((s for s in reversed(pool.sources) if s.get("path") == label and s.get("complete")
                              and s.get("sha256") != digest and not s.get("superseded_by")), None)
         resume_after = entry["chunks"] if entry is not None and not entry.get("complete") and not force else 0
         if entry is None or force or entry.get("complete") or entry["first_chunk"] + entry["chunks"] != pool.next_chunk:
             entry = {
                 "id": len(pool.sources),
-                "path": source.path,
+                "path": label,
                 "kind": source.kind,
                 "sha256": digest,
                 "bytes": source.size,
@@ -639,68 +648,12 @@ class Memcli:
         window leaves after the question when that is less. `history`: earlier (question, answer)
         turns of a conversation, oldest first; as many of the newest as fit the window go into the
         prompt (the oldest are dropped first)."""
-        import torch
-
-        from .prompts import conversation_ids, stop_ids
-
         if not question or not question.strip():
             raise MemcliError("the question is empty")
         loaded, pool = self.open_pool(pool_name)
-        tokenizer = loaded.tokenizer
-        limit = loaded.max_input_tokens()
-        turns = list(history or [])
-        ids = conversation_ids(tokenizer, turns, question.strip())
-        answer_room = DEFAULT_ANSWER_TOKENS if max_new_tokens is None else max_new_tokens
-        while turns and len(ids) + min(answer_room, limit // 2) > limit:
-            turns.pop(0)  # the oldest turn goes first
-            ids = conversation_ids(tokenizer, turns, question.strip())
-        if max_new_tokens is None:
-            max_new_tokens = min(DEFAULT_ANSWER_TOKENS, limit - len(ids))
-            if max_new_tokens < 1:
-                raise MemcliError(f"the question is {len(ids)} tokens; {loaded.name} reads at most {limit}")
-        if len(ids) + max_new_tokens > limit:
-            raise MemcliError(
-                f"the question is {len(ids)} tokens and the answer may take {max_new_tokens}; "
-                f"{loaded.name} reads at most {limit} tokens after its memory (shorten it or lower --max-new-tokens)"
-            )
-        stops = stop_ids(tokenizer, loaded.cfg.eos_token_id)
-        emitted = ""
-        tokens: list[int] = []
-        first_token_at: list[float] = []
-        started = time.perf_counter()
-
-        def on_token(token: int) -> None:
-            nonlocal emitted
-            if not first_token_at:
-                first_token_at.append(time.perf_counter())
-            tokens.append(token)
-            if token in stops:
-                return
-            text = tokenizer.decode(tokens, skip_special_tokens=True)
-            # hold back an incomplete UTF-8 sequence until the next token completes it
-            if text.endswith("\ufffd"):
-                return
-            if on_text is not None and len(text) > len(emitted):
-                on_text(text[len(emitted):])
-            emitted = text
-
-        generation = loaded.engine.generate(
-            pool.state, torch.tensor([ids]), max_new_tokens=max_new_tokens, stop_ids=stops,
-            sampling=sampling, on_token=on_token,
-        )
-        finished = time.perf_counter()
-        text = tokenizer.decode([t for t in generation.tokens if t not in stops], skip_special_tokens=True)
-        if on_text is not None and len(text) > len(emitted):
-            on_text(text[len(emitted):])
-        return Answer(
-            text=text,
-            tokens=generation.tokens,
-            prompt_tokens=len(ids),
-            seconds_to_first_token=(first_token_at[0] if first_token_at else finished) - started,
-            seconds=finished - started,
-            stopped=bool(generation.tokens) and generation.tokens[-1] in stops,
-            turns_in_prompt=len(turns),
-        )
+        ids, max_new_tokens, turns = answer_prompt(loaded, question, history, max_new_tokens)
+        return decode_answer(loaded, pool.state, ids, max_new_tokens, sampling=sampling, on_text=on_text,
+                             turns_in_prompt=turns)
 
     def chat(self, pool_name: str, *, max_new_tokens: int | None = None,
              sampling: "Sampling | None" = None) -> "ChatSession":
@@ -754,6 +707,120 @@ class ChatSession:
         return self.app.inject(self.pool, paths, **kwargs)
 
 
+def answer_prompt(loaded: LoadedModel, question: str, history: list[tuple[str, str]] | None,
+                  max_new_tokens: int | None) -> tuple[list[int], int, int]:
+    """The prompt of `question` after the newest earlier turns that fit the model's window (the
+    oldest dropped first), and the answer's token budget: (ids, max_new_tokens, turns kept)."""
+    from .prompts import conversation_ids
+
+    if not question or not question.strip():
+        raise MemcliError("the question is empty")
+    tokenizer = loaded.tokenizer
+    limit = loaded.max_input_tokens()
+    turns = list(history or [])
+    ids = conversation_ids(tokenizer, turns, question.strip())
+    answer_room = DEFAULT_ANSWER_TOKENS if max_new_tokens is None else max_new_tokens
+    while turns and len(ids) + min(answer_room, limit // 2) > limit:
+        turns.pop(0)  # the oldest turn goes first
+        ids = conversation_ids(tokenizer, turns, question.strip())
+    return ids, answer_budget(loaded, len(ids), max_new_tokens, "question"), len(turns)
+
+
+def answer_budget(loaded: LoadedModel, prompt_tokens: int, max_new_tokens: int | None, what: str = "prompt",
+                  option: str = "--max-new-tokens") -> int:
+    """Tokens the answer may take: `max_new_tokens`, or up to 256 / what the window leaves; a
+    one-line refusal when the prompt and the answer do not fit the window."""
+    limit = loaded.max_input_tokens()
+    if max_new_tokens is None:
+        max_new_tokens = min(DEFAULT_ANSWER_TOKENS, limit - prompt_tokens)
+        if max_new_tokens < 1:
+            raise MemcliError(f"the {what} is {prompt_tokens} tokens; {loaded.name} reads at most {limit}")
+    if prompt_tokens + max_new_tokens > limit:
+        raise MemcliError(
+            f"the {what} is {prompt_tokens} tokens and the answer may take {max_new_tokens}; "
+            f"{loaded.name} reads at most {limit} tokens after its memory (shorten it or lower {option})"
+        )
+    return max_new_tokens
+
+
+class _StopString(Exception):
+    """A stop string appeared: the answer ends before it."""
+
+
+def decode_answer(loaded: LoadedModel, state, ids: list[int], max_new_tokens: int, *,
+                  sampling: "Sampling | None" = None, on_text: Callable[[str], None] | None = None,
+                  stop: tuple[str, ...] = (), checkpoint: Callable[[], None] | None = None,
+                  turns_in_prompt: int = 0) -> Answer:
+    """Decode an answer to the prompt `ids` from a memory state, passing text to `on_text` as it
+    comes: an incomplete UTF-8 sequence is held back until the next token completes it, and so is
+    text that may be the start of a stop string (`stop`: the answer ends before the first one).
+    `checkpoint()` runs before each token (a server stops there when its client left)."""
+    import torch
+
+    from .prompts import stop_ids
+
+    tokenizer = loaded.tokenizer
+    stops = stop_ids(tokenizer, loaded.cfg.eos_token_id)
+    hold = max((len(s) for s in stop), default=1) - 1
+    tokens: list[int] = []
+    sent = 0  # characters of the answer already passed to on_text
+    first_token_at: list[float] = []
+    cut: list[str] = []
+    started = time.perf_counter()
+
+    def visible(text: str, final: bool) -> str:
+        for s in stop:
+            at = text.find(s)
+            if at >= 0:
+                cut.append(text[:at])
+                return text[:at]
+        return text if final or not hold else text[: max(len(text) - hold, sent)]
+
+    shown: list[str] = []  # the pieces streamed: the answer is what was shown, even where a later
+    # token decodes an earlier byte sequence differently (random weights' byte soup)
+
+    def emit(text: str) -> None:
+        nonlocal sent
+        if len(text) > sent:
+            shown.append(text[sent:])
+            if on_text is not None:
+                on_text(text[sent:])
+        sent = max(sent, len(text))
+
+    def on_token(token: int) -> None:
+        if checkpoint is not None:
+            checkpoint()
+        if not first_token_at:
+            first_token_at.append(time.perf_counter())
+        tokens.append(token)
+        if token in stops:
+            return
+        text = tokenizer.decode(tokens, skip_special_tokens=True)
+        if text.endswith("\ufffd"):
+            return
+        emit(visible(text, final=False))
+        if cut:
+            raise _StopString()
+
+    try:
+        generated = loaded.engine.generate(state, torch.tensor([ids]), max_new_tokens=max_new_tokens,
+                                           stop_ids=stops, sampling=sampling, on_token=on_token).tokens
+        text = visible(tokenizer.decode([t for t in generated if t not in stops], skip_special_tokens=True), True)
+    except _StopString:
+        generated, text = list(tokens), cut[0]
+    finished = time.perf_counter()
+    emit(text)
+    return Answer(
+        text="".join(shown),
+        tokens=list(generated),
+        prompt_tokens=len(ids),
+        seconds_to_first_token=(first_token_at[0] if first_token_at else finished) - started,
+        seconds=finished - started,
+        stopped=bool(cut) or (bool(generated) and generated[-1] in stops),
+        turns_in_prompt=turns_in_prompt,
+    )
+
+
 def _position(tokens: int, encoded_tokens: int, reading: Reading) -> float:
     """Where in the file (in reading.unit) the first `tokens` tokens end: what was read so far,
     shared out over the tokens encoded from it (text is read at most a piece ahead)."""
@@ -784,12 +851,12 @@ def pool_not_found_message(name: str, existing: list[str]) -> str:
     return f"pool {name} not found{hint}"
 
 
-def _partial_of(pool: "Pool", source: Source | None) -> FileResult | None:
+def _partial_of(pool: "Pool", source: Source | None, label=lambda path: path) -> FileResult | None:
     """After an interruption (and a return to the last commit): what is kept of the file in progress."""
     if source is None:
         return None
     for entry in reversed(pool.sources):
-        if entry.get("path") == source.path and not entry.get("complete"):
+        if entry.get("path") == label(source.path) and not entry.get("complete"):
             if entry.get("chunks"):
                 return FileResult(source.path, "partial", chunks=entry["chunks"], tokens=entry.get("tokens", 0))
             break

@@ -211,6 +211,7 @@ def _user_message(err: BaseException) -> str | None:
 
 
 GLOBAL_OPTIONS = ("--model", "--device", "--dtype", "--quant")
+GLOBAL_FLAGS = ("--no-server",)
 
 
 def hoist_global_options(args: list[str]) -> list[str]:
@@ -226,6 +227,10 @@ def hoist_global_options(args: list[str]) -> list[str]:
             rest.extend(args[i:])
             break
         name = arg.split("=", 1)[0]
+        if arg in GLOBAL_FLAGS and rest:
+            front.append(arg)
+            i += 1
+            continue
         if name in GLOBAL_OPTIONS and rest:
             take = 1 if "=" in arg else 2
             front.extend(args[i:i + take])
@@ -391,7 +396,7 @@ def complete_config_key(incomplete: str) -> list[str]:
 
 
 # --------------------------------------------------------------------------- the app
-GLOBAL_NOTE = "Global options (--model, --device, --dtype, --quant) may also come after the command."
+GLOBAL_NOTE = "Global options (--model, --device, --dtype, --quant, --no-server) may also come after the command."
 app = typer.Typer(
     cls=_Group,
     name="memcli",
@@ -444,9 +449,11 @@ def _root(
     dtype: Optional[str] = typer.Option(None, "--dtype", metavar="DTYPE", help="auto, fp32, bf16 or fp16 (MEMCLI_DTYPE)."),
     quant: Optional[str] = typer.Option(None, "--quant", metavar="QUANT", help="auto, nf4, int8, fp32, bf16 or fp16 (MEMCLI_QUANT)."),
     version: bool = typer.Option(False, "--version", metavar=FLAG, callback=_version, is_eager=True, help="Show the version and exit."),
+    no_server: bool = typer.Option(False, "--no-server", metavar=FLAG, help="Run in this process, not through a memcli server (config: server = false; MEMCLI_SERVER=0)."),
 ) -> None:
     _quiet_libraries()
     ctx.obj = State(flags={"model": model, "device": device, "dtype": dtype, "quant": quant})
+    ctx.obj.flags["server"] = False if no_server else None
 
 
 # --------------------------------------------------------------------------- inject
@@ -612,8 +619,15 @@ def inject(
 
     state = _state(ctx)
     name = state.pool(pool)
+    if cli_server.inject(ctx, paths, name, chunk_tokens, glob, force, as_json, type_=type_, encoding=encoding):
+        return
     report, interrupted = _run_inject(functools.partial(state.app().inject, name), paths, chunk_tokens=chunk_tokens,
                                       glob=glob, force=force, type=type_, encoding=encoding)
+    show_inject_report(report, interrupted, as_json)
+
+
+def show_inject_report(report, interrupted: bool, as_json: bool) -> None:
+    """An inject's outcome (in-process or through a server): the report, and its exit code."""
     if as_json:
         print_json(report.to_json())
     else:
@@ -678,6 +692,8 @@ def ask(
         if not question.strip():
             raise UsageProblem("ask -: stdin held no question")
     name = state.pool(pool)
+    if cli_server.ask(ctx, question, name, max_new_tokens, temperature, top_p, seed, as_json):
+        return
     app_ = state.app()
     sampling = _sampling(temperature, top_p, seed)
 
@@ -784,11 +800,11 @@ def chat(
     Earlier turns are part of each prompt, the oldest dropped first when the model's window is full."""
     from .api import MemcliError
     from .settings import SettingsError
-    from .store import PoolError
 
     state = _state(ctx)
     name = state.pool(pool)
-    session = state.app().chat(name, max_new_tokens=max_new_tokens, sampling=_sampling(temperature, top_p, seed))
+    session = (cli_server.chat(ctx, name, max_new_tokens, temperature, top_p, seed)  # through a running server
+               or state.app().chat(name, max_new_tokens=max_new_tokens, sampling=_sampling(temperature, top_p, seed)))
     interactive = sys.stdin.isatty()
     history = _History() if interactive else None
     if interactive:
@@ -847,7 +863,11 @@ def chat(
                                      "question": line, **answer.to_json()})
                 else:
                     _stream_answer(session.ask, line)
-            except (MemcliError, PoolError, SettingsError, ValueError) as err:
+            except Exception as err:
+                # the store's PoolError only where the store is loaded: a chat through a server stays light
+                store = sys.modules.get("memcli.store")
+                if not isinstance(err, (MemcliError, SettingsError, ValueError) + ((store.PoolError,) if store else ())):
+                    raise
                 failures += 1
                 error_line(err)
             except KeyboardInterrupt:
@@ -917,7 +937,8 @@ def pool_info(ctx: typer.Context,
               as_json: bool = typer.Option(False, "--json", metavar=FLAG, help=JSON_HELP)) -> None:
     """Show a pool's facts and how much of each source is still in memory."""
     state = _state(ctx)
-    info = state.app().pool_info(state.pool(name))
+    name = state.pool(name)
+    info = cli_server.pool_info(ctx, name) or state.pools_api().pool_info(name)
     if as_json:
         print_json(info)
         return
@@ -1226,6 +1247,11 @@ def eval_retention(
 
     command(_state(ctx).app(), episodes, distractors, seed, max_new_tokens, json_path, plot_path,
             out=sys.stdout.write, progress=say)
+
+
+from . import cli_server  # noqa: E402 - serve, ps, stop and the routing through a running server
+
+cli_server.register(app)
 
 
 # --------------------------------------------------------------------------- entry point

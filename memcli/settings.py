@@ -30,7 +30,7 @@ DEVICES = ("auto", "cpu", "cuda")
 DTYPES = ("auto", "fp32", "bf16", "fp16")
 QUANTS = ("auto", "nf4", "int8", "fp32", "bf16", "fp16")
 ENV = {"model": "MEMCLI_MODEL", "pool": "MEMCLI_POOL", "device": "MEMCLI_DEVICE", "dtype": "MEMCLI_DTYPE",
-       "quant": "MEMCLI_QUANT"}
+       "quant": "MEMCLI_QUANT", "server": "MEMCLI_SERVER", "keep_alive": "MEMCLI_KEEP_ALIVE"}
 KEYS = tuple(ENV)
 HELP = {
     "model": "model of new pools: an alias (memcli models), hub id or folder",
@@ -38,6 +38,8 @@ HELP = {
     "device": "auto, cpu, cuda or cuda:N",
     "dtype": "auto, fp32, bf16 or fp16",
     "quant": "auto, nf4, int8, fp32, bf16 or fp16",
+    "server": "true or false: whether ask, chat and inject use (and start) a memcli server",
+    "keep_alive": "how long a server keeps a model loaded after its last request: 5m, 30s, 0, -1",
 }
 
 
@@ -52,6 +54,9 @@ class Settings:
     device: str = "auto"
     dtype: str = "auto"
     quant: str = "auto"
+    # the resident server (memcli serve): whether commands use/start one, how long it keeps a model
+    server: bool = True
+    keep_alive: str = "5m"
     # where each value came from: "default" | "config file" | "environment" | "command line"
     origin: dict = field(default_factory=dict, compare=False, repr=False)
 
@@ -104,6 +109,11 @@ def _validate(values: dict, where: str) -> dict:
     for key, value in values.items():
         if key not in KEYS:
             raise SettingsError(f"{where}: unknown setting {key!r} (known: {', '.join(KEYS)})")
+        if key == "server":
+            values[key] = value = _boolean(value, where)
+            continue
+        if key == "keep_alive" and isinstance(value, (int, float)) and not isinstance(value, bool):
+            values[key] = value = str(value)
         if not isinstance(value, str) or not value:
             raise SettingsError(f"{where}: {key} must be a non-empty string")
     checks = {"dtype": DTYPES, "quant": QUANTS}
@@ -114,6 +124,18 @@ def _validate(values: dict, where: str) -> dict:
     if device and not (device in DEVICES or (device.startswith("cuda:") and device[5:].isdigit())):
         raise SettingsError(f"{where}: device must be auto, cpu, cuda or cuda:N, not {device!r}")
     return values  # a pool name is checked by the store where it is used
+
+
+def _boolean(value, where: str) -> bool:
+    """server = true/false in the config file; 1/0, true/false, yes/no, on/off as a string."""
+    if isinstance(value, bool):
+        return value
+    text = str(value).strip().lower()
+    if text in ("1", "true", "yes", "on"):
+        return True
+    if text in ("0", "false", "no", "off"):
+        return False
+    raise SettingsError(f"{where}: server must be true or false, not {value!r}")
 
 
 def read_config_file() -> dict:
@@ -165,7 +187,7 @@ def set_config(key: str, value: str | None) -> None:
         values.update(_validate({key: _normalized(key, value)}, "memcli config set"))
     path = paths.config_file()
     path.parent.mkdir(parents=True, exist_ok=True)
-    text = "".join(f"{k} = {_toml_string(v)}\n" for k, v in values.items())
+    text = "".join(f"{k} = {_toml_value(v)}\n" for k, v in values.items())
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".config-", suffix=".toml")
     try:
         with os.fdopen(fd, "w") as out:
@@ -179,6 +201,12 @@ def set_config(key: str, value: str | None) -> None:
         except OSError:
             pass
         raise
+
+
+def _toml_value(value: str | bool) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    return _toml_string(value)
 
 
 def _toml_string(value: str) -> str:

@@ -1,0 +1,195 @@
+"""Talking to a running `memcli serve` over its Unix socket (httpx). Imports no torch: a command
+that goes through the server starts in a fraction of the time a model-loading one takes."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import IO, Iterable, Iterator
+
+import httpx
+
+from .server_address import socket_path
+
+UPLOAD_BLOCK = 1 << 20
+
+
+class ServerUnavailable(Exception):
+    """No server answers on the socket (none runs, or it was killed and left its socket behind)."""
+
+
+class ServerGone(Exception):
+    """The server went away in the middle of a request (killed, crashed or stopped)."""
+
+
+class ServerError(Exception):
+    """The server refused or failed a request; str() is its one-line message."""
+
+    def __init__(self, status: int, message: str, kind: str = ""):
+        super().__init__(message)
+        self.status, self.kind = status, kind
+
+
+class Upload:
+    """One file to inject: the name the pool logs it under and an open binary stream of its bytes."""
+
+    def __init__(self, path: str, stream: IO[bytes], size: int):
+        self.path, self.stream, self.size = path, stream, size
+
+
+class Client:
+    def __init__(self, path: Path | str | None = None, timeout: float | None = None):
+        self.path = Path(path) if path else socket_path()
+        transport = httpx.HTTPTransport(uds=str(self.path))
+        self.http = httpx.Client(transport=transport, base_url="http://memcli",
+                                 timeout=httpx.Timeout(timeout, connect=5.0),
+                                 headers={"x-memcli-client": f"pid-{os.getpid()}"})
+
+    def close(self) -> None:
+        self.http.close()
+
+    def __enter__(self) -> "Client":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    # ------------------------------------------------------------------ plain requests
+    def _request(self, method: str, url: str, **kwargs) -> object:
+        try:
+            response = self.http.request(method, url, **kwargs)
+        except (httpx.ConnectError, FileNotFoundError, ConnectionRefusedError) as err:
+            raise ServerUnavailable(str(err)) from None
+        except (httpx.RemoteProtocolError, httpx.ReadError, httpx.WriteError) as err:
+            raise ServerGone(str(err) or type(err).__name__) from None
+        _raise_for(response)
+        return response.json()
+
+    def health(self) -> dict | None:
+        """The server's facts, or None when no server answers."""
+        if not self.path.exists():
+            return None
+        try:
+            return self._request("GET", "/api/health", timeout=10.0)  # a hung server is no server
+        except (ServerUnavailable, ServerGone, ServerError, ValueError):
+            return None
+
+    def ps(self) -> dict:
+        return self._request("GET", "/api/ps")
+
+    def stop(self) -> dict:
+        return self._request("POST", "/api/stop")
+
+    def pools(self) -> list[dict]:
+        return self._request("GET", "/api/pools")
+
+    def require_pool(self, name: str) -> None:
+        """ServerError (404: "pool X not found; did you mean Y?", 400: an invalid name) unless the
+        pool exists; reads manifests only."""
+        self._request("GET", f"/v1/models/{httpx.URL(path=name).raw_path.decode()}")
+
+    def pool_info(self, name: str) -> dict:
+        return self._request("GET", f"/api/pools/{httpx.URL(path=name).raw_path.decode()}")
+
+    # ------------------------------------------------------------------ streams
+    def _stream(self, method: str, url: str, **kwargs) -> Iterator[dict]:
+        try:
+            with self.http.stream(method, url, **kwargs) as response:
+                if response.status_code != 200:
+                    response.read()
+                    _raise_for(response)
+                for line in response.iter_lines():
+                    if not line.strip():
+                        continue
+                    event = json.loads(line)
+                    if "error" in event:
+                        error = event["error"]
+                        raise ServerError(int(error.get("status", 500)), error.get("message", "error"), error.get("type", ""))
+                    yield event
+        except (httpx.ConnectError, FileNotFoundError, ConnectionRefusedError) as err:
+            raise ServerUnavailable(str(err)) from None
+        except (httpx.RemoteProtocolError, httpx.ReadError, httpx.WriteError) as err:
+            raise ServerGone(str(err) or type(err).__name__) from None
+
+    def ask(self, pool: str, question: str, max_new_tokens: int | None = None, temperature: float = 0.0,
+            top_p: float = 1.0, seed: int | None = None, history: list[tuple[str, str]] | None = None,
+            model: str | None = None, model_explicit: bool = False) -> Iterator[dict]:
+        """`memcli ask --json`'s events: {"event": "text", "text": …} per piece of the answer, then
+        {"event": "answer", …} (plus "pool_version"). `history`: earlier (question, answer) turns;
+        `model`: the client's model setting (`model_explicit` when named for this run)."""
+        body = {"pool": pool, "question": question, "max_new_tokens": max_new_tokens,
+                "temperature": temperature, "top_p": top_p, "seed": seed,
+                "history": [list(turn) for turn in history or []], "model": model, "model_explicit": model_explicit}
+        return self._stream("POST", "/api/ask", json=body)
+
+    def inject(self, pool: str, uploads: Iterable[Upload], model: str | None = None,
+               chunk_tokens: int | None = None, force: bool = False, type: str | None = None,
+               encoding: str | None = None, model_explicit: bool = False) -> Iterator[dict]:
+        """Progress events ({"event": "file"|"chunk"|"commit"|"skip", and `memcli.api.Event`'s
+        fields}), then {"done": true, "report": …}."""
+        params = {"pool": pool}
+        if model:
+            params["model"] = model
+        if model_explicit:
+            params["model_explicit"] = "1"
+        if type:
+            params["type"] = type
+        if encoding:
+            params["encoding"] = encoding
+        if chunk_tokens is not None:
+            params["chunk_tokens"] = str(chunk_tokens)
+        if force:
+            params["force"] = "1"
+        return self._stream("POST", "/api/inject", params=params, content=_upload_body(list(uploads)),
+                            headers={"content-type": "application/x-memcli-upload"})
+
+    def chat(self, pool: str, messages: list[dict], max_tokens: int | None = None, temperature: float = 0.0,
+             top_p: float = 1.0, seed: int | None = None) -> Iterator[dict]:
+        """The OpenAI endpoint, streamed: the chunks' objects (the last one carries the usage)."""
+        body = {"model": pool, "messages": messages, "stream": True, "stream_options": {"include_usage": True},
+                "temperature": temperature, "top_p": top_p}
+        if max_tokens is not None:
+            body["max_tokens"] = max_tokens
+        if seed is not None:
+            body["seed"] = seed
+        try:
+            with self.http.stream("POST", "/v1/chat/completions", json=body) as response:
+                if response.status_code != 200:
+                    response.read()
+                    _raise_for(response)
+                for line in response.iter_lines():
+                    if not line.startswith("data: ") or line == "data: [DONE]":
+                        continue
+                    event = json.loads(line[6:])
+                    if "error" in event:
+                        error = event["error"]
+                        raise ServerError(int(error.get("status", 500)), error.get("message", "error"), error.get("type", ""))
+                    yield event
+        except (httpx.ConnectError, FileNotFoundError, ConnectionRefusedError) as err:
+            raise ServerUnavailable(str(err)) from None
+        except (httpx.RemoteProtocolError, httpx.ReadError, httpx.WriteError) as err:
+            raise ServerGone(str(err) or type(err).__name__) from None
+
+
+def _upload_body(uploads: list[Upload]) -> Iterator[bytes]:
+    for upload in uploads:
+        yield (json.dumps({"path": upload.path, "size": upload.size}) + "\n").encode()
+        left = upload.size
+        while left:
+            block = upload.stream.read(min(UPLOAD_BLOCK, left))
+            if not block:  # the server sees an upload that ends inside a file and injects none of it
+                raise ValueError(f"{upload.path} got shorter while it was sent; nothing of it was injected")
+            yield block
+            left -= len(block)
+
+
+def _raise_for(response: httpx.Response) -> None:
+    if response.status_code < 400:
+        return
+    try:
+        error = response.json()["error"]
+        message, kind = error["message"], error.get("type", "")
+    except (ValueError, KeyError, TypeError):
+        message, kind = f"the server answered {response.status_code}", ""
+    raise ServerError(response.status_code, message, kind)

@@ -14,7 +14,6 @@ No torch here (`memcli config` and completion must stay light): only resolving `
 from __future__ import annotations
 
 import os
-import tempfile
 import tomllib
 from dataclasses import dataclass, field, replace
 
@@ -185,22 +184,11 @@ def set_config(key: str, value: str | None) -> None:
         values.pop(key, None)
     else:
         values.update(_validate({key: _normalized(key, value)}, "memcli config set"))
+    from .store.durable import replace_file  # memcli's one durable write (torch-free)
+
     path = paths.config_file()
     path.parent.mkdir(parents=True, exist_ok=True)
-    text = "".join(f"{k} = {_toml_value(v)}\n" for k, v in values.items())
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".config-", suffix=".toml")
-    try:
-        with os.fdopen(fd, "w") as out:
-            out.write(text)
-            out.flush()
-            os.fsync(out.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        raise
+    replace_file(path.parent, path.name, "".join(f"{k} = {_toml_value(v)}\n" for k, v in values.items()).encode())
 
 
 def _toml_value(value: str | bool) -> str:

@@ -10,8 +10,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import re
-import stat
 import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -35,46 +33,30 @@ class ConfigError(ValueError):
 # --------------------------------------------------------------------------- reading JSON safely
 MAX_JSON_BYTES = 64 << 20  # tokenizer.json of Llama 3 is 9 MB; configs are a few KB
 MAX_JSON_DEPTH = 64
-_STRING = re.compile(r'"(?:[^"\\]|\\.)*"', re.S)
-_BRACKETS = re.compile(r"[\[\]{}]")
 
 
 def read_json_file(path: Path, limit: int = MAX_JSON_BYTES):
     """A model folder's JSON file, refused (ConfigError naming the file) unless it is a regular file
-    of bounded size and nesting. Opened without blocking, so a FIFO cannot hang the load."""
+    of bounded size and nesting. Opened without blocking, so a FIFO cannot hang the load. The same
+    opener and bounded parser read the pool store's documents."""
+    from .store.durable import open_regular, read_fd
+    from .store.errors import PoolError
+    from .store.manifest import parse_json
+
     path = Path(path)
     try:
-        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
+        fd = open_regular(path, str(path), max_bytes=limit)
+        try:
+            data = read_fd(fd, limit)
+        finally:
+            os.close(fd)
+        return parse_json(data, str(path), max_depth=MAX_JSON_DEPTH)
     except FileNotFoundError:
         raise ConfigError(f"{path} not found") from None
     except OSError as err:
         raise ConfigError(f"cannot read {path}: {err.strerror or err}") from None
-    try:
-        info = os.fstat(fd)
-        if not stat.S_ISREG(info.st_mode):
-            raise ConfigError(f"{path} is not a regular file")
-        if info.st_size > limit:
-            raise ConfigError(f"{path} is {info.st_size} bytes, more than the {limit} a model file may have")
-        with os.fdopen(fd, "rb", closefd=False) as f:
-            data = f.read(limit + 1)
-    except OSError as err:
-        raise ConfigError(f"cannot read {path}: {err.strerror or err}") from None
-    finally:
-        os.close(fd)
-    try:
-        text = data.decode("utf-8")
-    except UnicodeDecodeError:
-        raise ConfigError(f"{path} is not UTF-8 text") from None
-    depth = deepest = 0
-    for bracket in _BRACKETS.findall(_STRING.sub("", text)):
-        depth += 1 if bracket in "[{" else -1
-        deepest = max(deepest, depth)
-        if deepest > MAX_JSON_DEPTH:
-            raise ConfigError(f"{path} nests deeper than {MAX_JSON_DEPTH} levels")
-    try:
-        return json.loads(text)
-    except (ValueError, RecursionError) as err:
-        raise ConfigError(f"{path} is not valid JSON: {str(err).splitlines()[0][:120]}") from None
+    except PoolError as err:
+        raise ConfigError(str(err)) from None
 
 
 # --------------------------------------------------------------------------- field checks

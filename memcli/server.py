@@ -579,11 +579,11 @@ class Server:
             Route("/api/ps", guarded(self.ps), methods=["GET"]),
             Route("/api/stop", guarded(self.stop), methods=["POST"]),
             Route("/api/pools", guarded(self.pools), methods=["GET"]),
-            Route("/api/pools/{name}", guarded(self.pool_info), methods=["GET"]),
+            Route("/api/pools/{name:path}", guarded(self.pool_info), methods=["GET"]),
             Route("/api/ask", guarded(self.ask), methods=["POST"]),
             Route("/api/inject", guarded(self.inject), methods=["POST"]),
             Route("/v1/models", guarded(self.models), methods=["GET"]),
-            Route("/v1/models/{name}", guarded(self.model), methods=["GET"]),
+            Route("/v1/models/{name:path}", guarded(self.model), methods=["GET"]),
             Route("/v1/chat/completions", guarded(self.chat_completions), methods=["POST"]),
         ]
         app = Starlette(routes=routes)

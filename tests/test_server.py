@@ -196,6 +196,10 @@ def test_ask_through_server_equals_in_process(ck, tmp_path, server, monkeypatch)
     assert missing.exit_code == 1 and missing.stderr.strip() == "memcli: error: pool note not found; did you mean notes?"
     assert run_cli("--no-server", "ask", QUESTION, "--pool", "note").stderr == missing.stderr
     assert run_cli("chat", "--pool", "note", input="hi?\n").stderr == missing.stderr
+    for command in (["ask", QUESTION, "--pool"], ["chat", "--pool"], ["pool", "info"]):  # the store's one line
+        invalid = run_cli(*command, "bad/name", input="hi?\n")
+        assert invalid.exit_code == 1 and "invalid pool name" in invalid.stderr, invalid.stderr
+        assert run_cli("--no-server", *command, "bad/name", input="hi?\n").stderr == invalid.stderr
 
     # --model (here after the command) of another model: refused from its config, as in-process, unloaded
     other = str(fixture_checkpoint("memoryllm-8b-tiny"))

@@ -112,7 +112,7 @@ def run_variant(name: str, like: str, quant: str, args, device: torch.device) ->
         inject_s += t
         t, _ = _timed(device, lambda: engine.update(state, delta))
         update_s += t
-        state.unsaved_patches.clear()  # what a commit does (the store's dirty-slot mask replaces this)
+        state.dirty = None  # what a commit does: the dirty-slot mask is cleared
     ttft_after_update, _ = _timed(device, lambda: engine.generate(state, question, 1))
     engine.generate(state, question, args.new_tokens)  # warm-up of the decode path
     full, answer = _timed(device, lambda: engine.generate(state, question, args.new_tokens))

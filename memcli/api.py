@@ -131,6 +131,19 @@ class InjectReport:
             "ignored_by_glob": self.ignored_by_glob,
         }
 
+    def count_ignored(self, found: Iterable) -> list:
+        """What discover() found, less the files it left out (counted here by reason and type)."""
+        items = []
+        for item in found:
+            if not isinstance(item, Ignored):
+                items.append(item)
+            elif item.why == "glob":
+                self.ignored_by_glob += 1
+            else:
+                key = item.suffix or "(no suffix)"
+                self.ignored_by_type[key] = self.ignored_by_type.get(key, 0) + 1
+        return items
+
     def to_json(self) -> dict:
         return {
             "pool": self.pool,
@@ -464,16 +477,7 @@ class Memcli:
             found = list(discover(paths, glob=glob, type=type, encoding=encoding))
         except ValueError as err:
             raise MemcliError(str(err)) from None
-        items: list[Source | Skipped] = []
-        for item in found:
-            if isinstance(item, Ignored):
-                if item.why == "glob":
-                    report.ignored_by_glob += 1
-                else:
-                    key = item.suffix or "(no suffix)"
-                    report.ignored_by_type[key] = report.ignored_by_type.get(key, 0) + 1
-            else:
-                items.append(item)
+        items = report.count_ignored(found)
         if not items:
             raise MemcliError(_nothing_found(paths, glob, report))
         loaded = self._pool_model(pool_name, model) if self.store.exists(pool_name) else self.model(model)

@@ -227,7 +227,7 @@ class Remote:
                 _fail(err)
         except ServerError as err:
             _fail(err)
-        _count_ignored(report, found)
+        report.count_ignored(found)
         if report.interrupted:
             raise InjectInterrupted(report)
         return report
@@ -326,19 +326,6 @@ def _merged_report(pool: str, order, served: dict | None):
     return InjectReport(pool=served["pool"], model=served["model"], files=files, chunks=served["chunks"],
                         tokens=served["tokens"], seconds=served["seconds"], interrupted=served["interrupted"],
                         partial=partial)
-
-
-def _count_ignored(report, found) -> None:
-    """Files inside folders left out here (never sent), counted as in-process."""
-    from .extract import Ignored
-
-    for item in found:
-        if isinstance(item, Ignored):
-            if item.why == "glob":
-                report.ignored_by_glob += 1
-            else:
-                key = item.suffix or "(no suffix)"
-                report.ignored_by_type[key] = report.ignored_by_type.get(key, 0) + 1
 
 
 def remote(ctx, start: bool = True) -> Remote | None:

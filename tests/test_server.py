@@ -40,6 +40,13 @@ TEXTS = [
 QUESTION = "Where did Alice go on Monday?"
 
 
+
+def logged_sources(pool: str) -> list[dict]:
+    """The pool's injection log as committed (manifest + appended log), read without torch."""
+    from memcli import pool_meta
+
+    return pool_meta.pool_info(PoolStore(), pool)["sources"]
+
 def many_texts(n: int) -> list[str]:
     words = "red blue green train river house key plane map room station bridge garden lamp".split()
     return [f"Note {i}: " + " ".join(words[(i * 7 + j) % len(words)] for j in range(30)) + f" number {i}." for i in range(n)]
@@ -238,16 +245,15 @@ def test_inject_through_server_equals_in_process(ck, tmp_path, server, monkeypat
     strip = lambda r: {k: v for k, v in r.items() if k not in ("seconds", "tokens_per_second", "pool")}  # noqa: E731
     assert strip(report_there) == strip(report_here.to_json())
 
-    store = PoolStore()
-    here, there = store.read_manifest("here")["meta"], store.read_manifest("there")["meta"]
-    # the log names the client's files (the server only opened its own copies)
-    assert [(s["path"], s["sha256"], s["tokens"]) for s in here["sources"]] == \
-        [(s["path"], s["sha256"], s["tokens"]) for s in there["sources"]]
     import torch
 
     from memcli import pool as pools
 
+    store = PoolStore()
     a, b = pools.load(store, "here"), pools.load(store, "there")
+    # the log names the client's files (the server only opened its own copies)
+    assert [(s["path"], s["sha256"], s["tokens"]) for s in a.sources] == \
+        [(s["path"], s["sha256"], s["tokens"]) for s in b.sources]
     assert torch.equal(a.state.slots, b.state.slots) and torch.equal(a.state.order, b.state.order)
     assert app.ask("here", QUESTION).text == app.ask("there", QUESTION).text
 
@@ -260,7 +266,7 @@ def test_inject_through_server_equals_in_process(ck, tmp_path, server, monkeypat
     assert piped.exit_code == 0, piped.stderr
     a, b = pools.load(store, "here"), pools.load(store, "there")
     assert torch.equal(a.state.slots, b.state.slots)
-    assert store.read_manifest("there")["meta"]["sources"][-1]["path"] == "-"
+    assert logged_sources("there")[-1]["path"] == "-"
 
     # a changed file, a type the folder ignores, --encoding: the same report as in-process
     (tmp_path / "docs" / "pic.png").write_bytes(b"\x89PNG\r\n\x1a\n" + bytes(range(256)))
@@ -468,7 +474,7 @@ def test_client_leaving_mid_inject_cancels_it(ck, tmp_path, server):
         # the writer lock is free again and the pool is whole: another inject goes through
         for event in client.inject("cut", [upload(files[-1])]):
             pass
-    sources = PoolStore().read_manifest("cut")["meta"]["sources"]
+    sources = logged_sources("cut")
     assert 1 < len(sources) < 1 + len(files)  # stopped part-way; committed files kept
     assert PoolStore().verify("cut") == []
 
@@ -490,7 +496,7 @@ def test_sigkill_mid_inject_leaves_the_last_commit_and_the_next_command_works(ck
                     server.proc.wait(DEADLINE)
     store = PoolStore()
     assert store.verify("k") == []
-    committed = store.read_manifest("k")["meta"]["sources"]
+    committed = logged_sources("k")
     assert 1 < len(committed) < 1 + len(files) and all(s["complete"] for s in committed)
 
     # the next command says so in one line, starts a fresh server and answers
@@ -506,7 +512,7 @@ def test_sigkill_mid_inject_leaves_the_last_commit_and_the_next_command_works(ck
         again = subprocess.run([sys.executable, "-m", "memcli", "--device", "cpu", "inject", *map(str, files), "--pool", "k"],
                                capture_output=True, text=True, env=env, timeout=DEADLINE)
         assert again.returncode == 0, again.stderr
-        sources = store.read_manifest("k")["meta"]["sources"]
+        sources = logged_sources("k")
         assert sorted(s["path"] for s in sources[1:]) == sorted(map(str, files))
     finally:
         subprocess.run([sys.executable, "-m", "memcli", "stop"], env=env, timeout=DEADLINE, capture_output=True)
@@ -532,7 +538,7 @@ def test_sigterm_mid_inject_stops_at_the_last_commit(ck, tmp_path, server):
     assert done["interrupted"] is True  # the client is told what was kept
     store = PoolStore()
     assert store.verify("term") == []
-    assert 1 < len(store.read_manifest("term")["meta"]["sources"]) < 1 + len(files)  # the inject was cancelled
+    assert 1 < len(logged_sources("term")) < 1 + len(files)  # the inject was cancelled
     assert not server_address.socket_path().exists()
 
 
@@ -548,7 +554,7 @@ def test_inject_command_continues_on_a_fresh_server_after_a_sigkill(ck, tmp_path
     command = subprocess.Popen([sys.executable, "-m", "memcli", "--device", "cpu", "inject", str(folder), "--pool", "again"],
                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
     try:
-        wait_for(lambda: len(store.read_manifest("again")["meta"]["sources"]) >= 2, "a first commit")
+        wait_for(lambda: len(logged_sources("again")) >= 2, "a first commit")
         os.kill(server.proc.pid, signal.SIGKILL)
         server.proc.wait(DEADLINE)
         out, err = command.communicate(timeout=DEADLINE)
@@ -556,7 +562,7 @@ def test_inject_command_continues_on_a_fresh_server_after_a_sigkill(ck, tmp_path
         notes = [line for line in err.splitlines() if "server" in line]
         assert len(notes) == 1 and "keeps its last commit" in notes[0] and "fresh server" in notes[0], err
         assert "Traceback" not in err
-        paths = [s["path"] for s in store.read_manifest("again")["meta"]["sources"][1:]]
+        paths = [s["path"] for s in logged_sources("again")[1:]]
         assert sorted(paths) == sorted(str(p) for p in folder.iterdir())  # each file once: resumed, not redone
         assert store.verify("again") == []
     finally:

@@ -610,13 +610,19 @@ class Engine:
     def _decode_step(self, token: Tensor, position: Tensor, rows: Tensor, kv: list[KV]) -> Tensor:
         """One token at buffer row `position` (a device tensor) -> fp32 logits [1, V]."""
         model = self.model
-        x = model.embed_tokens(token.view(1, 1))
+        x = model.embed_tokens(token)  # [1, d]: a step runs on 2-D rows, no batch dimension to view
         cos, sin = model.cos_sin_at(position)
-        step = DecodeStep(position, (rows <= position).view(1, 1, 1, -1))
+        # the additive mask SDPA would make from a boolean one in every layer (where(mask, 0, -inf)),
+        # made once per step for all layers: the same values
+        visible = torch.where(rows <= position, 0.0, float("-inf"))  # fp32
+        if model.dtype != torch.float32:
+            visible = visible.to(model.dtype)
+        step = DecodeStep(position, visible.view(1, 1, 1, -1))
         for layer, layer_kv in zip(model.layers, kv):
             layer_kv.step = step
             x = layer(x, cos, sin, layer_kv, DECODER)
-        return model.logits(x[0]).float()
+        logits = model.logits(x)
+        return logits if logits.dtype == torch.float32 else logits.float()
 
     def _forward(self, ids: Tensor, kv: list[KV], start: int, before_layer: Callable | None = None) -> Tensor:
         """Run `ids` at positions start.. over buffers whose rows [0, start) are already filled."""

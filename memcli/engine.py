@@ -307,10 +307,17 @@ class Engine:
         """
         model, cfg = self.model, self.cfg
         ids = _as_ids(ids, model.device)
+        # A write releases the state's memory K/V: an injection never reads it, its forward needs the
+        # room, and the update that follows moves every row's position (so a 64-chunk inject would
+        # keep ~L x 3 x N x H_kv x D of stale keys/values alive throughout). The next read rebuilds it.
+        self._release(state)
         c, k_rows = ids.shape[1], cfg.num_tokens
         x = model.embed_tokens(ids)
         e = model.new_memory_positional_emb.to(model.dtype)
-        deltas = []
+        # the new rows of every layer, copied out as each layer finishes (its [1, c + K, d] output
+        # is then freed, not kept alive by a view until the end)
+        deltas = torch.empty((len(model.layers), min(k_rows, c) if not state.initialized else k_rows,
+                              model.cfg.hidden_size), dtype=model.dtype, device=model.device)
         if state.initialized:
             in_prefix = min(k_rows, c)  # newest memory rows that only give keys/values
             prefix = 1 + in_prefix
@@ -329,7 +336,7 @@ class Engine:
                 h = torch.cat((tail[in_prefix:][None], x), dim=1)
                 h[:, -k_rows:] += e
                 out = layer(h, cos[prefix:], sin[prefix:], kv, ENCODER)
-                deltas.append(out[0, -k_rows:])
+                deltas[l].copy_(out[0, -k_rows:])
                 x = out[:, -c:]
         else:
             # No memory yet: a plain causal forward. The 8b code still adds the positional
@@ -347,9 +354,9 @@ class Engine:
                     h[:, -n:] += e
                 out = layer(h, cos, sin, kv, ENCODER)
                 aliased = add_e and l < len(model.layers) - 1
-                deltas.append(out[0, -n:] + e[0] if aliased else out[0, -n:])
+                deltas[l].copy_(out[0, -n:] + e[0] if aliased else out[0, -n:])
                 x = out
-        return torch.stack(deltas)
+        return deltas
 
     def _scratch_kv(self, rows: int, zeros: bool = False) -> KV:
         shape = (1, self.cfg.num_kv_heads, rows, self.cfg.head_dim)
@@ -509,6 +516,11 @@ class Engine:
                 old.derived().pop(self._token, None)
         alive.append(weakref.ref(state))
         self._holders = alive
+
+    def _release(self, state: MemoryState) -> None:
+        """Drop this engine's memory K/V cache of one state (frees its memory)."""
+        if state.derived().pop(self._token, None) is not None:
+            self._holders = [ref for ref in self._holders if ref() is not None and ref() is not state]
 
     def forget_prefix(self) -> None:
         """Drop every memory K/V cache this engine made (frees their device memory)."""

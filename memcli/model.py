@@ -116,12 +116,50 @@ class Projection(nn.Module):
     def forward(self, x: Tensor, adapter: str | None) -> Tensor:
         rows = x if x.dim() == 2 else x.reshape(-1, x.shape[-1])
         y = apply_linear(self.base, rows)
-        if adapter is not None and adapter in self.lora_a:
-            a = torch.mm(rows, _transposed(self.lora_a[adapter]))
-            # (B (A x)) * scale, then added: the same two roundings as before, in place
-            scale = _fp32_scalar(self, "scale") if y.dtype == torch.float32 else self.scale
-            y.add_(torch.mm(a, _transposed(self.lora_b[adapter])).mul_(scale))
+        if self.has(adapter):
+            a = self.lora_in(rows, adapter)
+            for cols in _column_blocks(rows, y.shape[-1]):
+                self.add_lora(y if cols is None else y[:, cols], a, adapter, cols)
         return y if x.dim() == 2 else y.view(*x.shape[:-1], y.shape[-1])
+
+    def has(self, adapter: str | None) -> bool:
+        return adapter is not None and adapter in self.lora_a
+
+    def lora_in(self, rows: Tensor, adapter: str) -> Tensor:
+        """A x: [T, r]."""
+        return torch.mm(rows, _transposed(self.lora_a[adapter]))
+
+    def add_lora(self, y: Tensor, a: Tensor, adapter: str, cols: slice | None) -> None:
+        """y += (B[cols] (A x)) * scale (cols None: all), in place: the same two roundings as
+        `y + B(Ax) * scale`."""
+        scale = _fp32_scalar(self, "scale") if y.dtype == torch.float32 else self.scale
+        bt = _transposed(self.lora_b[adapter])
+        y.add_(torch.mm(a, bt if cols is None else bt[:, cols]).mul_(scale))
+
+    def columns(self, rows: Tensor, adapter: str | None, a: Tensor | None, cols: slice) -> Tensor:
+        """Output columns `cols` of forward(rows) (a dense base only; `a` from `lora_in`)."""
+        y = torch.mm(rows, _transposed(self.base.weight)[:, cols])
+        if a is not None:
+            self.add_lora(y, a, adapter, cols)
+        return y
+
+    def dense(self, dtype: torch.dtype) -> bool:
+        return type(self.base) is DenseLinear and self.base.weight.dtype == dtype
+
+
+# Long inputs on the CPU (an injection: 769 rows) compute wide outputs in column blocks, so that the
+# temporaries of the LoRA term and of the MLP's up projection are one block, not [T, 14,336] each:
+# that is what keeps an injection's host peak near the state + weights. Column blocks of a CPU
+# matrix product are bitwise the whole product's columns (each column's sum is the same), which the
+# conformance fixtures check; row blocks would not be.
+_BLOCK_ROWS, _BLOCK_COLUMNS = 64, 512
+
+
+def _column_blocks(rows: Tensor, width: int) -> list[slice | None]:
+    """Column blocks of a [T, width] output; [None] (all at once) for short or device inputs."""
+    if rows.shape[0] < _BLOCK_ROWS or not rows.is_cpu or width <= _BLOCK_COLUMNS:
+        return [None]
+    return [slice(j, min(j + _BLOCK_COLUMNS, width)) for j in range(0, width, _BLOCK_COLUMNS)]
 
 
 def _transposed(w: Tensor) -> Tensor:
@@ -261,7 +299,20 @@ class MLP(nn.Module):
         self.down_proj: Projection
 
     def forward(self, x: Tensor, adapter: str | None) -> Tensor:
-        return self.down_proj(F.silu(self.gate_proj(x, adapter)) * self.up_proj(x, adapter), adapter)
+        # silu and the product in place on the fresh gate output (the same values); the up
+        # projection in column blocks for long CPU inputs (see _column_blocks): one [T, intermediate]
+        # tensor alive instead of three
+        h = F.silu(self.gate_proj(x, adapter), inplace=True)
+        up = self.up_proj
+        rows = x if x.dim() == 2 else x.reshape(-1, x.shape[-1])
+        blocks = _column_blocks(rows, h.shape[-1])
+        if len(blocks) == 1 or not up.dense(rows.dtype):
+            return self.down_proj(h.mul_(up(x, adapter)), adapter)
+        a = up.lora_in(rows, adapter) if up.has(adapter) else None
+        flat = h.view(-1, h.shape[-1])
+        for cols in blocks:
+            flat[:, cols].mul_(up.columns(rows, adapter, a, cols))
+        return self.down_proj(h, adapter)
 
 
 class Block(nn.Module):

@@ -94,7 +94,9 @@ def apply_rotary(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
     """x: [..., T, D]; cos/sin: [T, D]. Rotate-half convention."""
     half = x.shape[-1] // 2
     rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
-    return x * cos + rotated * sin
+    # x * cos + rotated * sin with the second product and the sum in place: the same values, two
+    # temporaries fewer
+    return (x * cos).add_(rotated.mul_(sin))
 
 
 class Projection(nn.Module):
@@ -241,7 +243,9 @@ def attend(q: Tensor, k: Tensor, v: Tensor, mask_row: Tensor | None = None) -> T
     if mask_row is not None:
         mask = mask_row
     elif t > 1:
-        mask = torch.ones(t, s, dtype=torch.bool, device=q.device).tril(s - t).repeat(groups, 1)
+        # additive, as SDPA would make it from a boolean mask (0 visible, -inf not): built once
+        # here instead of a boolean copy plus SDPA's float one
+        mask = torch.full((t, s), float("-inf"), dtype=q.dtype, device=q.device).triu_(s - t + 1).repeat(groups, 1)
     else:
         mask = None
     out = F.scaled_dot_product_attention(folded, k, v, attn_mask=mask)

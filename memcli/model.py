@@ -54,6 +54,8 @@ class RMSNorm(nn.Module):
 def _fp32_scalar(owner, name: str, value: float | None = None) -> Tensor:
     """owner.<name> (or `value`) as a 0-dim fp32 CPU tensor, made once: a Python float operand is
     wrapped and cast on every call (four operator calls); fp32 arithmetic with it is the same."""
+    if torch.compiler.is_compiling():  # a constant to the compiler; it cannot trace the cache
+        return getattr(owner, name) if value is None else value
     key = "_fp32_" + name if value is None else f"_fp32_{name}_{value}"
     t = owner.__dict__.get(key)
     if t is None:
@@ -167,6 +169,8 @@ def _column_blocks(rows: Tensor, width: int) -> list[slice | None]:
 def _transposed(w: Tensor) -> Tensor:
     """w.t() (a view, no copy), kept on the weight object itself: made again only for a new weight
     object (after `.to()`, say), never stale."""
+    if torch.compiler.is_compiling():  # the compiler sees through w.t(); it cannot trace the cache
+        return w.t()
     t = w.__dict__.get("_memcli_t")
     if t is None:
         t = w.t()

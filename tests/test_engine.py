@@ -315,6 +315,18 @@ def test_decode_step_failure_falls_back_to_eager():
     torch.testing.assert_close(got.step_logits, expected.step_logits)
 
 
+def test_compiled_decode_step_compiles_on_the_cpu():
+    """The compiled step must really compile (a silent fallback hid a tracing failure once):
+    it stays compiled and answers what the eager step answers."""
+    model, reader = _model("memoryllm-8b-tiny")
+    state = initial_state(reader, model.cfg, seed=0)
+    expected = Engine(model).generate(state, QUESTION, 6, keep_logits=True)
+    engine = Engine(model, compile_decode=True)
+    got = engine.generate(state, QUESTION, 6, keep_logits=True)
+    assert engine.compiled and got.tokens == expected.tokens
+    torch.testing.assert_close(got.step_logits, expected.step_logits, rtol=1e-4, atol=1e-4)
+
+
 def test_step_logits_and_records_only_when_asked():
     model, reader = _model("mplus-8b-tiny")
     engine = Engine(model)

@@ -151,11 +151,11 @@ class Projection(nn.Module):
         return type(self.base) is DenseLinear and self.base.weight.dtype == dtype
 
 
-# Long inputs on the CPU (an injection: 769 rows) compute wide outputs in column blocks, so that the
-# temporaries of the LoRA term and of the MLP's up projection are one block, not [T, 14,336] each:
-# that is what keeps an injection's host peak near the state + weights. Column blocks of a CPU
-# matrix product are bitwise the whole product's columns (each column's sum is the same), which the
-# conformance fixtures check; row blocks would not be.
+# Long inputs on the CPU (an injection runs 512-768 rows) compute wide outputs in column blocks, so
+# that the temporaries of the LoRA term and of the MLP's up projection are one block, not
+# [T, 14,336] each: that is what keeps an injection's host peak near the state + weights. Column
+# blocks of a CPU matrix product came out bitwise equal to the whole product's columns (each
+# column's sum is the same; tests/test_engine.py checks it on the installed BLAS); row blocks did not.
 _BLOCK_ROWS, _BLOCK_COLUMNS = 64, 512
 
 

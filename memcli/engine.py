@@ -84,22 +84,40 @@ class PrefixCache:
         self.ltm_rows = cfg.ltm_retrieval_rows
         self.stm_start = 1 + self.ltm_rows
         self.prefix_rows = self.stm_start + state.num_rows
-        self.version = -1  # state version whose rows raw_k / v hold (with `pending` written)
+        self.rows, self.scratch_rows = state.num_rows, scratch_rows
         self.pending: list[tuple[Tensor, Tensor]] = []  # (rows [L, m, d], slots [L, m]) not yet in raw_k / v
-        self.rotated = -1  # state version whose logical positions kv.k is rotated by
-        model.rope_rows(self.prefix_rows + scratch_rows)
-        # zeros, not empty: a decode step attends over the whole buffer behind a mask, and masked
-        # garbage could be NaN (0 * NaN = NaN in the weighted sum of values)
-        self.kv = model.new_kv(self.prefix_rows + scratch_rows)
-        shape = (cfg.num_layers, cfg.num_kv_heads, state.num_rows, cfg.head_dim)
-        self.raw_k = torch.empty(shape, dtype=model.dtype, device=model.device)
-        self._scratch = torch.empty(shape[1:], dtype=model.dtype, device=model.device)
         self._mirrors: dict[str, tuple[Tensor, int, int]] = {}  # M+: bank keys / rows on the device
         self._ltm_ids: tuple[int, list[Tensor]] = (-1, [])
+        self.allocate()
+
+    def allocate(self) -> None:
+        """The key/value buffers, with the bos row in place; nothing of the memory yet."""
+        model, cfg = self.model, self.model.cfg
+        self.version = -1  # state version whose rows raw_k / v hold (with `pending` written)
+        self.rotated = -1  # state version whose logical positions kv.k is rotated by
+        self.pending.clear()
+        model.rope_rows(self.prefix_rows + self.scratch_rows)
+        # zeros, not empty: a decode step attends over the whole buffer behind a mask, and masked
+        # garbage could be NaN (0 * NaN = NaN in the weighted sum of values)
+        self.kv = model.new_kv(self.prefix_rows + self.scratch_rows)
+        shape = (cfg.num_layers, cfg.num_kv_heads, self.rows, cfg.head_dim)
+        self.raw_k = torch.empty(shape, dtype=model.dtype, device=model.device)
+        self._scratch = torch.empty(shape[1:], dtype=model.dtype, device=model.device)
         cos, sin = model.cos_sin(0, 1)
         for l, (layer, kv) in enumerate(zip(model.layers, self.kv)):
             kv.k[:, :, :1], kv.v[:, :, :1] = layer.prefix_keys_values(model.bos_embedding[l][None], cos, sin, DECODER)
             kv.start = self.prefix_rows
+
+    @property
+    def released(self) -> bool:
+        return self.kv is None
+
+    def release(self) -> None:
+        """Free the keys/values (the largest part); the M+ bank's device copies stay, since they
+        only grow with the bank. The next read allocates and builds them again."""
+        self.kv = self.raw_k = self._scratch = None
+        self.version = self.rotated = -1
+        self.pending.clear()
 
     def ltm_keys(self, ltm) -> Tensor:
         """The bank's selector keys where retrieval runs, copied once and extended as the bank grows
@@ -307,10 +325,18 @@ class Engine:
         """
         model, cfg = self.model, self.cfg
         ids = _as_ids(ids, model.device)
+        # A write releases the state's memory K/V: an injection never reads it, its forward needs the
+        # room, and the update that follows moves every row's position (so a 64-chunk inject would
+        # keep L x 3 x N x H_kv x D of stale keys/values alive throughout). The next read rebuilds
+        # it; the M+ bank's device copies are kept (they only grow).
+        self._release(state)
         c, k_rows = ids.shape[1], cfg.num_tokens
         x = model.embed_tokens(ids)
         e = model.new_memory_positional_emb.to(model.dtype)
-        deltas = []
+        # the new rows of every layer, copied out as each layer finishes (its [1, c + K, d] output
+        # is then freed, not kept alive by a view until the end)
+        deltas = torch.empty((len(model.layers), min(k_rows, c) if not state.initialized else k_rows,
+                              model.cfg.hidden_size), dtype=model.dtype, device=model.device)
         if state.initialized:
             in_prefix = min(k_rows, c)  # newest memory rows that only give keys/values
             prefix = 1 + in_prefix
@@ -329,7 +355,7 @@ class Engine:
                 h = torch.cat((tail[in_prefix:][None], x), dim=1)
                 h[:, -k_rows:] += e
                 out = layer(h, cos[prefix:], sin[prefix:], kv, ENCODER)
-                deltas.append(out[0, -k_rows:])
+                deltas[l].copy_(out[0, -k_rows:])
                 x = out[:, -c:]
         else:
             # No memory yet: a plain causal forward. The 8b code still adds the positional
@@ -347,9 +373,9 @@ class Engine:
                     h[:, -n:] += e
                 out = layer(h, cos, sin, kv, ENCODER)
                 aliased = add_e and l < len(model.layers) - 1
-                deltas.append(out[0, -n:] + e[0] if aliased else out[0, -n:])
+                deltas[l].copy_(out[0, -n:] + e[0] if aliased else out[0, -n:])
                 x = out
-        return torch.stack(deltas)
+        return deltas
 
     def _scratch_kv(self, rows: int, zeros: bool = False) -> KV:
         shape = (1, self.cfg.num_kv_heads, rows, self.cfg.head_dim)
@@ -411,7 +437,7 @@ class Engine:
         if state.ltm is not None:
             self._after_ltm_update(state)
         cache = state.derived().get(self._token)
-        if cache is None:
+        if cache is None or cache.released:
             return
         if self.reference or cache.version != state.version - 1:
             state.derived().pop(self._token, None)
@@ -492,6 +518,8 @@ class Engine:
             cache = PrefixCache(self.model, state, self.scratch_rows)
             self._hold(state)
             derived[self._token] = cache
+        if cache.released:
+            cache.allocate()
         if cache.version != state.version:
             cache.build(state)
         cache.flush()
@@ -509,6 +537,12 @@ class Engine:
                 old.derived().pop(self._token, None)
         alive.append(weakref.ref(state))
         self._holders = alive
+
+    def _release(self, state: MemoryState) -> None:
+        """Free this engine's memory K/V of one state (M+ bank copies on the device stay)."""
+        cache = state.derived().get(self._token)
+        if cache is not None:
+            cache.release()
 
     def forget_prefix(self) -> None:
         """Drop every memory K/V cache this engine made (frees their device memory)."""
@@ -610,13 +644,19 @@ class Engine:
     def _decode_step(self, token: Tensor, position: Tensor, rows: Tensor, kv: list[KV]) -> Tensor:
         """One token at buffer row `position` (a device tensor) -> fp32 logits [1, V]."""
         model = self.model
-        x = model.embed_tokens(token.view(1, 1))
+        x = model.embed_tokens(token)  # [1, d]: a step runs on 2-D rows, no batch dimension to view
         cos, sin = model.cos_sin_at(position)
-        step = DecodeStep(position, (rows <= position).view(1, 1, 1, -1))
+        # the additive mask SDPA would make from a boolean one in every layer (where(mask, 0, -inf)),
+        # made once per step for all layers: the same values
+        visible = torch.where(rows <= position, 0.0, float("-inf"))  # fp32
+        if model.dtype != torch.float32:
+            visible = visible.to(model.dtype)
+        step = DecodeStep(position, visible.view(1, 1, 1, -1))
         for layer, layer_kv in zip(model.layers, kv):
             layer_kv.step = step
             x = layer(x, cos, sin, layer_kv, DECODER)
-        return model.logits(x[0]).float()
+        logits = model.logits(x)
+        return logits if logits.dtype == torch.float32 else logits.float()
 
     def _forward(self, ids: Tensor, kv: list[KV], start: int, before_layer: Callable | None = None) -> Tensor:
         """Run `ids` at positions start.. over buffers whose rows [0, start) are already filled."""

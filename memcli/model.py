@@ -24,6 +24,7 @@ from torch import Tensor, nn
 from torch.nn.attention.bias import causal_lower_right
 
 from .config import ModelConfig, RopeSpec
+from .quant import DenseLinear
 
 ENCODER, DECODER = "encoder", "decoder"
 
@@ -35,10 +36,32 @@ class RMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x: Tensor) -> Tensor:
-        # Llama: normalise in fp32, cast back, then scale (the order matters in bf16).
-        h = x.float()
-        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * h.to(x.dtype)
+        # Llama: normalise in fp32, cast back, then scale (the order matters in bf16). The casts are
+        # skipped when they would be no-ops (fp32): same values, fewer operator calls per token.
+        fp32 = x.dtype == torch.float32
+        h = x if fp32 else x.float()
+        squares = h.pow(2)
+        if h.is_cpu:
+            # ATen's CPU mean is this sum and division (bitwise the same), spelled out so that the
+            # division takes a ready fp32 operand instead of wrapping the row count on every call
+            mean = squares.sum(-1, keepdim=True).div_(_fp32_scalar(self, "width", h.shape[-1]))
+        else:
+            mean = squares.mean(-1, keepdim=True)
+        h = h * torch.rsqrt(mean.add_(_fp32_scalar(self, "eps")))
+        return self.weight * (h if fp32 else h.to(x.dtype))
+
+
+def _fp32_scalar(owner, name: str, value: float | None = None) -> Tensor:
+    """owner.<name> (or `value`) as a 0-dim fp32 CPU tensor, made once: a Python float operand is
+    wrapped and cast on every call (four operator calls); fp32 arithmetic with it is the same."""
+    if torch.compiler.is_compiling():  # a constant to the compiler; it cannot trace the cache
+        return getattr(owner, name) if value is None else value
+    key = "_fp32_" + name if value is None else f"_fp32_{name}_{value}"
+    t = owner.__dict__.get(key)
+    if t is None:
+        t = torch.tensor(getattr(owner, name) if value is None else value, dtype=torch.float32)
+        owner.__dict__[key] = t
+    return t
 
 
 class Rotary:
@@ -73,11 +96,15 @@ def apply_rotary(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
     """x: [..., T, D]; cos/sin: [T, D]. Rotate-half convention."""
     half = x.shape[-1] // 2
     rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
-    return x * cos + rotated * sin
+    # x * cos + rotated * sin with the second product and the sum in place: the same values, two
+    # temporaries fewer
+    return (x * cos).add_(rotated.mul_(sin))
 
 
 class Projection(nn.Module):
-    """A (possibly quantized) base projection plus optional unmerged LoRA adapters."""
+    """A (possibly quantized) base projection plus optional unmerged LoRA adapters.
+
+    Dense matrices are applied through `apply_linear` (one `torch.mm` per matrix)."""
 
     def __init__(self, base: nn.Module, scale: float = 0.0):
         super().__init__()
@@ -91,10 +118,74 @@ class Projection(nn.Module):
         self.lora_b[name] = nn.Parameter(b, requires_grad=False)
 
     def forward(self, x: Tensor, adapter: str | None) -> Tensor:
-        y = self.base(x)
-        if adapter is not None and adapter in self.lora_a:
-            y = y + F.linear(F.linear(x, self.lora_a[adapter]), self.lora_b[adapter]) * self.scale
+        rows = x if x.dim() == 2 else x.reshape(-1, x.shape[-1])
+        y = apply_linear(self.base, rows)
+        if self.has(adapter):
+            a = self.lora_in(rows, adapter)
+            for cols in _column_blocks(rows, y.shape[-1]):
+                self.add_lora(y if cols is None else y[:, cols], a, adapter, cols)
+        return y if x.dim() == 2 else y.view(*x.shape[:-1], y.shape[-1])
+
+    def has(self, adapter: str | None) -> bool:
+        return adapter is not None and adapter in self.lora_a
+
+    def lora_in(self, rows: Tensor, adapter: str) -> Tensor:
+        """A x: [T, r]."""
+        return torch.mm(rows, _transposed(self.lora_a[adapter]))
+
+    def add_lora(self, y: Tensor, a: Tensor, adapter: str, cols: slice | None) -> None:
+        """y += (B[cols] (A x)) * scale (cols None: all), in place: the same two roundings as
+        `y + B(Ax) * scale`."""
+        scale = _fp32_scalar(self, "scale") if y.dtype == torch.float32 else self.scale
+        bt = _transposed(self.lora_b[adapter])
+        y.add_(torch.mm(a, bt if cols is None else bt[:, cols]).mul_(scale))
+
+    def columns(self, rows: Tensor, adapter: str | None, a: Tensor | None, cols: slice) -> Tensor:
+        """Output columns `cols` of forward(rows) (a dense base only; `a` from `lora_in`)."""
+        y = torch.mm(rows, _transposed(self.base.weight)[:, cols])
+        if a is not None:
+            self.add_lora(y, a, adapter, cols)
         return y
+
+    def dense(self, dtype: torch.dtype) -> bool:
+        return type(self.base) is DenseLinear and self.base.weight.dtype == dtype
+
+
+# Long inputs on the CPU (an injection runs 512-768 rows) compute wide outputs in column blocks, so
+# that the temporaries of the LoRA term and of the MLP's up projection are one block, not
+# [T, 14,336] each: that is what keeps an injection's host peak near the state + weights. Column
+# blocks of a CPU matrix product came out bitwise equal to the whole product's columns (each
+# column's sum is the same; tests/test_engine.py checks it on the installed BLAS); row blocks did not.
+_BLOCK_ROWS, _BLOCK_COLUMNS = 64, 512
+
+
+def _column_blocks(rows: Tensor, width: int) -> list[slice | None]:
+    """Column blocks of a [T, width] output; [None] (all at once) for short or device inputs."""
+    if rows.shape[0] < _BLOCK_ROWS or not rows.is_cpu or width <= _BLOCK_COLUMNS:
+        return [None]
+    return [slice(j, min(j + _BLOCK_COLUMNS, width)) for j in range(0, width, _BLOCK_COLUMNS)]
+
+
+def _transposed(w: Tensor) -> Tensor:
+    """w.t() (a view, no copy), kept on the weight object itself: made again only for a new weight
+    object (after `.to()`, say), never stale."""
+    if torch.compiler.is_compiling():  # the compiler sees through w.t(); it cannot trace the cache
+        return w.t()
+    t = w.__dict__.get("_memcli_t")
+    if t is None:
+        t = w.t()
+        w.__dict__["_memcli_t"] = t
+    return t
+
+
+def apply_linear(base: nn.Module, rows: Tensor) -> Tensor:
+    """x @ W.T for rows [T, in]. A dense weight in the rows' dtype goes through one `torch.mm` with
+    its transposed view: the kernel `F.linear` ends in (bitwise the same result) without its wrapper
+    operators (t, transpose, matmul, views: nine calls), which dominated the host-side cost of a
+    decode step. Quantized or differently typed bases are called as modules."""
+    if type(base) is DenseLinear and base.weight.dtype == rows.dtype:
+        return torch.mm(rows, _transposed(base.weight))
+    return base(rows)
 
 
 class Selector(nn.Module):
@@ -126,7 +217,15 @@ class KV:
 @dataclass
 class DecodeStep:
     position: Tensor  # [1] int64 on the model's device: buffer row of this step's token
-    mask: Tensor  # [1, 1, 1, capacity] bool: rows 0..position visible
+    mask: Tensor  # [1, 1, 1, capacity] additive (0 / -inf, the model's dtype): rows 0..position visible
+
+
+def _heads(y: Tensor, t: int, heads: int, head_dim: int) -> Tensor:
+    """Projected rows [.., T, heads * D] -> [1, heads, T, D]. One row needs no transpose: [1, 1, H, D]
+    and [1, H, 1, D] are the same memory, so a view gives the same tensor with fewer operator calls."""
+    if t == 1:
+        return y.view(1, heads, 1, head_dim)
+    return y.view(1, t, heads, head_dim).transpose(1, 2)
 
 
 def attend(q: Tensor, k: Tensor, v: Tensor, mask_row: Tensor | None = None) -> Tensor:
@@ -148,7 +247,9 @@ def attend(q: Tensor, k: Tensor, v: Tensor, mask_row: Tensor | None = None) -> T
     if mask_row is not None:
         mask = mask_row
     elif t > 1:
-        mask = torch.ones(t, s, dtype=torch.bool, device=q.device).tril(s - t).repeat(groups, 1)
+        # additive, as SDPA would make it from a boolean mask (0 visible, -inf not): built once
+        # here instead of a boolean copy plus SDPA's float one
+        mask = torch.full((t, s), float("-inf"), dtype=q.dtype, device=q.device).triu_(s - t + 1).repeat(groups, 1)
     else:
         mask = None
     out = F.scaled_dot_product_attention(folded, k, v, attn_mask=mask)
@@ -168,28 +269,34 @@ class Attention(nn.Module):
     def keys_values(self, xn: Tensor, cos: Tensor | None, sin: Tensor | None,
                     adapter: str | None) -> tuple[Tensor, Tensor]:
         """Normalised rows [1, T, d] -> keys (rotated unless cos is None) and values [1, H_kv, T, D]."""
-        t = xn.shape[1]
-        k = self.k_proj(xn, adapter).view(1, t, self.num_kv_heads, self.head_dim).transpose(1, 2)
-        v = self.v_proj(xn, adapter).view(1, t, self.num_kv_heads, self.head_dim).transpose(1, 2)
+        t = xn.shape[-2]
+        k = _heads(self.k_proj(xn, adapter), t, self.num_kv_heads, self.head_dim)
+        v = _heads(self.v_proj(xn, adapter), t, self.num_kv_heads, self.head_dim)
         return (k if cos is None else apply_rotary(k, cos, sin)), v
 
     def forward(self, xn: Tensor, cos: Tensor, sin: Tensor, kv: KV, adapter: str | None) -> Tensor:
-        t = xn.shape[1]
-        q = self.q_proj(xn, adapter).view(1, t, self.num_heads, self.head_dim).transpose(1, 2)
-        q = apply_rotary(q, cos, sin)
+        t = xn.shape[-2]
+        q = apply_rotary(_heads(self.q_proj(xn, adapter), t, self.num_heads, self.head_dim), cos, sin)
         k, v = self.keys_values(xn, cos, sin, adapter)
         if kv.step is not None:
-            # index_put_ (not index_copy_): the compiler turns it into an in-place store into the
-            # buffer instead of a copy of the whole buffer per step
-            kv.k[:, :, kv.step.position] = k
-            kv.v[:, :, kv.step.position] = v
+            if torch.compiler.is_compiling():
+                # index_put_ (not index_copy_): the compiler turns it into an in-place store into
+                # the buffer instead of a copy of the whole buffer per step
+                kv.k[:, :, kv.step.position] = k
+                kv.v[:, :, kv.step.position] = v
+            else:  # eager: the same store as one operator call instead of five
+                kv.k.index_copy_(2, kv.step.position, k)
+                kv.v.index_copy_(2, kv.step.position, v)
             out = attend(q, kv.k, kv.v, kv.step.mask)
         else:
             end = kv.start + t
             kv.k[:, :, kv.start : end] = k
             kv.v[:, :, kv.start : end] = v
             out = attend(q, kv.k[:, :, :end], kv.v[:, :, :end])
-        return self.o_proj(out.transpose(1, 2).reshape(1, t, self.num_heads * self.head_dim))
+        width = self.num_heads * self.head_dim
+        rows = out.view(1, width) if t == 1 else out.transpose(1, 2).reshape(t, width)
+        out = apply_linear(self.o_proj, rows)
+        return out if xn.dim() == 2 else out.view(1, t, out.shape[-1])
 
 
 class MLP(nn.Module):
@@ -200,7 +307,20 @@ class MLP(nn.Module):
         self.down_proj: Projection
 
     def forward(self, x: Tensor, adapter: str | None) -> Tensor:
-        return self.down_proj(F.silu(self.gate_proj(x, adapter)) * self.up_proj(x, adapter), adapter)
+        # silu and the product in place on the fresh gate output (the same values); the up
+        # projection in column blocks for long CPU inputs (see _column_blocks): one [T, intermediate]
+        # tensor alive instead of three
+        h = F.silu(self.gate_proj(x, adapter), inplace=True)
+        up = self.up_proj
+        rows = x if x.dim() == 2 else x.reshape(-1, x.shape[-1])
+        blocks = _column_blocks(rows, h.shape[-1])
+        if len(blocks) == 1 or not up.dense(rows.dtype):
+            return self.down_proj(h.mul_(up(x, adapter)), adapter)
+        a = up.lora_in(rows, adapter) if up.has(adapter) else None
+        flat = h.view(-1, h.shape[-1])
+        for cols in blocks:
+            flat[:, cols].mul_(up.columns(rows, adapter, a, cols))
+        return self.down_proj(h, adapter)
 
 
 class Block(nn.Module):
@@ -277,4 +397,7 @@ class Transformer(nn.Module):
         return self.rope_cos.index_select(0, positions), self.rope_sin.index_select(0, positions)
 
     def logits(self, x: Tensor) -> Tensor:
-        return self.lm_head(self.norm(x))
+        h = self.norm(x)
+        rows = h if h.dim() == 2 else h.reshape(-1, h.shape[-1])
+        out = apply_linear(self.lm_head, rows)
+        return out if h.dim() == 2 else out.view(*h.shape[:-1], out.shape[-1])

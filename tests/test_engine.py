@@ -24,12 +24,54 @@ def test_cached_memory_kv_matches_reference_recompute(variant):
     fast, slow = Engine(model), Engine(model, reference=True)
     state = initial_state(reader, model.cfg, seed=0)
     for step in range(4):
-        # the fast engine keeps its memory K/V across updates and only computes the new rows
+        # the delta is made first: an inject releases the memory K/V, an update keeps it and only
+        # computes the new rows
+        delta = fast.inject(state, CONTEXT + step)
         fast_logits, _ = fast.logits(state, QUESTION)
         slow_logits, _ = slow.logits(state, QUESTION)
         torch.testing.assert_close(fast_logits, slow_logits, rtol=1e-5, atol=1e-5)
         assert fast.generate(state, QUESTION, 8).tokens == slow.generate(state, QUESTION, 8).tokens
-        fast.update(state, fast.inject(state, CONTEXT + step), origin=step)
+        fast.update(state, delta, origin=step)
+        assert not state.derived()[fast._token].released
+
+
+def test_inject_releases_the_memory_kv():
+    model, reader = _model("memoryllm-8b-tiny")
+    engine = Engine(model)
+    state = initial_state(reader, model.cfg, seed=0)
+    engine.logits(state, QUESTION)
+    assert not state.derived()[engine._token].released
+    engine.update(state, engine.inject(state, CONTEXT))
+    assert state.derived()[engine._token].released  # freed by the inject, not rebuilt by the update
+    got, _ = engine.logits(state, QUESTION)
+    torch.testing.assert_close(got, Engine(model).logits(state, QUESTION)[0], rtol=0, atol=0)
+
+
+def test_column_blocked_projection_and_mlp_are_bitwise_the_whole_product():
+    from torch.nn import functional as F
+
+    from memcli.model import MLP, Projection
+    from memcli.quant import DenseLinear
+
+    gen = torch.Generator().manual_seed(0)
+
+    def projection(out, inp):
+        p = Projection(DenseLinear(torch.randn(out, inp, generator=gen), torch.float32), scale=2.0)
+        p.add_adapter("a", torch.randn(4, inp, generator=gen), torch.randn(out, 4, generator=gen))
+        return p
+
+    def whole(p, x):
+        w, a, b = p.base.weight, p.lora_a["a"], p.lora_b["a"]
+        return F.linear(x, w) + F.linear(F.linear(x, a), b) * p.scale
+
+    x = torch.randn(100, 48, generator=gen)  # long enough to be blocked, 1300 columns: 3 blocks
+    gate = projection(1300, 48)
+    assert torch.equal(gate(x, "a"), whole(gate, x))
+    mlp = MLP()
+    mlp.gate_proj, mlp.up_proj, mlp.down_proj = gate, projection(1300, 48), projection(48, 1300)
+    expected = whole(mlp.down_proj, F.silu(whole(gate, x)) * whole(mlp.up_proj, x))
+    assert torch.equal(mlp(x, "a"), expected)
+    assert torch.equal(mlp(x[None], "a")[0], expected)
 
 
 def test_swapping_states_never_touches_weights():
@@ -271,6 +313,18 @@ def test_decode_step_failure_falls_back_to_eager():
     got = engine.generate(state, QUESTION, 8, keep_logits=True)
     assert got.tokens == expected.tokens and not engine.compiled
     torch.testing.assert_close(got.step_logits, expected.step_logits)
+
+
+def test_compiled_decode_step_compiles_on_the_cpu():
+    """The compiled step must really compile (a silent fallback hid a tracing failure once):
+    it stays compiled and answers what the eager step answers."""
+    model, reader = _model("memoryllm-8b-tiny")
+    state = initial_state(reader, model.cfg, seed=0)
+    expected = Engine(model).generate(state, QUESTION, 6, keep_logits=True)
+    engine = Engine(model, compile_decode=True)
+    got = engine.generate(state, QUESTION, 6, keep_logits=True)
+    assert engine.compiled and got.tokens == expected.tokens
+    torch.testing.assert_close(got.step_logits, expected.step_logits, rtol=1e-4, atol=1e-4)
 
 
 def test_step_logits_and_records_only_when_asked():

@@ -313,6 +313,9 @@ class Memcli:
         self.store = store or PoolStore()
         self._models: dict[str, LoadedModel] = {}
         self._pools: dict[str, "Pool"] = {}  # pools kept in memory by chat sessions
+        # how many pool states keep their memory K/V at once (one: a CLI process reads one pool;
+        # a server keeps more, within its memory budget)
+        self.cached_states = 1
         # called with (model name, device) just before a model's weights are loaded
         self.on_load = on_load
 
@@ -340,7 +343,7 @@ class Memcli:
             loaded = LoadedModel(
                 name=name,
                 folder=folder,
-                engine=Engine(transformer),
+                engine=Engine(transformer, cached_states=self.cached_states, compile_decode=self.settings.compile),
                 tokenizer=tokenizer,
                 binding=pools.Binding(name, cfg.family, cfg.fingerprint(), cfg.num_tokens,
                                       legacy_hashes=(cfg.legacy_fingerprint(),)),

@@ -134,6 +134,9 @@ class ServedMemcli(Memcli):
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
         self.labels: dict[str, str] = {}  # spool path -> the client's name for it
+        # every resident pool state keeps its memory K/V (the state owns it); the server's memory
+        # budget decides which states stay, and a state it drops takes its K/V with it
+        self.cached_states = 1 << 16
 
     def source_label(self, path: str) -> str:
         return self.labels.get(path, path)
@@ -148,9 +151,6 @@ class ResidentModel:
     expires_at: float | None = None  # None: kept until the server stops (or while active)
     device: str = ""
     weights_bytes: int = 0
-    # the state read last stays referenced while the model is loaded: an engine that keys its memory
-    # K/V cache by id(state) must never meet a new state that reuses a freed state's id
-    last_read: object = None
 
 
 @dataclass
@@ -318,7 +318,6 @@ class Resident:
             if entry is not None:
                 entry.last_used = time.time()
                 self._states.move_to_end(key)
-                resident.last_read = entry.state
                 return entry.state
         loaded, state = resident.app.open_pool(pool, model=resident.name)
         if state.version != key[2]:  # committed again between the manifest read and the load
@@ -333,7 +332,6 @@ class Resident:
                 _, evicted = self._states.popitem(last=False)
                 used -= evicted.bytes
                 self.log(f"evicted pool {evicted.pool} (version {evicted.version}) to stay within the memory budget")
-        resident.last_read = state
         return state
 
     def forget_pool(self, pool: str) -> None:

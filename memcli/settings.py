@@ -29,7 +29,8 @@ DEVICES = ("auto", "cpu", "cuda")
 DTYPES = ("auto", "fp32", "bf16", "fp16")
 QUANTS = ("auto", "nf4", "int8", "fp32", "bf16", "fp16")
 ENV = {"model": "MEMCLI_MODEL", "pool": "MEMCLI_POOL", "device": "MEMCLI_DEVICE", "dtype": "MEMCLI_DTYPE",
-       "quant": "MEMCLI_QUANT", "server": "MEMCLI_SERVER", "keep_alive": "MEMCLI_KEEP_ALIVE"}
+       "quant": "MEMCLI_QUANT", "server": "MEMCLI_SERVER", "keep_alive": "MEMCLI_KEEP_ALIVE",
+       "compile": "MEMCLI_COMPILE"}
 KEYS = tuple(ENV)
 HELP = {
     "model": "model of new pools: an alias (memcli models), hub id or folder",
@@ -39,6 +40,7 @@ HELP = {
     "quant": "auto, nf4, int8, fp32, bf16 or fp16",
     "server": "true or false: whether ask, chat and inject use (and start) a memcli server",
     "keep_alive": "how long a server keeps a model loaded after its last request: 5m, 30s, 0, -1",
+    "compile": "true or false: decode through torch.compile (CUDA graphs on a GPU; eager if it fails)",
 }
 
 
@@ -56,6 +58,9 @@ class Settings:
     # the resident server (memcli serve): whether commands use/start one, how long it keeps a model
     server: bool = True
     keep_alive: str = "5m"
+    # decode through torch.compile(mode="reduce-overhead"): fewer host calls per token; the first
+    # answer pays the compilation, a failure falls back to eager
+    compile: bool = False
     # where each value came from: "default" | "config file" | "environment" | "command line"
     origin: dict = field(default_factory=dict, compare=False, repr=False)
 
@@ -108,8 +113,8 @@ def _validate(values: dict, where: str) -> dict:
     for key, value in values.items():
         if key not in KEYS:
             raise SettingsError(f"{where}: unknown setting {key!r} (known: {', '.join(KEYS)})")
-        if key == "server":
-            values[key] = value = _boolean(value, where)
+        if key in ("server", "compile"):
+            values[key] = value = _boolean(value, where, key)
             continue
         if key == "keep_alive" and isinstance(value, (int, float)) and not isinstance(value, bool):
             values[key] = value = str(value)
@@ -125,8 +130,8 @@ def _validate(values: dict, where: str) -> dict:
     return values  # a pool name is checked by the store where it is used
 
 
-def _boolean(value, where: str) -> bool:
-    """server = true/false in the config file; 1/0, true/false, yes/no, on/off as a string."""
+def _boolean(value, where: str, key: str) -> bool:
+    """true/false in the config file; 1/0, true/false, yes/no, on/off as a string."""
     if isinstance(value, bool):
         return value
     text = str(value).strip().lower()
@@ -134,7 +139,7 @@ def _boolean(value, where: str) -> bool:
         return True
     if text in ("0", "false", "no", "off"):
         return False
-    raise SettingsError(f"{where}: server must be true or false, not {value!r}")
+    raise SettingsError(f"{where}: {key} must be true or false, not {value!r}")
 
 
 def read_config_file() -> dict:

@@ -79,3 +79,26 @@ def test_resume_after_another_file_does_not_inject_twice(app, tmp_path, monkeypa
     total = sum(s["chunks"] for s in app.pool_info("p")["files"] if s["path"] == str(big))
     fresh = Memcli(app.settings)
     assert total == fresh.inject("q", [str(big)]).chunks
+
+
+def test_compile_setting_reaches_the_engine(monkeypatch, memcli_home):
+    """`compile` (config, MEMCLI_COMPILE, default off) is what the engine's decode step is built with."""
+    from memcli import engine as engines
+    from memcli.settings import SettingsError, load_settings, set_config
+
+    assert load_settings().compile is False
+    set_config("compile", "true")
+    assert load_settings().compile is True
+    monkeypatch.setenv("MEMCLI_COMPILE", "0")
+    assert load_settings().compile is False
+    monkeypatch.setenv("MEMCLI_COMPILE", "sometimes")
+    with pytest.raises(SettingsError, match="compile must be true or false"):
+        load_settings()
+    monkeypatch.delenv("MEMCLI_COMPILE")
+
+    seen = []
+    real_init = engines.Engine.__init__
+    monkeypatch.setattr(engines.Engine, "__init__",
+                        lambda self, *a, **kw: seen.append(kw) or real_init(self, *a, **{**kw, "compile_decode": False}))
+    Memcli(load_settings(device="cpu")).model(str(fixture_checkpoint("memoryllm-8b-tiny")))
+    assert seen and seen[-1]["compile_decode"] is True and seen[-1]["cached_states"] == 1

@@ -42,6 +42,8 @@ def _cli():
 # --------------------------------------------------------------------------- finding / starting a server
 def running_client():
     """A client of the running server, or None."""
+    if not server_address.socket_path().exists():
+        return None  # no server: and no httpx import for the commands that would only look
     from .client import Client
     client = Client()
     if client.health() is not None:
@@ -370,10 +372,11 @@ def inject(ctx, paths: list[str], pool: str, chunk_tokens, glob, force: bool, as
 
 def pool_info(ctx, name: str) -> dict | None:
     """`memcli pool info` from a running server (None: none runs; read the pool here)."""
-    from .client import ServerError, ServerGone, ServerUnavailable
     client = client_for(ctx, start=False)
     if client is None:
         return None
+    from .client import ServerError, ServerGone, ServerUnavailable
+
     try:
         return client.pool_info(name)
     except (ServerUnavailable, ServerGone):

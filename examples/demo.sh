@@ -50,8 +50,10 @@ if [ "$install" = 1 ]; then
   python3 -m venv .venv
   . .venv/bin/activate
   if ! has_gpu; then
-    # the CPU build of torch is a few hundred MB instead of several GB of CUDA libraries
-    python -m pip install -q torch --index-url https://download.pytorch.org/whl/cpu
+    # the CPU build of torch is a few hundred MB instead of several GB of CUDA libraries; the same
+    # torch as the test command (MEMCLI_TORCH overrides), from PyTorch's CPU index where it is reachable
+    python -m pip install -q --retries 0 --timeout 15 --extra-index-url https://download.pytorch.org/whl/cpu \
+      "${MEMCLI_TORCH:-torch==2.13.0}"
   fi
   python -m pip install -q -e .
   run() { memcli "$@"; }

@@ -692,7 +692,8 @@ def ask(
         if not question.strip():
             raise UsageProblem("ask -: stdin held no question")
     name = state.pool(pool)
-    if cli_server.ask(ctx, question, name, max_new_tokens, temperature, top_p, seed, as_json):
+    # --sources reads the engine's attention over memory rows: answered in this process
+    if not sources and cli_server.ask(ctx, question, name, max_new_tokens, temperature, top_p, seed, as_json):
         return
     app_ = state.app()
     sampling = _sampling(temperature, top_p, seed)

@@ -39,6 +39,13 @@ def test_injected_facts_are_answered_through_the_server(served, note):
     assert "p" in loaded_pools()["memcli-tiny"]  # the answers came from the resident server
 
 
+def test_ask_sources_with_a_server_running_names_the_note(served, note):
+    remember.run("inject", note, "--pool", "p")
+    lines = remember.run("ask", remember.NOTE[0].question, "--pool", "p", "--sources").stdout.splitlines()
+    assert facts.exact_hit(remember.NOTE[0].value, lines[0])
+    assert lines[1].startswith("sources (attention on memory rows") and str(note) in lines[2]
+
+
 def test_fork_export_import_keep_the_facts_through_the_server(served, note, tmp_path):
     remember.run("inject", note, "--pool", "p")
     remember.run("pool", "fork", "p", "p2")

@@ -52,18 +52,6 @@ def many_texts(n: int) -> list[str]:
     return [f"Note {i}: " + " ".join(words[(i * 7 + j) % len(words)] for j in range(30)) + f" number {i}." for i in range(n)]
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """The servers these tests start run with one thread (env_for_server); the in-process runs they
-    are compared with bit for bit use one too (float sums depend on how work is split)."""
-    import torch
-
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 @pytest.fixture
 def ck() -> str:
     return str(fixture_checkpoint("memoryllm-8b-chat-tiny"))
@@ -72,7 +60,8 @@ def ck() -> str:
 def env_for_server(**extra) -> dict:
     env = dict(os.environ)
     env["PYTHONPATH"] = str(REPO) + os.pathsep + env.get("PYTHONPATH", "")
-    env["OMP_NUM_THREADS"] = "1"
+    # no thread setting of its own: the server computes with the same threads as this process, so
+    # its results compare bit for bit with in-process ones (float sums depend on how work is split)
     env.pop("MEMCLI_SERVER", None)
     env.update(extra)
     return env

@@ -6,9 +6,10 @@
     python benchmarks/bench_engine.py --scale real --device cuda --quant nf4 \
         --out benchmarks/results/$(date +%F)-h100-nf4.json        # all 32 layers on a GPU
     python benchmarks/bench_engine.py --scale medium --compare-main --machine "CPU, shared 2-core" \
-        --out benchmarks/results/cpu-medium-main-vs-new.json     # today's main and this tree, one run
+        --out benchmarks/results/cpu-medium-main-vs-new.json     # version 0.1 and this tree, one run
 
-`--compare-main` exports `main`'s memcli package (git archive) as `memcli_main` into a temporary
+`--compare-main` exports the memcli package of `--main-ref` (default: version 0.1, the code the
+engine issues measured) through git archive as `memcli_main` into a temporary
 folder and runs both engines on the same checkpoint and the same inputs: update with and without a
 warm memory K/V cache, ask after an update, host-side operator calls per decoded token (torch
 profiler), decode tokens/s, and the host peak memory of a 64-chunk inject (each engine in a child
@@ -47,6 +48,7 @@ from memcli.engine import Engine  # noqa: E402
 from memcli.loading import CheckpointReader, check_plan, initial_state, load_model  # noqa: E402
 from memcli.config import read_config  # noqa: E402
 
+VERSION_0_1 = "b005f41"  # the last commit of version 0.1 (before the engine/store round 2)
 FIXTURE = REPO.parent / "shared" / "conformance" / "memoryllm-8b-tiny" / "checkpoint"
 BENCH_DIR = REPO / ".bench"
 PEAKS = {  # dense bf16 FLOP/s, memory bytes/s
@@ -239,38 +241,67 @@ def _status_kib(key: str) -> int:
     raise KeyError(key)
 
 
+def _unique_bytes(tensors) -> int:
+    """Bytes of the distinct storages behind `tensors` (views of one storage count once)."""
+    seen: dict[int, int] = {}
+    for t in tensors:
+        storage = t.untyped_storage()
+        seen[storage.data_ptr()] = storage.nbytes()
+    return sum(seen.values())
+
+
+def _warm_up_library(loading, engine_module) -> None:
+    """Run the bundled tiny model once (inject, update, ask): the pages of torch's kernels and the
+    allocator's arenas that a first forward brings in belong to the process, not to an inject, so
+    they are in the baseline the peak is measured from. Nothing of the tiny model stays."""
+    import gc
+
+    model, reader = loading.load_model(REPO / "memcli" / "models" / "memcli-tiny", device="cpu", dtype=torch.float32)
+    engine = engine_module.Engine(model)
+    state = loading.initial_state(reader, model.cfg, seed=0)
+    for seed in range(2):
+        ids = torch.randint(0, model.cfg.vocab_size, (1, 512), generator=torch.Generator().manual_seed(seed))
+        engine.update(state, engine.inject(state, ids))
+    engine.generate(state, torch.arange(8)[None] + 5, 4)
+    del model, reader, engine, state
+    gc.collect()
+
+
 def _inject_peak(which: str, folder: str, chunks: int) -> dict:
     """Host peak memory of a `chunks`-chunk inject, against the issue's bound.
 
-    Bound = state (slots + order + origin) + 2 deltas + weights (the model's state_dict); the
-    model's non-persistent buffers (cos/sin tables) are reported beside it. Peak = VmHWM (the
-    process high-water mark, anonymous and file-backed pages: the fp32 weights are mapped from the
-    checkpoint) less VmRSS before loading anything (interpreter + torch). The inject starts from a
-    session that has just read the memory (a warm memory K/V cache); the high-water mark is reset
-    before the first chunk and again after it, so both the whole inject and the steady chunks are
-    shown (the new engine releases the cache in its first chunk)."""
+    Bound = state (slots + order + origin) + 2 deltas + weights (the distinct storages of the
+    model's state_dict); the model's other buffers (cos/sin tables) are reported beside it. Peak =
+    VmHWM (the process high-water mark, anonymous and file-backed pages: the fp32 weights are mapped
+    from the checkpoint) less VmRSS before loading anything, after the library has run once (the
+    bundled tiny model: torch's code pages and arenas are the process's). Each chunk's token ids are
+    made when it is injected, as the CLI streams them. The inject starts from a session that has
+    just read the memory (a warm memory K/V cache); the high-water mark is reset before the first
+    chunk and again after it, so both the whole inject and the steady chunks are shown (the new
+    engine releases the cache in its first chunk)."""
     engine_module, loading = _packages(which)
-    process_before_load = _status_kib("VmRSS") * 1024  # interpreter + torch, no model yet
+    _warm_up_library(loading, engine_module)
+    process_before_load = _status_kib("VmRSS") * 1024  # interpreter + torch, run once; no model
     model, reader = loading.load_model(Path(folder), device="cpu", dtype=torch.float32)
     cfg = model.cfg
     engine = engine_module.Engine(model)
     state = loading.initial_state(reader, cfg, seed=0)
     engine.logits(state, torch.arange(8)[None] + 10, all_rows=False)  # a warm memory K/V cache, as in a session
-    weights = sum(t.numel() * t.element_size() for t in model.state_dict().values())
-    persistent = {id(t) for t in model.state_dict().values()}
-    buffers = sum(t.numel() * t.element_size() for t in model.buffers() if id(t) not in persistent)
+    weights = _unique_bytes(model.state_dict().values())
+    persistent = {t.untyped_storage().data_ptr() for t in model.state_dict().values()}
+    buffers = _unique_bytes(t for t in model.buffers() if t.untyped_storage().data_ptr() not in persistent)
     state_bytes = sum(getattr(state, f).numel() * getattr(state, f).element_size() for f in ("slots", "order", "origin"))
     cache = state.__dict__.get("_derived", {}).get(getattr(engine, "_token", 0)) or getattr(engine, "_prefix", None)
     cache_bytes = sum(t.numel() * t.element_size() for kv in cache.kv for t in (kv.k, kv.v)) + cache.raw_k.numel() * cache.raw_k.element_size() if cache else 0
     del cache
     gen = torch.Generator().manual_seed(1)
-    ids = [torch.randint(0, min(cfg.vocab_size, 32000), (1, 512), generator=gen) for _ in range(chunks)]
+    vocab = min(cfg.vocab_size, 32000)
     Path("/proc/self/clear_refs").write_text("5")  # reset the peak RSS (VmHWM) to the current RSS
     before = _status_kib("VmRSS") * 1024
     delta_bytes = 0
     first_chunk_peak = 0
-    for i, chunk in enumerate(ids):
-        delta = engine.inject(state, chunk)
+    for i in range(chunks):
+        delta = engine.inject(state, torch.randint(0, vocab, (1, 512), generator=gen))
         delta_bytes = delta.numel() * delta.element_size()
         engine.update(state, delta)
         del delta
@@ -286,6 +317,7 @@ def _inject_peak(which: str, folder: str, chunks: int) -> dict:
             first_chunk_peak = _status_kib("VmHWM") * 1024
             Path("/proc/self/clear_refs").write_text("5")
     steady_peak = _status_kib("VmHWM") * 1024
+    rest = _status_kib("VmRSS") * 1024
     peak = max(first_chunk_peak, steady_peak)
     bound = state_bytes + 2 * delta_bytes + weights
     return {
@@ -305,6 +337,9 @@ def _inject_peak(which: str, folder: str, chunks: int) -> dict:
         "peak_over_process_baseline_bytes": peak - process_before_load,
         "first_chunk_peak_over_process_baseline_bytes": first_chunk_peak - process_before_load,
         "chunks_2_on_peak_over_process_baseline_bytes": steady_peak - process_before_load,
+        # between chunks: what stays (weights, state, tables); the peak less this is one chunk's forward
+        "after_inject_over_process_baseline_bytes": rest - process_before_load,
+        "one_chunk_transient_bytes": steady_peak - rest,
         "chunks_2_on_within_bound": steady_peak - process_before_load <= bound,
         "chunks_2_on_within_bound_plus_model_buffers": steady_peak - process_before_load <= bound + buffers,
         "peak_over_process_baseline_within_bound_plus_cache": peak - process_before_load <= bound + cache_bytes,
@@ -363,7 +398,7 @@ def main() -> None:
     parser.add_argument("--new-tokens", type=int, default=16)
     parser.add_argument("--out")
     parser.add_argument("--compare-main", action="store_true", help="today's main and this tree side by side (CPU)")
-    parser.add_argument("--main-ref", default="main")
+    parser.add_argument("--main-ref", default=VERSION_0_1, help="the engine to compare with (default: 0.1)")
     parser.add_argument("--machine", default=f"CPU, {torch.get_num_threads()} threads")
     args = parser.parse_args()
     if args.compare_main:

@@ -395,6 +395,8 @@ def build_model(
     model.rope_rows(cfg.prefix_rows + cfg.window + 1)  # the cos/sin tables, once, for the window
     if cacheable and cached is None:
         converted.write(converted_entry[0], converted_entry[1], to_save, modes)
+        to_save.clear()
+    model.fuse()  # decode-step projections; after the converted copy, which keeps them apart
     return model
 
 

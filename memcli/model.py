@@ -40,7 +40,7 @@ class RMSNorm(nn.Module):
         # skipped when they would be no-ops (fp32): same values, fewer operator calls per token.
         fp32 = x.dtype == torch.float32
         h = x if fp32 else x.float()
-        squares = h.pow(2)
+        squares = h * h  # what pow(h, 2) computes (ATen squares by one multiply), in one call not three
         if h.is_cpu:
             # ATen's CPU mean is this sum and division (bitwise the same), spelled out so that the
             # division takes a ready fp32 operand instead of wrapping the row count on every call
@@ -101,6 +101,15 @@ def apply_rotary(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
     return (x * cos).add_(rotated.mul_(sin))
 
 
+def rotate_row(x: Tensor, cos: Tensor, sin_signed: Tensor) -> Tensor:
+    """apply_rotary for one decode step, bitwise the same in fewer operator calls: the halves are
+    swapped by one flip and the sign of the first half lives in `sin_signed` (cat(-sin1, sin2)),
+    since (-x2) * s == x2 * (-s) exactly. x: [..., D]; cos/sin_signed broadcast against it."""
+    half = x.shape[-1] // 2
+    swapped = x.view(*x.shape[:-1], 2, half).flip(-2).view(x.shape)
+    return (x * cos).add_(swapped.mul_(sin_signed))
+
+
 class Projection(nn.Module):
     """A (possibly quantized) base projection plus optional unmerged LoRA adapters.
 
@@ -151,6 +160,71 @@ class Projection(nn.Module):
         return type(self.base) is DenseLinear and self.base.weight.dtype == dtype
 
 
+class FusedProjection(nn.Module):
+    """Dense projections of one input (q|k|v, gate|up) as one matrix product, for decode steps.
+
+    A decode step is a single row, so its host cost is the number of operator calls, not the
+    arithmetic: fused, q, k and v cost one base product, one LoRA A product and one batched LoRA B
+    product instead of one of each per projection. The parts' weights become row blocks (views) of
+    the fused weight, so nothing is stored twice and every other path still sees its own projection.
+
+    LoRA stays exact (bitwise what each projection computes on its own, as tests check): the
+    output is cut into blocks of one width w (a k/v projection's width; q is G of them), B into
+    the matching row blocks, and A lists each part's matrix once per block of that part, so the
+    batched B product multiplies every block by its own part's A x: column blocks of the separate
+    products, which BLAS computes the same (block-diagonal B with zeros would not be)."""
+
+    def __init__(self, parts: list[Projection], adapter: str):
+        super().__init__()
+        widths = [p.base.weight.shape[0] for p in parts]
+        weight = torch.cat([p.base.weight for p in parts])
+        row = 0
+        for p, rows in zip(parts, widths):
+            p.base.weight = nn.Parameter(weight[row : row + rows], requires_grad=False)
+            row += rows
+        # not persistent: the parts' weights (views of it) are what a state_dict lists
+        self.register_buffer("weight", weight, persistent=False)
+        self.scale = parts[0].scale
+        self.lora = parts[0].has(adapter)
+        if self.lora:
+            block = min(widths)
+            a = torch.cat([p.lora_a[adapter] for p, rows in zip(parts, widths) for _ in range(rows // block)])
+            b = torch.cat([p.lora_b[adapter] for p in parts])  # [sum widths, r]
+            # the parts' own matrices become views too: only the repeated A blocks are extra
+            a_row = b_row = 0
+            for p, rows in zip(parts, widths):
+                r = p.lora_a[adapter].shape[0]
+                p.lora_a[adapter] = nn.Parameter(a[a_row : a_row + r], requires_grad=False)
+                p.lora_b[adapter] = nn.Parameter(b[b_row : b_row + rows], requires_grad=False)
+                a_row, b_row = a_row + r * (rows // block), b_row + rows
+            self.register_buffer("lora_a", a, persistent=False)
+            self.register_buffer("lora_b", b.view(-1, block, b.shape[1]), persistent=False)  # [blocks, w, r]
+
+    @staticmethod
+    def possible(parts: list[Projection], adapter: str) -> bool:
+        """Dense bases of one dtype; every part with the adapter or none, of one rank and scale;
+        output widths that are multiples of the narrowest."""
+        if type(parts[0].base) is not DenseLinear:
+            return False
+        dtype = parts[0].base.weight.dtype
+        widths = [p.base.weight.shape[0] for p in parts]
+        if not all(p.dense(dtype) for p in parts) or any(w % min(widths) for w in widths):
+            return False
+        adapted = [p.has(adapter) for p in parts]
+        if not any(adapted):
+            return True
+        return all(adapted) and len({(p.lora_a[adapter].shape[0], p.scale) for p in parts}) == 1
+
+    def forward(self, row: Tensor) -> Tensor:
+        """One row [1, in] -> [1, sum of the parts' outputs], the parts' columns in order."""
+        y = torch.mm(row, _transposed(self.weight))
+        if self.lora:
+            a = torch.mm(row, _transposed(self.lora_a)).view(self.lora_b.shape[0], 1, -1)  # [blocks, 1, r]
+            scale = _fp32_scalar(self, "scale") if y.dtype == torch.float32 else self.scale
+            y.add_(torch.bmm(a, _transposed(self.lora_b)).mul_(scale).view(1, -1))
+        return y
+
+
 # Long inputs on the CPU (an injection runs 512-768 rows) compute wide outputs in column blocks, so
 # that the temporaries of the LoRA term and of the MLP's up projection are one block, not
 # [T, 14,336] each: that is what keeps an injection's host peak near the state + weights. Column
@@ -167,13 +241,13 @@ def _column_blocks(rows: Tensor, width: int) -> list[slice | None]:
 
 
 def _transposed(w: Tensor) -> Tensor:
-    """w.t() (a view, no copy), kept on the weight object itself: made again only for a new weight
+    """w.t() (a view, no copy; for a batch [n, a, b] of matrices, each one's), kept on the weight object itself: made again only for a new weight
     object (after `.to()`, say), never stale."""
     if torch.compiler.is_compiling():  # the compiler sees through w.t(); it cannot trace the cache
-        return w.t()
+        return w.transpose(-1, -2)
     t = w.__dict__.get("_memcli_t")
     if t is None:
-        t = w.t()
+        t = w.transpose(-1, -2)  # w.t() for a matrix; per matrix for a batch of them
         w.__dict__["_memcli_t"] = t
     return t
 
@@ -218,6 +292,9 @@ class KV:
 class DecodeStep:
     position: Tensor  # [1] int64 on the model's device: buffer row of this step's token
     mask: Tensor  # [1, 1, 1, capacity] additive (0 / -inf, the model's dtype): rows 0..position visible
+    cos: Tensor  # [1, D] at `position`
+    sin: Tensor  # [1, D] at `position`
+    sin_signed: Tensor  # [1, D]: cat(-sin1, sin2), for rotate_row
 
 
 def _heads(y: Tensor, t: int, heads: int, head_dim: int) -> Tensor:
@@ -256,6 +333,18 @@ def attend(q: Tensor, k: Tensor, v: Tensor, mask_row: Tensor | None = None) -> T
     return out.view(1, h, t, d)
 
 
+def _store_step(kv: KV, k: Tensor, v: Tensor) -> None:
+    """Write one step's key/value [1, H_kv, 1, D] at the buffer row `kv.step.position`."""
+    if torch.compiler.is_compiling():
+        # index_put_ (not index_copy_): the compiler turns it into an in-place store into
+        # the buffer instead of a copy of the whole buffer per step
+        kv.k[:, :, kv.step.position] = k
+        kv.v[:, :, kv.step.position] = v
+    else:  # eager: the same store as one operator call instead of five
+        kv.k.index_copy_(2, kv.step.position, k)
+        kv.v.index_copy_(2, kv.step.position, v)
+
+
 class Attention(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
@@ -279,14 +368,7 @@ class Attention(nn.Module):
         q = apply_rotary(_heads(self.q_proj(xn, adapter), t, self.num_heads, self.head_dim), cos, sin)
         k, v = self.keys_values(xn, cos, sin, adapter)
         if kv.step is not None:
-            if torch.compiler.is_compiling():
-                # index_put_ (not index_copy_): the compiler turns it into an in-place store into
-                # the buffer instead of a copy of the whole buffer per step
-                kv.k[:, :, kv.step.position] = k
-                kv.v[:, :, kv.step.position] = v
-            else:  # eager: the same store as one operator call instead of five
-                kv.k.index_copy_(2, kv.step.position, k)
-                kv.v.index_copy_(2, kv.step.position, v)
+            _store_step(kv, k, v)
             out = attend(q, kv.k, kv.v, kv.step.mask)
         else:
             end = kv.start + t
@@ -333,10 +415,39 @@ class Block(nn.Module):
         # M+ retrieval projectors (None for MemoryLLM)
         self.query_proj: Selector | None = None
         self.key_proj: Selector | None = None
+        # decode-step projections (fuse(); None: the step runs projection by projection)
+        self.qkv: FusedProjection | None = None
+        self.gate_up: FusedProjection | None = None
 
     def forward(self, x: Tensor, cos: Tensor, sin: Tensor, kv: KV, adapter: str | None) -> Tensor:
+        if kv.step is not None and self.qkv is not None and adapter == DECODER:
+            return self.step(x, kv)
         h = x + self.self_attn(self.input_layernorm(x), cos, sin, kv, adapter)
         return h + self.mlp(self.post_attention_layernorm(h), adapter)
+
+    def fuse(self) -> None:
+        """Fused q|k|v and gate|up projections for decode steps (dense bases only; see
+        FusedProjection). Call once the weights are in place; the parts then share their storage."""
+        attn, mlp = self.self_attn, self.mlp
+        qkv, gate_up = [attn.q_proj, attn.k_proj, attn.v_proj], [mlp.gate_proj, mlp.up_proj]
+        if FusedProjection.possible(qkv, DECODER) and FusedProjection.possible(gate_up, DECODER):
+            self.qkv, self.gate_up = FusedProjection(qkv, DECODER), FusedProjection(gate_up, DECODER)
+
+    def step(self, x: Tensor, kv: KV) -> Tensor:
+        """One decode step (x: [1, d], the decoder adapter) through the fused projections: the same
+        arithmetic as forward(), in about two thirds of the operator calls."""
+        attn, step = self.self_attn, kv.step
+        h, h_kv, d = attn.num_heads, attn.num_kv_heads, attn.head_dim
+        # (split_with_sizes and views: each slice costs an operator call or two)
+        qk, v = self.qkv(self.input_layernorm(x)).view(1, h + 2 * h_kv, d).split_with_sizes((h + h_kv, h_kv), 1)
+        q, k = rotate_row(qk, step.cos, step.sin_signed).split_with_sizes((h, h_kv), 1)
+        _store_step(kv, k.view(1, h_kv, 1, d), v.view(1, h_kv, 1, d))
+        # attend()'s grouped-query fold, which for one row is a view: [1, H_kv, G, D]
+        out = F.scaled_dot_product_attention(q.view(1, h_kv, h // h_kv, d), kv.k, kv.v, attn_mask=step.mask)
+        x = x + apply_linear(attn.o_proj, out.view(1, h * d))
+        widths = (self.mlp.gate_proj.base.weight.shape[0], self.mlp.up_proj.base.weight.shape[0])
+        gate, up = self.gate_up(self.post_attention_layernorm(x)).split_with_sizes(widths, 1)
+        return x + self.mlp.down_proj(F.silu(gate, inplace=True).mul_(up), DECODER)
 
     def prefix_keys_values(self, rows: Tensor, cos: Tensor | None, sin: Tensor | None, adapter: str | None):
         """Keys/values of prefix rows [1, P, d]: they are normalised but get no query, residual or MLP.
@@ -362,6 +473,8 @@ class Transformer(nn.Module):
         # (grown only if a longer sequence ever needs it): every forward slices or gathers them.
         self.register_buffer("rope_cos", torch.empty(0), persistent=False)
         self.register_buffer("rope_sin", torch.empty(0), persistent=False)
+        # [-1 x D/2, +1 x D/2] (made with the tables): sin * sign = cat(-sin1, sin2) exactly
+        self.register_buffer("rope_sign", torch.empty(0), persistent=False)
 
     @property
     def dtype(self) -> torch.dtype:
@@ -387,10 +500,19 @@ class Transformer(nn.Module):
             return
         rows = max(rows, 2 * have, self.cfg.prefix_rows + self.cfg.window + 1)
         self.rope_cos, self.rope_sin = self.rotary.cos_sin(torch.arange(rows, device=self.device), self.dtype)
+        half = self.cfg.head_dim // 2
+        self.rope_sign = torch.ones(2, half, dtype=self.dtype, device=self.device)
+        self.rope_sign[0].neg_()
+        self.rope_sign = self.rope_sign.view(-1)
 
     def cos_sin(self, start: int, length: int) -> tuple[Tensor, Tensor]:
         self.rope_rows(start + length)
         return self.rope_cos[start : start + length], self.rope_sin[start : start + length]
+
+    def fuse(self) -> None:
+        """Fused decode-step projections in every layer (after loading; see FusedProjection)."""
+        for layer in self.layers:
+            layer.fuse()
 
     def cos_sin_at(self, positions: Tensor) -> tuple[Tensor, Tensor]:
         """cos/sin gathered at a device tensor of positions (the table must already cover them)."""

@@ -74,6 +74,74 @@ def test_column_blocked_projection_and_mlp_are_bitwise_the_whole_product():
     assert torch.equal(mlp(x[None], "a")[0], expected)
 
 
+def test_fused_projection_is_bitwise_the_separate_projections():
+    """q|k|v and gate|up as one product (decode steps): the same bits as each projection alone, at
+    the widths where BLAS, not torch's small-matrix loop, does the work (1024 / 256 columns, rank
+    16, as the medium benchmark model), and the parts keep working on views of the fused weight."""
+    from memcli.model import FusedProjection, Projection
+    from memcli.quant import DenseLinear
+
+    gen = torch.Generator().manual_seed(0)
+
+    def projection(out, inp=1024):
+        p = Projection(DenseLinear(torch.randn(out, inp, generator=gen), torch.float32), scale=2.0)
+        p.add_adapter("decoder", torch.randn(16, inp, generator=gen), torch.randn(out, 16, generator=gen))
+        return p
+
+    for widths in ((1024, 256, 256), (3584, 3584)):
+        parts = [projection(w) for w in widths]
+        row = torch.randn(1, 1024, generator=gen)
+        expected = [p(row, "decoder") for p in parts]
+        fused = FusedProjection(parts, "decoder")
+        assert all(p.base.weight.untyped_storage().data_ptr() == fused.weight.untyped_storage().data_ptr() for p in parts)
+        assert torch.equal(fused(row), torch.cat(expected, dim=1))
+        assert all(torch.equal(p(row, "decoder"), e) for p, e in zip(parts, expected))  # parts on views: unchanged
+
+
+@pytest.mark.parametrize("variant", ["memoryllm-8b-tiny", "mplus-8b-tiny", "memoryllm-7b-tiny"])
+def test_fused_decode_step_answers_as_the_layer_by_projection_step(variant):
+    from torch.profiler import ProfilerActivity, profile
+
+    model, reader = _model(variant)
+    assert all(layer.qkv is not None and layer.gate_up is not None for layer in model.layers)
+    state = initial_state(reader, model.cfg, seed=0)
+    engine = Engine(model)
+    engine.update(state, engine.inject(state, CONTEXT))
+
+    def decode():
+        """The answer, and the operator calls of its 10 steps after the second token."""
+        calls = []
+        for tokens in (2, 12):
+            with profile(activities=[ProfilerActivity.CPU]) as prof:
+                answer = engine.generate(state, QUESTION, tokens, keep_logits=True)
+            calls.append(len(prof.events()))
+        return answer, calls[1] - calls[0]
+
+    fused, fused_calls = decode()
+    kept = [(layer.qkv, layer.gate_up) for layer in model.layers]
+    for layer in model.layers:
+        layer.qkv = layer.gate_up = None
+    try:
+        separate, separate_calls = decode()
+    finally:
+        for layer, (qkv, gate_up) in zip(model.layers, kept):
+            layer.qkv, layer.gate_up = qkv, gate_up
+    assert fused.tokens == separate.tokens
+    # bitwise at BLAS sizes (the test above); these tiny widths go through torch's small bmm loop
+    torch.testing.assert_close(fused.step_logits, separate.step_logits, rtol=1e-5, atol=1e-5)
+    assert fused_calls < 0.85 * separate_calls  # the point of fusing: fewer operator calls per step
+
+
+def test_fused_weights_are_views_and_the_state_dict_is_unchanged():
+    model, _ = _model("memoryllm-8b-tiny")
+    layer = model.layers[0]
+    names = set(model.state_dict())
+    assert not any("qkv" in n or "gate_up" in n for n in names)  # the binding and converted copy see the parts
+    q = layer.self_attn.q_proj.base.weight
+    assert q.untyped_storage().data_ptr() == layer.qkv.weight.untyped_storage().data_ptr()
+    assert torch.equal(layer.qkv.weight[: q.shape[0]], q)
+
+
 def test_swapping_states_never_touches_weights():
     model, reader = _model("memoryllm-8b-tiny")
     engine = Engine(model)

@@ -342,11 +342,18 @@ class Engine:
             prefix = 1 + in_prefix
             total = 1 + k_rows + c
             cos, sin = model.cos_sin(0, total)
-            # only the newest K rows of every layer are needed: gather them all at once
-            tails = self._rows_to_model(state, state.order[:, -k_rows:])
+            # only the newest K rows of every layer are needed: gathered layer by layer where the
+            # state lives with the model (one layer's rows alive, not L), else all at once through
+            # one pinned staging copy
+            newest = state.order[:, -k_rows:]
+            if state.slots.device == model.device:
+                def tail_of(l):
+                    return state.slots[l].index_select(0, newest[l]).to(model.dtype)
+            else:
+                tail_of = self._rows_to_model(state, newest).__getitem__
             kv = self._scratch_kv(total)  # every layer overwrites all of it
             for l, layer in enumerate(model.layers):
-                tail = tails[l]
+                tail = tail_of(l)
                 rows = torch.cat((model.bos_embedding[l], tail[:in_prefix]))[None]
                 kv.k[:, :, :prefix], kv.v[:, :, :prefix] = layer.prefix_keys_values(
                     rows, cos[:prefix], sin[:prefix], ENCODER

@@ -93,16 +93,19 @@ class Client:
         return self._request("GET", f"/api/pools/{httpx.URL(path=name).raw_path.decode()}")
 
     # ------------------------------------------------------------------ streams
-    def _stream(self, method: str, url: str, **kwargs) -> Iterator[dict]:
+    def _stream(self, method: str, url: str, decode=None, **kwargs) -> Iterator[dict]:
+        """The events of a streamed response: one JSON object per NDJSON line, or per line that
+        `decode` turns into JSON text (None: skip the line). An event carrying "error" raises."""
         try:
             with self.http.stream(method, url, **kwargs) as response:
                 if response.status_code != 200:
                     response.read()
                     _raise_for(response)
                 for line in response.iter_lines():
-                    if not line.strip():
+                    text = decode(line) if decode is not None else (line if line.strip() else None)
+                    if text is None:
                         continue
-                    event = json.loads(line)
+                    event = json.loads(text)
                     if "error" in event:
                         error = event["error"]
                         raise ServerError(int(error.get("status", 500)), error.get("message", "error"), error.get("type", ""))
@@ -153,23 +156,14 @@ class Client:
             body["max_tokens"] = max_tokens
         if seed is not None:
             body["seed"] = seed
-        try:
-            with self.http.stream("POST", "/v1/chat/completions", json=body) as response:
-                if response.status_code != 200:
-                    response.read()
-                    _raise_for(response)
-                for line in response.iter_lines():
-                    if not line.startswith("data: ") or line == "data: [DONE]":
-                        continue
-                    event = json.loads(line[6:])
-                    if "error" in event:
-                        error = event["error"]
-                        raise ServerError(int(error.get("status", 500)), error.get("message", "error"), error.get("type", ""))
-                    yield event
-        except (httpx.ConnectError, FileNotFoundError, ConnectionRefusedError) as err:
-            raise ServerUnavailable(str(err)) from None
-        except (httpx.RemoteProtocolError, httpx.ReadError, httpx.WriteError) as err:
-            raise ServerGone(str(err) or type(err).__name__) from None
+        return self._stream("POST", "/v1/chat/completions", decode=_sse_data, json=body)
+
+
+def _sse_data(line: str) -> str | None:
+    """The JSON of a server-sent `data:` line; None for anything else and for the final [DONE]."""
+    if not line.startswith("data: ") or line == "data: [DONE]":
+        return None
+    return line[6:]
 
 
 def _upload_body(uploads: list[Upload]) -> Iterator[bytes]:

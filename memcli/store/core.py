@@ -30,8 +30,8 @@ from memcli import paths
 
 from . import locking
 from .durable import (
-    TMP, as_pool_error, create_exclusive, fsync_dir, hash_fd, new_hash, now, open_regular, publish_dir,
-    replace_file, rmtree_quiet, token, unlink_quiet, write_all,
+    TMP, create_exclusive, fsync_dir, hash_fd, new_hash, now, open_regular, publish_dir,
+    replace_file, rmtree_quiet, token, unlink_quiet, write_all, write_errors,
 )
 from .errors import PoolBusy, PoolCorrupt, PoolError, PoolExists, PoolNotFound
 from .manifest import FORMAT_VERSION, MANIFEST, NAME_RE, manifest_bytes, validate_name, validate_part_id
@@ -382,10 +382,9 @@ class StoreCore:
         elif expect_version:
             raise PoolNotFound(f"pool {name} not found (it was expected at version {expect_version})")
         placed: list[Path] = []
-        stage: Path | None = None
-        stage_fd: int | None = None
         try:
-            with self.gate.shared():
+            with write_errors(f"saving pool {name}", f"save pool {name}", "the pool is unchanged"), \
+                    self.gate.shared(), contextlib.ExitStack() as stack:
                 entries = {}
                 for pid in part_ids:
                     if pid in new_parts:
@@ -403,10 +402,7 @@ class StoreCore:
                 stamp = now()
                 if old is None:
                     self.root.mkdir(parents=True, exist_ok=True, mode=0o700)
-                    stage = self.root / f"{TMP}{token()}"
-                    os.mkdir(stage, 0o700)
-                    stage_fd = locking.flock_entry(stage)
-                    target, committed = stage, {"bytes": 0, "records": 0}
+                    target, committed = stack.enter_context(locking.staged_folder(self.root)), {"bytes": 0, "records": 0}
                 else:
                     target, committed = pool_dir, old.get("log") or {"bytes": 0, "records": 0}
                 log = self._append_log(target, committed, records)
@@ -416,24 +412,13 @@ class StoreCore:
                     "created": old["created"] if old else stamp, "updated": stamp,
                     "parts": entries, "log": log, "meta": meta,
                 }
+                replace_file(target, MANIFEST, manifest_bytes(manifest))
                 if old is None:
-                    replace_file(stage, MANIFEST, manifest_bytes(manifest))
-                    publish_dir(stage, pool_dir, name)
-                    stage = None
-                else:
-                    replace_file(pool_dir, MANIFEST, manifest_bytes(manifest))
-        except BaseException as exc:
+                    publish_dir(target, pool_dir, name)
+        except BaseException:
             for tmp in placed:
                 unlink_quiet(tmp)
-            if stage is not None:
-                rmtree_quiet(stage)
-            error = as_pool_error(exc, f"saving pool {name}", f"save pool {name}", "the pool is unchanged")
-            if error is not None:
-                raise error from None
             raise
-        finally:
-            if stage_fd is not None:
-                os.close(stage_fd)
         dropped = old is not None and (
             old["format_version"] == 1
             or {e["sha256"] for e in old["parts"].values()} - {e["sha256"] for e in entries.values()}

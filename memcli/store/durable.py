@@ -14,8 +14,10 @@ import os
 import secrets
 import shutil
 import stat
-from ..clock import now_iso
+from contextlib import contextmanager
 from pathlib import Path
+
+from ..clock import now_iso
 
 from .errors import PoolCorrupt, PoolError, PoolExists
 
@@ -65,12 +67,13 @@ def hash_fd(fd: int) -> tuple[str, int]:
 # ------------------------------------------------------------------------ opening
 
 
-def open_regular(path: Path | str, what: str, max_bytes: int | None = None) -> int:
-    """Open an existing file for reading; never follows a symlink, never blocks, refuses
-    anything but a regular file (and, with max_bytes, anything larger). Returns the fd.
-    FileNotFoundError passes through (callers decide what a missing file means)."""
+def open_regular(path: Path | str, what: str, max_bytes: int | None = None, dir_fd: int | None = None) -> int:
+    """Open an existing file for reading (`path` relative to `dir_fd` when given); never follows
+    a symlink, never blocks, refuses anything but a regular file (and, with max_bytes, anything
+    larger). Returns the fd. FileNotFoundError passes through (callers decide what a missing file
+    means)."""
     try:
-        fd = os.open(path, os.O_RDONLY | O_NOFOLLOW | O_NONBLOCK | O_CLOEXEC | O_BINARY)
+        fd = os.open(path, os.O_RDONLY | O_NOFOLLOW | O_NONBLOCK | O_CLOEXEC | O_BINARY, dir_fd=dir_fd)
     except FileNotFoundError:
         raise
     except OSError as exc:
@@ -192,6 +195,19 @@ def rmtree_quiet(path: Path | str) -> None:
 
 def is_nospace(exc: BaseException) -> bool:
     return isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, getattr(errno, "EDQUOT", -1))
+
+
+@contextmanager
+def write_errors(while_doing: str, could_not: str, outcome: str = ""):
+    """Turn an OS failure of the writes inside into its one-line PoolError (`as_pool_error`);
+    anything else passes unchanged."""
+    try:
+        yield
+    except BaseException as exc:
+        error = as_pool_error(exc, while_doing, could_not, outcome)
+        if error is not None:
+            raise error from None
+        raise
 
 
 def as_pool_error(exc: BaseException, while_doing: str, could_not: str, outcome: str = "") -> PoolError | None:

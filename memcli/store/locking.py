@@ -28,7 +28,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
 
-from .durable import O_CLOEXEC, O_NOFOLLOW, O_NONBLOCK, file_kind, now, write_all
+from .durable import O_CLOEXEC, O_NOFOLLOW, O_NONBLOCK, TMP, file_kind, now, rmtree_quiet, token, write_all
 from .errors import PoolBusy, PoolError, safe_text
 
 LOCKS = ".locks"
@@ -237,6 +237,23 @@ def holds_flock(path: Path) -> bool:
         return True
     finally:
         os.close(fd)
+
+
+@contextlib.contextmanager
+def staged_folder(root: Path, label: str = ""):
+    """A new staging folder `<root>/<TMP><label><token>`, flocked while we work in it (recovery
+    removes only staging entries whose lock is free, so a live one is never touched) and removed on
+    the way out unless it was published (renamed into place) meanwhile."""
+    path = root / f"{TMP}{label}{token()}"
+    os.mkdir(path, 0o700)
+    fd = None
+    try:
+        fd = flock_entry(path)
+        yield path
+    finally:
+        rmtree_quiet(path)  # a published folder is gone already: nothing to do
+        if fd is not None:
+            os.close(fd)
 
 
 def flock_entry(path: Path) -> int:

@@ -8,13 +8,12 @@ afterwards. A reader therefore never sees a mix of versions and never needs a re
 
 from __future__ import annotations
 
-import errno
 import os
 import stat
 from pathlib import Path
 
 from . import safetensors as st
-from .durable import O_CLOEXEC, O_DIRECTORY, O_NOFOLLOW, file_kind, open_regular, read_fd
+from .durable import O_CLOEXEC, O_DIRECTORY, O_NOFOLLOW, open_regular, read_fd
 from .errors import PoolCorrupt, PoolError, PoolNotFound, safe_text
 from .manifest import MANIFEST, MAX_MANIFEST_BYTES, check_manifest, parse_json
 
@@ -42,19 +41,10 @@ def read_manifest_at(dir_fd: int, name: str) -> dict:
     """Read, parse and check the manifest of the pool folder open as `dir_fd`."""
     what = f"pool {name}"
     try:
-        fd = os.open(MANIFEST, os.O_RDONLY | O_NOFOLLOW | os.O_NONBLOCK | O_CLOEXEC, dir_fd=dir_fd)
+        fd = open_regular(MANIFEST, f"{what}: manifest.json", MAX_MANIFEST_BYTES, dir_fd=dir_fd)
     except FileNotFoundError:
         raise PoolCorrupt(f"{what} has no manifest.json (damaged); refusing") from None
-    except OSError as exc:
-        if exc.errno == errno.ELOOP:
-            raise PoolCorrupt(f"{what}: manifest.json is a symbolic link; refusing") from None
-        raise PoolError(f"cannot read {what}: manifest.json ({exc.strerror})") from None
     try:
-        st_ = os.fstat(fd)
-        if not stat.S_ISREG(st_.st_mode):
-            raise PoolCorrupt(f"{what}: manifest.json is not a regular file ({file_kind(st_.st_mode)}); refusing")
-        if st_.st_size > MAX_MANIFEST_BYTES:
-            raise PoolCorrupt(f"{what}: manifest.json is implausibly large ({st_.st_size} bytes)")
         raw = read_fd(fd, MAX_MANIFEST_BYTES)
     finally:
         os.close(fd)

@@ -25,8 +25,8 @@ from pathlib import Path
 from . import locking
 from . import safetensors as st
 from .durable import (
-    CHUNK, TMP, as_pool_error, create_exclusive, fsync_dir, is_nospace, new_hash, now, open_regular, publish_dir,
-    replace_file, rmtree_quiet, token, unlink_quiet, write_all,
+    CHUNK, as_pool_error, create_exclusive, fsync_dir, is_nospace, new_hash, now, open_regular, publish_dir,
+    replace_file, token, unlink_quiet, write_all, write_errors,
 )
 from .errors import PoolCorrupt, PoolError, PoolExists, safe_text
 from .manifest import FORMAT_VERSION, MANIFEST, MAX_MANIFEST_BYTES, check_manifest, manifest_bytes, parse_json, validate_name
@@ -51,24 +51,20 @@ def fork(store, src: str, dst: str):
     with store.writer(dst):
         if store.exists(dst):
             raise PoolExists(f"pool {dst} already exists")
-        stage = None
-        stage_fd = None
-        try:
-            with store.gate.shared():
-                with store.snapshot(src, part_ids=()) as snap:
-                    m = copy.deepcopy(snap.manifest)
-                    log_data = snap.log_bytes()
-                if m["format_version"] == 1:
-                    for pid in m["parts"]:  # a format-1 source: give its parts their content names
-                        store._adopt_v1_part(src, m, pid)
-                    fsync_dir(store.root / OBJECTS)
-                    m["log"] = {"bytes": 0, "records": 0}
-                for pid, entry in m["parts"].items():
-                    if not store._object_ok(entry["sha256"], entry["bytes"]):
-                        raise PoolCorrupt(f"pool {src}: part {pid} is missing or damaged; not forked")
-                stage = store.root / f"{TMP}{token()}"
-                os.mkdir(stage, 0o700)
-                stage_fd = locking.flock_entry(stage)
+        with write_errors(f"forking pool {src} to {dst}", f"fork pool {src} to {dst}", "nothing was created"), \
+                store.gate.shared():
+            with store.snapshot(src, part_ids=()) as snap:
+                m = copy.deepcopy(snap.manifest)
+                log_data = snap.log_bytes()
+            if m["format_version"] == 1:
+                for pid in m["parts"]:  # a format-1 source: give its parts their content names
+                    store._adopt_v1_part(src, m, pid)
+                fsync_dir(store.root / OBJECTS)
+                m["log"] = {"bytes": 0, "records": 0}
+            for pid, entry in m["parts"].items():
+                if not store._object_ok(entry["sha256"], entry["bytes"]):
+                    raise PoolCorrupt(f"pool {src}: part {pid} is missing or damaged; not forked")
+            with locking.staged_folder(store.root) as stage:
                 if log_data:
                     replace_file(stage, LOG, log_data)
                 stamp = now()
@@ -78,17 +74,6 @@ def fork(store, src: str, dst: str):
                             "updated": stamp, "parts": m["parts"], "log": m["log"], "meta": meta}
                 replace_file(stage, MANIFEST, manifest_bytes(manifest))
                 publish_dir(stage, store._dir(dst), dst)
-                stage = None
-        except BaseException as exc:
-            if stage is not None:
-                rmtree_quiet(stage)
-            error = as_pool_error(exc, f"forking pool {src} to {dst}", f"fork pool {src} to {dst}", "nothing was created")
-            if error is not None:
-                raise error from None
-            raise
-        finally:
-            if stage_fd is not None:
-                os.close(stage_fd)
     return store.info(dst)
 
 
@@ -123,41 +108,39 @@ def export(store, name: str, file: Path, force: bool = False) -> None:
     record_fd = None
     snap = None
     try:
-        with store.gate.shared():
-            snap = store.snapshot(name)
-            try:  # the record lets recovery remove `tmp` if this process is killed
-                record_fd = os.open(record, os.O_RDWR | os.O_CREAT | os.O_EXCL | locking.O_NOFOLLOW, 0o600)
-                write_all(record_fd, json.dumps({"tmp": str(tmp)}).encode())
-                os.fsync(record_fd)
-                locking.fcntl.flock(record_fd, locking.fcntl.LOCK_EX)
-            except OSError:
-                if record_fd is not None:
-                    os.close(record_fd)
-                    record_fd = None
-                unlink_quiet(record)
-            fd = create_exclusive(tmp)
-        with snap:
-            _write_tar(snap, fd)
-        if force:
-            os.replace(tmp, file)
-        else:
-            try:
-                os.link(tmp, file)  # never replaces: fails if FILE appeared meanwhile
-                unlink_quiet(tmp)
-            except FileExistsError:
-                raise PoolExists(f"{file} already exists; use --force to replace it") from None
-            except OSError as exc:
-                if exc.errno not in (errno.EPERM, errno.ENOTSUP, errno.EOPNOTSUPP, errno.EMLINK, errno.ENOSYS):
-                    raise
-                if os.path.lexists(file):  # no hard links here (FAT, some network filesystems)
+        with write_errors(f"exporting pool {name} to {file}", f"export pool {name} to {file}"):
+            with store.gate.shared():
+                snap = store.snapshot(name)
+                try:  # the record lets recovery remove `tmp` if this process is killed
+                    record_fd = os.open(record, os.O_RDWR | os.O_CREAT | os.O_EXCL | locking.O_NOFOLLOW, 0o600)
+                    write_all(record_fd, json.dumps({"tmp": str(tmp)}).encode())
+                    os.fsync(record_fd)
+                    locking.fcntl.flock(record_fd, locking.fcntl.LOCK_EX)
+                except OSError:
+                    if record_fd is not None:
+                        os.close(record_fd)
+                        record_fd = None
+                    unlink_quiet(record)
+                fd = create_exclusive(tmp)
+            with snap:
+                _write_tar(snap, fd)
+            if force:
+                os.replace(tmp, file)
+            else:
+                try:
+                    os.link(tmp, file)  # never replaces: fails if FILE appeared meanwhile
+                    unlink_quiet(tmp)
+                except FileExistsError:
                     raise PoolExists(f"{file} already exists; use --force to replace it") from None
-                os.rename(tmp, file)
-        fsync_dir(file.parent)
-    except BaseException as exc:
+                except OSError as exc:
+                    if exc.errno not in (errno.EPERM, errno.ENOTSUP, errno.EOPNOTSUPP, errno.EMLINK, errno.ENOSYS):
+                        raise
+                    if os.path.lexists(file):  # no hard links here (FAT, some network filesystems)
+                        raise PoolExists(f"{file} already exists; use --force to replace it") from None
+                    os.rename(tmp, file)
+            fsync_dir(file.parent)
+    except BaseException:
         unlink_quiet(tmp)
-        error = as_pool_error(exc, f"exporting pool {name} to {file}", f"export pool {name} to {file}")
-        if error is not None:
-            raise error from None
         raise
     finally:
         if snap is not None:
@@ -231,8 +214,6 @@ def import_(store, file: Path, name: str | None = None):
         raise PoolError(f"{file} not found") from None
     archive_bytes = os.fstat(fd).st_size
     fh = os.fdopen(fd, "rb", buffering=CHUNK)
-    stage = None
-    stage_fd = None
     lock = None
     try:
         try:
@@ -277,10 +258,7 @@ def import_(store, file: Path, name: str | None = None):
         store.recover_once()
         if store.exists(target):
             raise PoolExists(f"pool {target} already exists")
-        with store.gate.shared():
-            stage = store.root / f"{TMP}import-{token()}"
-            os.mkdir(stage, 0o700)
-            stage_fd = locking.flock_entry(stage)
+        with store.gate.shared(), locking.staged_folder(store.root, "import-") as stage:
             os.mkdir(stage / "objects", 0o700)
             os.mkdir(stage / "pool", 0o700)
             staged: dict[str, Path] = {}  # sha256 -> staged file
@@ -341,10 +319,6 @@ def import_(store, file: Path, name: str | None = None):
         raise
     finally:
         fh.close()
-        if stage is not None:
-            rmtree_quiet(stage)
-        if stage_fd is not None:
-            os.close(stage_fd)
         if lock is not None:
             lock.release()
             collect_garbage(store)  # objects placed by an import that failed at its last step

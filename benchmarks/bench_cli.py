@@ -12,7 +12,6 @@ something to read. Target: every light command within 2x of `--version`. Prints 
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import statistics
@@ -21,6 +20,8 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+
+from report import emit
 
 REPO = Path(__file__).resolve().parent.parent
 FIXTURE = Path(os.environ.get("MEMCLI_CONFORMANCE_DIR", REPO.parent / "shared" / "conformance")) / \
@@ -102,11 +103,7 @@ def main() -> None:
             result["old"] = measure(old, env, options.repeat)
         result["meets_target"] = all(row.get("ratio_to_version", float("inf")) <= TARGET_RATIO
                                      for row in result["new"].values())
-    text = json.dumps(result, indent=2)
-    print(text)
-    if options.out is not None:
-        options.out.parent.mkdir(parents=True, exist_ok=True)
-        options.out.write_text(text + "\n")
+    emit(result, options.out)
 
 
 if __name__ == "__main__":

@@ -43,6 +43,7 @@ sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "benchmarks"))
 
 from make_checkpoint import config_like, make_checkpoint  # noqa: E402
+from report import emit, versions  # noqa: E402
 
 from memcli.engine import Engine  # noqa: E402
 from memcli.loading import CheckpointReader, check_plan, initial_state, load_model  # noqa: E402
@@ -355,7 +356,7 @@ def compare(args) -> None:
         "machine": args.machine,
         "checkpoint": str(folder),
         "threads": torch.get_num_threads(),
-        "versions": {"torch": torch.__version__, "python": platform.python_version()},
+        "versions": versions(),
         "main_ref": args.main_ref,
     }
     cfg = read_config(folder)
@@ -379,11 +380,7 @@ def compare(args) -> None:
             new["inject_64"]["chunks_2_on_within_bound_plus_model_buffers"],
         "same_greedy_tokens": old["greedy_tokens"] == new["greedy_tokens"],
     }
-    text = json.dumps(result, indent=2)
-    print(text)
-    if args.out:
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(text + "\n")
+    emit(result, args.out)
 
 
 def main() -> None:
@@ -461,7 +458,7 @@ def main() -> None:
         "device": torch.cuda.get_device_name(0) if device.startswith("cuda") else f"cpu ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)",
         "dtype": dtype_name,
         "quant": args.quant or dtype_name,
-        "versions": {"torch": torch.__version__, "bitsandbytes": _bnb_version(), "python": platform.python_version()},
+        "versions": versions(),
         "load_seconds": round(load_seconds + state_seconds, 3),
         "load_from_converted_seconds": None if cached_load_seconds is None else round(cached_load_seconds, 3),
         "host_rss_before_load_bytes": baseline_rss,
@@ -491,20 +488,7 @@ def main() -> None:
         peak = next((v for k, v in PEAKS.items() if k in name), None)
         if peak:
             result["floor_inject_tokens_per_second"] = round(chunk / (result["floor_inject_flops_per_chunk"] / peak[0]), 1)
-    text = json.dumps(result, indent=2)
-    print(text)
-    if args.out:
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(text + "\n")
-
-
-def _bnb_version() -> str | None:
-    try:
-        import bitsandbytes
-
-        return bitsandbytes.__version__
-    except Exception:
-        return None
+    emit(result, args.out)
 
 
 if __name__ == "__main__":

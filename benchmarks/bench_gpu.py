@@ -14,7 +14,6 @@ host memory, pinned on CUDA. Targets (issue 10, 8b-chat NF4, full pool): peak de
 from __future__ import annotations
 
 import argparse
-import json
 import platform
 import sys
 import time
@@ -27,6 +26,7 @@ sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "benchmarks"))
 
 from make_checkpoint import MEDIUM, config_like  # noqa: E402
+from report import emit, versions  # noqa: E402
 
 from memcli.config import parse_config  # noqa: E402
 from memcli.engine import Engine  # noqa: E402
@@ -185,8 +185,7 @@ def main() -> None:
     result = {
         "benchmark": "gpu",
         "device": torch.cuda.get_device_name(0) if cuda else f"cpu dry run ({platform.machine()})",
-        "versions": {"torch": torch.__version__, "cuda": torch.version.cuda, "python": platform.python_version(),
-                     "bitsandbytes": _bnb_version()},
+        "versions": versions(),
         "weights": "random, generated on the device, published shapes" + ("" if cuda else " (dry run: 2 layers, width 1024)"),
         "variants": [],
     }
@@ -211,22 +210,9 @@ def main() -> None:
             "decode_le_2x_floor": first.get("decode_over_floor", 99) <= 2,
             "inject_ge_20k_tokens_per_s": first["inject_tokens_per_second"] >= 20000,
         }
-    text = json.dumps(result, indent=2)
-    print(text)
-    if args.out:
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(text + "\n")
+    emit(result, args.out)
     if any("error" in v for v in result["variants"]):
         sys.exit(1)
-
-
-def _bnb_version():
-    try:
-        import bitsandbytes
-
-        return bitsandbytes.__version__
-    except Exception:
-        return None
 
 
 if __name__ == "__main__":

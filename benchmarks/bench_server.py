@@ -32,6 +32,8 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO / "benchmarks"))
 BENCH_DIR = REPO / ".bench"
+
+from report import emit  # noqa: E402
 TINY = REPO / "examples" / "tiny-model"
 QUESTION = "Where did Alice go on Monday?"
 TEXT = ("Alice took the train to Paris on Monday and met Bob at the station near the old river bridge. "
@@ -141,11 +143,7 @@ def main() -> None:
     args = parser.parse_args()
     report = {"bench": "server", "machine": machine(), "date": time.strftime("%Y-%m-%d"),
               "scales": {scale: run_scale(scale, args.repeat, args.tokens) for scale in args.scales}}
-    text = json.dumps(report, indent=2)
-    print(text)
-    if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(text + "\n")
+    emit(report, args.out)
 
 
 if __name__ == "__main__":

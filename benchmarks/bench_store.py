@@ -40,6 +40,7 @@ from memcli import pool as pools  # noqa: E402
 from memcli import pool_meta  # noqa: E402
 from memcli.state import MemoryState, new_generator  # noqa: E402
 from memcli.store import PoolStore  # noqa: E402
+from report import emit  # noqa: E402
 
 MiB = 1 << 20
 PATCH_BYTES = 67 * MiB
@@ -182,10 +183,7 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         if not args.keep:
             shutil.rmtree(work, ignore_errors=True)
-    text = json.dumps(result, indent=2)
-    print(text)
-    if args.out:
-        args.out.write_text(text + "\n")
+    emit(result, args.out)
     return 0
 
 

@@ -397,32 +397,20 @@ def complete_config_key(incomplete: str) -> list[str]:
 
 # --------------------------------------------------------------------------- the app
 GLOBAL_NOTE = "Global options (--model, --device, --dtype, --quant, --no-server) may also come after the command."
-app = typer.Typer(
-    cls=_Group,
-    name="memcli",
-    help="A local language model with a persistent memory of your documents (MemoryLLM / M+).",
+def _command_group(name: str, help: str, **extra) -> typer.Typer:
+    """A command group as every group of memcli's is: -h/--help, help when called bare, our errors
+    instead of typer's tracebacks, global options accepted after the command (_Group)."""
+    return typer.Typer(cls=_Group, name=name, help=help, no_args_is_help=True, pretty_exceptions_enable=False,
+                       context_settings={"help_option_names": ["-h", "--help"]}, **extra)
+
+
+app = _command_group(
+    "memcli", "A local language model with a persistent memory of your documents (MemoryLLM / M+).",
     epilog="Examples:  memcli inject notes/ --pool work  ·  memcli ask 'When is the launch?' --pool work  ·  "
            "memcli config set pool work",
-    no_args_is_help=True,
-    pretty_exceptions_enable=False,
-    context_settings={"help_option_names": ["-h", "--help"]},
 )
-pool_app = typer.Typer(
-    cls=_Group,
-    name="pool",
-    help="List, inspect, copy, rename, remove, export, import, verify and rebind memory pools.",
-    no_args_is_help=True,
-    pretty_exceptions_enable=False,
-    context_settings={"help_option_names": ["-h", "--help"]},
-)
-config_app = typer.Typer(
-    cls=_Group,
-    name="config",
-    help="Read and write the config file's defaults (model, pool, device, dtype, quant).",
-    no_args_is_help=True,
-    pretty_exceptions_enable=False,
-    context_settings={"help_option_names": ["-h", "--help"]},
-)
+pool_app = _command_group("pool", "List, inspect, copy, rename, remove, export, import, verify and rebind memory pools.")
+config_app = _command_group("config", "Read and write the config file's defaults (see `memcli config get`).")
 app.add_typer(pool_app, name="pool")
 app.add_typer(config_app, name="config")
 

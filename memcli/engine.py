@@ -359,9 +359,14 @@ class Engine:
                     rows, cos[:prefix], sin[:prefix], ENCODER
                 )
                 kv.start = prefix
-                h = torch.cat((tail[in_prefix:][None], x), dim=1)
+                # the layer's input rows: [older memory rows not in the prefix ; x], the newest K
+                # with the positional embedding. With no older rows that is x itself, changed in
+                # place (it is the previous layer's output, or the embeddings: nothing reads it again)
+                h = x if in_prefix == k_rows else torch.cat((tail[in_prefix:][None], x), dim=1)
+                del x
                 h[:, -k_rows:] += e
                 out = layer(h, cos[prefix:], sin[prefix:], kv, ENCODER)
+                del h
                 deltas[l].copy_(out[0, -k_rows:])
                 x = out[:, -c:]
         else:

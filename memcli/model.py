@@ -420,10 +420,13 @@ class Block(nn.Module):
         self.gate_up: FusedProjection | None = None
 
     def forward(self, x: Tensor, cos: Tensor, sin: Tensor, kv: KV, adapter: str | None) -> Tensor:
+        """The layer's output rows. It consumes `x`: the residual sums are made in place in it
+        (the same values), since no caller reads a layer's input again and, at an injection's 512+
+        rows, each out-of-place sum would keep one more [T, d] tensor alive through the MLP."""
         if kv.step is not None and self.qkv is not None and adapter == DECODER:
             return self.step(x, kv)
-        h = x + self.self_attn(self.input_layernorm(x), cos, sin, kv, adapter)
-        return h + self.mlp(self.post_attention_layernorm(h), adapter)
+        h = x.add_(self.self_attn(self.input_layernorm(x), cos, sin, kv, adapter))
+        return h.add_(self.mlp(self.post_attention_layernorm(h), adapter))
 
     def fuse(self) -> None:
         """Fused q|k|v and gate|up projections for decode steps (dense bases only; see

@@ -6,7 +6,7 @@
     python benchmarks/bench_engine.py --scale real --device cuda --quant nf4 \
         --out benchmarks/results/$(date +%F)-h100-nf4.json        # all 32 layers on a GPU
     python benchmarks/bench_engine.py --scale medium --compare-main --machine "CPU, shared 2-core" \
-        --out benchmarks/results/cpu-medium-main-vs-new.json     # version 0.1 and this tree, one run
+        --out benchmarks/results/cpu-medium-0.1-vs-new.json      # version 0.1 and this tree, one run
 
 `--compare-main` exports the memcli package of `--main-ref` (default: version 0.1, the code the
 engine issues measured) through git archive as `memcli_main` into a temporary

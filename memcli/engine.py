@@ -663,7 +663,7 @@ class Engine:
         visible = torch.where(rows <= position, 0.0, float("-inf"))  # fp32
         if model.dtype != torch.float32:
             visible = visible.to(model.dtype)
-        step = DecodeStep(position, visible.view(1, 1, 1, -1), cos, sin, sin * model.rope_sign)
+        step = DecodeStep(position, visible.view(1, 1, 1, -1), cos, sin * model.rope_sign)
         for layer, layer_kv in zip(model.layers, kv):
             layer_kv.step = step
             x = layer(x, cos, sin, layer_kv, DECODER)

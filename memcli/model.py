@@ -241,8 +241,8 @@ def _column_blocks(rows: Tensor, width: int) -> list[slice | None]:
 
 
 def _transposed(w: Tensor) -> Tensor:
-    """w.t() (a view, no copy; for a batch [n, a, b] of matrices, each one's), kept on the weight object itself: made again only for a new weight
-    object (after `.to()`, say), never stale."""
+    """w.t() (a view, no copy; for a batch [n, a, b] of matrices, each one's), kept on the weight
+    object itself: made again only for a new weight object (after `.to()`, say), never stale."""
     if torch.compiler.is_compiling():  # the compiler sees through w.t(); it cannot trace the cache
         return w.transpose(-1, -2)
     t = w.__dict__.get("_memcli_t")
@@ -292,9 +292,8 @@ class KV:
 class DecodeStep:
     position: Tensor  # [1] int64 on the model's device: buffer row of this step's token
     mask: Tensor  # [1, 1, 1, capacity] additive (0 / -inf, the model's dtype): rows 0..position visible
-    cos: Tensor  # [1, D] at `position`
-    sin: Tensor  # [1, D] at `position`
-    sin_signed: Tensor  # [1, D]: cat(-sin1, sin2), for rotate_row
+    cos: Tensor  # [1, D] at `position` (fused steps; the others take cos/sin as arguments)
+    sin_signed: Tensor  # [1, D] at `position`: cat(-sin1, sin2), for rotate_row
 
 
 def _heads(y: Tensor, t: int, heads: int, head_dim: int) -> Tensor:

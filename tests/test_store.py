@@ -283,7 +283,7 @@ def test_content_key_caller_bugs_leave_the_store_unchanged(store):
     make_pool(store)
     before = tree(store.root)
     for keys in ({"base": "AB" * 32}, {"base": "ab"}, {"base": 7}, {"base": "../" + "a" * 61},
-                 {"patch-9": KEY}, {"base": KEY}):  # the last: base is not a new part of this commit
+                 {"patch-9": KEY}, {"base": KEY}, [("patch-2", KEY)]):  # {"base": ...}: not a new part
         with pytest.raises(PoolError, match="content key") as exc:
             store.commit("p", {}, ["base", "patch-1", "patch-2"], {"patch-2": tensors(3)}, 1, content_keys=keys)
         assert "\n" not in str(exc.value)

@@ -399,6 +399,8 @@ class StoreCore:
             if pid not in part_ids:
                 raise PoolError(f"commit to pool {name}: new part {pid} is not in part_ids")
             check_tensors(f"part {pid}", tensors)
+        if not isinstance(content_keys, (dict, type(None))):
+            raise PoolError(f"commit to pool {name}: content keys must be a dict of part ids to keys")
         content_keys = dict(content_keys or {})
         for pid, key in content_keys.items():
             if pid not in new_parts:

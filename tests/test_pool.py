@@ -383,7 +383,10 @@ def test_initial_key_changes_with_the_memory_files_identity(tmp_path, streamed):
     model, reader = load_model(folder)
     cfg = model.cfg
     binding = pools.Binding(str(folder), cfg.family, cfg.fingerprint(), cfg.num_tokens)
-    key = lambda dtype=torch.float32: initial_state(CheckpointReader(folder), cfg, dtype=dtype).initial_key  # noqa: E731
+
+    def key(dtype=torch.float32):
+        return initial_state(CheckpointReader(folder), cfg, dtype=dtype).initial_key
+
     original = key()
     assert original == key() and key(torch.bfloat16) not in (None, original)
     shard = Path(reader._where["memory"])

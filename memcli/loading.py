@@ -408,11 +408,43 @@ def initial_state(
     seed: int | None = None,
     ltm_device: str | torch.device = "cpu",
 ) -> MemoryState:
-    """The checkpoint's built-in memory: the state every new pool starts from."""
+    """The checkpoint's built-in memory: the state every new pool starts from.
+
+    Its `initial_key` names these slots by where they came from (the memory tensor's file, as
+    the file system identifies that file's current content, read into this dtype and shape),
+    so that the store recognises them without hashing 3 GB (pool.save); None when the source
+    has no such identity (pickle weights) or changed while it was read."""
+    import json
+    import os
+
+    from .store.durable import new_hash
+
+    def source_identity():
+        source = reader._where.get("memory")
+        if hasattr(reader, "_pickled") or source is None:
+            return None
+        try:
+            path = Path(source).resolve(strict=True)
+            st = os.stat(path)
+        except (OSError, RuntimeError):
+            return None
+        # size and mtime change with the content; inode and ctime also change when a copy that
+        # kept both (cp -p, rsync -t) replaces the file: a key must never name other bytes
+        return {"file": str(path), "size": st.st_size, "mtime_ns": st.st_mtime_ns,
+                "ctime_ns": st.st_ctime_ns, "inode": st.st_ino}
+
     L, n = cfg.num_layers, cfg.memory_rows
+    before = source_identity()
     slots = torch.empty(L, n, cfg.hidden_size, dtype=dtype, device=device)
     for l in range(L):  # layer by layer: the fp32 memory tensor alone is 6.7 GB
         slots[l] = reader.get("memory", l).to(device=device, dtype=dtype)
+    initial_key = None
+    if before is not None and source_identity() == before:
+        identity = {"format": "memcli initial memory slots 1", **before, "tensor": "memory",
+                    "dtype": str(dtype).removeprefix("torch."), "shape": list(slots.shape)}
+        h = new_hash()
+        h.update(json.dumps(identity, sort_keys=True).encode("utf-8"))
+        initial_key = h.hexdigest()
     initialized = True
     if "initialized" in reader.names():
         initialized = bool(reader.get("initialized").item())
@@ -422,6 +454,7 @@ def initial_state(
         initialized=initialized,
         origin=torch.full((L, n), CHECKPOINT_ORIGIN, dtype=torch.int64, device=device),
         generator=new_generator(seed),
+        initial_key=initial_key,
     )
     if cfg.family == "mplus":
         state.stm_ages = torch.zeros(L, n, dtype=torch.float64, device=device)

@@ -5,7 +5,9 @@ How a state becomes immutable, content-addressed store parts, so that saving cos
   stm-base-*    the whole short-term memory [L, N, d] (new pools, and a compaction once the
                 patches since the base add up to N rows per layer). A new pool's base is the
                 checkpoint's memory, so it is the same object for every pool of that model:
-                creating a pool writes a manifest, not gigabytes.
+                creating a pool writes a manifest, not gigabytes; from its second pool on, the
+                store finds that object by the memory's content key (state.initial_key) without
+                hashing it.
   stm-patch-*   the slots rewritten since the last save (the state's dirty mask): flat indices
                 into [L * N] and their rows [M, d] (format-1 pools: freed slots [m, L, K] and
                 rows [m, L, K, d], still read)
@@ -76,11 +78,15 @@ def save(store: PoolStore, pool: Pool) -> None:
     dirty = state.dirty.flatten().nonzero().squeeze(1).cpu() if state.dirty is not None else torch.empty(0, dtype=torch.int64)
     dirty_rows = -(-len(dirty) // L)  # rows per layer, rounded up
     patch_rows = sum(layout.get("stm_patch_rows", [])) + dirty_rows
+    content_keys = {}
     if state.full_rewrite or "stm_base" not in layout or patch_rows >= n:
         # A fresh base whose slots already hold every patch: loading stays O(N) per layer.
         base = _pid("stm-base")
         new_parts[base] = {"slots": state.slots.contiguous()}
         layout["stm_base"], patches, layout["stm_patch_rows"] = base, [], []
+        if state.initial_key is not None and state.version == 0 and state.dirty is None:
+            # no update since loading (each one bumps version): the slots are the checkpoint's
+            content_keys[base] = state.initial_key
     elif len(dirty):
         patch = _pid("stm-patch")
         new_parts[patch] = {"index": dirty, "rows": state.slots.reshape(L * n, -1)[dirty.to(state.slots.device)].cpu()}
@@ -122,6 +128,7 @@ def save(store: PoolStore, pool: Pool) -> None:
         log_append=records,
         # a new pool starts from its checkpoint's memory: the same parts for every such pool
         probe=new_parts if not pool.version else (),
+        content_keys=content_keys,
     )
     pool.version = manifest["version"]
     pool.parts = layout

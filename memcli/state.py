@@ -120,6 +120,10 @@ class MemoryState:
     # current rows, once each however often they were rewritten, instead of the whole STM.
     dirty: Tensor | None = None
     full_rewrite: bool = True  # the whole STM must be saved (new pool, uninitialized fill)
+    # Content key of the checkpoint's initial memory (loading.initial_state): while `version` is 0
+    # the slots are exactly that memory, and a new pool's save lets the store find the object
+    # holding it without hashing it (pool.save). A clone keeps it: same slots, same version.
+    initial_key: str | None = None
 
     def __post_init__(self):
         # Not dataclass fields: never compared, cloned or saved. Every MemoryState object, a clone

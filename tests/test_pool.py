@@ -1,5 +1,6 @@
 """Pools: a state saved, reloaded, forked and bound to its model (tiny fixture models)."""
 
+import os
 from pathlib import Path
 
 import pytest
@@ -223,3 +224,215 @@ def test_a_slot_rewritten_twice_between_saves_is_saved_once():
     patch = store.read_manifest("p")["meta"]["state"]["stm_patches"][-1]
     assert store.read_part("p", patch)["index"].numel() == dirty
     _assert_same_state(state, pools.load(store, "p", binding).state)
+
+
+# ------------------------------------------------- a model's initial memory, by its content key
+
+
+@pytest.fixture
+def streamed(monkeypatch):
+    """The tensor names of every part whose safetensors bytes the store produces, to hash or to
+    write: a part missing here was neither hashed nor written."""
+    from memcli.store import safetensors as st
+
+    calls = []
+    real = st.safetensors_chunks
+
+    def spy(tensors):
+        calls.append(sorted(tensors))
+        return real(tensors)
+
+    monkeypatch.setattr(st, "safetensors_chunks", spy)
+    return calls
+
+
+def _base(store, name):
+    m = store.read_manifest(name)
+    return m["parts"][m["meta"]["state"]["stm_base"]]
+
+
+def _key_entry(store, key):
+    import json
+
+    return json.loads((store.root / ".content-keys" / key).read_text())
+
+
+@pytest.mark.parametrize("variant", ["memoryllm-8b-tiny", "mplus-8b-tiny"])
+def test_a_second_pool_of_a_model_never_hashes_its_initial_memory(variant, streamed):
+    model, reader, binding = _setup(variant)
+    store = PoolStore()
+    first = initial_state(reader, model.cfg, seed=1)
+    assert first.initial_key is not None
+    pools.create(store, "first", binding, first)
+    assert ["slots"] in streamed  # the first pool stores the memory (the spy sees it)
+    assert _key_entry(store, first.initial_key) == _base(store, "first")
+    streamed.clear()
+    second = initial_state(reader, model.cfg, seed=2)
+    assert second.initial_key == first.initial_key
+    pools.create(store, "second", binding, second)
+    assert ["slots"] not in streamed and streamed  # the small parts are still stored as before
+    assert _base(store, "second") == _base(store, "first")
+    _assert_same_state(second, pools.load(store, "second", binding).state)
+    assert store.verify("second") == []
+
+
+def test_only_slots_untouched_since_loading_use_the_key(streamed):
+    model, reader, binding = _setup("memoryllm-8b-tiny")
+    store = PoolStore()
+    pools.create(store, "first", binding, initial_state(reader, model.cfg, seed=1))
+    state = initial_state(reader, model.cfg, seed=2)
+    clone = state.clone()  # same slots, same version: keeps the key
+    assert clone.initial_key == state.initial_key
+    streamed.clear()
+    pools.create(store, "clone", binding, clone)
+    assert ["slots"] not in streamed
+    engine = Engine(model)
+    engine.update(state, engine.inject(state, torch.arange(16)[None]), origin=0)
+    assert state.initial_key is not None and state.version == 1
+    streamed.clear()
+    pools.create(store, "updated", binding, state)
+    assert ["slots"] in streamed
+    assert _base(store, "updated") != _base(store, "first")
+    _assert_same_state(state, pools.load(store, "updated", binding).state)
+
+
+def test_a_key_whose_object_was_collected_or_truncated_is_ignored(streamed):
+    model, reader, binding = _setup("memoryllm-8b-tiny")
+    store = PoolStore()
+    state = initial_state(reader, model.cfg, seed=1)
+    pools.create(store, "first", binding, state)
+    base = _base(store, "first")
+    store.remove("first")  # its objects go with garbage collection; the key entry stays
+    obj = store.root / ".objects" / base["sha256"]
+    assert not obj.exists() and (store.root / ".content-keys" / state.initial_key).exists()
+    streamed.clear()
+    second = initial_state(reader, model.cfg, seed=2)
+    pools.create(store, "second", binding, second)
+    assert ["slots"] in streamed  # the entry named nothing: the memory was stored again
+    _assert_same_state(second, pools.load(store, "second", binding).state)
+    assert _base(store, "second") == base and _key_entry(store, state.initial_key) == base
+    os.chmod(obj, 0o600)
+    os.truncate(obj, base["bytes"] - 64)  # damaged under the key's feet
+    streamed.clear()
+    third = initial_state(reader, model.cfg, seed=3)
+    pools.create(store, "third", binding, third)
+    assert ["slots"] in streamed
+    _assert_same_state(third, pools.load(store, "third", binding).state)
+    assert store.verify("third") == [] and store.verify("second") == []  # the object was put back whole
+
+
+GARBAGE_ENTRIES = {
+    "not JSON": b"{not json",
+    "not UTF-8": b"\xff\xfe{}",
+    "empty": b"",
+    "a list": b"[]",
+    "no fields": b"{}",
+    "sha not hex": b'{"sha256": "xyz", "bytes": 1}',
+    "bytes a string": None,  # filled in below (needs the real digest)
+    "bytes a bool": None,
+    "another size": None,
+    "too large": None,
+}
+
+
+@pytest.mark.parametrize("case", [*GARBAGE_ENTRIES, "a folder", "a symlink", "a FIFO"])
+def test_a_garbage_key_entry_is_ignored_and_rewritten(case, streamed, tmp_path):
+    import json
+
+    model, reader, binding = _setup("memoryllm-8b-tiny")
+    store = PoolStore()
+    pools.create(store, "first", binding, initial_state(reader, model.cfg, seed=1))
+    base = _base(store, "first")
+    state = initial_state(reader, model.cfg, seed=2)
+    path = store.root / ".content-keys" / state.initial_key
+    path.unlink()
+    valid = json.dumps(base).encode()
+    data = {
+        "bytes a string": json.dumps({"sha256": base["sha256"], "bytes": str(base["bytes"])}).encode(),
+        "bytes a bool": json.dumps({"sha256": base["sha256"], "bytes": True}).encode(),
+        "another size": json.dumps({"sha256": base["sha256"], "bytes": base["bytes"] + 1}).encode(),
+        "too large": valid + b" " * 8192,
+    }.get(case, GARBAGE_ENTRIES.get(case))
+    if case == "a folder":
+        path.mkdir()
+    elif case == "a symlink":
+        (tmp_path / "entry").write_bytes(valid)
+        path.symlink_to(tmp_path / "entry")
+    elif case == "a FIFO":
+        os.mkfifo(path)
+    else:
+        path.write_bytes(data)
+    streamed.clear()
+    pools.create(store, "second", binding, state)
+    assert ["slots"] in streamed  # not trusted: hashed as without a key
+    _assert_same_state(state, pools.load(store, "second", binding).state)
+    assert _base(store, "second") == base
+    if case != "a folder":  # a folder cannot be replaced by a file; it stays a hint never used
+        assert path.is_file() and not path.is_symlink() and _key_entry(store, state.initial_key) == base
+
+
+def test_initial_key_changes_with_the_memory_files_identity(tmp_path, streamed):
+    import shutil
+
+    from safetensors.torch import load_file, save
+
+    from memcli.loading import CheckpointReader
+
+    folder = tmp_path / "ckpt"
+    shutil.copytree(fixture_checkpoint("memoryllm-8b-tiny"), folder)
+    model, reader = load_model(folder)
+    cfg = model.cfg
+    binding = pools.Binding(str(folder), cfg.family, cfg.fingerprint(), cfg.num_tokens)
+
+    def key(dtype=torch.float32):
+        return initial_state(CheckpointReader(folder), cfg, dtype=dtype).initial_key
+
+    original = key()
+    assert original == key() and key(torch.bfloat16) not in (None, original)
+    shard = Path(reader._where["memory"])
+    os.chmod(shard, 0o644)
+    st0 = shard.stat()
+    os.utime(shard, ns=(st0.st_atime_ns, st0.st_mtime_ns + 1_000_000_000))  # touched: mtime only
+    assert key() != original
+    tensors = load_file(str(shard))
+    with open(shard, "r+b") as f:  # the same tensors rewritten in place, a longer header: another size
+        f.write(save(tensors, metadata={"rewritten": "x" * 100}))
+        f.truncate()
+    os.utime(shard, ns=(st0.st_atime_ns, st0.st_mtime_ns))
+    assert shard.stat().st_ino == st0.st_ino and shard.stat().st_size != st0.st_size and key() != original
+    store = PoolStore()
+    pools.create(store, "first", binding, initial_state(CheckpointReader(folder), cfg, seed=1))
+    # other memory of the same size and mtime in a new file (a copy that kept its times)
+    tensors["memory"] = tensors["memory"] + 1
+    tmp = folder / "replacement.tmp"
+    tmp.write_bytes(save(tensors, metadata={"rewritten": "x" * 100}))
+    before = shard.stat()
+    os.utime(tmp, ns=(before.st_atime_ns, before.st_mtime_ns))
+    assert tmp.stat().st_size == before.st_size
+    os.replace(tmp, shard)
+    changed = initial_state(CheckpointReader(folder), cfg, seed=2)
+    assert changed.initial_key not in (None, original)
+    streamed.clear()
+    pools.create(store, "second", binding, changed)
+    assert ["slots"] in streamed  # no false hit: the new memory is stored
+    loaded = pools.load(store, "second", binding).state
+    assert torch.equal(loaded.slots, tensors["memory"].to(loaded.slots.dtype))
+    assert _base(store, "second") != _base(store, "first")
+
+
+def test_content_keys_are_invisible_to_listing_gc_recovery_and_verify():
+    from memcli import pool_meta
+
+    model, reader, binding = _setup("memoryllm-8b-tiny")
+    store = PoolStore()
+    state = initial_state(reader, model.cfg, seed=1)
+    pools.create(store, "first", binding, state)
+    pools.create(store, "second", binding, initial_state(reader, model.cfg, seed=2))
+    keys = store.root / ".content-keys"
+    (keys / ".tmp-deadbeef-1-2").write_bytes(b"{")  # a killed key write
+    assert [r["name"] for r in pool_meta.list_rows(store)] == ["first", "second"]
+    assert all(r["error"] is None for r in pool_meta.list_rows(store))
+    assert store.recover() == [str(keys / ".tmp-deadbeef-1-2")]
+    assert store.collect_garbage() == 0
+    assert os.listdir(keys) == [state.initial_key]
+    assert store.verify("first") == [] and store.verify("second") == []

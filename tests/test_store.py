@@ -256,6 +256,57 @@ def test_info_and_list(store):
     assert infos[2].error and "version" in infos[2].error and "\n" not in infos[2].error
 
 
+
+# -------------------------------------------------------------------- content keys
+
+KEY = "ab" * 32
+
+
+def test_a_content_key_names_its_object_without_producing_its_bytes(store, monkeypatch):
+    from memcli.store import safetensors as st
+
+    streamed = []
+    real = st.safetensors_chunks
+    monkeypatch.setattr(st, "safetensors_chunks", lambda t: streamed.append(sorted(t)) or real(t))
+    store.commit("a", {}, ["base"], {"base": tensors(1, 256)}, None, content_keys={"base": KEY})
+    entry = store.read_manifest("a")["parts"]["base"]
+    assert json.loads((store.root / ".content-keys" / KEY).read_bytes()) == entry
+    streamed.clear()
+    m = store.commit("b", {}, ["base", "x"], {"base": tensors(1, 256), "x": tensors(2)}, None,
+                     probe=["base"], content_keys={"base": KEY})
+    assert streamed == [sorted(tensors(2))]  # the keyed part was neither hashed nor written
+    assert m["parts"]["base"] == entry and store.verify("b") == []
+    assert same(store.read_part("b", "base", verify=True), tensors(1, 256))
+
+
+def test_content_key_caller_bugs_leave_the_store_unchanged(store):
+    make_pool(store)
+    before = tree(store.root)
+    for keys in ({"base": "AB" * 32}, {"base": "ab"}, {"base": 7}, {"base": "../" + "a" * 61},
+                 {"patch-9": KEY}, {"base": KEY}, [("patch-2", KEY)]):  # {"base": ...}: not a new part
+        with pytest.raises(PoolError, match="content key") as exc:
+            store.commit("p", {}, ["base", "patch-1", "patch-2"], {"patch-2": tensors(3)}, 1, content_keys=keys)
+        assert "\n" not in str(exc.value)
+    assert tree(store.root) == before
+
+
+def test_content_keys_are_left_alone_by_listing_gc_recovery_verify_and_export(store, tmp_path):
+    store.commit("a", {}, ["base"], {"base": tensors(1, 256)}, None, content_keys={"base": KEY})
+    make_pool(store, "b")
+    keys = store.root / ".content-keys"
+    (keys / ("cd" * 32)).write_bytes(b"{garbage")  # a damaged hint is no store damage
+    (keys / ".tmp-x-1-2").write_bytes(b"{")  # a killed key write: a leftover like any other
+    assert [i.name for i in store.list()] == ["a", "b"] and all(i.error is None for i in store.list())
+    assert store.recover() == [str(keys / ".tmp-x-1-2")]
+    assert store.collect_garbage() == 0
+    assert sorted(os.listdir(keys)) == [KEY, "cd" * 32]
+    assert store.verify("a") == [] and store.verify("b") == []
+    store.export("a", tmp_path / "a.tar")
+    store.remove("a")  # its object goes (b's base has the same content: it stays), the hint stays
+    assert KEY in os.listdir(keys) and objects(store) == referenced(store)
+    assert store.import_(tmp_path / "a.tar").name == "a" and store.verify("a") == []
+
+
 # ------------------------------------------------------------------------ locking
 
 

@@ -6,7 +6,9 @@ Layout (root = ``paths.pools_dir()``)::
     <root>/<name>/log.jsonl        the pool's append-only log; the manifest names its committed prefix
     <root>/.objects/<sha256>       parts, content-addressed and shared by every pool of the store
     <root>/.locks/                 flock files (see locking.py)
-    <root>/.tmp-*, <root>/.objects/.tmp-*, <root>/<name>/.tmp-*
+    <root>/.content-keys/<key>     {"sha256", "bytes"}: which object holds the content a caller's key
+                                   names (a model's initial memory); only a hint, checked before use
+    <root>/.tmp-*, <root>/.objects/.tmp-*, <root>/.content-keys/.tmp-*, <root>/<name>/.tmp-*
                                    work in progress; leftovers of killed work (recovery.py)
 
 A commit writes its new parts (named by their sha256, so a part that exists is never written
@@ -31,11 +33,15 @@ from memcli import paths
 from . import locking
 from .durable import (
     TMP, create_exclusive, fsync_dir, hash_fd, new_hash, now, open_regular, publish_dir,
-    replace_file, rmtree_quiet, token, unlink_quiet, write_all, write_errors,
+    read_fd, replace_file, rmtree_quiet, token, unlink_quiet, write_all, write_errors,
 )
 from .errors import PoolBusy, PoolCorrupt, PoolError, PoolExists, PoolNotFound
-from .manifest import FORMAT_VERSION, MANIFEST, NAME_RE, manifest_bytes, validate_name, validate_part_id
-from .snapshot import LOG, OBJECTS, PARTS_V1, Snapshot, open_pool_dir, read_manifest_at
+from .manifest import (
+    FORMAT_VERSION, MANIFEST, NAME_RE, SHA_RE, is_int, manifest_bytes, parse_json, validate_name, validate_part_id,
+)
+from .snapshot import CONTENT_KEYS, LOG, OBJECTS, PARTS_V1, Snapshot, open_pool_dir, read_manifest_at
+
+MAX_KEY_ENTRY_BYTES = 4096  # a content key entry is ~100 bytes; anything larger is not one
 
 
 @dataclass
@@ -244,9 +250,23 @@ class StoreCore:
 
     # ------------------------------------------------------------------------ objects
 
-    def _put_object(self, tensors: dict, probe: bool, placed: list[Path]) -> dict:
-        """Store one part's tensors as an object; returns its manifest entry. probe=True
-        hashes first and writes nothing when the object exists (a model's initial memory)."""
+    def _put_object(self, tensors: dict, probe: bool, placed: list[Path], key: str | None = None) -> dict:
+        """Store one part's tensors as an object; returns its manifest entry.
+
+        key: the caller's content key for these tensors (see `commit`). When its entry names an
+        object that is there with its size, that object is the part: nothing is hashed or
+        written. Otherwise the part is stored as without a key and the entry (re)written.
+        probe=True hashes first and writes nothing when the object exists."""
+        if key is not None:
+            known = self._keyed_object(key)
+            if known is not None:
+                return known
+        entry = self._store_object(tensors, probe, placed)
+        if key is not None:
+            self._remember_key(key, entry)
+        return entry
+
+    def _store_object(self, tensors: dict, probe: bool, placed: list[Path]) -> dict:
         from .safetensors import safetensors_chunks
 
         objects = self._objects()
@@ -277,6 +297,35 @@ class StoreCore:
             os.replace(tmp, objects / digest)
         placed.remove(tmp)
         return {"sha256": digest, "bytes": size}
+
+    def _keyed_object(self, key: str) -> dict | None:
+        """The entry a content key names, if its object is there with its size; None for no
+        entry, a malformed one (size, JSON, types: it is only a hint) or a missing object."""
+        try:
+            fd = open_regular(self.root / CONTENT_KEYS / key, f"content key {key}", max_bytes=MAX_KEY_ENTRY_BYTES)
+        except (OSError, PoolError):
+            return None
+        try:
+            entry = parse_json(read_fd(fd, MAX_KEY_ENTRY_BYTES), f"content key {key}")
+        except (OSError, PoolError):
+            return None
+        finally:
+            os.close(fd)
+        if not (isinstance(entry, dict) and isinstance(entry.get("sha256"), str) and SHA_RE.fullmatch(entry["sha256"])
+                and is_int(entry.get("bytes"))):
+            return None
+        if not self._object_ok(entry["sha256"], entry["bytes"]):
+            return None  # collected, truncated or replaced since: the caller hashes as without a key
+        return {"sha256": entry["sha256"], "bytes": entry["bytes"]}
+
+    def _remember_key(self, key: str, entry: dict) -> None:
+        """Record which object holds a key's content. Best effort: a hint that cannot be
+        written costs the next commit a hash, never this one its save."""
+        folder = self.root / CONTENT_KEYS
+        data = json.dumps({"sha256": entry["sha256"], "bytes": entry["bytes"]}, sort_keys=True).encode("ascii")
+        with contextlib.suppress(OSError):
+            os.makedirs(folder, mode=0o700, exist_ok=True)
+            replace_file(folder, key, data)
 
     def _object_ok(self, digest: str, size: int) -> bool:
         try:
@@ -322,12 +371,15 @@ class StoreCore:
 
     def commit(self, name: str, meta: dict, part_ids: list[str], new_parts: dict[str, dict],
                expect_version: int | None, log_append: list[dict] | None = None,
-               probe: Iterable[str] = ()) -> dict:
+               probe: Iterable[str] = (), content_keys: dict[str, str] | None = None) -> dict:
         """Save a new version of pool `name` and return its manifest.
 
         The new version references exactly `part_ids`; `new_parts` holds the tensors of parts
         that are new. `log_append` records are appended to the pool's log. `probe` names new
         parts that probably exist in the store already (hashed first, written only if not).
+        `content_keys` maps new parts to the caller's key for their content (64 hex digits,
+        the same key only ever for the same tensors): a part whose key the store has seen
+        before is the object it was stored as, without hashing its tensors again.
         `expect_version` is the version the caller loaded; None or 0 means "create a new pool"
         (PoolExists if it exists). Another current version raises PoolBusy. Takes the writer
         lock unless this thread holds it."""
@@ -347,6 +399,14 @@ class StoreCore:
             if pid not in part_ids:
                 raise PoolError(f"commit to pool {name}: new part {pid} is not in part_ids")
             check_tensors(f"part {pid}", tensors)
+        if not isinstance(content_keys, (dict, type(None))):
+            raise PoolError(f"commit to pool {name}: content keys must be a dict of part ids to keys")
+        content_keys = dict(content_keys or {})
+        for pid, key in content_keys.items():
+            if pid not in new_parts:
+                raise PoolError(f"commit to pool {name}: content key for part {pid}, which is not a new part")
+            if not isinstance(key, str) or not SHA_RE.fullmatch(key):
+                raise PoolError(f"commit to pool {name}: content key of part {pid} is not 64 lowercase hex digits")
         if not isinstance(meta, dict):
             raise PoolError(f"commit to pool {name}: meta must be a dict")
         try:
@@ -360,14 +420,14 @@ class StoreCore:
             raise PoolError(f"commit to pool {name}: expect_version must be None or an int >= 0")
         with self.writer(name):
             manifest, dropped = self._commit_locked(name, meta, part_ids, new_parts, expect_version, records,
-                                                    set(probe))
+                                                    set(probe), content_keys)
         if dropped:
             from .recovery import collect_garbage
 
             collect_garbage(self)
         return copy.deepcopy(manifest)
 
-    def _commit_locked(self, name, meta, part_ids, new_parts, expect_version, records, probe):
+    def _commit_locked(self, name, meta, part_ids, new_parts, expect_version, records, probe, content_keys):
         pool_dir = self._dir(name)
         state = self._dir_state(name)
         self._refuse_odd(name, state)
@@ -388,7 +448,7 @@ class StoreCore:
                 entries = {}
                 for pid in part_ids:
                     if pid in new_parts:
-                        entries[pid] = self._put_object(new_parts[pid], pid in probe, placed)
+                        entries[pid] = self._put_object(new_parts[pid], pid in probe, placed, content_keys.get(pid))
                     elif old is not None and pid in old["parts"]:
                         if old["format_version"] == 1:
                             self._adopt_v1_part(name, old, pid)

@@ -13,8 +13,10 @@ Rules:
   * any other <root>/.tmp-* (staged pools, imports, export records): its creator holds a flock
     on it while it works; one nobody holds is a leftover (an export record also names the
     temporary export file it was writing, which goes with it);
-  * <root>/.objects/.tmp-* and <pool>/.tmp-*: written only by writers holding the gate shared,
-    so with the gate held exclusively every one is a leftover;
+  * <root>/.objects/.tmp-*, <root>/.content-keys/.tmp-* and <pool>/.tmp-*: written only by
+    writers holding the gate shared, so with the gate held exclusively every one is a leftover;
+  * <root>/.content-keys/<key> entries are hints (checked before each use), never garbage: an
+    entry whose object was collected is simply not used;
   * a format-1 pool folder that never got a manifest (".creating") goes; a pool already in
     format 2 loses its old parts/ folder, .lock and .creating files;
   * log.jsonl bytes past the committed prefix are cut off (when the pool's writer lock is free).
@@ -34,7 +36,7 @@ from . import locking
 from .durable import TMP, rmtree_quiet, unlink_quiet
 from .errors import PoolError, safe_text
 from .manifest import MANIFEST, NAME_RE, SHA_RE
-from .snapshot import LOG, OBJECTS, PARTS_V1, open_pool_dir, read_manifest_at
+from .snapshot import CONTENT_KEYS, LOG, OBJECTS, PARTS_V1, open_pool_dir, read_manifest_at
 
 log = logging.getLogger("memcli.store")
 EXPORT_RECORD = f"{TMP}export-"
@@ -147,12 +149,13 @@ def recover(store, announce: bool = False, wait_s: float = 0.5) -> list[str]:
                 size += _drop_export_tmp(path)
             _remove(path)
             done.append((str(path), size))
-        with contextlib.suppress(OSError):
-            for fname in os.listdir(root / OBJECTS):
-                if fname.startswith(TMP):
-                    path = root / OBJECTS / fname
-                    done.append((str(path), _size(path)))
-                    unlink_quiet(path)
+        for folder in (OBJECTS, CONTENT_KEYS):
+            with contextlib.suppress(OSError):
+                for fname in os.listdir(root / folder):
+                    if fname.startswith(TMP):
+                        path = root / folder / fname
+                        done.append((str(path), _size(path)))
+                        unlink_quiet(path)
         for entry in entries:
             if entry.startswith(".") or not NAME_RE.fullmatch(entry):
                 continue

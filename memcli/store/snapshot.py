@@ -20,6 +20,7 @@ from .manifest import MANIFEST, MAX_MANIFEST_BYTES, check_manifest, parse_json
 LOG = "log.jsonl"
 PARTS_V1 = "parts"
 OBJECTS = ".objects"
+CONTENT_KEYS = ".content-keys"  # hints: a caller's content key -> the object holding that content (core.py)
 PART_SUFFIX = ".safetensors"
 MAX_LOG_RECORD_BYTES = 1 << 20
 

@@ -35,6 +35,11 @@ class Cancelled(KeyboardInterrupt):
     an inject returns to its last commit exactly as on Ctrl-C."""
 
 
+class StopRequested(KeyboardInterrupt):
+    """The client asked its inject to stop (its first Ctrl-C): a KeyboardInterrupt at a chunk
+    boundary, so the inject returns to its last commit and reports what it kept, as in-process."""
+
+
 # --------------------------------------------------------------------------- the device's queue
 class DeviceQueue:
     """One holder at a time; the next turn goes to the next waiting client in round-robin order."""
@@ -103,6 +108,7 @@ class Job:
     client: str
     cancelled: threading.Event = field(default_factory=threading.Event)
     stopping: bool = False  # cancelled because the server stops (the client is still there to be told)
+    stop_requested: threading.Event = field(default_factory=threading.Event)  # the client is still there
     _ticket: object | None = None
 
     def __enter__(self) -> "Job":
@@ -117,6 +123,11 @@ class Job:
         """Stop here if the client left (between two tokens of an answer)."""
         if self.cancelled.is_set():
             raise Cancelled()
+
+    def check_stop_requested(self) -> None:
+        """Stop here if the client asked to (between two chunks of an inject)."""
+        if self.stop_requested.is_set():
+            raise StopRequested()
 
     def checkpoint(self) -> None:
         """Between two chunks of an inject: stop if the client left; let waiting requests go first."""

@@ -572,6 +572,102 @@ def test_inject_command_continues_on_a_fresh_server_after_a_sigkill(ck, tmp_path
         subprocess.run([sys.executable, "-m", "memcli", "stop"], env=env, timeout=DEADLINE, capture_output=True)
 
 
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["ctrl-c", "sigterm"])
+def test_ctrl_c_during_a_routed_inject_reports_what_was_kept(ck, tmp_path, server, sig):
+    """The first Ctrl-C (or SIGTERM) asks the server to stop at its next chunk boundary; the command then shows
+    the in-process report of what was kept (line, --json report, exit 130), and the pool holds
+    exactly that."""
+    app = local(ck)
+    make_pool(app, tmp_path, "int", TEXTS[:1])
+    folder = tmp_path / "int-docs"
+    folder.mkdir()
+    for i, text in enumerate(many_texts(80)):
+        (folder / f"f{i:02}.txt").write_text(text)
+    env = env_for_server()
+    command = subprocess.Popen([sys.executable, "-m", "memcli", "--device", "cpu", "inject", str(folder), "--pool", "int",
+                                "--json"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    try:
+        wait_for(lambda: len(logged_sources("int")) >= 2, "the first committed file")
+        command.send_signal(sig)
+        out, err = command.communicate(timeout=DEADLINE)
+    finally:
+        if command.poll() is None:
+            command.kill()
+    assert command.returncode == 130, err
+    assert "Traceback" not in err and "memcli: interrupted" not in err
+    report = json.loads(out)
+    assert report["interrupted"] is True and report["pool"] == "int"
+    kept = [f for f in report["files"] if f["status"] == "injected"]
+    lines = [line for line in err.splitlines() if line.startswith("interrupted")]
+    assert lines == [cli.interrupted_line(_report_of(report))], err
+    assert lines[0].startswith(f"interrupted: kept {len(kept)} complete file")
+    # the pool holds exactly what the report says: those files, whole, and nothing of the next one
+    sources = logged_sources("int")[1:]
+    assert [(s["path"], s["chunks"]) for s in sources if s["complete"]] == [(f["path"], f["chunks"]) for f in kept]
+    assert [s for s in sources if not s["complete"] and s["chunks"]] == []
+    assert report["partial"] is None
+    assert 1 <= len(kept) < 80
+    assert PoolStore().verify("int") == []
+    with Client() as client:  # the server is idle again and still serving
+        wait_for(lambda: all(m["active_requests"] == 0 for m in client.ps()["models"]), "the inject to end")
+
+    # "run the same command again to continue": every file ends up in once
+    again = subprocess.run([sys.executable, "-m", "memcli", "--device", "cpu", "inject", str(folder), "--pool", "int"],
+                           capture_output=True, text=True, env=env, timeout=DEADLINE)
+    assert again.returncode == 0, again.stderr
+    assert f"{len(kept)} already in the pool" in again.stderr
+    paths = [s["path"] for s in logged_sources("int")[1:]]
+    assert sorted(paths) == sorted(str(p) for p in folder.iterdir())
+
+
+def test_ctrl_c_with_no_server_to_take_the_stop_quits_keeping_the_last_commit(tmp_path, capsys):
+    """The stop request finds no server: the command quits as before (the KeyboardInterrupt goes on
+    to `memcli: interrupted`), saying that the pool keeps its last commit."""
+    from memcli.cli_server import _Stop
+
+    class Events:  # a stream the server has named
+        id = "0123456789abcdef"
+
+        def __iter__(self):
+            yield {"event": "file", "path": "a.txt"}
+            threading.Event().wait()  # the server says nothing more
+
+    def handle(event):
+        raise KeyboardInterrupt  # Ctrl-C while an event is shown
+
+    gone = type("Gone", (), {"path": tmp_path / "no-server.sock"})()
+    with pytest.raises(KeyboardInterrupt):
+        _Stop(gone, Events(), "p").run(handle)
+    err = capsys.readouterr().err
+    assert "the server did not take the stop; pool p keeps its last commit" in err
+
+
+def _report_of(data: dict):
+    from memcli.api import FileResult, InjectReport
+
+    fields = {k: v for k, v in data.items() if k in InjectReport.__dataclass_fields__ and k not in ("files", "partial")}
+    return InjectReport(**fields, files=[FileResult(**f) for f in data["files"]],
+                        partial=FileResult(**data["partial"]) if data["partial"] else None)
+
+
+def test_stopping_an_unknown_or_finished_inject_is_a_404(ck, tmp_path, server):
+    app = local(ck)
+    make_pool(app, tmp_path, "fin", TEXTS[:1])
+    path = tmp_path / "fin-more.txt"
+    path.write_text(TEXTS[1])
+    with Client() as client:
+        with pytest.raises(ServerError) as unknown:
+            client.stop_inject("0123456789abcdef")
+        assert unknown.value.status == 404 and "no inject '0123456789abcdef' is running" in str(unknown.value)
+        events = client.inject("fin", [upload(path)])
+        done = [event for event in events if "report" in event]
+        assert events.id and done and done[0]["interrupted"] is False
+        with pytest.raises(ServerError) as finished:
+            client.stop_inject(events.id)
+        assert finished.value.status == 404
+        assert client.health() is not None  # no crash
+
+
 # --------------------------------------------------------------------------- keep-alive
 def test_keep_alive_expiry_unloads_the_model(ck, tmp_path):
     app = local(ck)

@@ -272,8 +272,8 @@ class Remote:
 
 class _Stop:
     """Ctrl-C (or SIGTERM) during an inject through a server, as in-process: the first asks the
-    server to end the inject at its next chunk boundary, and the events go on until its report of
-    what was kept (marked interrupted); a second one quits at once (the server, seeing the client
+    server to end the inject once the chunk it is making is committed, and the events go on until
+    its report of what was kept (marked interrupted); a second one quits at once (the server, seeing the client
     leave, returns to the last commit). The stream is read on its own thread, so that the
     interruption, raised in this (the main) thread, leaves the stream intact."""
 
@@ -320,8 +320,8 @@ class _Stop:
                 if self.wanted:
                     raise  # the second one (or no stop possible): `memcli: interrupted` at once
                 self.wanted = True
-                _cli().say("memcli: stopping after the chunk in progress (Ctrl-C again quits at once; "
-                           "the pool keeps its last commit)")
+                _cli().say("memcli: stopping once the chunk in progress is committed (Ctrl-C again quits at once, "
+                           "keeping the last commit)")
 
     def send(self) -> None:
         """The stop request, once the server has named the inject; no answer: quit as before."""

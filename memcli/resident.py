@@ -24,7 +24,7 @@ from typing import Callable
 import torch
 
 from . import pool as pools
-from .api import DEFAULT_ANSWER_TOKENS, Memcli, normalize_model
+from .api import DEFAULT_ANSWER_TOKENS, Memcli, StopAfterChunk, normalize_model
 from .prompts import chat_prompt_ids, context_ids, conversation_ids, has_chat_template
 from .settings import Settings
 from .store import PoolStore
@@ -33,11 +33,6 @@ from .store import PoolStore
 class Cancelled(KeyboardInterrupt):
     """The client went away: its work stops at the next token or chunk. A KeyboardInterrupt, so
     an inject returns to its last commit exactly as on Ctrl-C."""
-
-
-class StopRequested(KeyboardInterrupt):
-    """The client asked its inject to stop (its first Ctrl-C): a KeyboardInterrupt at a chunk
-    boundary, so the inject returns to its last commit and reports what it kept, as in-process."""
 
 
 # --------------------------------------------------------------------------- the device's queue
@@ -125,9 +120,10 @@ class Job:
             raise Cancelled()
 
     def check_stop_requested(self) -> None:
-        """Stop here if the client asked to (between two chunks of an inject)."""
+        """Stop here if the client asked to (its first Ctrl-C, between two chunks of an inject): the
+        inject commits the chunk just made and reports what it kept."""
         if self.stop_requested.is_set():
-            raise StopRequested()
+            raise StopAfterChunk()
 
     def checkpoint(self) -> None:
         """Between two chunks of an inject: stop if the client left; let waiting requests go first."""

@@ -17,9 +17,9 @@ Endpoints (JSON; streams are NDJSON, one object per line, or SSE for the OpenAI 
                                      only opens its own copies. -> {"event": "started", "inject": ID},
                                      progress events ({"event": kind, api.Event's fields}), then
                                      {"done": true, "interrupted": bool, "report": …}
-    POST /api/inject/{ID}/stop       end that inject at its next chunk boundary (what is committed is
-                                     kept, as on Ctrl-C in-process): its stream ends with the usual
-                                     report, "interrupted": true; 404 when no such inject runs
+    POST /api/inject/{ID}/stop       end that inject once the chunk it is making is committed (the
+                                     client's first Ctrl-C): its stream ends with the usual report,
+                                     "interrupted": true; 404 when no such inject runs
     GET  /v1/models                  OpenAI: one model per pool (GET /v1/models/{pool}: one)
     POST /v1/chat/completions        OpenAI: "model" names the pool; SSE when "stream": true
 
@@ -369,7 +369,7 @@ class Server:
 
     async def stop_inject(self, request: Request):
         """Ask a running inject to end at its next chunk boundary (the client's first Ctrl-C): it
-        returns to its last commit and its stream ends with the report of what was kept."""
+        commits the chunk it made and its stream ends with the report of what was kept."""
         inject_id = request.path_params["id"]
         job = self.injects.get(inject_id)
         if job is None:

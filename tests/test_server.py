@@ -601,11 +601,13 @@ def test_ctrl_c_during_a_routed_inject_reports_what_was_kept(ck, tmp_path, serve
     lines = [line for line in err.splitlines() if line.startswith("interrupted")]
     assert lines == [cli.interrupted_line(_report_of(report))], err
     assert lines[0].startswith(f"interrupted: kept {len(kept)} complete file")
-    # the pool holds exactly what the report says: those files, whole, and nothing of the next one
+    # the pool holds exactly what the report says: those files, whole, and the committed chunks of
+    # the file it stopped in (the server commits the chunk it made before it stops)
     sources = logged_sources("int")[1:]
     assert [(s["path"], s["chunks"]) for s in sources if s["complete"]] == [(f["path"], f["chunks"]) for f in kept]
-    assert [s for s in sources if not s["complete"] and s["chunks"]] == []
-    assert report["partial"] is None
+    partial = report["partial"]
+    assert [(s["path"], s["chunks"]) for s in sources if not s["complete"] and s["chunks"]] == \
+        ([(partial["path"], partial["chunks"])] if partial else [])
     assert 1 <= len(kept) < 80
     assert PoolStore().verify("int") == []
     with Client() as client:  # the server is idle again and still serving
@@ -616,8 +618,46 @@ def test_ctrl_c_during_a_routed_inject_reports_what_was_kept(ck, tmp_path, serve
                            capture_output=True, text=True, env=env, timeout=DEADLINE)
     assert again.returncode == 0, again.stderr
     assert f"{len(kept)} already in the pool" in again.stderr
+    assert ("1 resumed" in again.stderr) == (partial is not None), again.stderr
     paths = [s["path"] for s in logged_sources("int")[1:]]
     assert sorted(paths) == sorted(str(p) for p in folder.iterdir())
+
+
+def test_a_stopped_inject_commits_the_chunk_it_made_and_reports_it(ck, tmp_path, server):
+    app = local(ck)
+    make_pool(app, tmp_path, "half", TEXTS[:1])
+    PoolStore().fork("half", "whole")  # the same memory and drop generator
+    path = tmp_path / "half-long.txt"
+    path.write_text("\n".join(many_texts(40)))  # one file of many chunks
+    with Client() as client:
+        events = client.inject("half", [upload(path)])
+        done = []
+        for event in events:
+            if event.get("event") == "chunk" and event["chunks"] == 1:
+                assert client.stop_inject(events.id)["ok"] is True
+            if "report" in event:
+                done.append(event)
+    assert len(done) == 1 and done[0]["interrupted"] is True
+    report = done[0]["report"]
+    assert report["interrupted"] is True and report["files"] == []
+    partial = report["partial"]
+    assert partial["path"] == str(path) and partial["status"] == "partial" and partial["chunks"] >= 1
+    logged = logged_sources("half")[1:]
+    assert [(s["path"], s["complete"], s["chunks"], s["tokens"]) for s in logged] == \
+        [(str(path), False, partial["chunks"], partial["tokens"])]
+    assert PoolStore().verify("half") == []
+    # the next inject of it resumes after the kept chunks, and the result equals one whole run
+    with Client() as client:
+        for event in client.inject("half", [upload(path)]):
+            if "report" in event:
+                assert event["report"]["files"][0]["status"] == "resumed"
+    app.inject("whole", [str(path)])
+    store = PoolStore()
+    import torch
+
+    from memcli import pool as pools
+
+    assert torch.equal(pools.load(store, "half").state.slots, pools.load(store, "whole").state.slots)
 
 
 def test_ctrl_c_with_no_server_to_take_the_stop_quits_keeping_the_last_commit(tmp_path, capsys):

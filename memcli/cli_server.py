@@ -273,9 +273,9 @@ class Remote:
 class _Stop:
     """Ctrl-C (or SIGTERM) during an inject through a server, as in-process: the first asks the
     server to end the inject once the chunk it is making is committed, and the events go on until
-    its report of what was kept (marked interrupted); a second one quits at once (the server, seeing the client
-    leave, returns to the last commit). The stream is read on its own thread, so that the
-    interruption, raised in this (the main) thread, leaves the stream intact."""
+    its report of what was kept (marked interrupted); a second one quits at once (the server, seeing
+    the client leave, returns to the last commit). The stream is read on its own thread, so that
+    the interruption, raised in this (the main) thread, leaves the stream intact."""
 
     def __init__(self, client, events, pool: str):
         self.client, self.events, self.pool = client, events, pool
@@ -300,14 +300,20 @@ class _Stop:
                 inbox.put(err)
             inbox.put(end)
 
-        threading.Thread(target=pump, name="memcli-inject-stream", daemon=True).start()
+        thread = threading.Thread(target=pump, name="memcli-inject-stream", daemon=True)
+        started = False
         while True:
             try:
-                if self.wanted and not self.sent:
-                    self.send()  # the first Ctrl-C came before the server named the inject
+                if not started:
+                    started = True
+                    thread.start()  # in here: a Ctrl-C while it starts is the first one too
                 try:
                     item = inbox.get(timeout=0.2 if self.wanted and not self.sent else None)
                 except queue.Empty:
+                    item = None
+                if self.wanted and not self.sent:
+                    self.send()  # the first Ctrl-C came before the server named the inject
+                if item is None:
                     continue
                 if item is end:
                     return

@@ -682,6 +682,60 @@ def test_ctrl_c_with_no_server_to_take_the_stop_quits_keeping_the_last_commit(tm
     assert "the server did not take the stop; pool p keeps its last commit" in err
 
 
+def test_a_second_ctrl_c_quits_at_once(tmp_path, capsys, monkeypatch):
+    """The first Ctrl-C asks for the stop (the server took it) and reading goes on; the second one
+    is not swallowed: it goes on to `memcli: interrupted`."""
+    from memcli import client as client_module
+    from memcli.cli_server import _Stop
+
+    asked = []
+    monkeypatch.setattr(client_module.Client, "stop_inject", lambda self, inject_id: asked.append(inject_id) or {"ok": True})
+
+    class Events:
+        id = "0123456789abcdef"
+
+        def __iter__(self):
+            yield {"event": "file", "path": "a.txt"}
+            yield {"event": "chunk", "path": "a.txt"}
+            threading.Event().wait()  # the report would come later
+
+    shown = []
+
+    def handle(event):
+        shown.append(event["event"])
+        raise KeyboardInterrupt  # Ctrl-C while each event is shown
+
+    with pytest.raises(KeyboardInterrupt):
+        _Stop(type("C", (), {"path": tmp_path / "s.sock"})(), Events(), "p").run(handle)
+    assert shown == ["file", "chunk"] and asked == ["0123456789abcdef"]  # one stop request, then the quit
+    err = capsys.readouterr().err
+    assert err.count("stopping once the chunk in progress is committed") == 1 and "did not take" not in err
+
+
+def test_ctrl_c_during_the_upload_asks_for_the_stop_once_the_server_names_the_inject(tmp_path, capsys, monkeypatch):
+    from memcli import client as client_module
+    from memcli.cli_server import _Stop
+
+    asked = []
+    monkeypatch.setattr(client_module.Client, "stop_inject", lambda self, inject_id: asked.append(inject_id) or {"ok": True})
+    main = threading.main_thread().ident
+
+    class Events:
+        id = None
+
+        def __iter__(self):
+            signal.pthread_kill(main, signal.SIGINT)  # Ctrl-C while the files are still being sent
+            wait_for(lambda: stop.wanted, "the Ctrl-C to be seen")
+            self.id = "0123456789abcdef"  # the server's first line
+            yield {"event": "file", "path": "a.txt"}
+            yield {"done": True, "report": {}}
+
+    seen = []
+    stop = _Stop(type("C", (), {"path": tmp_path / "s.sock"})(), Events(), "p")
+    stop.run(seen.append)
+    assert asked == ["0123456789abcdef"] and seen == [{"event": "file", "path": "a.txt"}, {"done": True, "report": {}}]
+
+
 def _report_of(data: dict):
     from memcli.api import FileResult, InjectReport
 

@@ -159,6 +159,11 @@ class InjectReport:
         }
 
 
+class StopAfterChunk(KeyboardInterrupt):
+    """Raised by an inject's `on_event` (a server whose client asked to stop): at a "chunk" event
+    that chunk is committed first; then the inject ends as on Ctrl-C, with `InjectInterrupted`."""
+
+
 class InjectInterrupted(MemcliError):
     def __init__(self, report: InjectReport):
         super().__init__("interrupted; every completed file and committed chunk is kept")
@@ -620,9 +625,13 @@ class Memcli:
                 tokens_done += len(chunk)
                 report.chunks += 1
                 report.tokens += len(chunk)
-                emit(Event("chunk", source.path, chunks=done, tokens=tokens_done, file_index=index,
-                           files_total=total, done=at, total=reading.total, unit=reading.unit,
-                           seconds=time.perf_counter() - began[0], start=began[1]))
+                try:
+                    emit(Event("chunk", source.path, chunks=done, tokens=tokens_done, file_index=index,
+                               files_total=total, done=at, total=reading.total, unit=reading.unit,
+                               seconds=time.perf_counter() - began[0], start=began[1]))
+                except StopAfterChunk:
+                    pools.save(self.store, pool)  # a clean boundary (unlike a signal's): keep this chunk
+                    raise
                 if done % COMMIT_EVERY == 0:
                     pools.save(self.store, pool)
                     emit(Event("commit", source.path, chunks=done))

@@ -244,17 +244,22 @@ class Remote:
         pending = [i for i, (kind, _, _) in enumerate(order) if kind == "skipped"]
         sent_files = 0
         emit = on_event or (lambda event: None)
+        events = self.client.inject(pool, [u for u in uploads if u is not None], **args)
+
+        def handle(event: dict) -> None:
+            nonlocal served, sent_files
+            if "event" not in event:  # the last line: {"done": true, "report": ...}
+                served = event.get("report")
+                return
+            if event["event"] == "file":  # skips found here are told where they are in the run
+                sent_files += 1
+                while pending and order[pending[0]][2] < sent_files:
+                    _, skipped, _ = order[pending.pop(0)]
+                    emit(Event("skip", skipped.path, reason=skipped.reason))
+            emit(Event(event["event"], **{k: v for k, v in event.items() if k in fields}))
+
         try:
-            for event in self.client.inject(pool, [u for u in uploads if u is not None], **args):
-                if "event" not in event:  # the last line: {"done": true, "report": ...}
-                    served = event.get("report")
-                else:
-                    if event["event"] == "file":  # skips found here are told where they are in the run
-                        sent_files += 1
-                        while pending and order[pending[0]][2] < sent_files:
-                            _, skipped, _ = order[pending.pop(0)]
-                            emit(Event("skip", skipped.path, reason=skipped.reason))
-                    emit(Event(event["event"], **{k: v for k, v in event.items() if k in fields}))
+            _Stop(self.client, events, pool).run(handle)
         finally:
             for upload in uploads:
                 if upload is not None:
@@ -263,6 +268,86 @@ class Remote:
             _, skipped, _ = order[index]
             emit(Event("skip", skipped.path, reason=skipped.reason))
         return _merged_report(pool, order, served)
+
+
+class _Stop:
+    """Ctrl-C (or SIGTERM) during an inject through a server, as in-process: the first asks the
+    server to end the inject once the chunk it is making is committed, and the events go on until
+    its report of what was kept (marked interrupted); a second one quits at once (the server, seeing
+    the client leave, returns to the last commit). The stream is read on its own thread, so that
+    the interruption, raised in this (the main) thread, leaves the stream intact."""
+
+    def __init__(self, client, events, pool: str):
+        self.client, self.events, self.pool = client, events, pool
+        self.wanted = False  # a first Ctrl-C came
+        self.sent = False  # ... and the stop request went out
+
+    def run(self, handle) -> None:
+        """`handle(event)` for each event of the stream, in this thread, until its end."""
+        import queue
+        import threading
+
+        from .client import ServerGone
+
+        inbox: queue.Queue = queue.Queue()
+        end = object()
+
+        def pump() -> None:
+            try:
+                for event in self.events:
+                    inbox.put(event)
+            except BaseException as err:  # noqa: BLE001 - handed to the main thread as it is
+                inbox.put(err)
+            inbox.put(end)
+
+        thread = threading.Thread(target=pump, name="memcli-inject-stream", daemon=True)
+        started = False
+        while True:
+            try:
+                if not started:
+                    started = True
+                    thread.start()  # in here: a Ctrl-C while it starts is the first one too
+                try:
+                    item = inbox.get(timeout=0.2 if self.wanted and not self.sent else None)
+                except queue.Empty:
+                    item = None
+                if self.wanted and not self.sent:
+                    self.send()  # the first Ctrl-C came before the server named the inject
+                if item is None:
+                    continue
+                if item is end:
+                    return
+                if isinstance(item, ServerGone) and self.wanted:
+                    self.give_up()  # interrupted: no fresh server to continue on
+                if isinstance(item, BaseException):
+                    raise item
+                handle(item)
+            except KeyboardInterrupt:
+                if self.wanted:
+                    raise  # the second one (or no stop possible): `memcli: interrupted` at once
+                self.wanted = True
+                _cli().say("memcli: stopping once the chunk in progress is committed (Ctrl-C again quits at once, "
+                           "keeping the last commit)")
+
+    def send(self) -> None:
+        """The stop request, once the server has named the inject; no answer: quit as before."""
+        from .client import Client, ServerError, ServerGone, ServerUnavailable
+
+        if self.events.id is None:
+            return  # still uploading: asked once the server names the inject
+        self.sent = True
+        try:
+            with Client(self.client.path) as other:
+                other.stop_inject(self.events.id)
+        except ServerError as err:
+            if err.status != 404:  # 404: it has just finished, and its report is on the way
+                self.give_up()
+        except (ServerUnavailable, ServerGone):
+            self.give_up()
+
+    def give_up(self):
+        _cli().say(f"memcli: the server did not take the stop; pool {self.pool} keeps its last commit")
+        raise KeyboardInterrupt
 
 
 def _piped(items, stdin) -> bytes | None:

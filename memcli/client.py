@@ -128,9 +128,10 @@ class Client:
 
     def inject(self, pool: str, uploads: Iterable[Upload], model: str | None = None,
                chunk_tokens: int | None = None, force: bool = False, type: str | None = None,
-               encoding: str | None = None, model_explicit: bool = False) -> Iterator[dict]:
+               encoding: str | None = None, model_explicit: bool = False) -> "InjectEvents":
         """Progress events ({"event": "file"|"chunk"|"commit"|"skip", and `memcli.api.Event`'s
-        fields}), then {"done": true, "report": …}."""
+        fields}), then {"done": true, "interrupted": bool, "report": …}. Once the server has taken
+        the upload, the stream's `id` names the inject for `stop_inject`."""
         params = {"pool": pool}
         if model:
             params["model"] = model
@@ -144,8 +145,18 @@ class Client:
             params["chunk_tokens"] = str(chunk_tokens)
         if force:
             params["force"] = "1"
-        return self._stream("POST", "/api/inject", params=params, content=_upload_body(list(uploads)),
-                            headers={"content-type": "application/x-memcli-upload"})
+        return InjectEvents(self._stream("POST", "/api/inject", params=params, content=_upload_body(list(uploads)),
+                                         headers={"content-type": "application/x-memcli-upload"}))
+
+    def stop_inject(self, inject_id: str, timeout: float = 10.0) -> dict:
+        """Ask the server to end that inject at its next chunk boundary; its stream then ends with
+        the report of what was kept. ServerError 404: no such inject runs (it has just finished);
+        ServerGone also when the server does not answer within `timeout` seconds."""
+        try:
+            return self._request("POST", f"/api/inject/{httpx.URL(path=inject_id).raw_path.decode()}/stop",
+                                 timeout=timeout)
+        except httpx.TimeoutException:
+            raise ServerGone(f"the server did not answer within {timeout:g} s") from None
 
     def chat(self, pool: str, messages: list[dict], max_tokens: int | None = None, temperature: float = 0.0,
              top_p: float = 1.0, seed: int | None = None) -> Iterator[dict]:
@@ -157,6 +168,29 @@ class Client:
         if seed is not None:
             body["seed"] = seed
         return self._stream("POST", "/v1/chat/completions", decode=_sse_data, json=body)
+
+
+class InjectEvents:
+    """An inject's events (`Client.inject`): the stream's first line, {"event": "started", "inject":
+    ID}, is not one of them; it sets `id`."""
+
+    def __init__(self, events: Iterator[dict]):
+        self.id: str | None = None
+        self._events = events
+
+    def __iter__(self) -> "InjectEvents":
+        return self
+
+    def __next__(self) -> dict:
+        while True:
+            event = next(self._events)
+            if event.get("event") == "started":
+                self.id = event.get("inject")
+                continue
+            return event
+
+    def close(self) -> None:
+        self._events.close()
 
 
 def _sse_data(line: str) -> str | None:

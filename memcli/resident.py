@@ -24,7 +24,7 @@ from typing import Callable
 import torch
 
 from . import pool as pools
-from .api import DEFAULT_ANSWER_TOKENS, Memcli, normalize_model
+from .api import DEFAULT_ANSWER_TOKENS, Memcli, StopAfterChunk, normalize_model
 from .prompts import chat_prompt_ids, context_ids, conversation_ids, has_chat_template
 from .settings import Settings
 from .store import PoolStore
@@ -103,6 +103,7 @@ class Job:
     client: str
     cancelled: threading.Event = field(default_factory=threading.Event)
     stopping: bool = False  # cancelled because the server stops (the client is still there to be told)
+    stop_requested: threading.Event = field(default_factory=threading.Event)  # the client is still there
     _ticket: object | None = None
 
     def __enter__(self) -> "Job":
@@ -117,6 +118,12 @@ class Job:
         """Stop here if the client left (between two tokens of an answer)."""
         if self.cancelled.is_set():
             raise Cancelled()
+
+    def check_stop_requested(self) -> None:
+        """Stop here if the client asked to (its first Ctrl-C, between two chunks of an inject): the
+        inject commits the chunk just made and reports what it kept."""
+        if self.stop_requested.is_set():
+            raise StopAfterChunk()
 
     def checkpoint(self) -> None:
         """Between two chunks of an inject: stop if the client left; let waiting requests go first."""

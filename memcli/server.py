@@ -14,8 +14,12 @@ Endpoints (JSON; streams are NDJSON, one object per line, or SSE for the OpenAI 
     POST /api/inject?pool=P[&model=M&model_explicit=1&chunk_tokens=N&force=1&type=T&encoding=E]
                                      body: per file a JSON header line {"path": NAME, "size": N}
                                      (or {"path": "-", "size": N} for stdin) then N bytes; the server
-                                     only opens its own copies. -> progress events ({"event": kind,
-                                     api.Event's fields}), then {"done": true, "report": …}
+                                     only opens its own copies. -> {"event": "started", "inject": ID},
+                                     progress events ({"event": kind, api.Event's fields}), then
+                                     {"done": true, "interrupted": bool, "report": …}
+    POST /api/inject/{ID}/stop       end that inject once the chunk it is making is committed (the
+                                     client's first Ctrl-C): its stream ends with the usual report,
+                                     "interrupted": true; 404 when no such inject runs
     GET  /v1/models                  OpenAI: one model per pool (GET /v1/models/{pool}: one)
     POST /v1/chat/completions        OpenAI: "model" names the pool; SSE when "stream": true
 
@@ -168,6 +172,7 @@ class Server:
         self.resident = resident
         self.token = token
         self.jobs: set = set()
+        self.injects: dict[str, Any] = {}  # running injects by the id their stream's first line names
         self.workers: set[threading.Thread] = set()  # threads doing a request's work now
         self.uvicorn = None  # set by serve(): its should_exit ends the process
         self.started = time.time()
@@ -181,9 +186,10 @@ class Server:
         return f"client:{named[:64]}" if named else anonymous_client()
 
     def stream(self, request: Request, work: Callable[[Any, Callable[[dict], None]], None], encode: Callable[[dict], bytes],
-               media_type: str, tail: bytes = b"") -> StreamingResponse:
+               media_type: str, tail: bytes = b"", inject_id: str | None = None) -> StreamingResponse:
         """Run `work(job, emit)` with the device turn held, on its own thread, streaming what it emits.
-        The client leaving sets the job's cancel flag: the work stops at its next token or chunk."""
+        The client leaving sets the job's cancel flag: the work stops at its next token or chunk.
+        An inject's stream first names it, at once (before its turn): `stop_inject` finds it by that."""
         job = self.resident.job(self.client_of(request))
         loop = asyncio.get_running_loop()
         queue: asyncio.Queue = asyncio.Queue()
@@ -217,10 +223,14 @@ class Server:
 
         async def body() -> Iterator[bytes]:
             self.jobs.add(job)
+            if inject_id is not None:
+                self.injects[inject_id] = job
             thread = threading.Thread(target=run, name="memcli-request", daemon=True)
             self.workers.add(thread)
             thread.start()
             try:
+                if inject_id is not None:
+                    yield encode({"event": "started", "inject": inject_id})
                 while True:
                     item = await queue.get()
                     if item is end:
@@ -231,6 +241,8 @@ class Server:
             finally:
                 job.cancelled.set()  # after the end: harmless; on a disconnect: stops the work
                 self.jobs.discard(job)
+                if inject_id is not None:
+                    self.injects.pop(inject_id, None)
 
         return StreamingResponse(body(), media_type=media_type)
 
@@ -342,7 +354,6 @@ class Server:
             except ValueError:
                 raise ApiError(400, f"chunk_tokens must be an integer, not {query['chunk_tokens'][:40]!r}") from None
         folder = await self.receive_files(request)
-        resident = self.resident
 
         def work(job, emit):
             try:
@@ -351,10 +362,21 @@ class Server:
                 shutil.rmtree(folder, ignore_errors=True)
 
         try:
-            return self.stream(request, work, _ndjson, "application/x-ndjson")
+            return self.stream(request, work, _ndjson, "application/x-ndjson", inject_id=secrets.token_hex(8))
         except BaseException:
             shutil.rmtree(folder, ignore_errors=True)
             raise
+
+    async def stop_inject(self, request: Request):
+        """Ask a running inject to end at its next chunk boundary (the client's first Ctrl-C): it
+        commits the chunk it made and its stream ends with the report of what was kept."""
+        inject_id = request.path_params["id"]
+        job = self.injects.get(inject_id)
+        if job is None:
+            raise ApiError(404, f"no inject {inject_id[:40]!r} is running (it finished, or never started)",
+                           "not_found_error")
+        job.stop_requested.set()
+        return JSONResponse({"ok": True, "inject": inject_id})
 
     async def receive_files(self, request: Request) -> Path:
         """Spool the uploaded files into a private folder: [(their name, our copy)] in manifest.json."""
@@ -436,6 +458,7 @@ class Server:
             emit({"event": event.kind, **fields, "path": label(event.path)})
             if event.kind in ("chunk", "commit", "file"):
                 job.checkpoint()  # other requests may run here; a client that left stops the inject
+                job.check_stop_requested()  # ... and one that asked to stop ends it with its report
 
         try:
             report = model.app.inject(pool, paths, model=name, chunk_tokens=chunk_tokens, force=force, type=type_,
@@ -582,6 +605,7 @@ class Server:
             Route("/api/pools/{name:path}", guarded(self.pool_info), methods=["GET"]),
             Route("/api/ask", guarded(self.ask), methods=["POST"]),
             Route("/api/inject", guarded(self.inject), methods=["POST"]),
+            Route("/api/inject/{id}/stop", guarded(self.stop_inject), methods=["POST"]),
             Route("/v1/models", guarded(self.models), methods=["GET"]),
             Route("/v1/models/{name:path}", guarded(self.model), methods=["GET"]),
             Route("/v1/chat/completions", guarded(self.chat_completions), methods=["POST"]),

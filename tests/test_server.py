@@ -572,6 +572,196 @@ def test_inject_command_continues_on_a_fresh_server_after_a_sigkill(ck, tmp_path
         subprocess.run([sys.executable, "-m", "memcli", "stop"], env=env, timeout=DEADLINE, capture_output=True)
 
 
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["ctrl-c", "sigterm"])
+def test_ctrl_c_during_a_routed_inject_reports_what_was_kept(ck, tmp_path, server, sig):
+    """The first Ctrl-C (or SIGTERM) asks the server to stop at its next chunk boundary; the command then shows
+    the in-process report of what was kept (line, --json report, exit 130), and the pool holds
+    exactly that."""
+    app = local(ck)
+    make_pool(app, tmp_path, "int", TEXTS[:1])
+    folder = tmp_path / "int-docs"
+    folder.mkdir()
+    for i, text in enumerate(many_texts(80)):
+        (folder / f"f{i:02}.txt").write_text(text)
+    env = env_for_server()
+    command = subprocess.Popen([sys.executable, "-m", "memcli", "--device", "cpu", "inject", str(folder), "--pool", "int",
+                                "--json"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    try:
+        wait_for(lambda: len(logged_sources("int")) >= 2, "the first committed file")
+        command.send_signal(sig)
+        out, err = command.communicate(timeout=DEADLINE)
+    finally:
+        if command.poll() is None:
+            command.kill()
+    assert command.returncode == 130, err
+    assert "Traceback" not in err and "memcli: interrupted" not in err
+    report = json.loads(out)
+    assert report["interrupted"] is True and report["pool"] == "int"
+    kept = [f for f in report["files"] if f["status"] == "injected"]
+    lines = [line for line in err.splitlines() if line.startswith("interrupted")]
+    assert lines == [cli.interrupted_line(_report_of(report))], err
+    assert lines[0].startswith(f"interrupted: kept {len(kept)} complete file")
+    # the pool holds exactly what the report says: those files, whole, and the committed chunks of
+    # the file it stopped in (the server commits the chunk it made before it stops)
+    sources = logged_sources("int")[1:]
+    assert [(s["path"], s["chunks"]) for s in sources if s["complete"]] == [(f["path"], f["chunks"]) for f in kept]
+    partial = report["partial"]
+    assert [(s["path"], s["chunks"]) for s in sources if not s["complete"] and s["chunks"]] == \
+        ([(partial["path"], partial["chunks"])] if partial else [])
+    assert 1 <= len(kept) < 80
+    assert PoolStore().verify("int") == []
+    with Client() as client:  # the server is idle again and still serving
+        wait_for(lambda: all(m["active_requests"] == 0 for m in client.ps()["models"]), "the inject to end")
+
+    # "run the same command again to continue": every file ends up in once
+    again = subprocess.run([sys.executable, "-m", "memcli", "--device", "cpu", "inject", str(folder), "--pool", "int"],
+                           capture_output=True, text=True, env=env, timeout=DEADLINE)
+    assert again.returncode == 0, again.stderr
+    assert f"{len(kept)} already in the pool" in again.stderr
+    assert ("1 resumed" in again.stderr) == (partial is not None), again.stderr
+    paths = [s["path"] for s in logged_sources("int")[1:]]
+    assert sorted(paths) == sorted(str(p) for p in folder.iterdir())
+
+
+def test_a_stopped_inject_commits_the_chunk_it_made_and_reports_it(ck, tmp_path, server):
+    app = local(ck)
+    make_pool(app, tmp_path, "half", TEXTS[:1])
+    PoolStore().fork("half", "whole")  # the same memory and drop generator
+    path = tmp_path / "half-long.txt"
+    path.write_text("\n".join(many_texts(40)))  # one file of many chunks
+    with Client() as client:
+        events = client.inject("half", [upload(path)])
+        done = []
+        for event in events:
+            if event.get("event") == "chunk" and event["chunks"] == 1:
+                assert client.stop_inject(events.id)["ok"] is True
+            if "report" in event:
+                done.append(event)
+    assert len(done) == 1 and done[0]["interrupted"] is True
+    report = done[0]["report"]
+    assert report["interrupted"] is True and report["files"] == []
+    partial = report["partial"]
+    assert partial["path"] == str(path) and partial["status"] == "partial" and partial["chunks"] >= 1
+    logged = logged_sources("half")[1:]
+    assert [(s["path"], s["complete"], s["chunks"], s["tokens"]) for s in logged] == \
+        [(str(path), False, partial["chunks"], partial["tokens"])]
+    assert PoolStore().verify("half") == []
+    # the next inject of it resumes after the kept chunks, and the result equals one whole run
+    with Client() as client:
+        for event in client.inject("half", [upload(path)]):
+            if "report" in event:
+                assert event["report"]["files"][0]["status"] == "resumed"
+    app.inject("whole", [str(path)])
+    store = PoolStore()
+    import torch
+
+    from memcli import pool as pools
+
+    assert torch.equal(pools.load(store, "half").state.slots, pools.load(store, "whole").state.slots)
+
+
+def test_ctrl_c_with_no_server_to_take_the_stop_quits_keeping_the_last_commit(tmp_path, capsys):
+    """The stop request finds no server: the command quits as before (the KeyboardInterrupt goes on
+    to `memcli: interrupted`), saying that the pool keeps its last commit."""
+    from memcli.cli_server import _Stop
+
+    class Events:  # a stream the server has named
+        id = "0123456789abcdef"
+
+        def __iter__(self):
+            yield {"event": "file", "path": "a.txt"}
+            threading.Event().wait()  # the server says nothing more
+
+    def handle(event):
+        raise KeyboardInterrupt  # Ctrl-C while an event is shown
+
+    gone = type("Gone", (), {"path": tmp_path / "no-server.sock"})()
+    with pytest.raises(KeyboardInterrupt):
+        _Stop(gone, Events(), "p").run(handle)
+    err = capsys.readouterr().err
+    assert "the server did not take the stop; pool p keeps its last commit" in err
+
+
+def test_a_second_ctrl_c_quits_at_once(tmp_path, capsys, monkeypatch):
+    """The first Ctrl-C asks for the stop (the server took it) and reading goes on; the second one
+    is not swallowed: it goes on to `memcli: interrupted`."""
+    from memcli import client as client_module
+    from memcli.cli_server import _Stop
+
+    asked = []
+    monkeypatch.setattr(client_module.Client, "stop_inject", lambda self, inject_id: asked.append(inject_id) or {"ok": True})
+
+    class Events:
+        id = "0123456789abcdef"
+
+        def __iter__(self):
+            yield {"event": "file", "path": "a.txt"}
+            yield {"event": "chunk", "path": "a.txt"}
+            threading.Event().wait()  # the report would come later
+
+    shown = []
+
+    def handle(event):
+        shown.append(event["event"])
+        raise KeyboardInterrupt  # Ctrl-C while each event is shown
+
+    with pytest.raises(KeyboardInterrupt):
+        _Stop(type("C", (), {"path": tmp_path / "s.sock"})(), Events(), "p").run(handle)
+    assert shown == ["file", "chunk"] and asked == ["0123456789abcdef"]  # one stop request, then the quit
+    err = capsys.readouterr().err
+    assert err.count("stopping once the chunk in progress is committed") == 1 and "did not take" not in err
+
+
+def test_ctrl_c_during_the_upload_asks_for_the_stop_once_the_server_names_the_inject(tmp_path, capsys, monkeypatch):
+    from memcli import client as client_module
+    from memcli.cli_server import _Stop
+
+    asked = []
+    monkeypatch.setattr(client_module.Client, "stop_inject", lambda self, inject_id: asked.append(inject_id) or {"ok": True})
+    main = threading.main_thread().ident
+
+    class Events:
+        id = None
+
+        def __iter__(self):
+            signal.pthread_kill(main, signal.SIGINT)  # Ctrl-C while the files are still being sent
+            wait_for(lambda: stop.wanted, "the Ctrl-C to be seen")
+            self.id = "0123456789abcdef"  # the server's first line
+            yield {"event": "file", "path": "a.txt"}
+            yield {"done": True, "report": {}}
+
+    seen = []
+    stop = _Stop(type("C", (), {"path": tmp_path / "s.sock"})(), Events(), "p")
+    stop.run(seen.append)
+    assert asked == ["0123456789abcdef"] and seen == [{"event": "file", "path": "a.txt"}, {"done": True, "report": {}}]
+
+
+def _report_of(data: dict):
+    from memcli.api import FileResult, InjectReport
+
+    fields = {k: v for k, v in data.items() if k in InjectReport.__dataclass_fields__ and k not in ("files", "partial")}
+    return InjectReport(**fields, files=[FileResult(**f) for f in data["files"]],
+                        partial=FileResult(**data["partial"]) if data["partial"] else None)
+
+
+def test_stopping_an_unknown_or_finished_inject_is_a_404(ck, tmp_path, server):
+    app = local(ck)
+    make_pool(app, tmp_path, "fin", TEXTS[:1])
+    path = tmp_path / "fin-more.txt"
+    path.write_text(TEXTS[1])
+    with Client() as client:
+        with pytest.raises(ServerError) as unknown:
+            client.stop_inject("0123456789abcdef")
+        assert unknown.value.status == 404 and "no inject '0123456789abcdef' is running" in str(unknown.value)
+        events = client.inject("fin", [upload(path)])
+        done = [event for event in events if "report" in event]
+        assert events.id and done and done[0]["interrupted"] is False
+        with pytest.raises(ServerError) as finished:
+            client.stop_inject(events.id)
+        assert finished.value.status == 404
+        assert client.health() is not None  # no crash
+
+
 # --------------------------------------------------------------------------- keep-alive
 def test_keep_alive_expiry_unloads_the_model(ck, tmp_path):
     app = local(ck)

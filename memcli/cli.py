@@ -25,7 +25,6 @@ import os
 import shlex
 import signal
 import sys
-import time
 import traceback
 import warnings
 from dataclasses import dataclass, field

@@ -876,6 +876,20 @@ def test_tcp_requests_without_the_bearer_token_get_401(ck, tmp_path):
         running.stop()
 
 
+def test_every_memcli_process_asks_mkl_for_reproducible_sums():
+    """A server and a one-shot command answer alike only if MKL takes one code path in both
+    (by default it picks kernels by memory alignment): importing memcli asks for that, and a
+    value the user set is kept."""
+    code = "import os, memcli; print(os.environ.get('MKL_CBWR'))"
+    env = {k: v for k, v in os.environ.items() if k != "MKL_CBWR"}
+    env["PYTHONPATH"] = str(REPO)
+    assert subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
+                          check=True).stdout.strip() == "AUTO"
+    env["MKL_CBWR"] = "COMPATIBLE"
+    assert subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
+                          check=True).stdout.strip() == "COMPATIBLE"
+
+
 def test_client_imports_no_torch(server, tmp_path, ck):
     code = ("import sys, memcli.client, memcli.cli, memcli.cli_server; "
             "assert 'torch' not in sys.modules, 'torch imported'")

@@ -335,11 +335,12 @@ def test_openai_client_streams_and_completes_from_a_pool(ck, tmp_path, server):
         usage = chunk.usage or usage
     assert "".join(pieces) == expected.text and usage.completion_tokens == len(expected.tokens) and finish
 
-    # a stop string ends the answer before it
-    stop = expected.text[3:6]
-    assert stop and expected.text.find(stop) >= 3
+    # a stop string ends the answer before it: three characters that first occur at index 3 or later
+    # (the tiny model's random answer may repeat itself, and its pool's drops are random)
+    at = next(i for i in range(3, len(expected.text) - 2) if expected.text.find(expected.text[i : i + 3]) == i)
+    stop = expected.text[at : at + 3]
     cut = oa.chat.completions.create(model="work", messages=messages, max_tokens=12, stop=[stop])
-    assert cut.choices[0].message.content == expected.text[: expected.text.find(stop)]
+    assert cut.choices[0].message.content == expected.text[:at]
     assert cut.choices[0].finish_reason == "stop"
 
     # seed and temperature are honoured: same seed, same sample
@@ -1073,10 +1074,13 @@ def test_chat_through_the_server_is_a_conversation(ck, tmp_path, server, monkeyp
     served_json = ndjson_events(run_cli(*args, "--json", input=lines).stdout)
     assert served_json == ndjson_events(run_cli("--no-server", *args, "--json", input=lines).stdout)
     assert [(e["event"], e.get("turn")) for e in served_json] == [("turn", 1), ("turn", 2), ("reset", None), ("turn", 1)]
-    # the second turn's prompt carried the first, the turn after /reset none (whether a random tiny
-    # model's two answers differ is luck, so that is not what shows it)
-    assert [e.get("turns_in_prompt") for e in served_json] == [0, 1, None, 0]
-    assert served_json[1]["prompt_tokens"] > served_json[0]["prompt_tokens"] == served_json[3]["prompt_tokens"]
+    # the second turn's prompt carried the first as far as the window holds it (the random tiny
+    # model's answer may not fit; test_cli shows a turn that does), the turn after /reset none
+    fresh = app.chat("conv", max_new_tokens=6)
+    fresh.ask("first question?")
+    carried = fresh.ask("second question?").turns_in_prompt
+    assert [e.get("turns_in_prompt") for e in served_json] == [0, carried, None, 0]
+    assert served_json[0]["prompt_tokens"] == served_json[3]["prompt_tokens"]
 
     # /inject mid-conversation: the same report line and the next answer reads it
     PoolStore().fork("conv", "conv2")

@@ -712,7 +712,8 @@ def test_item11_chat_is_a_conversation_within_the_window(ck, pool):
     from memcli.settings import Settings
 
     app = Memcli(Settings(model=ck, device="cpu"))
-    session = app.chat(pool, max_new_tokens=4)
+    # one-token answers: whatever the randomly-dropped tiny pool answers, a turn fits the window
+    session = app.chat(pool, max_new_tokens=1)
     first = session.ask("Where did Alice go?")
     assert first.turns_in_prompt == 0 and session.turns == [("Where did Alice go?", first.text.strip())]
     second = session.ask("Who did she meet?")
@@ -720,7 +721,7 @@ def test_item11_chat_is_a_conversation_within_the_window(ck, pool):
     limit = app.model().max_input_tokens()
     for _ in range(40):  # far more turns than the window holds
         answer = session.ask("Tell me more about the station and the old river bridge, please.")
-        assert answer.prompt_tokens + 4 <= limit
+        assert answer.prompt_tokens + 1 <= limit
     assert answer.turns_in_prompt < len(session.turns) - 1  # the oldest were dropped
     session.reset()
     assert session.ask("Where did Alice go?").tokens == first.tokens

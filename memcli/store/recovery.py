@@ -83,19 +83,33 @@ def _referenced(store) -> set[str] | None:
         if not os.path.isdir(path) or os.path.islink(path) or not os.path.lexists(path / MANIFEST):
             continue
         try:
-            fd = open_pool_dir(store.root, entry)
-            try:
-                m = read_manifest_at(fd, entry)
-            finally:
-                os.close(fd)
+            m = _manifest(store, entry)
         except PoolError:
             return None
         shas.update(e["sha256"] for e in m["parts"].values())
         if m["format_version"] >= 2:  # migrated: what the format-1 layout kept beside it goes
-            for old in (PARTS_V1, ".lock", ".creating"):
-                if os.path.lexists(path / old):
-                    _remove(path / old)
+            _drop_v1_leftovers(path)
     return shas
+
+
+def _manifest(store, name: str) -> dict:
+    """Pool `name`'s manifest read directly (recovery and GC run under the exclusive gate, where a
+    snapshot, which takes it shared, cannot be opened)."""
+    fd = open_pool_dir(store.root, name)
+    try:
+        return read_manifest_at(fd, name)
+    finally:
+        os.close(fd)
+
+
+def _drop_v1_leftovers(pool_dir: Path) -> list[tuple[str, int]]:
+    """Remove what the format-1 layout kept in a migrated pool's folder: (path, bytes) removed."""
+    done = []
+    for old in (PARTS_V1, ".lock", ".creating"):
+        if os.path.lexists(pool_dir / old):
+            done.append((str(pool_dir / old), _size(pool_dir / old)))
+            _remove(pool_dir / old)
+    return done
 
 
 def _collect_locked(store) -> list[tuple[Path, int]]:
@@ -211,18 +225,11 @@ def _recover_pool(store, name: str) -> list[tuple[str, int]]:
             done.append((str(pool_dir / fname), _size(pool_dir / fname)))
             unlink_quiet(pool_dir / fname)
     try:
-        fd = open_pool_dir(store.root, name)
-        try:
-            m = read_manifest_at(fd, name)
-        finally:
-            os.close(fd)
+        m = _manifest(store, name)
     except PoolError:
         return done  # damaged: never touch it
     if m["format_version"] >= 2:
-        for old in (PARTS_V1, ".lock", ".creating"):
-            if os.path.lexists(pool_dir / old):
-                done.append((str(pool_dir / old), _size(pool_dir / old)))
-                _remove(pool_dir / old)
+        done.extend(_drop_v1_leftovers(pool_dir))
         committed = m["log"]["bytes"]
         lock = store._lock(name)
         with contextlib.suppress(PoolError, OSError):

@@ -438,7 +438,9 @@ def max_bytes(settings=None) -> int:
 
 def record(entry: Entry | Mapping, settings=None, on_error: Callable[[str], None] | None = None) -> int | None:
     """Log one answer; its id, or None when logging is off or failed. Never raises (an Exception):
-    a failure is one line to `on_error` (default: a warning, once per process)."""
+    a failure is one line to `on_error` (default: a warning, once per process). Without `settings`
+    the config file and environment are read now (~0.2 ms), so a long-lived process (a server) sees
+    `memcli log off` at its next answer."""
     try:
         if settings is None:
             from .settings import load_settings

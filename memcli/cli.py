@@ -990,7 +990,8 @@ def pool_rename(ctx: typer.Context, old: str = typer.Argument(..., metavar="POOL
 
 @pool_app.command("rm")
 def pool_rm(ctx: typer.Context, name: str = typer.Argument(..., metavar="POOL", autocompletion=complete_pool, help="Pool to delete."),
-            yes: bool = typer.Option(False, "--yes", "-y", metavar=FLAG, help="Do not ask for confirmation.")) -> None:
+            yes: bool = typer.Option(False, "--yes", "-y", metavar=FLAG, help="Do not ask for confirmation."),
+            purge_log: bool = typer.Option(False, "--purge-log", metavar=FLAG, help="Also delete its answers from the log of answers (memcli log); they stay without it.")) -> None:
     """Delete a pool (asks first; without a terminal, needs --yes)."""
     from .store import PoolError
 
@@ -1004,7 +1005,7 @@ def pool_rm(ctx: typer.Context, name: str = typer.Argument(..., metavar="POOL", 
             say(f"kept pool {name}")
             raise typer.Exit(EXIT_ERROR)
     store.remove(name)
-    say(f"removed pool {name}")
+    say(cli_log.purge_line(name) if purge_log else f"removed pool {name}")
 
 
 @pool_app.command("export")
@@ -1240,6 +1241,8 @@ def eval_retention(
 from . import cli_server  # noqa: E402 - serve, ps, stop and the routing through a running server
 
 cli_server.register(app)
+from . import cli_log  # noqa: E402 - memcli log: the log of answers
+cli_log.register(app)
 
 
 # --------------------------------------------------------------------------- entry point

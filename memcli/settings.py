@@ -30,7 +30,7 @@ DTYPES = ("auto", "fp32", "bf16", "fp16")
 QUANTS = ("auto", "nf4", "int8", "fp32", "bf16", "fp16")
 ENV = {"model": "MEMCLI_MODEL", "pool": "MEMCLI_POOL", "device": "MEMCLI_DEVICE", "dtype": "MEMCLI_DTYPE",
        "quant": "MEMCLI_QUANT", "server": "MEMCLI_SERVER", "keep_alive": "MEMCLI_KEEP_ALIVE",
-       "compile": "MEMCLI_COMPILE"}
+       "compile": "MEMCLI_COMPILE", "log": "MEMCLI_LOG", "log_max_mb": "MEMCLI_LOG_MAX_MB"}
 KEYS = tuple(ENV)
 HELP = {
     "model": "model of new pools: an alias (memcli models), hub id or folder",
@@ -41,6 +41,8 @@ HELP = {
     "server": "true or false: whether ask, chat and inject use (and start) a memcli server",
     "keep_alive": "how long a server keeps a model loaded after its last request: 5m, 30s, 0, -1",
     "compile": "true or false: decode through torch.compile (CUDA graphs on a GPU; eager if it fails)",
+    "log": "true or false: whether answers are kept in the log of answers (memcli log)",
+    "log_max_mb": "the log of answers' size bound in MB (the oldest answers go first); default 100",
 }
 
 
@@ -61,6 +63,9 @@ class Settings:
     # decode through torch.compile(mode="reduce-overhead"): fewer host calls per token; the first
     # answer pays the compilation, a failure falls back to eager
     compile: bool = False
+    # the log of answers (memcli/answer_log.py): on or off, and its size bound
+    log: bool = True
+    log_max_mb: int = 100
     # where each value came from: "default" | "config file" | "environment" | "command line"
     origin: dict = field(default_factory=dict, compare=False, repr=False)
 
@@ -113,8 +118,11 @@ def _validate(values: dict, where: str) -> dict:
     for key, value in values.items():
         if key not in KEYS:
             raise SettingsError(f"{where}: unknown setting {key!r} (known: {', '.join(KEYS)})")
-        if key in ("server", "compile"):
+        if key in ("server", "compile", "log"):
             values[key] = value = _boolean(value, where, key)
+            continue
+        if key == "log_max_mb":
+            values[key] = _whole_number(value, where, key)
             continue
         if key == "keep_alive" and isinstance(value, (int, float)) and not isinstance(value, bool):
             values[key] = value = str(value)
@@ -140,6 +148,15 @@ def _boolean(value, where: str, key: str) -> bool:
     if text in ("0", "false", "no", "off"):
         return False
     raise SettingsError(f"{where}: {key} must be true or false, not {value!r}")
+
+
+def _whole_number(value, where: str, key: str) -> int:
+    """A whole number >= 1 (an integer in the config file, digits as a string)."""
+    text = str(value).strip()
+    number = isinstance(value, int) or (text.isascii() and text.isdigit())
+    if isinstance(value, bool) or not number or int(text) < 1:
+        raise SettingsError(f"{where}: {key} must be a whole number >= 1, not {value!r}")
+    return int(text)
 
 
 def read_config_file() -> dict:
@@ -196,9 +213,11 @@ def set_config(key: str, value: str | None) -> None:
     replace_file(path.parent, path.name, "".join(f"{k} = {_toml_value(v)}\n" for k, v in values.items()).encode())
 
 
-def _toml_value(value: str | bool) -> str:
+def _toml_value(value: str | bool | int) -> str:
     if isinstance(value, bool):
         return "true" if value else "false"
+    if isinstance(value, int):
+        return str(value)
     return _toml_string(value)
 
 

@@ -885,6 +885,7 @@ def test_item22_doctor_checks_host_memory_for_the_cpu_path(monkeypatch):
 
 LIGHT_COMMANDS = [["--help"], ["--version"], ["models"], ["models", "--json"], ["config", "get"],
                   ["config", "get", "model"], ["config", "set", "pool", "work"], ["inject", "--help"], ["pool", "--help"]]
+LIGHT_COMMANDS += [["log"], ["log", "--json", "-q", "x"], ["log", "status"], ["log", "path"], ["log", "off"]]  # issue 20
 
 
 @pytest.mark.parametrize("args", LIGHT_COMMANDS, ids=" ".join)

@@ -1029,7 +1029,8 @@ def diagnose(settings: Settings) -> dict:
     from .catalog import known
     from .quant import QUANT_MODES, check_mode_supported
 
-    logging.getLogger("bitsandbytes").setLevel(logging.ERROR)  # its kernel-loading notes are not ours to show
+    for noisy in ("bitsandbytes", "kernels"):  # their kernel-loading notes are not ours to show
+        logging.getLogger(noisy).setLevel(logging.ERROR)
     problems: list[str] = []
     cuda = {"available": torch.cuda.is_available(), "version": torch.version.cuda, "devices": []}
     if cuda["available"]:

@@ -182,6 +182,9 @@ def _quiet_libraries() -> None:
     logging.getLogger("pypdf").setLevel(logging.ERROR)
     # bitsandbytes logs its optional kernels' absence ("Failed to load CPU gemm_4bit_forward ...")
     logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
+    # bitsandbytes' CPU backend asks the `kernels` package for a hub kernel; offline it warns
+    # ("Skipping publisher trust check ...") on every 4-bit load: not ours to show
+    logging.getLogger("kernels").setLevel(logging.ERROR)
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
     warnings.filterwarnings("ignore", module=r"transformers(\.|$)")

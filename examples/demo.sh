@@ -7,6 +7,9 @@
 #   bash examples/demo.sh --download   the real model, downloading it first (~39 GB once, 12 GB GPU for 4-bit)
 #   bash examples/demo.sh --smoke      plumbing check on the tiny random checkpoint (its answers are noise)
 #   add --no-install to use the current Python environment instead of creating .venv
+# The pools stay in memcli's data folder (MEMCLI_HOME when set): demo-tiny (offline), demo (real model),
+# so you can carry on from them; the smoke test's noise goes to a temporary folder that is removed.
+# A memcli server the demo starts is stopped when it ends (one you were already running is left alone).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 mode=auto
@@ -17,7 +20,7 @@ for arg in "$@"; do
     --download) mode=download ;;
     --smoke) mode=smoke ;;
     --no-install) install=0 ;;
-    -h|--help) sed -n '2,9p' "$0" | cut -c3-; exit 0 ;;
+    -h|--help) sed -n '2,12p' "$0" | cut -c3-; exit 0 ;;
     *) echo "demo.sh: unknown option $arg (try --help)" >&2; exit 2 ;;
   esac
 done
@@ -57,13 +60,50 @@ if [ "$install" = 1 ]; then
   fi
   python -m pip install -q -e .
   run() { memcli "$@"; }
+  memcli_cmd=memcli
 else
   export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
   run() { python -m memcli "$@"; }
+  memcli_cmd="python -m memcli"
 fi
 
+# The smoke test's pool is noise: it lives in a temporary home, removed at the end. The other demos
+# keep their pool where memcli keeps pools, to carry on from.
+scratch=""
+if [ "$mode" = smoke ]; then
+  scratch="$(mktemp -d)"
+  export MEMCLI_HOME="$scratch"
+fi
+# A server the demo's commands start (ask and inject start one) is stopped when the demo ends, however
+# it ends; a server that was running before is the user's and stays.
+server_pid() {  # the running server's pid (memcli ps --json), or nothing
+  run ps --json 2>/dev/null | sed -n 's/^  "pid": \([0-9][0-9]*\),*$/\1/p' || true
+}
+server_before="$(server_pid)"
+finish() {
+  local pid
+  pid="$(server_pid)"
+  if [ -z "$server_before" ] && [ -n "$pid" ]; then
+    run stop >/dev/null 2>&1 || true
+    for _ in $(seq 300); do kill -0 "$pid" 2>/dev/null || break; sleep 0.1; done  # until it has exited
+  fi
+  if [ -n "$scratch" ]; then rm -rf "$scratch"; fi
+}
+trap finish EXIT
+trap 'exit 130' INT TERM
+
+carry_on() {  # how to go on from the demo's pool: $1 the pool, $2 a question (the pool knows its model)
+  echo
+  echo "The pool $1 stays (memcli pool info $1). Carry on from it:"
+  echo "  $memcli_cmd ask '$2' --pool $1"
+  echo "  $memcli_cmd inject YOUR-NOTES.txt --pool $1"
+  echo "Remove it: $memcli_cmd pool rm $1 --yes"
+  if [ "$install" = 1 ]; then
+    echo "memcli is installed in $PWD/.venv: in a new shell, first run  . $PWD/.venv/bin/activate"
+  fi
+}
+
 if [ "$mode" = offline ]; then
-  export MEMCLI_HOME="${MEMCLI_HOME:-$(mktemp -d)}"
   export HF_HUB_OFFLINE=1
   opts=(--model memcli-tiny --device cpu)
   note=examples/notes-tiny/people.txt
@@ -96,21 +136,24 @@ What does Nia own?|violin
 Where does Oto work?|Acorn
 What does Pia play?|drums
 EOF
-  echo "$right of $total answered right from memory (data in $MEMCLI_HOME)."
+  echo "$right of $total answered right from memory."
   echo "Which notes the first question read most (--sources):"
   run "${opts[@]}" ask "Where does Kai live?" --pool demo-tiny --sources | sed 's/^/  /'
+  carry_on demo-tiny "Where does Mia work?"
   exit 0
 fi
 
 options=()
 ask=(--max-new-tokens 64)
 if [ "$mode" = smoke ]; then
-  export MEMCLI_HOME="${MEMCLI_HOME:-$(mktemp -d)}"
   export HF_HUB_OFFLINE=1
   options=(--model examples/tiny-model --device cpu)
   ask=(--max-new-tokens 12)
-  echo "smoke test: tiny random model, data in $MEMCLI_HOME (its answers are noise)" >&2
+  echo "smoke test: tiny random model, data in a temporary folder removed at the end (its answers are noise)" >&2
 fi
 run "${options[@]}" inject examples/notes --pool demo
 run "${options[@]}" ask "When does the flight to Lisbon leave?" --pool demo "${ask[@]}"
 run "${options[@]}" pool info demo
+if [ "$mode" != smoke ]; then
+  carry_on demo "When does the flight to Lisbon leave?"
+fi

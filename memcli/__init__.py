@@ -2,7 +2,8 @@
 
 import os as _os
 
-__version__ = "0.1.0"
+# The one place of the version (pyproject.toml reads it from here; pools record it: pool info "written by").
+__version__ = "0.2.0"
 
 # The same question must get the same answer from a server and from a one-shot command. MKL (the
 # CPU BLAS of torch's x86 builds) by default picks kernels by the inputs' memory alignment, so two

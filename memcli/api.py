@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, BinaryIO, Callable, Iterable
 
 from .chunking import MIN_CHUNK_TOKENS, ChunkingError, chunk_token_ids, encode_pieces
-from .clock import iso_z, now_iso
+from .clock import now_iso
 from .extract import ExtractError, Ignored, Reading, Skipped, Source, discover, iter_text, sha256_of
 from .settings import Settings, load_settings
 
@@ -685,9 +685,7 @@ class Memcli:
         from . import pool_meta
 
         self.require_pool(name)
-        info = pool_meta.pool_info(self.store, name)
-        files = [{**entry, "time": iso_z(entry.get("time"))} for entry in info["sources"]]
-        return {**info, "sources": len(files), "files": files, "retention": info.get("retention", [])}
+        return pool_meta.info_json(self.store, name)
 
     # ------------------------------------------------------------------ pool listing
     def list_pools(self) -> list[dict]:

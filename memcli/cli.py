@@ -35,9 +35,11 @@ import typer
 from rich.console import Console
 from rich.table import Table
 from rich.text import Text
+from typer._coercion import RuntimeParam  # typer 0.29: see _runtime_param
 from typer.core import TyperGroup
 
 from . import __version__
+from . import settings as settings_table  # torch- and tomllib-free: the keys for help and completion
 
 EXIT_OK = 0
 EXIT_ERROR = 1
@@ -243,8 +245,27 @@ def hoist_global_options(args: list[str]) -> list[str]:
     return front + rest
 
 
+def flowing(help_text: str | None) -> str | None:
+    """A docstring as help shows it: each paragraph one flowing line (typer's Rich help keeps a
+    docstring's line breaks, so a sentence wrapped in the source broke mid-way on the screen);
+    paragraphs stay apart, and one that starts with \\b keeps its lines (click's convention)."""
+    if not help_text:
+        return help_text
+    import inspect
+
+    paragraphs = inspect.cleandoc(help_text).split("\n\n")
+    return "\n\n".join(p if p.startswith("\b") else " ".join(p.split()) for p in paragraphs)
+
+
 class _Group(TyperGroup):
-    """Turns every exception of a command (and of the app callback) into one line and an exit code."""
+    """Turns every exception of a command (and of the app callback) into one line and an exit code;
+    help texts flow (`flowing`)."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.help = flowing(self.help)
+        for command in self.commands.values():
+            command.help = flowing(command.help)
 
     def parse_args(self, ctx, args):
         if ctx.parent is None:
@@ -304,8 +325,8 @@ class State:
                 if settings.device == "auto" and device == "cpu" and not _warned_cpu:
                     _warned_cpu = True
                     say(CPU_WARNING, style="yellow")
-                if InjectProgress.active is not None:
-                    InjectProgress.active.loading(model, device)  # shown in the display, gone after it
+                if LiveProgress.active is not None:
+                    LiveProgress.active.loading(model, device)  # shown in the display, gone after it
                 elif console().is_terminal:
                     say(f"loading {shown(model)} on {device}...", style="dim")
 
@@ -391,10 +412,9 @@ def paths_starting(incomplete: str, folders_only: bool = False) -> list[str]:
     return out
 
 
-def complete_config_key(incomplete: str) -> list[str]:
-    from .settings import KEYS
-
-    return [key for key in KEYS if key.startswith(incomplete)]
+def complete_config_key(incomplete: str) -> list[tuple[str, str]]:
+    """Every setting (with its description, for shells that show one)."""
+    return [(key, settings_table.HELP[key]) for key in settings_table.KEYS if key.startswith(incomplete)]
 
 
 # --------------------------------------------------------------------------- the app
@@ -416,12 +436,118 @@ config_app = _command_group("config", "Read and write the config file's defaults
 app.add_typer(pool_app, name="pool")
 app.add_typer(config_app, name="config")
 
+# --------------------------------------------------------------------------- typer, adapted (typer 0.29)
 # Help shows an argument's name (PATH, QUESTION), not a Python type ("<list[str]>"); flags show none.
+# Every option of memcli's names its value (a metavar: N, POOL, FILE; tests/test_newcomer_cli.py walks
+# the whole command tree to check it), so no "<str>" or "<int range>" reaches the help.
 typer.core.TyperArgument.display_type_rich = lambda self, ctx: None  # type: ignore[method-assign]
 _option_type = typer.core.TyperOption.display_type_rich
 typer.core.TyperOption.display_type_rich = (  # type: ignore[method-assign]
     lambda self, ctx: None if self.is_flag else _option_type(self, ctx))
 FLAG = ""  # metavar of a flag: nothing after its name
+
+
+def _usage_name(self) -> str:
+    """An argument in the usage line as every man page writes it: PATH... (required, repeated),
+    [POOL] (optional); typer 0.29 writes {PATH...}... and [[POOL]] from the same metavars."""
+    name = self.display_name_raw
+    if self.nargs != 1 and not name.endswith("..."):
+        name += "..."
+    return name if self.required else f"[{name}]"
+
+
+typer.core.TyperArgument._usage_display_name = _usage_name  # type: ignore[method-assign]
+
+
+def _plain_converter(annotation, info):
+    """How to turn a command-line string into `annotation` without pydantic, for the plain types
+    memcli's parameters have (str, int, float, bool, Path, lists of them); None for anything else
+    (then typer's own way applies).
+
+    typer 0.29 converts every parameter through a pydantic TypeAdapter, built on its first use:
+    importing pydantic and building the adapters of the root's and a command's parameters cost
+    about 60 ms per command, more than `memcli --version` takes in all (issue 19, item 12)."""
+    import typing
+    from pathlib import PurePath
+
+    from typer._param_types import coerce_cli_path
+
+    if typing.get_origin(annotation) is list:
+        [item] = typing.get_args(annotation)
+        one = _plain_converter(item, info)
+        return None if one is None else (lambda value, param, ctx: [one(v, param, ctx) for v in value])
+    if getattr(info, "parser", None) is not None or getattr(info, "clamp", False):
+        return None
+
+    def bad(message: str, param, ctx):
+        return typer.BadParameter(message, ctx=ctx, param=param)
+
+    def number(kind, word: str):
+        def convert(value, param, ctx):
+            if isinstance(value, kind) and not isinstance(value, bool):
+                number_ = value
+            else:
+                try:
+                    number_ = kind(str(value).strip())
+                except ValueError:
+                    raise bad(f"{value!r} is not {word}", param, ctx) from None
+            if number_ != number_ or number_ in (float("inf"), float("-inf")):
+                raise bad(f"{value!r} is not {word}", param, ctx)
+            low, high = info.min, info.max
+            if (low is not None and number_ < low) or (high is not None and number_ > high):
+                allowed = (f"from {low} to {high}" if low is not None and high is not None
+                           else f"at least {low}" if low is not None else f"at most {high}")
+                raise bad(f"{value} is out of range: it must be {allowed}", param, ctx)
+            return number_
+        return convert
+
+    if annotation is str:
+        return lambda value, param, ctx: os.fsdecode(value) if isinstance(value, bytes) else str(value)
+    if annotation is int:
+        return number(int, "a whole number")
+    if annotation is float:
+        return number(float, "a number")
+    if annotation is bool:
+        def boolean(value, param, ctx):
+            if isinstance(value, bool):
+                return value
+            text = str(value).strip().lower()
+            if text in ("1", "true", "yes", "on"):
+                return True
+            if text in ("0", "false", "no", "off", ""):
+                return False
+            raise bad(f"{value!r} is not true or false", param, ctx)
+        return boolean
+    if isinstance(annotation, type) and issubclass(annotation, PurePath):
+        return lambda value, param, ctx: coerce_cli_path(annotation(value), info, path_type=annotation,
+                                                         param=param, ctx=ctx)
+    return None
+
+
+@dataclass(frozen=True)
+class _PlainParam(RuntimeParam):
+    """A parameter converted by `_plain_converter`'s function."""
+
+    convert: Any = None
+
+    def _coerce_value(self, value, param, ctx):
+        return self.convert(value, param, ctx)
+
+
+def _runtime_param(self):
+    """typer's per-parameter converter, made by `_plain_converter` where it can (no pydantic)."""
+    if self._runtime_param is None:
+        descriptor = self.type_descriptor
+        convert = None if descriptor.file_annotation is not None or descriptor.is_choice else \
+            _plain_converter(descriptor.annotation, descriptor.parameter_info)
+        if convert is None:
+            return _typer_runtime_param(self)
+        self._runtime_param = _PlainParam(descriptor.parameter_info, descriptor.annotation, convert)
+    return self._runtime_param
+
+
+_typer_runtime_param = typer.core._TyperParameter.get_runtime_param
+typer.core._TyperParameter.get_runtime_param = _runtime_param  # type: ignore[method-assign]
 
 
 def _version(value: bool) -> None:
@@ -452,43 +578,41 @@ def _eta(seconds: float) -> str:
     return f"{seconds // 3600}:{seconds % 3600 // 60:02d}:{seconds % 60:02d}" if seconds >= 3600 else f"{seconds // 60}:{seconds % 60:02d}"
 
 
-class InjectProgress:
-    """Rich progress on stderr (a terminal only): "file k of n", chunks, tokens/s and an ETA from the
-    file's position (bytes, or pages of a PDF). Rate and ETA count from this run's first chunk of
-    the file (a resumed file's skipped part is not work done) and use the file's whole average, so
-    the ETA does not jump with one slow chunk. Transient: nothing of it stays on the terminal."""
+class LiveProgress:
+    """A Rich progress display on stderr, on a terminal only: a spinner, what is being done, a bar
+    and text columns (`fields`). Transient: nothing of it stays on the terminal. While it is shown,
+    stderr lines (say()) print above it and the model's loading note goes into it."""
 
-    active: "InjectProgress | None" = None  # the display being shown (the loading note goes there)
+    active: "LiveProgress | None" = None  # the display being shown (the loading note goes there)
 
-    def __init__(self, enabled: bool | None = None):
+    def __init__(self, fields: tuple[str, ...], enabled: bool | None = None):
         from rich.progress import BarColumn, Progress, SpinnerColumn, TextColumn
 
         err = console()
+        self.fields = fields
         self.progress = Progress(
             SpinnerColumn(),
             TextColumn("{task.description}", markup=False),
             BarColumn(),
-            TextColumn("{task.fields[chunks]}", markup=False),
-            TextColumn("{task.fields[rate]}", markup=False),
-            TextColumn("{task.fields[eta]}", markup=False),
+            *(TextColumn(f"{{task.fields[{name}]}}", markup=False) for name in fields),
             console=err,
             transient=True,
             disable=not (err.is_terminal if enabled is None else enabled),
         )
         self.task = None
 
-    def __enter__(self) -> "InjectProgress":
+    def __enter__(self):
         global _live_console
         self.progress.__enter__()
-        self.task = self.progress.add_task("starting", total=None, chunks="", rate="", eta="")
+        self.task = self.progress.add_task("starting", total=None, **dict.fromkeys(self.fields, ""))
         if not self.progress.disable:
-            InjectProgress.active = self
+            LiveProgress.active = self
             _live_console = self.progress.console
         return self
 
     def __exit__(self, *exc) -> None:
         global _live_console
-        InjectProgress.active = None
+        LiveProgress.active = None
         _live_console = None
         self.progress.__exit__(*exc)
 
@@ -496,6 +620,16 @@ class InjectProgress:
         name = shown(model)
         name = name if len(name) <= 40 else "…" + name[-39:]
         self.progress.update(self.task, description=f"loading {name} on {device}…", refresh=True)
+
+
+class InjectProgress(LiveProgress):
+    """inject's display: "file k of n", chunks, tokens/s and an ETA from the file's position (bytes,
+    or pages of a PDF). Rate and ETA count from this run's first chunk of the file (a resumed file's
+    skipped part is not work done) and use the file's whole average, so the ETA does not jump with
+    one slow chunk."""
+
+    def __init__(self, enabled: bool | None = None):
+        super().__init__(("chunks", "rate", "eta"), enabled)
 
     def __call__(self, event) -> None:
         if self.task is None:
@@ -656,6 +790,13 @@ def _stream_answer(ask, question: str, as_json: bool = False):
     return answer
 
 
+def answer_event(pool: str, question: str, answer, pool_version: int | None) -> dict:
+    """`ask --json`'s last line, in-process and through a server alike: what was asked, the answer
+    (`Answer.to_json()`), and the pool version it was read from."""
+    return {"event": "answer", "pool": pool, "question": question.strip(), **answer.to_json(),
+            "pool_version": pool_version}
+
+
 def _sampling(temperature: float, top_p: float, seed: Optional[int]):
     from .engine import Sampling
 
@@ -672,7 +813,7 @@ def ask(
     temperature: float = typer.Option(0.0, "--temperature", metavar="T", min=0.0, help="0 decodes greedily."),
     top_p: float = typer.Option(1.0, "--top-p", metavar="P", min=0.0, max=1.0, help="Nucleus sampling share (with --temperature > 0)."),
     seed: Optional[int] = typer.Option(None, "--seed", metavar="N", help="Seed for sampling."),
-    as_json: bool = typer.Option(False, "--json", metavar=FLAG, help="Stream NDJSON events: {\"event\": \"text\"} pieces, then one {\"event\": \"answer\"} with timings and token counts."),
+    as_json: bool = typer.Option(False, "--json", metavar=FLAG, help="Stream NDJSON events: \"text\" events with the answer's pieces, then one \"answer\" event with the question, the answer, the pool version, timings and token counts."),
     sources: bool = typer.Option(False, "--sources", metavar=FLAG, help="After the answer, the sources whose memory rows the question read most (also in --json)."),
 ) -> None:
     """Answer a question from a pool's memory, streaming the answer to stdout."""
@@ -687,13 +828,15 @@ def ask(
         return
     app_ = state.app()
     sampling = _sampling(temperature, top_p, seed)
+    if as_json or sources:
+        app_.keep_open(name)  # loaded once: the answer, its pool version and --sources read the same state
 
     def ask_once(text: str, on_text):
         return app_.ask(name, text, max_new_tokens=max_new_tokens, sampling=sampling, on_text=on_text)
 
     answer = _stream_answer(ask_once, question, as_json=as_json)
     if as_json:
-        data = {"event": "answer", "pool": name, **answer.to_json()}
+        data = answer_event(name, question, answer, app_.open_pool(name)[1].version)
         if sources:
             from .attribution import for_question
 
@@ -924,12 +1067,17 @@ def pool_ls(ctx: typer.Context, as_json: bool = typer.Option(False, "--json", me
 
 @pool_app.command("info")
 def pool_info(ctx: typer.Context,
-              name: Optional[str] = typer.Argument(None, metavar="[POOL]", autocompletion=complete_pool, help="Pool name (default: config pool)."),
+              name: Optional[str] = typer.Argument(None, metavar="POOL", autocompletion=complete_pool, help="Pool name (default: config pool)."),
               as_json: bool = typer.Option(False, "--json", metavar=FLAG, help=JSON_HELP)) -> None:
     """Show a pool's facts and how much of each source is still in memory."""
+    from . import pool_meta  # manifests, the log and the census only: no model, no torch, no memcli.api
+
     state = _state(ctx)
     name = state.pool(name)
-    info = cli_server.pool_info(ctx, name) or state.pools_api().pool_info(name)
+    store = state.store()
+    if not store.exists(name):
+        state.require_pool(name)  # the one wording of a missing pool, with the closest name
+    info = cli_server.pool_info(ctx, name) or pool_meta.info_json(store, name)
     if as_json:
         print_json(info)
         return
@@ -948,6 +1096,8 @@ def pool_info(ctx: typer.Context,
         ("version", str(info["version"])),
         ("created", _when(info["created"])),
         ("updated", _when(info["updated"])),
+        ("memory", _memory_words(info)),
+        ("written by", _written_by(info)),
     ):
         facts.add_row(Text(key, style="bold"), shown(value))
     out.print(facts)
@@ -959,6 +1109,26 @@ def pool_info(ctx: typer.Context,
             table.add_row(_tail(shown(row["source"]), 48), f"{row['chunks']:,}", f"{100 * row['share_retained']:.1f}%",
                           f"{row['rows_in_stm']:,}", f"{row['rows_in_ltm']:,}")
         out.print(table)
+
+
+def _memory_words(info: dict) -> str:
+    """The memory's size as eval retention says it: rows per layer, and in all layers (the unit of
+    the rows columns below)."""
+    memory = info.get("memory") or {}
+    n, layers = memory.get("rows_per_layer"), memory.get("layers")
+    if not n or not layers:
+        return "?"
+    return f"{n:,} rows per layer x {layers} layers = {n * layers:,} rows (the row counts below are over all layers)"
+
+
+def _written_by(info: dict) -> str:
+    """Which memcli last saved a pool's memory, and which created it (pools before 0.2.0 say neither)."""
+    written, created = info.get("written_by"), info.get("created_by")
+    if not written:
+        return "a memcli before 0.2.0"
+    if created == written:
+        return f"memcli {written}"
+    return f"memcli {written} (created by memcli {created or 'before 0.2.0'})"
 
 
 def _done(as_json: bool, message: str, data: dict) -> None:
@@ -1027,7 +1197,7 @@ def pool_export(ctx: typer.Context, name: str = typer.Argument(..., metavar="POO
 
 @pool_app.command("import")
 def pool_import(ctx: typer.Context, file: Path = typer.Argument(..., metavar="FILE", help="A file written by memcli pool export."),
-                name: Optional[str] = typer.Argument(None, metavar="[POOL]", help="Pool name (default: the exported name)."),
+                name: Optional[str] = typer.Argument(None, metavar="POOL", help="Pool name (default: the exported name)."),
                 as_json: bool = typer.Option(False, "--json", metavar=FLAG, help=JSON_HELP)) -> None:
     """Create a pool from an exported file (every part is checked first)."""
     info = _state(ctx).store().import_(file, name)
@@ -1036,7 +1206,7 @@ def pool_import(ctx: typer.Context, file: Path = typer.Argument(..., metavar="FI
 
 
 @pool_app.command("verify")
-def pool_verify(ctx: typer.Context, name: Optional[str] = typer.Argument(None, metavar="[POOL]", autocompletion=complete_pool,
+def pool_verify(ctx: typer.Context, name: Optional[str] = typer.Argument(None, metavar="POOL", autocompletion=complete_pool,
                                                                          help="Pool name (default: config pool)."),
                 repair: bool = typer.Option(False, "--repair", metavar=FLAG, help="First remove leftovers of interrupted work "
                                             "from the store (never anything a pool names)."),
@@ -1066,7 +1236,9 @@ def pool_verify(ctx: typer.Context, name: Optional[str] = typer.Argument(None, m
 def pool_rebind(ctx: typer.Context, name: str = typer.Argument(..., metavar="POOL", autocompletion=complete_pool, help="Pool to rebind."),
                 as_json: bool = typer.Option(False, "--json", metavar=FLAG, help=JSON_HELP)) -> None:
     """Record --model MODEL as the pool's model: the same model found elsewhere (a moved folder, the
-    hub id of a local copy). Its config.json must have the pool's fingerprint; no weights are read."""
+    hub id of a local copy).
+
+    Its config.json must have the pool's fingerprint; no weights are read."""
     state = _state(ctx)
     model = state.flags.get("model")
     if not model:
@@ -1076,13 +1248,18 @@ def pool_rebind(ctx: typer.Context, name: str = typer.Argument(..., metavar="POO
 
 
 # --------------------------------------------------------------------------- config
-@config_app.command("get")
+# Every key, from the one table of settings (memcli/settings.py: KEYS and HELP).
+KEY_HELP = f"A setting: {settings_table.keys_in_words()}."
+KEYS_EPILOG = "Keys:\n" + "\n".join(f"  {key:<11} {settings_table.HELP[key]}" for key in settings_table.KEYS)
+
+
+@config_app.command("get", epilog=KEYS_EPILOG)
 def config_get(ctx: typer.Context,
-               key: Optional[str] = typer.Argument(None, metavar="[KEY]", autocompletion=complete_config_key,
-                                                   help="model, pool, device, dtype or quant (default: all)."),
+               key: Optional[str] = typer.Argument(None, metavar="KEY", autocompletion=complete_config_key,
+                                                   help=KEY_HELP + " Default: all of them."),
                as_json: bool = typer.Option(False, "--json", metavar=FLAG, help=JSON_HELP)) -> None:
     """Show the settings in effect and where each comes from (default, config file, environment, flag)."""
-    from .settings import KEYS, config_rows
+    from .settings import KEYS, config_rows, shown_value
 
     if key is not None and key not in KEYS:
         raise UsageProblem(f"unknown setting {key!r} (known: {', '.join(KEYS)})")
@@ -1092,32 +1269,51 @@ def config_get(ctx: typer.Context,
         if as_json:
             print_json(row)
         else:
-            sys.stdout.write(f"{'' if row['value'] is None else row['value']}\n")
+            sys.stdout.write(f"{shown_value(row['value'])}\n")
         return
     if as_json:
         print_json(rows)
         return
     table = _table("key", "value", "from")
     for row in rows:
-        table.add_row(row["key"], shown("" if row["value"] is None else row["value"]), row["source"])
+        table.add_row(row["key"], shown(shown_value(row["value"])), row["source"])
     console(stderr=False).print(table)
 
 
-@config_app.command("set")
-def config_set(key: str = typer.Argument(..., metavar="KEY", autocompletion=complete_config_key,
-                                         help="model, pool, device, dtype or quant."),
-               value: str = typer.Argument(..., metavar="VALUE", help="Its value, e.g. cpu, work or memoryllm-8b.")) -> None:
-    """Write a default into the config file (a model folder is stored as an absolute path)."""
+@config_app.command("set", epilog=KEYS_EPILOG)
+def config_set(key: str = typer.Argument(..., metavar="KEY", autocompletion=complete_config_key, help=KEY_HELP),
+               value: str = typer.Argument(..., metavar="VALUE", help="Its value, e.g. cpu, work, memoryllm-8b, false or 10m.")) -> None:
+    """Write a default into the config file (a model folder is stored as an absolute path).
+
+    A pool that does not exist yet is set all the same, with a warning: the first inject into it creates it."""
     from . import paths
     from .settings import set_config
 
+    missing = key == "pool" and _missing_pool(value)  # an invalid name is refused here, before writing
     set_config(key, value)
     say(f"{key} set in {paths.config_file()}")
+    if missing:
+        say(f"memcli: warning: {missing}", style="yellow")
 
 
-@config_app.command("unset")
-def config_unset(key: str = typer.Argument(..., metavar="KEY", autocompletion=complete_config_key,
-                                           help="model, pool, device, dtype or quant.")) -> None:
+def _missing_pool(name: str) -> str | None:
+    """Why `name` as the default pool needs a word (it does not exist yet), or None; a name no
+    pool can have is refused."""
+    import difflib
+
+    from .store import PoolStore, validate_name
+
+    validate_name(name)
+    store = PoolStore()
+    if store.exists(name):
+        return None
+    close = difflib.get_close_matches(name, [info.name for info in store.list()], n=1, cutoff=0.6)
+    hint = f" (did you mean {close[0]}?)" if close else ""
+    return f"pool {name} does not exist yet{hint}; the first inject into it creates it (memcli inject FILE)"
+
+
+@config_app.command("unset", epilog=KEYS_EPILOG)
+def config_unset(key: str = typer.Argument(..., metavar="KEY", autocompletion=complete_config_key, help=KEY_HELP)) -> None:
     """Remove a key from the config file (its default applies again)."""
     from . import paths
     from .settings import set_config
@@ -1219,26 +1415,85 @@ def doctor(ctx: typer.Context, as_json: bool = typer.Option(False, "--json", met
 
 
 # --------------------------------------------------------------------------- eval (issue 12)
-eval_app = typer.Typer(name="eval", help="Measure what a model remembers.", no_args_is_help=True,
-                       pretty_exceptions_enable=False, context_settings={"help_option_names": ["-h", "--help"]})
+class EvalProgress(LiveProgress):
+    """eval retention's progress: "episode k of n", a bar over every injected chunk and question,
+    and an ETA from the run's average so far (inject's conventions). Off a terminal: one line per
+    finished episode on stderr, with the time so far and the ETA."""
+
+    def __init__(self, enabled: bool | None = None):
+        super().__init__(("steps", "eta"), enabled)
+        self.started: float | None = None
+        self.said = 0  # episodes said off a terminal
+
+    def __call__(self, done: int, total: int, episode: int, episodes: int) -> None:
+        import time
+
+        now = time.monotonic()
+        if self.started is None or done == 0:
+            self.started = now
+        elapsed = now - self.started
+        eta = _eta((total - done) * elapsed / done) if done and elapsed > 0 else ""
+        finished = episode - (done < total)  # episodes complete (the last one when all is done)
+        if self.progress.disable:
+            if finished > self.said:
+                self.said = finished
+                say(f"episode {finished} of {episodes} done ({_eta(elapsed)} so far"
+                    + (f", ETA {eta})" if done < total else ")"))
+            return
+        description = f"episode {episode} of {episodes}"
+        changed = description != self.progress.tasks[0].description
+        self.progress.update(self.task, total=total, completed=done, description=description,
+                             steps=f"{done:,}/{total:,} steps", eta=f"ETA {eta}" if eta else "", refresh=changed)
+
+
+class _RetentionCommand(typer.core.TyperCommand):
+    """`eval retention --json FILE` (before 0.2.0 --json took a file) still writes FILE: it is read
+    as --out FILE, with a note; --json alone prints the curve as JSON, as every other --json does."""
+
+    def parse_args(self, ctx, args):
+        args = list(args)
+        for i, arg in enumerate(args):
+            if arg == "--":
+                break
+            if arg.startswith("--json="):
+                args[i] = "--out=" + arg.partition("=")[2]
+            elif arg == "--json" and i + 1 < len(args) and not args[i + 1].startswith("-"):
+                args[i] = "--out"  # no argument of this command: a word after --json is the old file
+            else:
+                continue
+            say("memcli: note: eval retention --json FILE is now --out FILE (--json prints the JSON on stdout)")
+            break
+        return super().parse_args(ctx, args)
+
+
+eval_app = _command_group("eval", "Measure what a model remembers.")
 app.add_typer(eval_app, name="eval")
 
 
-@eval_app.command("retention")
+@eval_app.command("retention", cls=_RetentionCommand,
+                  epilog="Examples:  memcli --model memcli-tiny eval retention --plot curve.png  ·  "
+                         "memcli --model memcli-tiny eval retention --episodes 5 --json > curve.json")
 def eval_retention(
     ctx: typer.Context,
-    episodes: int = typer.Option(25, "--episodes", min=1, help="Fact chunks to test (4 questions each)."),
-    distractors: str = typer.Option("0,1,2,4,8,16", "--distractors", help="Distractor chunk counts to ask after."),
-    seed: int = typer.Option(0, "--seed", help="Seed for the facts and the drops."),
-    max_new_tokens: int = typer.Option(8, "--max-new-tokens", min=1, help="Longest answer, in tokens."),
-    json_path: Optional[Path] = typer.Option(None, "--json", help="Write the curve as JSON here."),
-    plot_path: Optional[Path] = typer.Option(None, "--plot", help="Write the curve as a PNG plot here."),
+    episodes: int = typer.Option(25, "--episodes", metavar="N", min=1, help="Fact chunks to test (4 questions each)."),
+    distractors: str = typer.Option("0,1,2,4,8,16", "--distractors", metavar="LIST", help="Distractor chunk counts to ask after, comma-separated."),
+    seed: int = typer.Option(0, "--seed", metavar="N", help="Seed for the facts and the drops."),
+    max_new_tokens: int = typer.Option(8, "--max-new-tokens", metavar="N", min=1, help="Longest answer, in tokens."),
+    as_json: bool = typer.Option(False, "--json", metavar=FLAG, help="Print the curve as JSON on stdout instead of the table."),
+    out_path: Optional[Path] = typer.Option(None, "--out", "-o", metavar="FILE", help="Also write the curve as JSON to FILE."),
+    plot_path: Optional[Path] = typer.Option(None, "--plot", metavar="FILE", help="Also draw the curve as a PNG to FILE (needs matplotlib: the 'plot' extra)."),
 ) -> None:
-    """Knowledge retention: inject facts, then distractor chunks, ask after each count, score."""
+    """Knowledge retention: inject facts, then distractor chunks, ask after each count, score.
+
+    On a terminal a progress display shows the episode and an ETA; otherwise one line per episode
+    goes to stderr."""
     from .retention import command
 
-    command(_state(ctx).app(), episodes, distractors, seed, max_new_tokens, json_path, plot_path,
-            out=sys.stdout.write, progress=say)
+    state = _state(ctx)
+    with EvalProgress() as progress:
+        command(state.app(), episodes, distractors, seed, max_new_tokens, out_path, plot_path, as_json=as_json,
+                out=sys.stdout.write,
+                on_progress=lambda done, total, episode: progress(done, total, episode, episodes))
 
 
 from . import cli_server  # noqa: E402 - serve, ps, stop and the routing through a running server

@@ -124,8 +124,9 @@ class RemoteAnswer:
     """An answer the server gave: its text, and `to_json()` as `memcli.api.Answer.to_json()`."""
 
     def __init__(self, data: dict):
-        self._data = {k: v for k, v in data.items() if k not in ("event", "pool", "pool_version")}
+        self._data = {k: v for k, v in data.items() if k not in ("event", "pool", "pool_version", "question")}
         self.text = self._data["answer"]
+        self.pool_version = data.get("pool_version")
 
     def to_json(self) -> dict:
         return dict(self._data)
@@ -435,7 +436,7 @@ def ask(ctx, question: str, pool: str, max_new_tokens, temperature, top_p, seed,
 
     answer = cli._stream_answer(ask_once, question, as_json=as_json)
     if as_json:
-        cli.print_json_line({"event": "answer", "pool": pool, **answer.to_json()})
+        cli.print_json_line(cli.answer_event(pool, question, answer, answer.pool_version))
     return True
 
 
@@ -498,16 +499,28 @@ def _parse_bytes(text: str) -> int:
     return int(number * units[unit])
 
 
+def _iso_times(ps: dict) -> dict:
+    """`ps` (the server's /api/ps, Unix times) with its times in memcli's one format (ISO 8601, UTC)."""
+    from .clock import iso_from_epoch
+
+    def model(row: dict) -> dict:
+        pools = [{**p, "last_used": iso_from_epoch(p.get("last_used"))} for p in row.get("pools", [])]
+        return {**row, "loaded_at": iso_from_epoch(row.get("loaded_at")),
+                "expires_at": iso_from_epoch(row.get("expires_at")), "pools": pools}
+
+    return {**ps, "started": iso_from_epoch(ps.get("started")), "models": [model(m) for m in ps.get("models", [])]}
+
+
 def register(app: typer.Typer) -> None:
     """Add `serve`, `ps` and `stop` to the memcli app."""
 
     @app.command()
     def serve(
         ctx: typer.Context,
-        keep_alive: Optional[str] = typer.Option(None, "--keep-alive", help="How long a model stays loaded after its last request: 5m (default), 30s, 1h, 0 (unload after each request) or -1 (forever). MEMCLI_KEEP_ALIVE, config keep_alive."),
-        host: Optional[str] = typer.Option(None, "--host", help="Also listen on TCP at this address (beyond loopback only with MEMCLI_TOKEN set)."),
-        port: Optional[int] = typer.Option(None, "--port", min=1, max=65535, help="TCP port (default 11435; the host defaults to 127.0.0.1)."),
-        memory: Optional[str] = typer.Option(None, "--memory", help="Budget for loaded pool states, e.g. 8G (default: half of this machine's memory)."),
+        keep_alive: Optional[str] = typer.Option(None, "--keep-alive", metavar="DURATION", help="How long a model stays loaded after its last request: 5m (default), 30s, 1h, 0 (unload after each request) or -1 (forever). MEMCLI_KEEP_ALIVE, config keep_alive."),
+        host: Optional[str] = typer.Option(None, "--host", metavar="ADDRESS", help="Also listen on TCP at this address (beyond loopback only with MEMCLI_TOKEN set)."),
+        port: Optional[int] = typer.Option(None, "--port", metavar="PORT", min=1, max=65535, help="TCP port (default 11435; the host defaults to 127.0.0.1)."),
+        memory: Optional[str] = typer.Option(None, "--memory", metavar="SIZE", help="Budget for loaded pool states, e.g. 8G (default: half of this machine's memory)."),
         exit_when_idle: bool = typer.Option(False, "--exit-when-idle", hidden=True, help="Stop once nothing is loaded for a keep-alive (servers that commands start)."),
     ) -> None:
         """Run the resident server: models and pools stay loaded; ask, chat and inject use it."""
@@ -523,7 +536,7 @@ def register(app: typer.Typer) -> None:
         raise typer.Exit(code)
 
     @app.command()
-    def ps(as_json: bool = typer.Option(False, "--json", help="As JSON.")) -> None:
+    def ps(as_json: bool = typer.Option(False, "--json", metavar="", help="As JSON on stdout (times in ISO 8601, UTC).")) -> None:
         """Show what the running server has loaded: models, pools, memory and until when."""
         cli = _cli()
         client = running_client()
@@ -535,8 +548,7 @@ def register(app: typer.Typer) -> None:
             return
         data = client.ps()
         if as_json:
-            data["running"] = True
-            cli.print_json(data)
+            cli.print_json({**_iso_times(data), "running": True})
             return
         table = cli._table("model", "device", "weights", "pools", "pool memory", "until", right=("weights", "pool memory"))
         for model in data["models"]:

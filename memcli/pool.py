@@ -32,6 +32,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from . import __version__
 from .pool_meta import (  # noqa: F401  (re-exported: the pool API has always offered these)
     Binding, PoolModelMismatch, check_binding, check_meta, read_binding, sources_of, totals_of,
 )
@@ -181,6 +182,7 @@ def _save_ltm(ltm: LongTermMemory, layout: dict, new_parts: dict) -> None:
 def _meta(pool: Pool, layout: dict) -> dict:
     return {
         **pool.extra,
+        "written_by": __version__,  # the memcli that last saved the memory (pool info shows it)
         "model": pool.binding.to_json(),
         "next_chunk": pool.next_chunk,
         "totals": totals_of(pool.sources),
@@ -190,7 +192,7 @@ def _meta(pool: Pool, layout: dict) -> dict:
 
 def create(store: PoolStore, name: str, binding: Binding, state: MemoryState) -> Pool:
     """A new pool holding `state` (usually the checkpoint's built-in memory)."""
-    pool = Pool(name=name, state=state, binding=binding, extra={"created_with": "memcli"})
+    pool = Pool(name=name, state=state, binding=binding, extra={"created_with": "memcli", "created_by": __version__})
     state.full_rewrite = True
     with store.writer(name):
         save(store, pool)

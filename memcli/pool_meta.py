@@ -116,6 +116,9 @@ def check_meta(what: str, meta: dict, records: list[dict] | None = None) -> None
     if "ltm" in state and (not isinstance(state["ltm"], dict)
                            or not all(is_int(state["ltm"].get(k)) for k in ("cache_start", "update_step", "size"))):
         raise _bad(what, "meta.state.ltm", "{cache_start, update_step, size} integers")
+    for key in ("created_by", "written_by"):  # memcli versions (pools before 0.2.0 have none)
+        if not isinstance(meta.get(key), (str, type(None))) or len(meta.get(key) or "") > 64:
+            raise _bad(what, f"meta.{key}", "a version string")
     totals = meta.get("totals")
     if totals is not None and (not isinstance(totals, dict)
                                or not all(is_int(totals.get(k)) for k in ("sources", "chunks", "tokens"))):
@@ -211,6 +214,10 @@ def pool_info(store: PoolStore, name: str) -> dict:
             "version": m["version"], "created": iso_z(m["created"]), "updated": iso_z(m["updated"]),
             "bytes_on_disk": info.bytes_on_disk, "sources": sources, **{k: v for k, v in totals_of(sources).items()
                                                                         if k != "sources"},
+            # the memcli versions that created the pool and last saved its memory (None: before 0.2.0)
+            "created_by": meta.get("created_by"), "written_by": meta.get("written_by"),
+            # the memory's size in the units retention counts in (its rows are over all layers)
+            "memory": {"layers": meta["state"]["shape"][0], "rows_per_layer": meta["state"]["shape"][1]},
         }
         if sources:
             binding = Binding.from_json(meta["model"])
@@ -219,6 +226,14 @@ def pool_info(store: PoolStore, name: str) -> dict:
             else:  # pools saved before the census existed: count the origin tables
                 result["retention"] = retention_from_tables(snap, binding, sources)
     return result
+
+
+def info_json(store: PoolStore, name: str) -> dict:
+    """`pool_info` as memcli shows it (`memcli pool info --json`, `Memcli.pool_info`): `sources` a
+    count, `files` the log entries with times in the one format, `retention` always a list."""
+    info = pool_info(store, name)
+    files = [{**entry, "time": iso_z(entry.get("time"))} for entry in info["sources"]]
+    return {**info, "sources": len(files), "files": files, "retention": info.get("retention", [])}
 
 
 # ------------------------------------------------------------------------ retention

@@ -10,7 +10,7 @@ Endpoints (JSON; streams are NDJSON, one object per line, or SSE for the OpenAI 
     POST /api/ask                    {"pool", "question", "history": [[q, a], ...], "max_new_tokens",
                                      "temperature", "top_p", "seed", "model", "model_explicit"}
                                      -> `memcli ask --json`'s events: {"event": "text", "text": …} per
-                                     piece, then {"event": "answer", "pool": …, …, "pool_version": N}
+                                     piece, then {"event": "answer", "pool": …, "question": …, …, "pool_version": N}
     POST /api/inject?pool=P[&model=M&model_explicit=1&chunk_tokens=N&force=1&type=T&encoding=E]
                                      body: per file a JSON header line {"path": NAME, "size": N}
                                      (or {"path": "-", "size": N} for stdin) then N bytes; the server
@@ -334,7 +334,7 @@ class Server:
                 answer = decode_answer(loaded, state.state, ids, budget, sampling=sampling,
                                        on_text=lambda text: emit({"event": "text", "text": text}),
                                        checkpoint=job.check_cancelled, turns_in_prompt=turns)
-                emit({"event": "answer", "pool": pool, **answer.to_json(), "pool_version": state.version})
+                emit({"event": "answer", "pool": pool, "question": question, **answer.to_json(), "pool_version": state.version})
             finally:
                 resident.done_with(model)
 

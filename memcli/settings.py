@@ -7,14 +7,18 @@ The config file is TOML at `paths.config_file()` (`memcli config set KEY VALUE` 
     device = "auto"               # auto | cpu | cuda | cuda:1
     dtype = "auto"                # auto | fp32 | bf16 | fp16
     quant = "auto"                # auto | nf4 | int8 | fp32 | bf16 | fp16
+    server = true                 # ask, chat and inject use (and start) a memcli server
+    keep_alive = "5m"             # how long a server keeps a model loaded: 30s, 5m, 1h, 0, -1
+    compile = false               # decode through torch.compile
 
-No torch here (`memcli config` and completion must stay light): only resolving `auto` asks torch.
+`KEYS` and `HELP` are the one table of the settings: the CLI's help, completion and errors list
+them from here. No torch here (`memcli config` and completion must stay light): only resolving
+`auto` asks torch; nor tomllib until a config file is read (`memcli --version` does not).
 """
 
 from __future__ import annotations
 
 import os
-import tomllib
 from dataclasses import dataclass, field, replace
 
 from . import paths
@@ -161,6 +165,8 @@ def _whole_number(value, where: str, key: str) -> int:
 
 def read_config_file() -> dict:
     """The config file's values (validated); {} when there is none."""
+    import tomllib
+
     path = paths.config_file()
     try:
         text = path.read_text()
@@ -225,6 +231,18 @@ def _toml_string(value: str) -> str:
     escaped = value.replace("\\", "\\\\").replace('"', '\\"')
     escaped = "".join(ch if ch.isprintable() else f"\\u{ord(ch):04x}" for ch in escaped)
     return f'"{escaped}"'
+
+
+def keys_in_words() -> str:
+    """"model, pool, …, keep_alive or compile": every setting, for help texts."""
+    return ", ".join(KEYS[:-1]) + " or " + KEYS[-1]
+
+
+def shown_value(value) -> str:
+    """A setting's value as one writes it in the config file: true/false, a duration as given."""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    return "" if value is None else str(value)
 
 
 def config_rows(settings: Settings) -> list[dict]:

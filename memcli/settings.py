@@ -7,6 +7,7 @@ The config file is TOML at `paths.config_file()` (`memcli config set KEY VALUE` 
     device = "auto"               # auto | cpu | cuda | cuda:1
     dtype = "auto"                # auto | fp32 | bf16 | fp16
     quant = "auto"                # auto | nf4 | int8 | fp32 | bf16 | fp16
+    threads = "auto"              # auto | N: CPU compute threads (memcli/threads.py)
 
 No torch here (`memcli config` and completion must stay light): only resolving `auto` asks torch.
 """
@@ -30,7 +31,7 @@ DTYPES = ("auto", "fp32", "bf16", "fp16")
 QUANTS = ("auto", "nf4", "int8", "fp32", "bf16", "fp16")
 ENV = {"model": "MEMCLI_MODEL", "pool": "MEMCLI_POOL", "device": "MEMCLI_DEVICE", "dtype": "MEMCLI_DTYPE",
        "quant": "MEMCLI_QUANT", "server": "MEMCLI_SERVER", "keep_alive": "MEMCLI_KEEP_ALIVE",
-       "compile": "MEMCLI_COMPILE"}
+       "compile": "MEMCLI_COMPILE", "threads": "MEMCLI_THREADS"}
 KEYS = tuple(ENV)
 HELP = {
     "model": "model of new pools: an alias (memcli models), hub id or folder",
@@ -41,6 +42,7 @@ HELP = {
     "server": "true or false: whether ask, chat and inject use (and start) a memcli server",
     "keep_alive": "how long a server keeps a model loaded after its last request: 5m, 30s, 0, -1",
     "compile": "true or false: decode through torch.compile (CUDA graphs on a GPU; eager if it fails)",
+    "threads": "auto or N: CPU compute threads (auto: by the model's size and the usable cores; OMP_NUM_THREADS wins)",
 }
 
 
@@ -61,6 +63,9 @@ class Settings:
     # decode through torch.compile(mode="reduce-overhead"): fewer host calls per token; the first
     # answer pays the compilation, a failure falls back to eager
     compile: bool = False
+    # CPU compute threads: "auto" (by the model's size and the cores this process may use) or a
+    # count; MEMCLI_THREADS, then OMP_NUM_THREADS, win over the config file (memcli/threads.py)
+    threads: str = "auto"
     # where each value came from: "default" | "config file" | "environment" | "command line"
     origin: dict = field(default_factory=dict, compare=False, repr=False)
 
@@ -116,8 +121,15 @@ def _validate(values: dict, where: str) -> dict:
         if key in ("server", "compile"):
             values[key] = value = _boolean(value, where, key)
             continue
-        if key == "keep_alive" and isinstance(value, (int, float)) and not isinstance(value, bool):
+        if key in ("keep_alive", "threads") and isinstance(value, (int, float)) and not isinstance(value, bool):
             values[key] = value = str(value)
+        if key == "threads":
+            from .threads import parse_count  # torch-free
+
+            try:
+                parse_count(value, "threads")
+            except ValueError as err:
+                raise SettingsError(f"{where}: {err}") from None
         if not isinstance(value, str) or not value:
             raise SettingsError(f"{where}: {key} must be a non-empty string")
     checks = {"dtype": DTYPES, "quant": QUANTS}

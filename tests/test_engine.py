@@ -522,3 +522,33 @@ def test_one_session_across_three_pools_matches_a_session_per_pool(tmp_path):
     # the pools' memories do change the answers (or this test could not see a mix-up)
     answers = {tuple(shared.ask(name, "What happens in the pool?", max_new_tokens=6).tokens) for name in "abc"}
     assert len(answers) > 1
+
+
+def test_chat_ask_after_an_inject_reads_the_kept_memory_kv(tmp_path, monkeypatch):
+    """Through the API: a chat session asks, injects a document, asks again. The second ask reads
+    the memory K/V its session kept through the inject (nothing is rebuilt) and answers what a
+    session that opened the pool afterwards answers, token for token."""
+    from memcli.api import Memcli
+    from memcli.engine import PrefixCache
+    from memcli.settings import Settings
+
+    def session():
+        return Memcli(Settings(model=str(fixture_checkpoint("memoryllm-8b-chat-tiny")), device="cpu"))
+
+    first, second = tmp_path / "first.txt", tmp_path / "second.txt"
+    first.write_text("Harbour cranes lift red containers onto the night ships. " * 6)
+    second.write_text("Violins are tuned twice before the winter concert begins. " * 6)
+    app = session()
+    app.inject("notes", [str(first)])
+    chat = app.chat("notes", max_new_tokens=4)
+    chat.ask("What do the cranes lift?")
+    builds = []
+    original = PrefixCache.build
+    monkeypatch.setattr(PrefixCache, "build", lambda self, state: (builds.append(1), original(self, state)))
+    chat.inject([str(second)])
+    turns = list(chat.turns)
+    got = chat.ask("When are the violins tuned?")
+    assert builds == []
+    expected = session().ask("notes", "When are the violins tuned?", max_new_tokens=4, history=turns)
+    assert builds  # the fresh session did build (the counter counts)
+    assert got.tokens == expected.tokens

@@ -470,22 +470,32 @@ def inject_ask(args) -> None:
         result[which], logits[which], _ = _inject_ask_one(which, folder, args)
     for which in ("main", "new"):
         result[which]["inject_peak"] = _inject_peak_child(which, folder, args.peak_chunks, main_root)
+    result["checks"] = inject_ask_checks(result, bool(torch.equal(logits["main"], logits["new"])))
+    emit(result, args.out)
+
+
+def inject_ask_checks(result: dict, same_logits: bool) -> dict:
+    """The --inject-ask verdicts, from the result's own figures."""
     old, new = result["main"], result["new"]
     peak = new["inject_peak"]
-    result["checks"] = {
+    kept = peak["memory_kv_cache_after_inject_bytes"]
+    extra = peak["peak_over_process_baseline_bytes"] - old["inject_peak"]["peak_over_process_baseline_bytes"]
+    return {
         "new_ask_after_inject_within_1_5x_repeated": new["after_inject_over_repeated"] <= 1.5,
         "main_ask_after_inject_over_repeated": old["after_inject_over_repeated"],
         "new_ask_after_inject_over_main": round(new["ask_ttft_right_after_inject_seconds"]
                                                 / old["ask_ttft_right_after_inject_seconds"], 2),
-        "same_logits_bitwise": bool(torch.equal(logits["main"], logits["new"])),
+        "same_logits_bitwise": same_logits,
         "same_greedy_tokens": old["greedy_tokens"] == new["greedy_tokens"],
         "new_keeps_memory_kv_through_inject": peak["memory_kv_cache_kept_through_inject"],
         "main_keeps_memory_kv_through_inject": old["inject_peak"]["memory_kv_cache_kept_through_inject"],
         "new_inject_peak_over_process_baseline_bytes": peak["peak_over_process_baseline_bytes"],
         "main_inject_peak_over_process_baseline_bytes": old["inject_peak"]["peak_over_process_baseline_bytes"],
         "new_inject_peak_within_bound_plus_memory_kv": peak["peak_over_process_baseline_within_bound_plus_cache"],
+        # what keeping the memory K/V costs the inject's peak, against the cache it keeps
+        "new_inject_peak_over_main_bytes": extra,
+        "new_inject_peak_over_main_within_kept_memory_kv": extra <= kept,
     }
-    emit(result, args.out)
 
 
 def main() -> None:

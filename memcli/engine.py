@@ -210,11 +210,11 @@ class PrefixCache:
     def _write(self, l: int, layer, rows: Tensor, slots: Tensor | None) -> None:
         m = rows.shape[0]
         if slots is not None and m < _MIN_KV_ROWS:
-            # A CPU BLAS picks its kernel by the product's row count: below ~16 rows (MKL, AVX2,
-            # measured) a row's sums come out in another order than the same row's in a taller
-            # product, so the few new rows of a small model (K = 8) would get keys/values a full
-            # build does not (1e-6 apart). Padded with zero rows to a build-like height, they are
-            # bitwise what `build` computes (tests/test_engine.py checks it on the installed BLAS).
+            # A CPU BLAS splits a product by its row count: on two threads MKL (AVX2, measured)
+            # summed an 8-row LoRA product's rows otherwise than the same rows of the full build's
+            # product, so the few new rows of a small model (K = 8) got keys/values 1e-6 off a
+            # rebuild's. Padded with zero rows to a build-like height they are bitwise what `build`
+            # computes (tests/test_engine.py checks it on the installed BLAS, 1 and 2 threads).
             rows = torch.cat((rows, rows.new_zeros(_MIN_KV_ROWS - m, rows.shape[1])))
         k, v = layer.prefix_keys_values(rows[None], None, None, DECODER)
         if slots is None:

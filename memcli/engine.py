@@ -36,6 +36,7 @@ from torch import Tensor
 from .model import DECODER, ENCODER, KV, DecodeStep, Transformer
 from .quant import first_line
 from .state import MemoryState, grow
+from .threads import ensure as _ensure_threads
 
 
 @dataclass
@@ -367,6 +368,7 @@ class Engine:
 
         K' = K, except for an uninitialized pool where it is min(K, c) (reference-semantics §4.1).
         """
+        _ensure_threads()  # the thread count chosen at load, in this thread too (a server's request thread)
         model, cfg = self.model, self.cfg
         ids = _as_ids(ids, model.device)
         # The state's memory K/V stays while it fits the budget: the update that follows records its
@@ -465,6 +467,7 @@ class Engine:
         O(K) rows per layer, also with a warm memory K/V cache: the new rows' keys/values are
         computed from `delta` where it already is (the model's device).
         """
+        _ensure_threads()
         cfg = self.cfg
         new_rows = delta
         delta = self._to_state(delta, state.slots)
@@ -610,6 +613,7 @@ class Engine:
                all_rows: bool = True, record: bool = False) -> tuple[Tensor, list[Retrieval]]:
         """Logits of a plain (non-injection) forward over `ids` with the full memory: [T, V] fp32.
         M+ retrieval records come back only when `record` is set."""
+        _ensure_threads()
         ids = _as_ids(ids, self.model.device)
         kv, start, retrieval, retrieve = self._read_prefix(state, ltm_order, ids.shape[1], record)
         out = self._forward(ids, kv, start, retrieve)
@@ -637,6 +641,7 @@ class Engine:
         step is queued, so the host never waits for the device except to stream a token.
         `keep_logits`: also return every step's fp32 logits (tests); `record`: M+ retrieval records.
         """
+        _ensure_threads()
         model = self.model
         sampling = sampling or Sampling()
         ids = _as_ids(ids, model.device)

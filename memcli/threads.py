@@ -34,6 +34,7 @@ Torch-free until `configure` runs (settings and light commands import this modul
 from __future__ import annotations
 
 import os
+import threading
 from dataclasses import dataclass
 from typing import Mapping
 
@@ -137,22 +138,42 @@ def _cgroup_quota() -> int | None:
 
 
 _applied: Choice | None = None
+_generation = 0  # bumped whenever the process's choice changes
+_here = threading.local()  # the generation applied in each thread
 
 
 def configure(cfg, configured=None) -> Choice:
-    """Set torch's compute threads for a model being loaded (called once per load, by
-    `loading.build_model`). A process holding several models computes with what the largest of
-    them chose: loading a small model after a large one does not slow the large one down."""
-    global _applied
-    import torch
+    """Choose the compute threads for a model being loaded (called once per load, by
+    `loading.build_model`) and apply them in this thread; `ensure` applies them in any other. A
+    process holding several models computes with what the largest of them chose: loading a small
+    model after a large one does not slow the large one down."""
+    global _applied, _generation
 
     choice = choose(largest_product_flops(cfg), usable_cpus(), os.environ, configured)
     if choice.source == "auto" and _applied is not None and _applied.source == "auto" and _applied.threads > choice.threads:
         choice = _applied
-    if torch.get_num_threads() != choice.threads:
-        torch.set_num_threads(choice.threads)
-    _applied = choice
+    if choice != _applied:
+        _applied, _generation = choice, _generation + 1
+    _apply_here()
     return choice
+
+
+def ensure() -> None:
+    """Apply the process's choice in the calling thread, once per thread and choice (the engine
+    calls this on every entry). libgomp and MKL keep the thread count per thread: a thread that
+    computed before `torch.set_num_threads` ran elsewhere keeps torch's default (measured: a
+    server's request threads stayed on two while the thread that loaded the model had one, and
+    their answers differed in the last bits from a one-thread process's)."""
+    if _applied is not None and getattr(_here, "generation", None) != _generation:
+        _apply_here()
+
+
+def _apply_here() -> None:
+    import torch
+
+    if torch.get_num_threads() != _applied.threads:  # this thread's count
+        torch.set_num_threads(_applied.threads)
+    _here.generation = _generation
 
 
 def applied() -> Choice | None:

@@ -1,4 +1,6 @@
-"""How many CPU threads memcli computes with: chosen by the work, once per process, at model load.
+"""How many CPU threads memcli computes with: chosen by the work, at model load (`configure`, from
+`loading.build_model`), and applied in every thread that computes (`ensure`, from the engine's
+entry points: libgomp and MKL keep the count per thread).
 
 torch's default is one thread per core, whatever the model. For memcli-tiny (matrices of a few
 KB) that is a loss everywhere and a disaster on a busy machine: every matrix product becomes an

@@ -466,10 +466,15 @@ def inject_ask(args) -> None:
 
     result["threads"] = compute_threads.configure(cfg).threads
     logits = {}
-    for which in ("main", "new"):
-        result[which], logits[which], _ = _inject_ask_one(which, folder, args)
-    for which in ("main", "new"):
-        result[which]["inject_peak"] = _inject_peak_child(which, folder, args.peak_chunks, main_root)
+    try:
+        for which in ("main", "new"):
+            result[which], logits[which], _ = _inject_ask_one(which, folder, args)
+        for which in ("main", "new"):
+            result[which]["inject_peak"] = _inject_peak_child(which, folder, args.peak_chunks, main_root)
+    finally:
+        import shutil
+
+        shutil.rmtree(main_root, ignore_errors=True)  # the exported tree
     result["checks"] = inject_ask_checks(result, bool(torch.equal(logits["main"], logits["new"])))
     emit(result, args.out)
 

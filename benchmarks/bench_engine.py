@@ -7,9 +7,17 @@
         --out benchmarks/results/$(date +%F)-h100-nf4.json        # all 32 layers on a GPU
     python benchmarks/bench_engine.py --scale medium --compare-main --machine "CPU, shared 2-core" \
         --out benchmarks/results/cpu-medium-0.1-vs-new.json      # version 0.1 and this tree, one run
+    python benchmarks/bench_engine.py --scale medium --inject-ask --machine "CPU, shared 2-core" \
+        --out benchmarks/results/cpu-medium-inject-ask.json      # main before issue 17 (b6f0760) and this tree
+
+`--inject-ask` (issue 17) compares this tree with `--main-ref` (default for this mode: b6f0760, main
+before issue 17) on what an ask right after an inject costs: the time to first token of the ask
+after each inject of `--chunks` chunks against a repeated ask's (medians over `--rounds`), whether
+both trees answer bitwise alike, and the host peak of a `--peak-chunks`-chunk inject from a session
+that has just read the memory (the new engine keeps the memory K/V through it).
 
 `--compare-main` exports the memcli package of `--main-ref` (default: version 0.1, the code the
-engine issues measured) through git archive as `memcli_main` into a temporary
+engine issues measured; any commit works, e.g. `--main-ref b6f0760`) through git archive as `memcli_main` into a temporary
 folder and runs both engines on the same checkpoint and the same inputs: update with and without a
 warm memory K/V cache, ask after an update, host-side operator calls per decoded token (torch
 profiler), decode tokens/s, and the host peak memory of a 64-chunk inject (each engine in a child
@@ -36,7 +44,10 @@ import sys
 import time
 from pathlib import Path
 
-import torch
+# as memcli/__init__ does before torch loads libgomp (idle threads sleep; the machine is shared)
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+import torch  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
@@ -50,6 +61,7 @@ from memcli.loading import CheckpointReader, check_plan, initial_state, load_mod
 from memcli.config import read_config  # noqa: E402
 
 VERSION_0_1 = "b005f41"  # the last commit of version 0.1 (before the engine/store round 2)
+MAIN_BEFORE_ISSUE_17 = "b6f0760"  # main when issue 17 was filed (an inject freed the memory K/V)
 FIXTURE = REPO.parent / "shared" / "conformance" / "memoryllm-8b-tiny" / "checkpoint"
 BENCH_DIR = REPO / ".bench"
 PEAKS = {  # dense bf16 FLOP/s, memory bytes/s
@@ -319,6 +331,9 @@ def _inject_peak(which: str, folder: str, chunks: int) -> dict:
             Path("/proc/self/clear_refs").write_text("5")
     steady_peak = _status_kib("VmHWM") * 1024
     rest = _status_kib("VmRSS") * 1024
+    kept = state.__dict__.get("_derived", {}).get(getattr(engine, "_token", 0))
+    kept_bytes = (sum(t.numel() * t.element_size() for kv in kept.kv for t in (kv.k, kv.v))
+                  + kept.raw_k.numel() * kept.raw_k.element_size()) if kept is not None and kept.kv is not None else 0
     peak = max(first_chunk_peak, steady_peak)
     bound = state_bytes + 2 * delta_bytes + weights
     return {
@@ -332,6 +347,8 @@ def _inject_peak(which: str, folder: str, chunks: int) -> dict:
         "weights_bytes": weights,
         "model_buffers_bytes": buffers,
         "memory_kv_cache_before_inject_bytes": cache_bytes,
+        "memory_kv_cache_kept_through_inject": kept_bytes > 0,
+        "memory_kv_cache_after_inject_bytes": kept_bytes,
         "bound_bytes": bound,
         "bound": "state + 2 deltas + weights (state_dict); peaks are VmHWM less VmRSS before loading",
         # the whole process at its peak, less what it held before loading anything
@@ -383,6 +400,109 @@ def compare(args) -> None:
     emit(result, args.out)
 
 
+def _inject_ask_one(which: str, folder: Path, args) -> tuple[dict, torch.Tensor, list[int]]:
+    """One tree: a session reads the memory, then `rounds` times injects `chunks` chunks and asks
+    twice (the ask right after the inject, then the same ask repeated); times to first token."""
+    import gc
+    from statistics import median
+
+    engine_module, loading = _packages(which)
+    model, reader = loading.load_model(folder, device="cpu", dtype=torch.float32)
+    cfg = model.cfg
+    engine = engine_module.Engine(model)
+    gen = torch.Generator().manual_seed(0)  # the same chunks and question for both trees
+    vocab = min(cfg.vocab_size, 32000)
+    question = torch.randint(0, vocab, (1, 32), generator=gen)
+    state = loading.initial_state(reader, cfg, seed=0)  # the same drops for both trees
+    engine.generate(state, question, 1)  # a session that has read the memory
+    engine.generate(state, question, 1)
+    injects, after, repeated = [], [], []
+    for _ in range(args.rounds):
+        start = time.perf_counter()
+        for _ in range(args.chunks):
+            engine.update(state, engine.inject(state, torch.randint(0, vocab, (1, 512), generator=gen)))
+        injects.append((time.perf_counter() - start) / args.chunks)
+        t, _ = timed("cpu", lambda: engine.generate(state, question, 1))
+        after.append(t)
+        t, _ = timed("cpu", lambda: engine.generate(state, question, 1))
+        repeated.append(t)
+    logits, _ = engine.logits(state, question, all_rows=False)
+    tokens = engine.generate(state, question, args.new_tokens).tokens
+    out = {
+        "threads": torch.get_num_threads(),
+        "inject_seconds_per_chunk": round(median(injects), 4),
+        "ask_ttft_right_after_inject_seconds": round(median(after), 4),
+        "ask_ttft_repeated_seconds": round(median(repeated), 4),
+        "after_inject_over_repeated": round(median(after) / median(repeated), 2),
+        "ask_ttft_right_after_inject_all_seconds": [round(t, 4) for t in after],
+        "ask_ttft_repeated_all_seconds": [round(t, 4) for t in repeated],
+        "greedy_tokens": tokens,
+    }
+    del model, reader, engine, state
+    gc.collect()
+    return out, logits, tokens
+
+
+def inject_ask(args) -> None:
+    """Issue 17: the ask right after an inject against a repeated ask, main and this tree."""
+    folder = checkpoint_for(args)
+    main_root = _export_main(args.main_ref)
+    sys.path.insert(0, str(main_root))
+    cfg = read_config(folder)
+    result = {
+        "benchmark": "ask right after an inject vs a repeated ask; inject peak with the memory K/V kept",
+        "machine": args.machine,
+        "checkpoint": str(folder),
+        "versions": versions(),
+        "main_ref": args.main_ref,
+        "model": {"family": cfg.family, "layers": cfg.num_layers, "hidden": cfg.hidden_size,
+                  "memory_rows": cfg.memory_rows, "vocab": cfg.vocab_size},
+        "chunks_per_inject": args.chunks,
+        "rounds": args.rounds,
+    }
+    # both trees compute on the threads this tree picks for the model (main leaves torch's default):
+    # the comparison is of the memory K/V path, and only equal thread counts can agree bitwise
+    from memcli import threads as compute_threads
+
+    result["threads"] = compute_threads.configure(cfg).threads
+    logits = {}
+    try:
+        for which in ("main", "new"):
+            result[which], logits[which], _ = _inject_ask_one(which, folder, args)
+        for which in ("main", "new"):
+            result[which]["inject_peak"] = _inject_peak_child(which, folder, args.peak_chunks, main_root)
+    finally:
+        import shutil
+
+        shutil.rmtree(main_root, ignore_errors=True)  # the exported tree
+    result["checks"] = inject_ask_checks(result, bool(torch.equal(logits["main"], logits["new"])))
+    emit(result, args.out)
+
+
+def inject_ask_checks(result: dict, same_logits: bool) -> dict:
+    """The --inject-ask verdicts, from the result's own figures."""
+    old, new = result["main"], result["new"]
+    peak = new["inject_peak"]
+    kept = peak["memory_kv_cache_after_inject_bytes"]
+    extra = peak["peak_over_process_baseline_bytes"] - old["inject_peak"]["peak_over_process_baseline_bytes"]
+    return {
+        "new_ask_after_inject_within_1_5x_repeated": new["after_inject_over_repeated"] <= 1.5,
+        "main_ask_after_inject_over_repeated": old["after_inject_over_repeated"],
+        "new_ask_after_inject_over_main": round(new["ask_ttft_right_after_inject_seconds"]
+                                                / old["ask_ttft_right_after_inject_seconds"], 2),
+        "same_logits_bitwise": same_logits,
+        "same_greedy_tokens": old["greedy_tokens"] == new["greedy_tokens"],
+        "new_keeps_memory_kv_through_inject": peak["memory_kv_cache_kept_through_inject"],
+        "main_keeps_memory_kv_through_inject": old["inject_peak"]["memory_kv_cache_kept_through_inject"],
+        "new_inject_peak_over_process_baseline_bytes": peak["peak_over_process_baseline_bytes"],
+        "main_inject_peak_over_process_baseline_bytes": old["inject_peak"]["peak_over_process_baseline_bytes"],
+        "new_inject_peak_within_bound_plus_memory_kv": peak["peak_over_process_baseline_within_bound_plus_cache"],
+        # what keeping the memory K/V costs the inject's peak, against the cache it keeps
+        "new_inject_peak_over_main_bytes": extra,
+        "new_inject_peak_over_main_within_kept_memory_kv": extra <= kept,
+    }
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--scale", choices=("fixture", "medium", "real"), default="fixture")
@@ -395,10 +515,21 @@ def main() -> None:
     parser.add_argument("--new-tokens", type=int, default=16)
     parser.add_argument("--out")
     parser.add_argument("--compare-main", action="store_true", help="today's main and this tree side by side (CPU)")
-    parser.add_argument("--main-ref", default=VERSION_0_1, help="the engine to compare with (default: 0.1)")
+    parser.add_argument("--inject-ask", action="store_true",
+                        help="ask right after an inject vs a repeated ask, and the inject peak: main and this tree")
+    parser.add_argument("--rounds", type=int, default=5, help="--inject-ask: injects (each followed by two asks)")
+    parser.add_argument("--peak-chunks", type=int, default=16, help="--inject-ask: chunks of the inject whose peak is measured")
+    parser.add_argument("--main-ref", default=None,
+                        help=f"the engine to compare with (default: 0.1 = {VERSION_0_1} for --compare-main, "
+                             f"main before issue 17 = {MAIN_BEFORE_ISSUE_17} for --inject-ask; any commit)")
     parser.add_argument("--machine", default=f"CPU, {torch.get_num_threads()} threads")
     args = parser.parse_args()
+    if args.inject_ask:
+        args.main_ref = args.main_ref or MAIN_BEFORE_ISSUE_17
+        inject_ask(args)
+        return
     if args.compare_main:
+        args.main_ref = args.main_ref or VERSION_0_1
         compare(args)
         return
     device = args.device

@@ -11,3 +11,8 @@ __version__ = "0.2.0"
 # Conditional numerical reproducibility fixes the code path (measured ~10% on decode-sized CPU
 # products; nothing on a GPU). MKL reads it at its first call; a value the user set wins.
 _os.environ.setdefault("MKL_CBWR", "AUTO")
+
+# Idle OpenMP threads wait passively (sleep) instead of spinning: on a busy machine a spinning
+# thread burns the time slice the thread it waits for needs (memcli/threads.py has the figures).
+# libgomp reads this once, when torch loads it, so it is set here, before anything imports torch.
+_os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")

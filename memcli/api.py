@@ -340,7 +340,7 @@ class Memcli:
                 if self.on_load is not None:
                     self.on_load(name, device)
                 transformer, reader = load_model(folder, device=device, dtype=dtype,
-                                                 quant=self.settings.resolved_quant())
+                                                 quant=self.settings.resolved_quant(), threads=self.settings.threads)
                 tokenizer = load_checked_tokenizer(folder)  # a damaged tokenizer file: one line naming it
             except (ConfigError, CheckpointError, ValueError) as err:
                 raise MemcliError(str(err)) from None

@@ -8,7 +8,9 @@ transformer itself is in `model.py`. What makes it fast without changing what is
   (`state.derived()`), never to an id or a version number. An update only records its K new rows;
   their keys/values are computed at the next read, and every key is re-rotated then, in place,
   from the model's cos/sin tables, because the survivors' logical positions shift
-  (reference-semantics §10.3.1).
+  (reference-semantics §10.3.1). The cache survives an inject while it fits `kv_keep_budget_bytes`
+  (a quarter of the device's memory by default), so the ask right after an inject costs what a
+  repeated ask costs; beyond the budget an inject frees it and the next read rebuilds it.
 * Generation writes the question's and the answer's keys/values straight after the prefix in the
   same buffer (a static KV cache). Each decode step has fixed shapes (a device position, a mask
   over the buffer), picks its token on the device, and the host reads the token back one step
@@ -34,6 +36,7 @@ from torch import Tensor
 from .model import DECODER, ENCODER, KV, DecodeStep, Transformer
 from .quant import first_line
 from .state import MemoryState, grow
+from .threads import ensure as _ensure_threads
 
 
 @dataclass
@@ -111,6 +114,13 @@ class PrefixCache:
     @property
     def released(self) -> bool:
         return self.kv is None
+
+    def nbytes(self) -> int:
+        """Bytes of the key/value buffers (what `release` frees)."""
+        if self.kv is None:
+            return 0
+        tensors = [t for kv in self.kv for t in (kv.k, kv.v)] + [self.raw_k, self._scratch]
+        return sum(t.numel() * t.element_size() for t in tensors)
 
     def release(self) -> None:
         """Free the keys/values (the largest part); the M+ bank's device copies stay, since they
@@ -199,13 +209,21 @@ class PrefixCache:
         self.pending.clear()
 
     def _write(self, l: int, layer, rows: Tensor, slots: Tensor | None) -> None:
+        m = rows.shape[0]
+        if slots is not None and m < _MIN_KV_ROWS:
+            # A CPU BLAS splits a product by its row count: on two threads MKL (AVX2, measured)
+            # summed an 8-row LoRA product's rows otherwise than the same rows of the full build's
+            # product, so the few new rows of a small model (K = 8) got keys/values 1e-6 off a
+            # rebuild's. Padded with zero rows to a build-like height they are bitwise what `build`
+            # computes (tests/test_engine.py checks it on the installed BLAS, 1 and 2 threads).
+            rows = torch.cat((rows, rows.new_zeros(_MIN_KV_ROWS - m, rows.shape[1])))
         k, v = layer.prefix_keys_values(rows[None], None, None, DECODER)
         if slots is None:
             self.raw_k[l].copy_(k[0])
             self.kv[l].v[0, :, self.stm_start : self.prefix_rows].copy_(v[0])
         else:
-            self.raw_k[l].index_copy_(1, slots, k[0])
-            self.kv[l].v[0].index_copy_(1, self.stm_start + slots, v[0])
+            self.raw_k[l].index_copy_(1, slots, k[0, :, :m])
+            self.kv[l].v[0].index_copy_(1, self.stm_start + slots, v[0, :, :m])
 
     def rotate(self, state: MemoryState) -> None:
         """Rotate every STM key by its current logical position: cos/sin gathered from the model's
@@ -251,6 +269,27 @@ class _HostStaging:
 
 _ENGINE_TOKENS = itertools.count(1)
 LTM_DEVICE_BUDGET_BYTES = 4 << 30
+_MIN_KV_ROWS = 64  # new memory rows' keys/values are computed at least this many rows at a time
+
+
+def default_kv_keep_budget(device: torch.device) -> int:
+    """How large a state's memory K/V may be and still be kept through an inject: a quarter of
+    the device's memory (host RAM for the CPU, the GPU's own memory on CUDA).
+
+    The cache was built by a read, so keeping it adds nothing to what the process already held;
+    an inject's own forward needs one layer's activations of a chunk beside it (~26 MB on the
+    medium model, ~50 MB at 8B in bf16), far less than the cache (174 MB; 2.5 GB). The quarter
+    leaves room for the weights and the state, as the server's budget for resident states (half
+    the host's memory, K/V included: `resident.state_bytes`) does; a cache beyond it is freed for
+    the inject, as before, and rebuilt by the next read."""
+    try:
+        if device.type == "cuda":
+            return torch.cuda.get_device_properties(device).total_memory // 4
+        import os
+
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") // 4
+    except (ValueError, OSError, AttributeError, RuntimeError):
+        return 2 << 30
 
 
 class Engine:
@@ -263,11 +302,15 @@ class Engine:
     ~0.7 GB from the host. `compile_decode`: on CUDA, run the decode step
     through `torch.compile(mode="reduce-overhead")` (CUDA graphs), falling back to eager if that
     fails. `reference=True` recomputes the prefix on every call, like the official code.
+    `kv_keep_budget_bytes`: a state's memory K/V up to this size survives an inject and is updated
+    incrementally (default: `default_kv_keep_budget`, a quarter of the device's memory); a larger
+    one is freed when an inject starts.
     """
 
     def __init__(self, model: Transformer, reference: bool = False, scratch_rows: int | None = None,
                  cached_states: int = 1, compile_decode: bool = False,
-                 ltm_device_budget_bytes: int = LTM_DEVICE_BUDGET_BYTES):
+                 ltm_device_budget_bytes: int = LTM_DEVICE_BUDGET_BYTES,
+                 kv_keep_budget_bytes: int | None = None):
         self.model = model
         self.cfg = model.cfg
         self.reference = reference
@@ -276,6 +319,8 @@ class Engine:
         self.scratch_rows = scratch_rows or self.cfg.window
         self.cached_states = max(1, cached_states)
         self.ltm_device_budget_bytes = ltm_device_budget_bytes
+        self.kv_keep_budget_bytes = (default_kv_keep_budget(model.device) if kv_keep_budget_bytes is None
+                                     else kv_keep_budget_bytes)
         self._token = next(_ENGINE_TOKENS)  # names this engine's entry in a state's derived data
         self._holders: list[weakref.ref] = []  # states holding one of our caches, least recent first
         self._staging = _HostStaging() if model.device.type == "cuda" else None
@@ -323,13 +368,17 @@ class Engine:
 
         K' = K, except for an uninitialized pool where it is min(K, c) (reference-semantics §4.1).
         """
+        _ensure_threads()  # the thread count chosen at load, in this thread too (a server's request thread)
         model, cfg = self.model, self.cfg
         ids = _as_ids(ids, model.device)
-        # A write releases the state's memory K/V: an injection never reads it, its forward needs the
-        # room, and the update that follows moves every row's position (so a 64-chunk inject would
-        # keep L x 3 x N x H_kv x D of stale keys/values alive throughout). The next read rebuilds
-        # it; the M+ bank's device copies are kept (they only grow).
-        self._release(state)
+        # The state's memory K/V stays while it fits the budget: the update that follows records its
+        # K new rows in it (their keys/values computed at the next read, every key re-rotated once
+        # then), so the ask after a 64-chunk inject reads a current cache instead of rebuilding N rows
+        # per layer. Beyond the budget it is freed here, for the forward's room (the next read
+        # rebuilds it); the M+ bank's device copies are kept either way (they only grow).
+        cache = state.derived().get(self._token)
+        if cache is not None and cache.nbytes() > self.kv_keep_budget_bytes:
+            cache.release()
         c, k_rows = ids.shape[1], cfg.num_tokens
         x = model.embed_tokens(ids)
         e = model.new_memory_positional_emb.to(model.dtype)
@@ -418,6 +467,7 @@ class Engine:
         O(K) rows per layer, also with a warm memory K/V cache: the new rows' keys/values are
         computed from `delta` where it already is (the model's device).
         """
+        _ensure_threads()
         cfg = self.cfg
         new_rows = delta
         delta = self._to_state(delta, state.slots)
@@ -550,12 +600,6 @@ class Engine:
         alive.append(weakref.ref(state))
         self._holders = alive
 
-    def _release(self, state: MemoryState) -> None:
-        """Free this engine's memory K/V of one state (M+ bank copies on the device stay)."""
-        cache = state.derived().get(self._token)
-        if cache is not None:
-            cache.release()
-
     def forget_prefix(self) -> None:
         """Drop every memory K/V cache this engine made (frees their device memory)."""
         for ref in self._holders:
@@ -569,6 +613,7 @@ class Engine:
                all_rows: bool = True, record: bool = False) -> tuple[Tensor, list[Retrieval]]:
         """Logits of a plain (non-injection) forward over `ids` with the full memory: [T, V] fp32.
         M+ retrieval records come back only when `record` is set."""
+        _ensure_threads()
         ids = _as_ids(ids, self.model.device)
         kv, start, retrieval, retrieve = self._read_prefix(state, ltm_order, ids.shape[1], record)
         out = self._forward(ids, kv, start, retrieve)
@@ -596,6 +641,7 @@ class Engine:
         step is queued, so the host never waits for the device except to stream a token.
         `keep_logits`: also return every step's fp32 logits (tests); `record`: M+ retrieval records.
         """
+        _ensure_threads()
         model = self.model
         sampling = sampling or Sampling()
         ids = _as_ids(ids, model.device)

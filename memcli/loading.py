@@ -305,11 +305,13 @@ def load_model(
     rope_precision: str | None = None,
     allow_pickle: bool = False,
     use_converted: bool = True,
+    threads: str | int | None = None,
 ) -> tuple[Transformer, CheckpointReader]:
     """Weights only: the model, plus the open reader (for `initial_state`).
 
     Unless the checkpoint's own fp32 is wanted, the converted weights are kept in the user cache
-    (`converted.py`) and read from there by the next load with the same settings."""
+    (`converted.py`) and read from there by the next load with the same settings. `threads`: the
+    config key `threads` ("auto" or a count; see `threads.configure`)."""
     from . import converted
 
     cfg = read_config(folder)
@@ -319,7 +321,8 @@ def load_model(
     key = inputs = None
     if use_converted and not (quant == "fp32" and dtype == torch.float32):
         key, inputs = converted.cache_key(Path(folder), cfg.fingerprint(), quant, dtype)
-    model = build_model(cfg, reader, device, dtype, quant, rope_precision, converted_entry=(key, inputs) if key else None)
+    model = build_model(cfg, reader, device, dtype, quant, rope_precision, converted_entry=(key, inputs) if key else None,
+                        threads=threads)
     return model, reader
 
 
@@ -331,13 +334,18 @@ def build_model(
     quant: str | None = None,
     rope_precision: str | None = None,
     converted_entry: tuple[str, dict] | None = None,
+    threads: str | int | None = None,
 ) -> Transformer:
     """The model from any tensor source with `get(name)` (a checkpoint, or the GPU benchmark's
     random weights made on the device). `converted_entry`: (key, inputs) of the converted copy
-    to read, or to write after converting."""
+    to read, or to write after converting. The process's compute threads are set here, once per
+    model, from the model's size (`threads.configure`; `threads` is the config key's value)."""
     from . import converted
     from . import quant as quantization
+    from . import threads as compute_threads
     from .config import DEFAULT_ROPE_PRECISION
+
+    compute_threads.configure(cfg, threads)  # before the weights are converted: that work uses them too
 
     device = torch.device(device)
     quant = quant or dense_mode(dtype)

@@ -10,6 +10,9 @@ The config file is TOML at `paths.config_file()` (`memcli config set KEY VALUE` 
     server = true                 # ask, chat and inject use (and start) a memcli server
     keep_alive = "5m"             # how long a server keeps a model loaded: 30s, 5m, 1h, 0, -1
     compile = false               # decode through torch.compile
+    threads = "auto"              # auto | N: CPU compute threads (memcli/threads.py)
+    log = true                    # keep every answer in the log of answers (memcli log)
+    log_max_mb = 100              # its size bound
 
 `KEYS` and `HELP` are the one table of the settings: the CLI's help, completion and errors list
 them from here. No torch here (`memcli config` and completion must stay light): only resolving
@@ -34,7 +37,8 @@ DTYPES = ("auto", "fp32", "bf16", "fp16")
 QUANTS = ("auto", "nf4", "int8", "fp32", "bf16", "fp16")
 ENV = {"model": "MEMCLI_MODEL", "pool": "MEMCLI_POOL", "device": "MEMCLI_DEVICE", "dtype": "MEMCLI_DTYPE",
        "quant": "MEMCLI_QUANT", "server": "MEMCLI_SERVER", "keep_alive": "MEMCLI_KEEP_ALIVE",
-       "compile": "MEMCLI_COMPILE", "log": "MEMCLI_LOG", "log_max_mb": "MEMCLI_LOG_MAX_MB"}
+       "compile": "MEMCLI_COMPILE", "log": "MEMCLI_LOG", "log_max_mb": "MEMCLI_LOG_MAX_MB",
+       "threads": "MEMCLI_THREADS"}
 KEYS = tuple(ENV)
 HELP = {
     "model": "model of new pools: an alias (memcli models), hub id or folder",
@@ -47,6 +51,7 @@ HELP = {
     "compile": "true or false: decode through torch.compile (CUDA graphs on a GPU; eager if it fails)",
     "log": "true or false: whether answers are kept in the log of answers (memcli log)",
     "log_max_mb": "the log of answers' size bound in MB (the oldest answers go first); default 100",
+    "threads": "auto or N: CPU compute threads (auto: by the model's size and the usable cores; OMP_NUM_THREADS wins)",
 }
 
 
@@ -70,6 +75,9 @@ class Settings:
     # the log of answers (memcli/answer_log.py): on or off, and its size bound
     log: bool = True
     log_max_mb: int = 100
+    # CPU compute threads: "auto" (by the model's size and the cores this process may use) or a
+    # count; MEMCLI_THREADS, then OMP_NUM_THREADS, win over the config file (memcli/threads.py)
+    threads: str = "auto"
     # where each value came from: "default" | "config file" | "environment" | "command line"
     origin: dict = field(default_factory=dict, compare=False, repr=False)
 
@@ -128,8 +136,15 @@ def _validate(values: dict, where: str) -> dict:
         if key == "log_max_mb":
             values[key] = _whole_number(value, where, key)
             continue
-        if key == "keep_alive" and isinstance(value, (int, float)) and not isinstance(value, bool):
+        if key in ("keep_alive", "threads") and isinstance(value, (int, float)) and not isinstance(value, bool):
             values[key] = value = str(value)
+        if key == "threads":
+            from .threads import parse_count  # torch-free
+
+            try:
+                parse_count(value, "threads")
+            except ValueError as err:
+                raise SettingsError(f"{where}: {err}") from None
         if not isinstance(value, str) or not value:
             raise SettingsError(f"{where}: {key} must be a non-empty string")
     checks = {"dtype": DTYPES, "quant": QUANTS}

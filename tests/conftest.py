@@ -3,6 +3,7 @@ import os
 # as memcli/__init__ does for every process it runs (set before any BLAS call): in-process results
 # and a test server's compare bit for bit only when MKL takes the same code path in both
 os.environ.setdefault("MKL_CBWR", "AUTO")
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # idle OpenMP threads sleep (read when torch loads)
 
 import pytest  # noqa: E402
 

@@ -24,8 +24,8 @@ def test_cached_memory_kv_matches_reference_recompute(variant):
     fast, slow = Engine(model), Engine(model, reference=True)
     state = initial_state(reader, model.cfg, seed=0)
     for step in range(4):
-        # the delta is made first: an inject releases the memory K/V, an update keeps it and only
-        # computes the new rows
+        # the delta is made before the read: the update then lands on a cache read since the
+        # delta was made (a replayed delta), and only records the new rows
         delta = fast.inject(state, CONTEXT + step)
         fast_logits, _ = fast.logits(state, QUESTION)
         slow_logits, _ = slow.logits(state, QUESTION)
@@ -35,16 +35,92 @@ def test_cached_memory_kv_matches_reference_recompute(variant):
         assert not state.derived()[fast._token].released
 
 
-def test_inject_releases_the_memory_kv():
-    model, reader = _model("memoryllm-8b-tiny")
+ALL_VARIANTS = ["memoryllm-8b-tiny", "memoryllm-8b-chat-tiny", "mplus-8b-tiny", "memoryllm-7b-tiny",
+                "memoryllm-8b-tiny-nt24"]
+
+
+@pytest.fixture
+def compute_threads(request):
+    """Torch's thread count is restored after the test; the test sets `request.param` after its
+    model loads (loading sets the count the model's size calls for)."""
+    before = torch.get_num_threads()
+    yield request.param
+    torch.set_num_threads(before)
+
+
+@pytest.mark.parametrize("compute_threads", [1, 2], indirect=True)
+@pytest.mark.parametrize("variant", ALL_VARIANTS)
+def test_memory_kv_survives_inject_and_answers_as_a_rebuild(variant, compute_threads, monkeypatch):
+    """Within the budget an inject keeps the state's memory K/V and the updates after it only add
+    their rows (nothing is rebuilt, across more updates than wait unflushed); the ask after them
+    is bitwise what a fresh engine, building every row, answers: logits, each step's logits, the
+    greedy tokens and the cache's keys/values themselves. On two threads too: there MKL splits a
+    product of a few rows otherwise than a tall one (the new rows are computed in a padded block)."""
+    from memcli.engine import PrefixCache
+
+    model, reader = _model(variant)
+    torch.set_num_threads(compute_threads)
     engine = Engine(model)
     state = initial_state(reader, model.cfg, seed=0)
     engine.logits(state, QUESTION)
-    assert not state.derived()[engine._token].released
+    cache = state.derived()[engine._token]
+    builds = []
+    monkeypatch.setattr(PrefixCache, "build", lambda self, s: builds.append(s))  # any rebuild fails below
+    for step in range(5):  # past the two updates that may wait unflushed
+        engine.update(state, engine.inject(state, CONTEXT + 7 * step), origin=step)
+        assert state.derived()[engine._token] is cache and not cache.released
+    got = engine.generate(state, QUESTION, 6, keep_logits=True)
+    got_logits, _ = engine.logits(state, QUESTION)
+    assert builds == []
+    monkeypatch.undo()
+    fresh = Engine(model)
+    copy = state.clone()
+    expected = fresh.generate(copy, QUESTION, 6, keep_logits=True)
+    assert got.tokens == expected.tokens
+    assert torch.equal(got.step_logits, expected.step_logits)
+    assert torch.equal(got_logits, fresh.logits(copy, QUESTION)[0])
+    rebuilt = copy.derived()[fresh._token]
+    for mine, theirs in zip(cache.kv, rebuilt.kv):
+        rows = cache.prefix_rows
+        if state.ltm is not None:  # the LTM block is filled per question: compare bos and STM rows
+            mine_k, theirs_k = torch.cat((mine.k[:, :, :1], mine.k[:, :, cache.stm_start:rows]), 2), \
+                torch.cat((theirs.k[:, :, :1], theirs.k[:, :, cache.stm_start:rows]), 2)
+        else:
+            mine_k, theirs_k = mine.k[:, :, :rows], theirs.k[:, :, :rows]
+        assert torch.equal(mine_k, theirs_k)
+        assert torch.equal(mine.v[:, :, cache.stm_start:rows], theirs.v[:, :, cache.stm_start:rows])
+
+
+def test_inject_frees_the_memory_kv_beyond_the_budget():
+    """A cache larger than `kv_keep_budget_bytes` is freed when an inject starts (the update then
+    records nothing) and rebuilt by the next read, bitwise what a fresh engine answers; one of
+    exactly the budget's size is kept."""
+    model, reader = _model("memoryllm-8b-tiny")
+    state = initial_state(reader, model.cfg, seed=0)
+    engine = Engine(model, kv_keep_budget_bytes=0)
+    engine.logits(state, QUESTION)
+    cache = state.derived()[engine._token]
+    size = cache.nbytes()
+    assert size > 0 and not cache.released
     engine.update(state, engine.inject(state, CONTEXT))
-    assert state.derived()[engine._token].released  # freed by the inject, not rebuilt by the update
+    assert cache.released and cache.nbytes() == 0  # freed by the inject, not rebuilt by the update
     got, _ = engine.logits(state, QUESTION)
     torch.testing.assert_close(got, Engine(model).logits(state, QUESTION)[0], rtol=0, atol=0)
+    exact = Engine(model, kv_keep_budget_bytes=size)
+    exact.logits(state, QUESTION)
+    exact.update(state, exact.inject(state, CONTEXT + 1))
+    assert not state.derived()[exact._token].released
+
+
+def test_default_kv_keep_budget_is_a_quarter_of_the_device_memory():
+    import os
+
+    from memcli.engine import default_kv_keep_budget
+
+    host = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    assert default_kv_keep_budget(torch.device("cpu")) == host // 4
+    model, _ = _model("memoryllm-8b-tiny")
+    assert Engine(model).kv_keep_budget_bytes == host // 4
 
 
 def test_column_blocked_projection_and_mlp_are_bitwise_the_whole_product():
@@ -446,3 +522,33 @@ def test_one_session_across_three_pools_matches_a_session_per_pool(tmp_path):
     # the pools' memories do change the answers (or this test could not see a mix-up)
     answers = {tuple(shared.ask(name, "What happens in the pool?", max_new_tokens=6).tokens) for name in "abc"}
     assert len(answers) > 1
+
+
+def test_chat_ask_after_an_inject_reads_the_kept_memory_kv(tmp_path, monkeypatch):
+    """Through the API: a chat session asks, injects a document, asks again. The second ask reads
+    the memory K/V its session kept through the inject (nothing is rebuilt) and answers what a
+    session that opened the pool afterwards answers, token for token."""
+    from memcli.api import Memcli
+    from memcli.engine import PrefixCache
+    from memcli.settings import Settings
+
+    def session():
+        return Memcli(Settings(model=str(fixture_checkpoint("memoryllm-8b-chat-tiny")), device="cpu"))
+
+    first, second = tmp_path / "first.txt", tmp_path / "second.txt"
+    first.write_text("Harbour cranes lift red containers onto the night ships. " * 6)
+    second.write_text("Violins are tuned twice before the winter concert begins. " * 6)
+    app = session()
+    app.inject("notes", [str(first)])
+    chat = app.chat("notes", max_new_tokens=4)
+    chat.ask("What do the cranes lift?")
+    builds = []
+    original = PrefixCache.build
+    monkeypatch.setattr(PrefixCache, "build", lambda self, state: (builds.append(1), original(self, state)))
+    chat.inject([str(second)])
+    turns = list(chat.turns)
+    got = chat.ask("When are the violins tuned?")
+    assert builds == []
+    expected = session().ask("notes", "When are the violins tuned?", max_new_tokens=4, history=turns)
+    assert builds  # the fresh session did build (the counter counts)
+    assert got.tokens == expected.tokens

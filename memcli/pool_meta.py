@@ -197,10 +197,25 @@ def list_rows(store: PoolStore) -> list[dict]:
     return rows
 
 
+def _small_parts(manifest: dict) -> list[str]:
+    """The parts pool info reads: the census, or (pools saved before it) the origin tables."""
+    parts, layout = manifest["parts"], manifest["meta"].get("state")
+    if not isinstance(layout, dict):
+        return []
+    if layout.get("census") in parts:
+        return [layout["census"]]
+    wanted = [layout.get("stm_meta"), *(layout.get("ltm_banks") or [])]
+    if "ltm" in layout and layout.get("ltm_index"):
+        wanted.append(layout["ltm_index"])
+    return [p for p in wanted if isinstance(p, str) and p in parts]
+
+
 def pool_info(store: PoolStore, name: str) -> dict:
-    """Manifest facts plus, per source, how much of it is still in memory (small tables only)."""
+    """Manifest facts plus, per source, how much of it is still in memory (small tables only).
+    `damaged`: what is wrong with its parts as far as can be told without reading them (missing,
+    wrong size, not a regular file, found damaged before: store.part_problems), one line each."""
     info = store.info(name)  # its size; every other fact comes from the one snapshot below
-    with store.snapshot(name) as snap:
+    with store.snapshot(name, part_ids=_small_parts) as snap:
         m = snap.manifest
         meta = m["meta"]
         records = snap.log_records()
@@ -211,6 +226,7 @@ def pool_info(store: PoolStore, name: str) -> dict:
             "version": m["version"], "created": iso_z(m["created"]), "updated": iso_z(m["updated"]),
             "bytes_on_disk": info.bytes_on_disk, "sources": sources, **{k: v for k, v in totals_of(sources).items()
                                                                         if k != "sources"},
+            "damaged": store.part_problems(name, m),
         }
         if sources:
             binding = Binding.from_json(meta["model"])

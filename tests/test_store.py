@@ -404,8 +404,9 @@ def test_gc_never_runs_while_a_reader_opens_a_snapshot(store):
         store.commit("p", {}, ["base"], {}, 1)  # patch-1 is garbage now, but may not go yet
         assert store.collect_garbage(wait_s=0) == 0
         assert patch.exists()
-    assert store.collect_garbage() > 0
+    # the collection the commit could not run is run by whoever lets the gate go last: here, this reader
     assert not patch.exists() and objects(store) == referenced(store)
+    assert store.collect_garbage() == 0
 
 
 def test_four_readers_during_200_commits_never_fail_and_see_committed_versions(store):
@@ -780,7 +781,9 @@ def test_fifo_in_place_of_a_file_never_blocks(store, what):
                 call()
             assert "not a regular file" in str(exc.value)
         assert any("not a regular file" in p or "FIFO" in p for p in store.verify("p"))
-        assert [i.name for i in store.list() if not i.error] == ["other"] + ([] if what in ("manifest", "log") else ["p"])
+        # list() marks p whatever was replaced (a part without reading it: it is not a regular file)
+        assert [i.name for i in store.list() if not i.error] == ["other"]
+        assert [i.name for i in store.list() if i.error] == ["p"]
     finally:
         signal.alarm(0)
 

@@ -399,10 +399,10 @@ class StoreCore:
     def recover_once(self) -> None:
         """Recovery (recovery.py) by the first writing call of this store object."""
         if not self._recovered:
-            self._recovered = True
             from .recovery import recover
 
-            recover(self, announce=True)
+            recover(self, announce=True)  # a link or a file in place of .objects: named, and again next time
+            self._recovered = True
 
     # ------------------------------------------------------------------------ objects
 

@@ -302,10 +302,10 @@ class StoreCore:
                     users = self._pools_naming(set(removed.values()))
                     for pid, sha in sorted(removed.items()):
                         named = ", ".join(sorted(users.get(sha, []))) or name
-                        done.append(f"removed the damaged object of part {pid} ({sha[:12]}...), so nothing reuses it; "
-                                    f"pools naming it ({named}) stay damaged until the same content is stored "
-                                    f"again (import them from an export, or for a model's initial memory make "
-                                    f"any new pool of that model), or remove them")
+                        done.append(f"removed the damaged object of part {pid} ({sha[:12]}...) so that nothing reuses "
+                                    f"it; pools {named} name it and stay damaged until the same content is stored "
+                                    f"again (an import of an export holding it; for a model's initial memory, any "
+                                    f"new pool of that model) or they are removed")
             try:
                 with self.snapshot(name, part_ids=()) as snap:
                     snap.log_records(quiet=True)

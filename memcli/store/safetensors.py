@@ -195,7 +195,8 @@ def read_tensors(fd: int, size: int, names=None, digest=None) -> dict:
 
     digest: a hash object (durable.new_hash()) fed every byte of the file in order, in the same
     pass that reads them (the bytes of tensors not in `names` are read for it too), so a caller
-    can check that what it loaded is exactly what the file's name promises."""
+    can check that what it loaded is exactly what the file's name promises. (Hashing on a second
+    thread while the next bytes are read was measured no faster on a loaded 2-core machine.)"""
     import torch
 
     by_code = {code: dtype for dtype, code in _torch_dtypes().items()}
@@ -225,7 +226,7 @@ def read_tensors(fd: int, size: int, names=None, digest=None) -> dict:
         while got < n:
             if wanted:
                 piece = view[got : min(n, got + CHUNK)]
-            else:
+            else:  # read only to be hashed
                 if scratch is None:
                     scratch = memoryview(bytearray(CHUNK))
                 piece = scratch[: min(CHUNK, n - got)]

@@ -77,7 +77,8 @@ def fork(store, src: str, dst: str):
                             st_ = os.lstat(entry["sha256"], dir_fd=ofd)
                         except FileNotFoundError:
                             st_ = None
-                        if st_ is None or not integrity.known_good(st_, entry["sha256"]):
+                        checked = os.fstat(snap.fd(pid))
+                        if st_ is None or integrity.identity(st_) != integrity.identity(checked):
                             if m["format_version"] == 1 and st_ is not None and store._object_ok(
                                     entry["sha256"], entry["bytes"], ofd=ofd):
                                 continue  # adopted just now from the checked format-1 file

@@ -13,8 +13,16 @@ Floors (what an ideal implementation cannot beat, and what memcli.store should h
   * pool info: reads manifests, the log and the per-row origin tables, never the memory rows:
             its time on a 1 GB pool should be within 1.5x of a tiny pool's. The old way (load
             the whole state to count origins) is timed beside it.
+  * first open: every part's bytes are checked against their sha256 the first time a process
+            reads that file (loading hashes them in the same pass that reads them), then never
+            again for the same file identity. Timed side by side: a load that checks (the cache of
+            checked files emptied first: a process's first open) and one that does not (the files
+            remembered: what a warm server pays, and what loading cost before the check), and the
+            same for fork (which hashes without loading). Floor of the difference: sha256 of the
+            pool's bytes (`hash_only_s`, the same bytes hashed alone). The files are in the page
+            cache in every run: this is CPU, not disk.
 
-Usage:  python benchmarks/bench_store.py [--root DIR] [--keep] [--small]
+Usage:  python benchmarks/bench_store.py [--root DIR] [--keep] [--small] [--only-first-open]
 Prints one JSON object (--out FILE also writes it). The pools of the pool benchmarks have the
 shapes of the medium test model (benchmarks/make_checkpoint.py --medium: 32 layers x 12,800
 rows x width 1024, fp32 = 1.68 GB of memory); --small shrinks them to 1/16 for a quick look.
@@ -198,6 +206,51 @@ def bench_pools(store: PoolStore, layers: int, rows: int, width: int) -> dict:
     return {"create": create, "fork": fork, "pool_info": info}
 
 
+def bench_first_open(store: PoolStore, repeat: int = 3) -> dict:
+    """Load and fork of the big pool, its parts checked on first open vs remembered (docstring)."""
+    from memcli.store import integrity
+    from memcli.store.durable import hash_fd
+
+    m = store.read_manifest("first")
+    part_bytes = sum(e["bytes"] for e in m["parts"].values())
+    pools.load(store, "first")  # page cache filled, every file remembered
+
+    def load_checked() -> None:
+        integrity.forget()
+        pools.load(store, "first")
+
+    forks = iter(range(10_000))
+
+    def fork(checked: bool):
+        def run() -> None:
+            if checked:
+                integrity.forget()
+            store.fork("first", f"fork-{next(forks)}")
+        return run
+
+    def hash_only() -> None:
+        for entry in m["parts"].values():
+            fd = os.open(store.root / ".objects" / entry["sha256"], os.O_RDONLY)
+            try:
+                hash_fd(fd)
+            finally:
+                os.close(fd)
+
+    out = {
+        "pool_part_bytes": part_bytes,
+        "load_first_open_checked_s": round(timed(load_checked, repeat), 3),
+        "load_not_checked_s": round(timed(lambda: pools.load(store, "first"), repeat), 3),
+        "fork_first_open_checked_s": round(timed(fork(True), repeat), 3),
+        "fork_not_checked_s": round(timed(fork(False), repeat), 4),
+        "hash_only_s": round(timed(hash_only, repeat), 3),
+    }
+    extra = out["load_first_open_checked_s"] - out["load_not_checked_s"]
+    out["load_extra_s"] = round(extra, 3)
+    out["load_ratio"] = round(out["load_first_open_checked_s"] / out["load_not_checked_s"], 2)
+    out["sha256_GB_per_s"] = round(part_bytes / out["hash_only_s"] / 1e9, 2)
+    return out
+
+
 def bench_commit_patch(store: PoolStore) -> dict:
     m = store.read_manifest("first")
     rows = torch.arange(PATCH_BYTES // 4, dtype=torch.int32)
@@ -217,6 +270,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--small", action="store_true", help="1/16 of the medium model's memory (a quick look)")
     ap.add_argument("--machine", default="", help="words naming the machine, kept in the JSON")
     ap.add_argument("--out", type=Path, default=None, help="also write the JSON here")
+    ap.add_argument("--only-first-open", action="store_true", help="only the first-open check (one pool, load and fork)")
     args = ap.parse_args(argv)
     layers, rows, width = (32, 12_800, 1024) if not args.small else (8, 3_200, 1024)
     base = args.root or REPO / ".bench"
@@ -231,8 +285,15 @@ def main(argv: list[str] | None = None) -> int:
     result: dict = {"machine": args.machine, "platform": platform.platform(), "cpus": os.cpu_count(),
                     "torch": torch.__version__, "shape": [layers, rows, width]}
     try:
-        result.update(bench_pools(store, layers, rows, width))
-        result["commit_67MB_patch"] = bench_commit_patch(store)
+        if args.only_first_open:
+            binding = pools.Binding("medium-test-model", "memoryllm", "0" * 16, num_tokens=256)
+            pools.create(store, "first", binding, memory_state(layers, rows, width, 1))
+            fill(store, pools.load(store, "first"), 40, 256)  # a base and a patch, as in bench_pools
+            result["first_open"] = bench_first_open(store)
+        else:
+            result.update(bench_pools(store, layers, rows, width))
+            result["first_open"] = bench_first_open(store)
+            result["commit_67MB_patch"] = bench_commit_patch(store)
     finally:
         if not args.keep:
             shutil.rmtree(work, ignore_errors=True)

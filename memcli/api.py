@@ -488,6 +488,7 @@ class Memcli:
         items = report.count_ignored(found)
         if not items:
             raise MemcliError(_nothing_found(paths, glob, report))
+        self.store.check_writable()  # a read-only home: said in one line before a model loads
         loaded = self._pool_model(pool_name, model) if self.store.exists(pool_name) else self.model(model)
         report.model = loaded.name
         limit = loaded.max_input_tokens()

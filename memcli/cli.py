@@ -1100,6 +1100,8 @@ def pool_info(ctx: typer.Context,
         ("written by", _written_by(info)),
     ):
         facts.add_row(Text(key, style="bold"), shown(value))
+    for problem in info.get("damaged") or []:
+        facts.add_row(Text("damaged", style="bold red"), Text(one_line(problem), style="red"))
     out.print(facts)
     if info["retention"]:
         out.print()
@@ -1209,7 +1211,8 @@ def pool_import(ctx: typer.Context, file: Path = typer.Argument(..., metavar="FI
 def pool_verify(ctx: typer.Context, name: Optional[str] = typer.Argument(None, metavar="POOL", autocompletion=complete_pool,
                                                                          help="Pool name (default: config pool)."),
                 repair: bool = typer.Option(False, "--repair", metavar=FLAG, help="First remove leftovers of interrupted work "
-                                            "from the store (never anything a pool names)."),
+                                            "from the store (never anything a pool names), remove the pool's damaged "
+                                            "part objects so nothing reuses them, and cut a torn last log record."),
                 as_json: bool = typer.Option(False, "--json", metavar=FLAG, help=JSON_HELP)) -> None:
     """Check a pool's manifest and the checksum of every part."""
     state = _state(ctx)
@@ -1217,6 +1220,8 @@ def pool_verify(ctx: typer.Context, name: Optional[str] = typer.Argument(None, m
     store = state.store()
     if repair:
         store.recover(announce=True)
+        for line in store.repair(name):
+            say(one_line(line))
     problems = store.verify(name)
     parts = None if problems else store.info(name).num_parts
     if as_json:

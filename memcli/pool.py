@@ -20,7 +20,10 @@ How a state becomes immutable, content-addressed store parts, so that saving cos
   ltm-index-*   M+: each layer's list of bank ids and recall frequencies; rewritten at merges only
 
 The injection log is appended to the store's pool log (pool_meta.py), one record per entry that
-changed. Loading applies base + patches in order, from one snapshot of the pool.
+changed. Loading applies base + patches in order, from one snapshot of the pool; every part's
+bytes are checked against its sha256 in the same pass that reads them (once per process per file:
+store/integrity.py), so a damaged part is refused in one line, never loaded, and an inject never
+commits bytes that were not checked.
 """
 
 from __future__ import annotations
@@ -38,7 +41,6 @@ from .pool_meta import (  # noqa: F401  (re-exported: the pool API has always of
 )
 from .state import LongTermMemory, MemoryState, new_generator
 from .store import PoolCorrupt, PoolError, PoolStore
-from .store.durable import hash_fd
 
 STATE_FORMAT = 1
 
@@ -203,7 +205,9 @@ def create(store: PoolStore, name: str, binding: Binding, state: MemoryState) ->
 def load(store: PoolStore, name: str, binding: Binding | None = None, device="cpu",
          dtype: torch.dtype | None = None, verify: bool = False) -> Pool:
     """Read a pool back into a state, from one snapshot (whatever commits happen meanwhile);
-    refuses a pool of another model when `binding` is given."""
+    refuses a pool of another model when `binding` is given. Every part read is checked against
+    its sha256 (the first time this process reads that file; verify=True: again, whatever it
+    checked before)."""
     with store.snapshot(name) as snap:
         manifest = snap.manifest
         meta = manifest["meta"]
@@ -219,9 +223,7 @@ def load(store: PoolStore, name: str, binding: Binding | None = None, device="cp
         def part(part_id):
             if part_id not in manifest["parts"]:
                 raise PoolCorrupt(f"pool {name}: its state names part {part_id}, which its manifest does not list")
-            if verify and hash_fd(snap.fd(part_id))[0] != manifest["parts"][part_id]["sha256"]:
-                raise PoolCorrupt(f"pool {name}: part {part_id} is damaged (sha256 mismatch)")
-            return snap.read(part_id)
+            return snap.read(part_id, recheck=verify)
 
         try:
             state = _load_state(name, layout, part, device, dtype)

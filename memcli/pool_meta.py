@@ -200,10 +200,25 @@ def list_rows(store: PoolStore) -> list[dict]:
     return rows
 
 
+def _small_parts(manifest: dict) -> list[str]:
+    """The parts pool info reads: the census, or (pools saved before it) the origin tables."""
+    parts, layout = manifest["parts"], manifest["meta"].get("state")
+    if not isinstance(layout, dict):
+        return []
+    if layout.get("census") in parts:
+        return [layout["census"]]
+    wanted = [layout.get("stm_meta"), *(layout.get("ltm_banks") or [])]
+    if "ltm" in layout and layout.get("ltm_index"):
+        wanted.append(layout["ltm_index"])
+    return [p for p in wanted if isinstance(p, str) and p in parts]
+
+
 def pool_info(store: PoolStore, name: str) -> dict:
-    """Manifest facts plus, per source, how much of it is still in memory (small tables only)."""
+    """Manifest facts plus, per source, how much of it is still in memory (small tables only).
+    `damaged`: what is wrong with its parts as far as can be told without reading them (missing,
+    wrong size, not a regular file, found damaged before: store.part_problems), one line each."""
     info = store.info(name)  # its size; every other fact comes from the one snapshot below
-    with store.snapshot(name) as snap:
+    with store.snapshot(name, part_ids=_small_parts) as snap:
         m = snap.manifest
         meta = m["meta"]
         records = snap.log_records()
@@ -218,6 +233,7 @@ def pool_info(store: PoolStore, name: str) -> dict:
             "created_by": meta.get("created_by"), "written_by": meta.get("written_by"),
             # the memory's size in the units retention counts in (its rows are over all layers)
             "memory": {"layers": meta["state"]["shape"][0], "rows_per_layer": meta["state"]["shape"][1]},
+            "damaged": store.part_problems(name, m),
         }
         if sources:
             binding = Binding.from_json(meta["model"])

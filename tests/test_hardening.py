@@ -12,6 +12,7 @@ import json
 import os
 import random
 import re
+import shlex
 import shutil
 import signal
 import subprocess
@@ -609,6 +610,263 @@ def test_hostile_store_input(app, tmp_path, case):
         assert (out / "x.tar").read_text() == "precious" and "--force" in lines[0]
     if case == "export_into_the_store":
         assert "inside the pool store" in lines[0] and app.store.verify(POOL) == []
+
+
+# ============================================================ 2c. damaged parts, odd homes (issue 17)
+
+def _flip_in_tensor(path: Path, tensor: str, index: int = 5) -> None:
+    """Flip a byte inside one tensor's data (the header stays valid: the file still loads as a
+    safetensors file), then give the file another mtime: timestamps are as coarse as a kernel tick,
+    and the store remembers a checked file by its identity (size, inode, mtime, ctime)."""
+    import struct
+
+    data = bytearray(path.read_bytes())
+    (n,) = struct.unpack("<Q", data[:8])
+    start = json.loads(data[8:8 + n])[tensor]["data_offsets"][0]
+    data[8 + n + start + index] ^= 0x01
+    os.chmod(path, 0o600)
+    path.write_bytes(bytes(data))
+    st_ = os.stat(path)
+    os.utime(path, ns=(st_.st_atime_ns, st_.st_mtime_ns + 1_000_000_000))
+
+
+def _one_error_line(result) -> str:
+    assert result.exit_code != 0, (result.stdout, result.stderr)
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("memcli: error: "), lines
+    assert "Traceback" not in result.stderr and "unexpected" not in lines[0]
+    return lines[0].removeprefix("memcli: error: ")
+
+
+def _listing(*names: str) -> dict:
+    rows = {row["name"]: row for row in json.loads(_cli("pool", "ls", "--json").stdout)}
+    return {name: rows[name]["error"] for name in names}
+
+
+def _three_pools(app: Memcli, tmp_path: Path) -> tuple[str, str]:
+    """POOL, "other" (its fork: every part shared) and "third" (its own injection: shares only the
+    model's initial memory). Returns POOL's stm-meta part id and its sha256."""
+    app.store.fork(POOL, "other")
+    make_app().inject("third", [str(_w(tmp_path / "third.txt", "Third. Paris has many bridges, said Bob. " * 3))])
+    pid = _layout(app)["stm_meta"]
+    return pid, _parts(app)[pid]["sha256"]
+
+
+DAMAGED_PART_COMMANDS = {
+    "ask": lambda out, new: ("ask", "When does the train leave?", "--pool", POOL, "--max-new-tokens", "2"),
+    "fork": lambda out, new: ("pool", "fork", POOL, "copy"),
+    "inject": lambda out, new: ("inject", new, "--pool", POOL),
+    "export": lambda out, new: ("pool", "export", POOL, out / "x.tar"),
+}
+
+
+@pytest.mark.parametrize("command", ["ask", "fork", "inject", "export"])
+def test_damaged_part_through_the_cli(app, tmp_path, command):
+    """One byte of a part (its row origins: the file still parses) flipped: the command on that pool
+    fails with one line naming the pool, the part and `pool verify --repair`; a third pool answers;
+    `pool ls` marks the pool and its fork (they share the part) and `pool info` says so; nothing is
+    written (an inject loads the bytes it would commit again under new names: refused, no laundering)."""
+    pid, sha = _three_pools(app, tmp_path)
+    _flip_in_tensor(app.store.root / ".objects" / sha, "origin")
+    objects_before = sorted(os.listdir(app.store.root / ".objects"))
+    out = tmp_path / "out"
+    out.mkdir()
+    new = str(_w(tmp_path / "new.txt", "New. " + GOOD_TEXT))
+    line = _one_error_line(_cli(*DAMAGED_PART_COMMANDS[command](out, new)))
+    assert line == f"pool {POOL}: part {pid} is damaged (sha256 mismatch); run memcli pool verify {POOL} --repair", line
+    answer = _cli("ask", "When does the train leave?", "--pool", "third", "--max-new-tokens", "2")
+    assert answer.exit_code == 0, answer.stderr
+    listed = _listing(POOL, "other", "third")
+    assert listed["third"] is None
+    for name in (POOL, "other"):
+        assert listed[name] == f"pool {name}: part {pid} is damaged (sha256 mismatch); run memcli pool verify {name} --repair"
+    plain = _cli("pool", "ls")
+    assert plain.exit_code == 0 and [ln.split()[0] for ln in plain.stdout.splitlines() if "damaged" in ln] == ["other", POOL]
+    info = _cli("pool", "info", POOL)
+    assert info.exit_code == 0 and "damaged" in info.stdout and pid in info.stdout
+    assert sorted(os.listdir(app.store.root / ".objects")) == objects_before
+    assert not app.store.exists("copy") and os.listdir(out) == []
+    assert app.store.verify(POOL) == [f"part {pid} is damaged (sha256 mismatch)"]
+
+
+def test_damaged_part_pool_verify_repair(app, tmp_path):
+    """`pool verify --repair` removes the damaged object (nothing may reuse it), says which pools name
+    it, and exits non-zero: those pools stay damaged (lost bytes cannot be made again); they can be
+    removed; the third pool never noticed."""
+    pid, sha = _three_pools(app, tmp_path)
+    _flip_in_tensor(app.store.root / ".objects" / sha, "origin")
+    result = _cli("pool", "verify", POOL, "--repair")
+    assert result.exit_code != 0
+    said = [line for line in result.stderr.splitlines() if line.strip()]
+    assert any(f"removed the damaged object of part {pid}" in s and f"pools other, {POOL} name it" in s for s in said), said
+    assert said[-1] == f"memcli: error: pool {POOL} is damaged (1 problem)"
+    assert f"part {pid} is missing" in result.stdout
+    assert sha not in os.listdir(app.store.root / ".objects")
+    listed = _listing(POOL, "other", "third")
+    assert listed["third"] is None and all(f"part {pid} is missing" in listed[n] for n in (POOL, "other"))
+    for name in (POOL, "other"):
+        assert _cli("pool", "rm", name, "--yes").exit_code == 0
+    assert _cli("ask", "When?", "--pool", "third", "--max-new-tokens", "2").exit_code == 0
+    referenced = {e["sha256"] for e in app.store.read_manifest("third")["parts"].values()}
+    assert set(os.listdir(app.store.root / ".objects")) == referenced
+
+
+def test_symlinked_objects_folder_through_the_cli(app, tmp_path):
+    """.objects moved out of MEMCLI_HOME and a link put in its place, beside a sha-named file and a
+    temporary file there (garbage by the store's rules, if it followed the link): every command that
+    needs the parts is refused with one line naming the link and the fix; nothing outside
+    MEMCLI_HOME is deleted, written or touched."""
+    root = app.store.root
+    outside = tmp_path / "outside-objects"
+    shutil.move(str(root / ".objects"), outside)
+    os.symlink(outside, root / ".objects")
+    _w(outside / ("0" * 64), b"an unreferenced object, if it were the store's")
+    _w(outside / ".tmp-1-2", b"a leftover, if it were the store's")
+    archive = tmp_path / "work.tar"
+    before = {p.name: (p.read_bytes(), p.stat().st_mtime_ns) for p in outside.iterdir()}
+    new = str(_w(tmp_path / "new.txt", "New. " + GOOD_TEXT))
+    for args in (("inject", new, "--pool", POOL), ("inject", new, "--pool", "fresh", "--model", fixture_checkpoint(TINY)),
+                 ("ask", "When?", "--pool", POOL, "--max-new-tokens", "2"), ("pool", "fork", POOL, "copy"),
+                 ("pool", "export", POOL, archive), ("pool", "rm", POOL, "--yes"), ("pool", "verify", POOL, "--repair")):
+        line = _one_error_line(_cli(*args))
+        assert line.startswith(f"{root / '.objects'} is a symbolic link where memcli keeps a folder"), (args, line)
+    assert "symbolic link" in _listing(POOL)[POOL]
+    assert {p.name: (p.read_bytes(), p.stat().st_mtime_ns) for p in outside.iterdir()} == before
+    assert not archive.exists() and app.store.exists(POOL) and not app.store.exists("copy")
+
+
+def test_torn_log_record_through_the_cli(app, tmp_path):
+    """The log's last committed record cut in the middle (an interrupted append): `pool info` reads the
+    whole records and says so in one line; `pool verify` names it; the next inject cuts it off."""
+    log = app.store.root / POOL / "log.jsonl"
+    first = log.read_bytes()
+    make_app().inject(POOL, [str(_w(tmp_path / "second.txt", "Second. " + GOOD_TEXT))])
+    os.truncate(log, log.stat().st_size - 10)
+    info = _cli("pool", "info", POOL, "--json")
+    assert info.exit_code == 0, info.stderr
+    assert len(json.loads(info.stdout)["files"]) == 1  # the first file's record; the torn second one left out
+    warned = [line for line in info.stderr.splitlines() if line.strip()]
+    assert len(warned) == 1 and "interrupted append" in warned[0], warned
+    assert _cli("pool", "verify", POOL).exit_code != 0
+    assert _cli("inject", str(_w(tmp_path / "third.txt", "Third. " + GOOD_TEXT)), "--pool", POOL).exit_code == 0
+    assert log.read_bytes().startswith(first) and app.store.verify(POOL) == []
+    assert len(pools.load(app.store, POOL).sources) == 2
+
+
+@pytest.mark.parametrize("command", ["fork", "export"])
+def test_damaged_log_is_not_copied(app, tmp_path, command):
+    """A committed log record that is not JSON: fork and export fail in one line instead of copying it."""
+    log = app.store.root / POOL / "log.jsonl"
+    data = bytearray(log.read_bytes())
+    data[1] = ord("X")  # '{' of the first record: no longer JSON, same size
+    log.write_bytes(bytes(data))
+    out = tmp_path / "out"
+    out.mkdir()
+    args = ("pool", "fork", POOL, "copy") if command == "fork" else ("pool", "export", POOL, out / "x.tar")
+    line = _one_error_line(_cli(*args))
+    assert line.startswith(f"pool {POOL}: log.jsonl record 1 is not valid JSON"), line
+    assert not app.store.exists("copy") and os.listdir(out) == []
+
+
+READ_ONLY_READERS = {
+    "pool_ls": ("pool", "ls"), "pool_info": ("pool", "info", POOL), "pool_verify": ("pool", "verify", POOL),
+    "ask": ("ask", "When does the train leave?", "--pool", POOL, "--max-new-tokens", "2"),
+    "export": ("pool", "export", POOL, "{out}/again.tar"),
+}
+READ_ONLY_WRITERS = {
+    "inject": ("inject", "{new}", "--pool", POOL), "fork": ("pool", "fork", POOL, "copy"),
+    "rm": ("pool", "rm", POOL, "--yes"), "rename": ("pool", "rename", POOL, "renamed"),
+    "import": ("pool", "import", "{out}/work.tar", "imported"), "rebind": ("pool", "rebind", POOL, "--model", "{model}"),
+}
+
+
+@pytest.mark.parametrize("how", ["read_only_mount", "erofs", "eacces"])
+def test_read_only_home(app, tmp_path, how):
+    """A home that cannot be written: a real read-only bind mount (unshare, where the system allows
+    it; every command a `python -m memcli` process), else the kernel's EROFS / EACCES simulated at the
+    os calls for writes under MEMCLI_HOME (root ignores permission bits). Reading commands work
+    (MEMCLI_SERVER=0), export to a writable place included; each writing command fails with one line
+    saying the store is read-only; the home is bit-identical afterwards."""
+    out = tmp_path / "out"
+    out.mkdir()
+    app.store.export(POOL, out / "work.tar")
+    _w(app.store.root / ".tmp-9-killed" / "manifest.json", b"{")  # a leftover that cannot be removed here
+    fill = {"out": str(out), "new": str(_w(tmp_path / "new.txt", "New. " + GOOD_TEXT)),
+            "model": str(fixture_checkpoint(TINY))}
+    commands = {**{f"read:{k}": v for k, v in READ_ONLY_READERS.items()},
+                **{f"write:{k}": v for k, v in READ_ONLY_WRITERS.items()}}
+    commands = {k: tuple(str(a).format(**fill) for a in v) for k, v in commands.items()}
+    before = tree(home())
+    results: dict[str, tuple[int, str]] = {}
+    if how == "read_only_mount":
+        if not shutil.which("unshare"):
+            pytest.skip("no unshare here: a read-only bind mount cannot be made")
+        script = [f"mount --bind {home()} {home()} && mount -o remount,ro,bind {home()} || exit 97"]
+        for key, args in commands.items():
+            quoted = " ".join(shlex.quote(a) for a in ["--device", "cpu", *args])
+            script.append(f"echo '=== {key}'; {shlex.quote(sys.executable)} -m memcli {quoted} 2>&1; echo \"=== rc $?\"")
+        run = subprocess.run(["unshare", "-rm", "bash", "-c", "\n".join(script)], capture_output=True, text=True,
+                             timeout=600, cwd=REPO, env=dict(os.environ, MEMCLI_SERVER="0"))
+        if run.returncode in (1, 97) and "=== " not in run.stdout:  # unshare or mount refused here
+            pytest.skip(f"no read-only bind mount here: {run.stderr.strip()[:200]}")
+        for block in run.stdout.split("=== ")[1:]:
+            if block.startswith("rc "):
+                continue
+            key, _, body = block.partition("\n")
+            rc_block = run.stdout.split(f"=== {key}\n", 1)[1].split("=== rc ", 1)[1]
+            results[key] = (int(rc_block.split()[0]), body)
+    else:
+        from tests.test_store import read_only_home
+
+        with pytest.MonkeyPatch.context() as mp:
+            read_only_home(mp, home(), errno.EROFS if how == "erofs" else errno.EACCES)
+            for key, args in commands.items():
+                result = _cli(*args)
+                results[key] = (result.exit_code, result.stderr)
+    reason = "Read-only file system" if how != "eacces" else "Permission denied"
+    for key in commands:
+        code, said = results[key]
+        if key.startswith("read:"):
+            assert code == 0, (key, said)
+        else:
+            errors = [line for line in said.splitlines() if line.startswith("memcli: error: ")]
+            assert code != 0 and len(errors) == 1, (key, said)
+            assert errors[0] == (f"memcli: error: the pool store {app.store.root} is read-only ({reason}): this "
+                                 f"command needs to write there; reading commands (pool ls, info, verify, export, "
+                                 f"ask) still work"), (key, errors)
+            assert "Traceback" not in said and "unexpected" not in said, (key, said)
+    assert (out / "again.tar").stat().st_size == (out / "work.tar").stat().st_size
+    assert tree(home()) == before
+
+
+def test_locks_path_is_a_file(app, tmp_path):
+    """.locks is a file: readers need no lock file and work; a writing command names the file and the fix."""
+    locks = app.store.root / ".locks"
+    shutil.rmtree(locks)
+    locks.write_text("somebody's notes")
+    assert _cli("pool", "ls").exit_code == 0 and _listing(POOL)[POOL] is None
+    assert _cli("ask", "When?", "--pool", POOL, "--max-new-tokens", "2").exit_code == 0
+    line = _one_error_line(_cli("inject", str(_w(tmp_path / "n.txt", "New. " + GOOD_TEXT)), "--pool", POOL))
+    assert line == f"{locks} is a file where memcli keeps a folder: move it away (mv '{locks}' '{locks}.moved') and try again"
+    assert locks.read_text() == "somebody's notes"
+
+
+def test_import_onto_a_name_another_process_holds(app, tmp_path):
+    """`pool import` onto a name whose writer lock another process holds: one line saying who (was:
+    unexpected KeyError)."""
+    archive = tmp_path / "work.tar"
+    app.store.export(POOL, archive)
+    code = ("import sys\nfrom memcli.store import PoolStore\nwith PoolStore().writer('busy'):\n"
+            "    print('ready', flush=True)\n    sys.stdin.read()\n")
+    holder = subprocess.Popen([sys.executable, "-c", code], cwd=REPO, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "ready"
+        line = _one_error_line(_cli("pool", "import", archive, "busy"))
+        assert line.startswith("pool busy is being written by process ") and line.endswith("try again later"), line
+    finally:
+        holder.stdin.close()
+        holder.wait(timeout=30)
+    assert _cli("pool", "import", archive, "busy").exit_code == 0 and app.store.verify("busy") == []
 
 
 # =========================================================================== 3. faults

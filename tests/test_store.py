@@ -10,6 +10,7 @@ import errno
 import json
 import logging
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -404,8 +405,9 @@ def test_gc_never_runs_while_a_reader_opens_a_snapshot(store):
         store.commit("p", {}, ["base"], {}, 1)  # patch-1 is garbage now, but may not go yet
         assert store.collect_garbage(wait_s=0) == 0
         assert patch.exists()
-    assert store.collect_garbage() > 0
+    # the collection the commit could not run is run by whoever lets the gate go last: here, this reader
     assert not patch.exists() and objects(store) == referenced(store)
+    assert store.collect_garbage() == 0
 
 
 def test_four_readers_during_200_commits_never_fail_and_see_committed_versions(store):
@@ -780,7 +782,9 @@ def test_fifo_in_place_of_a_file_never_blocks(store, what):
                 call()
             assert "not a regular file" in str(exc.value)
         assert any("not a regular file" in p or "FIFO" in p for p in store.verify("p"))
-        assert [i.name for i in store.list() if not i.error] == ["other"] + ([] if what in ("manifest", "log") else ["p"])
+        # list() marks p whatever was replaced (a part without reading it: it is not a regular file)
+        assert [i.name for i in store.list() if not i.error] == ["other"]
+        assert [i.name for i in store.list() if i.error] == ["p"]
     finally:
         signal.alarm(0)
 
@@ -847,3 +851,451 @@ def test_pool_verify_repair_removes_leftovers_in_one_line(store, caplog):
     lines = [r.getMessage() for r in caplog.records if r.name == "memcli.store"]
     assert len(lines) == 1 and "removed 2 leftover(s)" in lines[0], lines
     assert leftovers(store.root) == [] and "ok" in result.stdout
+
+
+# ============================================================ issue 17: damage where it is read
+
+from memcli.store import PoolReadOnly, integrity  # noqa: E402
+from memcli.store import snapshot as snapshot_module  # noqa: E402
+
+
+def damage(path: Path, offset: int | None = None) -> None:
+    """Flip one byte of `path` in place, as a bad write or a disk would. Its mtime is then set to
+    another second: file timestamps are as coarse as a kernel tick, so a file written and damaged
+    within one tick could keep its identity (a test that reads, damages and reads again at once)."""
+    flip_byte(path, offset)
+    st_ = os.stat(path)
+    os.utime(path, ns=(st_.st_atime_ns, st_.st_mtime_ns + 1_000_000_000))
+
+
+class Hashes:
+    """Counts the bytes a snapshot read feeds to sha256 (a spy on snapshot.new_hash)."""
+
+    def __init__(self, monkeypatch):
+        self.bytes = 0
+        real = snapshot_module.new_hash
+        spy = self
+
+        class Counted:
+            def __init__(self):
+                self.h = real()
+
+            def update(self, data):
+                spy.bytes += len(data)
+                self.h.update(data)
+
+            def hexdigest(self):
+                return self.h.hexdigest()
+
+        monkeypatch.setattr(snapshot_module, "new_hash", Counted)
+
+
+def test_a_part_is_checked_once_per_process_per_file_identity(store, monkeypatch):
+    make_pool(store)
+    integrity.forget()
+    hashes = Hashes(monkeypatch)
+    size = store.read_manifest("p")["parts"]["base"]["bytes"]
+    assert same(store.read_part("p", "base"), tensors(1, 256))
+    assert hashes.bytes == size  # hashed in the pass that read it
+    assert same(store.read_part("p", "base"), tensors(1, 256))
+    assert hashes.bytes == size  # the same file again: not hashed again
+    assert same(store.read_part("p", "base", verify=True), tensors(1, 256))
+    assert hashes.bytes == 2 * size  # verify=True: whatever was checked before
+    path = object_path(store, "p", "base")
+    os.utime(path, ns=(0, 10**18))  # another identity (a touched file): checked again
+    store.read_part("p", "base")
+    assert hashes.bytes == 3 * size
+
+
+def test_a_damaged_part_is_refused_where_it_is_read_and_marked_for_listing(store):
+    make_pool(store, "a")
+    store.fork("a", "b")  # shares every part of a
+    store.commit("c", {}, ["other"], {"other": tensors(5)}, None)  # shares nothing
+    read = store.read_part("a", "patch-1")  # checked and remembered: the damage below is seen anyway
+    assert same(read, tensors(2))
+    damage(object_path(store, "a", "patch-1"))
+    for pool in ("a", "b"):
+        with pytest.raises(PoolCorrupt) as exc:
+            store.read_part(pool, "patch-1")
+        message = str(exc.value)
+        assert message == (f"pool {pool}: part patch-1 is damaged (sha256 mismatch); "
+                           f"run memcli pool verify {pool} --repair"), message
+    assert same(store.read_part("c", "other"), tensors(5))
+    listed = {i.name: i.error for i in store.list()}
+    assert listed["c"] is None
+    for pool in ("a", "b"):  # recorded by the read that found it: listing marks both, hashing nothing
+        assert listed[pool] == (f"pool {pool}: part patch-1 is damaged (sha256 mismatch); "
+                                f"run memcli pool verify {pool} --repair")
+    assert store.part_problems("c") == []
+
+
+def test_repair_removes_a_damaged_object_and_the_same_content_restores_it(store, tmp_path):
+    make_pool(store, "a")
+    store.fork("a", "b")
+    store.export("a", tmp_path / "a.tar")
+    damage(object_path(store, "a", "base"))
+    assert store.verify("a") == ["part base is damaged (sha256 mismatch)"]
+    # a commit of that very content never reuses the damaged object: the good bytes replace it
+    store.commit("c", {}, ["base"], {"base": tensors(1, 256)}, None, probe=["base"])
+    assert store.verify("a") == [] and store.verify("b") == [] and [i.error for i in store.list()] == [None] * 3
+    store.remove("c")
+    damage(object_path(store, "a", "base"))
+    assert store.verify("b") == ["part base is damaged (sha256 mismatch)"]
+    sha = store.read_manifest("a")["parts"]["base"]["sha256"]
+    done = store.repair("a")
+    assert len(done) == 1 and "removed the damaged object of part base" in done[0] and "pools a, b name it" in done[0]
+    assert sha not in objects(store)
+    assert store.recover() == [] and store.repair("a") == []  # nothing more to remove; the rest kept
+    for pool in ("a", "b"):
+        assert store.verify(pool) == [f"pool {pool}: part base is missing"]
+    store.remove("a")
+    store.import_(tmp_path / "a.tar", "a")  # an export holding the content puts it back, for b too
+    assert store.verify("a") == [] and store.verify("b") == [] and sha in objects(store)
+
+
+def test_verify_drops_a_damage_record_whose_file_is_whole(store):
+    make_pool(store)
+    path = object_path(store, "p", "patch-1")
+    integrity.record_damage(store.root, path.name, os.stat(path))  # stale, or forged: it can only alarm
+    assert store.list()[0].error and "damaged" in store.list()[0].error
+    assert store.verify("p") == []
+    assert store.list()[0].error is None and not (store.root / ".damaged" / path.name).exists()
+
+
+# -------------------------------------------------------------- folders never followed
+
+
+def outside_tree(root: Path) -> dict[str, tuple[bytes, int]]:
+    """Every file under root: its bytes and mtime (to show nothing was deleted, written or touched)."""
+    return {str(p.relative_to(root)): (p.read_bytes(), p.stat().st_mtime_ns) for p in sorted(root.rglob("*"))
+            if p.is_file()}
+
+
+@pytest.mark.parametrize("folder", [".objects", ".locks", ".content-keys", ".damaged"])
+def test_a_symlinked_store_folder_is_never_followed(store, tmp_path, folder):
+    """The folder moved outside the store and a link put in its place (with sha-named garbage and
+    temporary files beside what it held): no read, commit, collection or recovery deletes, writes or
+    changes anything there; writers and readers that need it name it with the fix."""
+    store.commit("p", {}, ["base", "patch-1"], {"base": tensors(1, 256), "patch-1": tensors(2)}, None,
+                 content_keys={"base": KEY})
+    integrity.record_damage(store.root, "cd" * 32, os.stat(object_path(store, "p", "base")))
+    (store.root / ".locks" / "gc-pending").write_bytes(b"")  # a collection is due
+    outside = tmp_path / "outside"
+    shutil.move(str(store.root / folder), str(outside))
+    (outside / ("ef" * 32)).write_bytes(b"not the store's")  # garbage by the store's rules, if it followed
+    (outside / ".tmp-1-leftover").write_bytes(b"a leftover, by the store's rules")
+    os.symlink(outside, store.root / folder)
+    before = outside_tree(outside)
+    calls = [lambda s: s.commit("p", {}, ["base", "patch-2"], {"patch-2": tensors(3)}, 1),
+             lambda s: s.collect_garbage(), lambda s: s.recover(), lambda s: s.read_part("p", "base"),
+             lambda s: s.list(), lambda s: s.fork("p", "f"), lambda s: s.remove("p")]
+    errors = []
+    for call in calls:
+        try:
+            call(PoolStore(meta_checks=None))  # each as a new command would
+        except PoolError as exc:
+            errors.append(str(exc))
+    assert outside_tree(outside) == before
+    if folder in (".objects", ".locks"):
+        assert errors and all(f"{store.root / folder} is a symbolic link" in e and "\n" not in e for e in errors), errors
+    if folder == ".objects":
+        assert store.list()[0].error.startswith(f"{store.root / folder} is a symbolic link")
+
+
+@pytest.mark.parametrize("what", [".locks", ".objects", "pools", "data"])
+def test_a_file_where_a_store_folder_belongs_is_named_with_the_fix(store, tmp_path, what):
+    make_pool(store)
+    store.export("p", tmp_path / "p.tar")
+    path = {"pools": store.root, "data": store.root.parent}.get(what, store.root / what)
+    os.rename(path, str(path) + ".real")
+    path.write_text("somebody's file")
+    expected = f"{path} is a file where memcli keeps a folder: move it away (mv '{path}' '{path}.moved')"
+    for call in (lambda: store.commit("q", {}, ["base"], {"base": tensors(1, 256)}, None), lambda: store.fork("p", "q"),
+                 lambda: store.import_(tmp_path / "p.tar", "q"), lambda: PoolStore(meta_checks=None).remove("p")):
+        with pytest.raises(PoolError) as exc:
+            call()
+        assert str(exc.value).startswith(expected), str(exc.value)
+    if what in ("pools", "data"):  # listing names it too (nothing to list otherwise)
+        with pytest.raises(PoolError, match="is a file where memcli keeps a folder"):
+            store.list()
+    elif what == ".locks":  # readers need no lock file: they go on
+        assert store.list()[0].error is None and same(store.read_part("p", "base"), tensors(1, 256))
+    else:
+        assert store.list()[0].error.startswith(expected)
+    assert path.read_text() == "somebody's file"
+
+
+# ------------------------------------------------------------------------ the log
+
+
+def committed_log(store: PoolStore, name: str) -> bytes:
+    m = store.read_manifest(name)
+    return (store.root / name / "log.jsonl").read_bytes()[: m["log"]["bytes"]]
+
+
+@pytest.mark.parametrize("cut", [1, 7, "whole last record"])
+def test_a_torn_last_log_record_is_left_out_and_cut_by_the_next_write(store, cut, caplog):
+    store.commit("p", {}, ["base"], {"base": tensors(1)}, None, log_append=[{"n": 1}, {"n": 2}])
+    store.commit("p", {}, ["base"], {}, 1, log_append=[{"n": 3}])
+    log = store.root / "p" / "log.jsonl"
+    size = log.stat().st_size
+    keep = size - len(b'{"n":3}\n') if cut == "whole last record" else size - cut
+    os.truncate(log, keep)
+    with caplog.at_level(logging.WARNING, logger="memcli.store"):
+        with store.snapshot("p") as snap:
+            assert snap.log_records() == [{"n": 1}, {"n": 2}]
+    lines = [r.getMessage() for r in caplog.records if r.name == "memcli.store"]
+    assert len(lines) == 1 and "interrupted append" in lines[0]
+    assert any("interrupted append" in p for p in store.verify("p"))
+    store.commit("p", {}, ["base"], {}, 2, log_append=[{"n": 4}])  # the next write continues from the whole part
+    assert log.read_bytes() == b'{"n":1}\n{"n":2}\n{"n":4}\n' and store.verify("p") == []
+    with store.snapshot("p") as snap:
+        assert snap.log_records() == [{"n": 1}, {"n": 2}, {"n": 4}]
+
+
+def test_a_torn_log_is_cut_by_repair(store):
+    store.commit("p", {}, ["base"], {"base": tensors(1)}, None, log_append=[{"n": 1}, {"n": 2}])
+    log = store.root / "p" / "log.jsonl"
+    os.truncate(log, log.stat().st_size - 3)
+    assert store.repair("p") == ["cut the torn last record off pool p's log.jsonl"]
+    assert store.verify("p") == [] and log.read_bytes() == b'{"n":1}\n'
+
+
+def test_more_than_a_torn_record_missing_is_damage(store):
+    store.commit("p", {}, ["base"], {"base": tensors(1)}, None, log_append=[{"n": 1}, {"n": 2}, {"n": 3}])
+    os.truncate(store.root / "p" / "log.jsonl", 5)
+    with pytest.raises(PoolCorrupt, match="shorter than its manifest says"):
+        with store.snapshot("p") as snap:
+            snap.log_records()
+
+
+HUGE_LOG = """
+import json, os, resource, sys
+from memcli.store import PoolStore, PoolCorrupt
+store = PoolStore(sys.argv[1], meta_checks=None)
+base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+try:
+    {call}
+    print("no error")
+except PoolCorrupt as exc:
+    print(json.dumps({{"error": str(exc), "grew_kib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - base}}))
+"""
+
+
+@pytest.mark.parametrize("how", ["snapshot", "fork", "export"])
+def test_a_1_gib_log_record_is_refused_while_it_streams(store, tmp_path, how):
+    """A committed log whose first line is 1 GiB (a sparse file: nothing is really written): each
+    reader refuses it after 1 MiB of it, in a subprocess whose peak memory grows by a few MiB."""
+    store.commit("p", {}, ["base"], {"base": tensors(1)}, None, log_append=[{"n": 1}])
+    size = 1 << 30
+    log = store.root / "p" / "log.jsonl"
+    with open(log, "r+b") as f:
+        f.truncate(0)
+        f.truncate(size)  # a hole: zeros, no newline until the end
+        f.seek(size - 1)
+        f.write(b"\n")
+    mp = store.root / "p" / "manifest.json"
+    m = json.loads(mp.read_text())
+    m["log"] = {"bytes": size, "records": 1024}  # plausible on average: 1 MiB a record
+    mp.write_text(json.dumps(m))
+    call = {"snapshot": "store.snapshot('p').log_records()", "fork": "store.fork('p', 'f')",
+            "export": f"store.export('p', {str(tmp_path / 'x.tar')!r})"}[how]
+    out = subprocess.run([sys.executable, "-c", HUGE_LOG.format(call=call), str(store.root)],
+                         env=dict(os.environ, PYTHONPATH=str(REPO)), capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    result = json.loads(out.stdout)
+    assert "log.jsonl record 1 is implausibly large" in result["error"]
+    assert result["grew_kib"] < 32 * 1024, result  # never the line whole (a GiB): a few MiB
+    assert not store.exists("f") and not (tmp_path / "x.tar").exists() and leftovers(store.root) == []
+
+
+@pytest.mark.parametrize("damage_kind", ["not JSON", "not an object", "more records", "deep"])
+def test_fork_and_export_check_the_log_they_copy(store, tmp_path, damage_kind):
+    store.commit("p", {}, ["base"], {"base": tensors(1)}, None, log_append=[{"n": 1}, {"n": 2}])
+    log = store.root / "p" / "log.jsonl"
+    bad = {"not JSON": b'{"n":1}\n{"n":}\n', "not an object": b'{"n":1}\n[2,3]\n',
+           "more records": b'{"n":1}\n{}\n{}\n', "deep": b'{"n":1}\n' + b'{"a":' * 20 + b"1" + b"}" * 20 + b"\n"}
+    data = bad[damage_kind]
+    log.write_bytes(data)
+    mp = store.root / "p" / "manifest.json"
+    m = json.loads(mp.read_text())
+    m["log"]["bytes"] = len(data)
+    mp.write_text(json.dumps(m))
+    out = tmp_path / "out"
+    out.mkdir()
+    for call in (lambda: store.fork("p", "f"), lambda: store.export("p", out / "p.tar")):
+        with pytest.raises(PoolCorrupt) as exc:
+            call()
+        assert "pool p: log.jsonl" in str(exc.value) and "\n" not in str(exc.value), str(exc.value)
+    assert not store.exists("f") and os.listdir(out) == [] and leftovers(store.root) == []
+
+
+def test_an_export_is_always_importable(store, tmp_path):
+    """An export of a pool with a torn last log record holds the whole records only, and imports."""
+    store.commit("p", {"k": 1}, ["base"], {"base": tensors(1)}, None, log_append=[{"n": 1}, {"n": 2}])
+    log = store.root / "p" / "log.jsonl"
+    os.truncate(log, log.stat().st_size - 2)
+    store.export("p", tmp_path / "p.tar")
+    store.import_(tmp_path / "p.tar", "q")
+    with store.snapshot("q") as snap:
+        assert snap.log_records() == [{"n": 1}] and snap.manifest["log"]["records"] == 1
+    assert store.verify("q") == []
+
+
+# ------------------------------------------------------------------- gc with readers
+
+
+def test_a_collection_a_reader_held_off_runs_when_the_last_holder_lets_go(store):
+    """A reader in another process holds the gate while a commit unreferences a part: that commit's
+    collection cannot run; the reader's letting go runs it (nobody calls collect_garbage)."""
+    make_pool(store)
+    holder = Holder(store.root, """
+        with store.gate.shared():
+            print("ready", flush=True)
+            sys.stdin.read()
+    """)
+    try:
+        store.commit("p", {}, ["base"], {}, 1)  # patch-1 unreferenced; its collection finds the gate taken
+        assert objects(store) != referenced(store) and (store.root / ".locks" / "gc-pending").exists()
+    finally:
+        holder.stop()  # lets the gate go and exits
+    assert objects(store) == referenced(store) and not (store.root / ".locks" / "gc-pending").exists()
+
+
+def test_gc_with_readers_looping_leaves_no_unreferenced_object(store):
+    """Readers loop over the pool (each opens a snapshot, holding the gate while it opens it, and
+    reads) while a writer makes 40 commits, each unreferencing a part; one reader holds the gate
+    across the last commit, so that its collection cannot run. Synchronised by events only. Once
+    every reader stopped, no unreferenced object is left, though nobody called collect_garbage."""
+    store.commit("p", {"v": 1}, ["base", "v-part"], {"base": tensors(1, 256), "v-part": {"v": torch.tensor([1])}}, None)
+    looping = [threading.Event() for _ in range(3)]
+    done, holding, release = threading.Event(), threading.Event(), threading.Event()
+    failures = []
+
+    def reader(i: int) -> None:
+        r = PoolStore(meta_checks=None)
+        while not done.is_set():
+            try:
+                with r.snapshot("p") as snap:
+                    assert int(snap.read("v-part")["v"]) == snap.version
+            except Exception as exc:  # noqa: BLE001 - counted
+                failures.append(repr(exc))
+            looping[i].set()
+
+    def holder() -> None:
+        with PoolStore(meta_checks=None).gate.shared():
+            holding.set()
+            release.wait(60)
+
+    threads = [threading.Thread(target=reader, args=(i,)) for i in range(3)]
+    for t in threads:
+        t.start()
+    try:
+        for e in looping:
+            assert e.wait(60)
+        for v in range(2, 41):
+            store.commit("p", {"v": v}, ["base", "v-part"], {"v-part": {"v": torch.tensor([v])}}, v - 1)
+        hold = threading.Thread(target=holder)
+        hold.start()
+        assert holding.wait(60)
+        store.commit("p", {"v": 41}, ["base", "v-part"], {"v-part": {"v": torch.tensor([41])}}, 40)
+        assert (store.root / ".locks" / "gc-pending").exists()  # the last collection could not run
+    finally:
+        release.set()
+        done.set()
+        for t in threads:
+            t.join(timeout=60)
+        hold.join(timeout=60)
+    assert failures == []
+    assert objects(store) == referenced(store) and len(objects(store)) == 2
+
+
+# --------------------------------------------------------------------- read-only stores
+
+_WRITES = os.O_WRONLY | os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_APPEND
+
+
+def read_only_home(monkeypatch, home: Path, err: int = errno.EROFS) -> None:
+    """Make every write under `home` fail as the kernel would on a read-only mount (EROFS) or a
+    folder without write permission (EACCES). Root ignores permission bits and a test cannot
+    always mount, so the kernel's answer is simulated at the os calls (as test_hardening does for
+    an unreadable file); a call relative to a folder descriptor is the store's, hence under home."""
+    home_s = os.path.realpath(home)
+
+    def under(path, dir_fd=None) -> bool:
+        if dir_fd is not None:
+            return True
+        if isinstance(path, int):
+            return False
+        p = os.path.realpath(os.fsdecode(path))
+        return p == home_s or p.startswith(home_s + os.sep)
+
+    def deny(path):
+        raise OSError(err, os.strerror(err), os.fsdecode(path) if not isinstance(path, int) else None)
+
+    real_open = os.open
+
+    def open_(path, flags, mode=0o777, *, dir_fd=None):
+        if flags & _WRITES and under(path, dir_fd):
+            deny(path)
+        return real_open(path, flags, mode, dir_fd=dir_fd)
+
+    monkeypatch.setattr(os, "open", open_)
+    for name in ("mkdir", "rmdir", "unlink", "remove", "truncate", "utime", "chmod"):
+        real = getattr(os, name)
+
+        def one(path, *args, _real=real, **kw):
+            if under(path, kw.get("dir_fd")):
+                deny(path)
+            return _real(path, *args, **kw)
+
+        monkeypatch.setattr(os, name, one)
+    for name in ("rename", "replace", "link", "symlink"):
+        real = getattr(os, name)
+
+        def two(src, dst, *args, _real=real, **kw):
+            if under(dst, kw.get("dst_dir_fd", kw.get("dir_fd"))) or under(src, kw.get("src_dir_fd")):
+                deny(dst)
+            return _real(src, dst, *args, **kw)
+
+        monkeypatch.setattr(os, name, two)
+
+
+@pytest.mark.parametrize("err", [errno.EROFS, errno.EACCES])
+def test_a_read_only_store_reads_and_refuses_writes_in_one_line(store, tmp_path, err, caplog):
+    make_pool(store, "a")
+    make_pool(store, "b")
+    store.export("a", tmp_path / "a.tar")
+    (store.root / ".tmp-7-killed").mkdir()  # a leftover that recovery cannot remove here
+    before = tree(store.root)
+    patched = pytest.MonkeyPatch()
+    read_only_home(patched, store.root.parent.parent, err)
+    fresh = PoolStore(meta_checks=None)
+    with caplog.at_level(logging.WARNING, logger="memcli.store"):
+        assert [i.name for i in fresh.list()] == ["a", "b"] and all(i.error is None for i in fresh.list())
+        assert same(fresh.read_part("a", "base"), tensors(1, 256)) and fresh.verify("a") == []
+        fresh.export("a", tmp_path / "again.tar")  # to a writable place
+    lines = [r.getMessage() for r in caplog.records if r.name == "memcli.store"]
+    assert len(lines) == 1 and "cannot be written: 1 leftover(s)" in lines[0], lines
+    assert (tmp_path / "again.tar").stat().st_size == (tmp_path / "a.tar").stat().st_size
+    reason = os.strerror(err)
+    for call in (lambda: fresh.commit("a", {}, ["base"], {}, 1), lambda: fresh.fork("a", "c"),
+                 lambda: fresh.remove("a"), lambda: fresh.rename("a", "c"), lambda: fresh.import_(tmp_path / "a.tar", "c"),
+                 lambda: fresh.repair("a"), lambda: fresh.check_writable()):
+        with pytest.raises(PoolReadOnly) as exc:
+            call()
+        assert str(exc.value).startswith(f"the pool store {store.root} is read-only ({reason})"), str(exc.value)
+    patched.undo()
+    assert tree(store.root) == before
+
+
+def test_import_onto_a_name_another_process_writes_says_busy(store, tmp_path):
+    make_pool(store, "a")
+    store.export("a", tmp_path / "a.tar")
+    holder = Holder(store.root, LOCK_HOLDER.replace('"p"', '"c"'))
+    try:
+        with pytest.raises(PoolBusy, match="pool c is being written by process"):
+            store.import_(tmp_path / "a.tar", "c")
+    finally:
+        holder.stop()
+    assert store.import_(tmp_path / "a.tar", "c").name == "c"

@@ -6,6 +6,10 @@ content-addressed *parts* (safetensors files) plus an append-only log. Its modul
 
   durable.py      file I/O: non-blocking regular-file opens, durable writes, the staged-folder
                   rename, the clock format and the hashing helper
+  folders.py      the store's own folders: opened without following links, files relative to
+                  them; a file where a folder belongs named with the fix; read-only stores
+  integrity.py    a part's bytes checked against its sha256 where they are read (once per
+                  process per file identity), and the records of damage found
   safetensors.py  the streaming safetensors writer (shared with converted.py) and a bounded reader
   locking.py      flock locks: one writer lock per pool, the store gate for readers vs. collection
   manifest.py     the manifest format and the checked JSON parser
@@ -23,13 +27,16 @@ from pathlib import Path
 
 from . import transfer
 from .core import PoolInfo, StoreCore
-from .errors import InvalidPoolName, PoolBusy, PoolCorrupt, PoolError, PoolExists, PoolNotFound, safe_text
+from .errors import (
+    InvalidPoolName, PoolBusy, PoolCorrupt, PoolError, PoolExists, PoolNotFound, PoolReadOnly, repair_hint, safe_text,
+)
 from .manifest import FORMAT_VERSION, validate_name, validate_part_id
 from .recovery import collect_garbage, recover
 from .safetensors import safetensors_chunks
 
 __all__ = [
     "FORMAT_VERSION", "PoolError", "PoolNotFound", "PoolExists", "PoolBusy", "PoolCorrupt", "InvalidPoolName",
+    "PoolReadOnly", "repair_hint",
     "PoolInfo", "PoolStore", "validate_name", "validate_part_id", "safe_text", "safetensors_chunks",
 ]
 

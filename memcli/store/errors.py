@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import logging
+
+log = logging.getLogger("memcli.store")
+
 
 def safe_text(text: object) -> str:
     """`text` as one harmless line: whitespace runs become one space and every other
@@ -12,6 +16,11 @@ def safe_text(text: object) -> str:
     for ch in " ".join(str(text).split()):
         out.append(ch if ch.isprintable() else repr(ch)[1:-1])
     return "".join(out)
+
+
+def note(text: str) -> None:
+    """One line on stderr (through logging: the CLI and a library user both see one line)."""
+    log.warning("memcli: %s", safe_text(text))
 
 
 class PoolError(Exception):
@@ -39,3 +48,12 @@ class PoolCorrupt(PoolError):
 
 class InvalidPoolName(PoolError):
     """The name cannot be used as a pool name."""
+
+
+class PoolReadOnly(PoolError):
+    """The store cannot be written (a read-only home, or no permission): reading still works."""
+
+
+def repair_hint(name: str) -> str:
+    """What every line about a damaged part of pool `name` ends with."""
+    return f"run memcli pool verify {name} --repair"

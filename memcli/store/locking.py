@@ -42,36 +42,55 @@ def _command_line() -> str:
     return text if len(text) <= 80 else text[:77] + "..."
 
 
-def open_lock_file(locks: Path, fname: str, create: bool = True) -> int | None:
-    """An fd of a lock file (None when it is absent and create=False, or cannot be made on a
-    read-only store). A lock path that is not a regular file is repaired when that loses
-    nothing (an empty folder, a symlink, a FIFO, a socket) or named with the fix."""
-    path = locks / fname
-    for _attempt in range(3):
-        try:
-            return os.open(path, os.O_RDWR | (os.O_CREAT if create else 0) | O_NOFOLLOW | O_NONBLOCK | O_CLOEXEC, 0o644)
-        except FileNotFoundError:
-            if not create:
-                return None
-            try:
-                os.makedirs(locks, mode=0o700, exist_ok=True)
-            except OSError:
-                return None
-        except OSError as exc:
-            if exc.errno in (errno.EROFS, errno.EACCES, errno.EPERM):
-                try:  # read-only store: a shared/read lock still works on an existing file
-                    return os.open(path, os.O_RDONLY | O_NOFOLLOW | O_NONBLOCK | O_CLOEXEC)
-                except OSError:
-                    return None
-            if exc.errno not in (errno.ELOOP, errno.EISDIR, errno.ENXIO, errno.ENOTDIR, errno.EOPNOTSUPP):
-                raise
-            _repair_lock_path(path)
-    raise PoolError(f"cannot open the lock file {path}")
+def open_lock_file(locks: Path, fname: str, create: bool = True, mode: str = "read") -> int | None:
+    """An fd of a lock file in the store's .locks folder (opened relative to that folder, which is
+    never a symbolic link). A lock path that is not a regular file is repaired when that loses
+    nothing (an empty folder, a symlink, a FIFO, a socket) or named with the fix.
 
+    mode "read" (a reader's gate): None when the file is absent and create=False, or when it
+    cannot be made or opened for writing (a read-only store: an existing file is opened read-only,
+    which still takes a flock), or when .locks is not a usable folder (nobody can write or collect
+    then either). Mode "write" (a writer): PoolReadOnly on a read-only store, the .locks problem
+    named with the fix. Mode "try" (collection, recovery): None instead of those errors."""
+    from .folders import is_read_only, open_dir, read_only
 
-def _repair_lock_path(path: Path) -> None:
+    root = locks.parent
     try:
-        st = os.lstat(path)
+        dfd = open_dir(root, locks.name, create=create)
+    except PoolError:
+        if mode == "write":
+            raise
+        return None
+    if dfd is None:
+        return None
+    try:
+        for _attempt in range(3):
+            try:
+                return os.open(fname, os.O_RDWR | (os.O_CREAT if create else 0) | O_NOFOLLOW | O_NONBLOCK | O_CLOEXEC,
+                               0o644, dir_fd=dfd)
+            except FileNotFoundError:
+                return None
+            except OSError as exc:
+                if is_read_only(exc):
+                    if mode == "write":
+                        raise read_only(root, exc) from None
+                    if mode == "try":
+                        return None
+                    try:  # read-only store: a shared/read lock still works on an existing file
+                        return os.open(fname, os.O_RDONLY | O_NOFOLLOW | O_NONBLOCK | O_CLOEXEC, dir_fd=dfd)
+                    except OSError:
+                        return None
+                if exc.errno not in (errno.ELOOP, errno.EISDIR, errno.ENXIO, errno.ENOTDIR, errno.EOPNOTSUPP):
+                    raise
+                _repair_lock_path(locks / fname, dfd)
+        raise PoolError(f"cannot open the lock file {locks / fname}")
+    finally:
+        os.close(dfd)
+
+
+def _repair_lock_path(path: Path, dfd: int) -> None:
+    try:
+        st = os.lstat(path.name, dir_fd=dfd)
     except FileNotFoundError:
         return
     if stat.S_ISREG(st.st_mode):
@@ -79,10 +98,10 @@ def _repair_lock_path(path: Path) -> None:
     kind = file_kind(st.st_mode)
     try:
         if stat.S_ISDIR(st.st_mode):
-            os.rmdir(path)  # only when empty: a folder with content is somebody's
+            os.rmdir(path.name, dir_fd=dfd)  # only when empty: a folder with content is somebody's
         else:
-            os.unlink(path)  # a link, FIFO or socket: removing it loses nothing
-        from .recovery import note
+            os.unlink(path.name, dir_fd=dfd)  # a link, FIFO or socket: removing it loses nothing
+        from .errors import note
 
         note(f"replaced {path} ({kind}) with a lock file")
     except OSError:
@@ -132,9 +151,9 @@ class WriterLock:
                 held.count += 1
                 return
         locks = self.root / LOCKS
-        fd = open_lock_file(locks, f"{self.name}.lock")
-        if fd is None:
-            raise PoolError(f"cannot write to the pool store {self.root} (read-only?)")
+        fd = open_lock_file(locks, f"{self.name}.lock", mode="write")
+        if fd is None:  # pragma: no cover - "write" raises instead
+            raise PoolError(f"cannot write to the pool store {self.root}")
         deadline = None if wait is True else time.monotonic() + (0 if wait in (False, None) else float(wait))
         delay = 0.01
         try:
@@ -188,10 +207,15 @@ class WriterLock:
 
 class Gate:
     """The store gate (see the module docstring). Every use opens its own fd, so threads and
-    nested uses in one process exclude each other exactly as processes do."""
+    nested uses in one process exclude each other exactly as processes do.
 
-    def __init__(self, root: Path):
+    `on_release` is called after each shared use lets the gate go: the store passes the
+    collection a writer could not run while the gate was taken (recovery.collect_pending), so
+    garbage goes as soon as nobody holds the gate."""
+
+    def __init__(self, root: Path, on_release=None):
         self.root = root
+        self.on_release = on_release
 
     @contextlib.contextmanager
     def shared(self, create: bool = True):
@@ -204,14 +228,17 @@ class Gate:
             yield
         finally:
             os.close(fd)
+            if self.on_release is not None:
+                self.on_release()
 
     @contextlib.contextmanager
     def exclusive(self, wait_s: float = 0.0):
         """Yields True when held, False when readers or writers are active (then the caller
-        simply does not collect this time)."""
-        fd = open_lock_file(self.root / LOCKS, GATE)
+        simply does not collect this time), None when the store cannot be written (read-only,
+        or no usable .locks folder): nothing can be collected there."""
+        fd = open_lock_file(self.root / LOCKS, GATE, mode="try")
         if fd is None:
-            yield False
+            yield None
             return
         try:
             deadline = time.monotonic() + wait_s

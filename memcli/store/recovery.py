@@ -1,10 +1,21 @@
 """Garbage collection and recovery: what killed work leaves behind goes, without help.
 
 Both run with the store gate held exclusively (locking.py), which no reader opening a
-snapshot and no writer with unreferenced files holds at the same time; when the gate is busy
-they simply do not run this time (a later writer runs them). Writers run them without anyone
-asking: the first writing call of a PoolStore recovers, and every commit that unreferences a
-part collects. `memcli pool verify --repair` runs recovery on request.
+snapshot and no writer with unreferenced files holds at the same time. Writers run them without
+anyone asking: the first writing call of a PoolStore recovers, and every commit that unreferences
+a part collects. `memcli pool verify --repair` runs recovery on request.
+
+A collection that finds the gate taken does not wait (readers must never wait for it): it leaves
+a mark, <root>/.locks/gc-pending, tries once more (a holder that let go before the mark existed
+did not see it), and whoever lets the gate go next (a reader's snapshot, a writer's commit:
+Gate.on_release) runs the collection then. A collection clears the mark before it looks, and
+looks again when a mark came back while it ran (a part unreferenced meanwhile). So garbage stays
+only while somebody holds the gate, and goes once nobody does.
+
+Objects, content keys and damage records are listed and removed relative to their folder's
+descriptor, opened without following links (folders.py): a link in place of .objects is refused,
+and nothing outside the store is ever deleted. On a store that cannot be written nothing is
+collected or recovered; recovery says so in one line when there are leftovers to remove.
 
 Rules:
   * a part object is garbage when no pool's manifest names its sha256. If any manifest cannot
@@ -19,7 +30,9 @@ Rules:
     entry whose object was collected is simply not used;
   * a format-1 pool folder that never got a manifest (".creating") goes; a pool already in
     format 2 loses its old parts/ folder, .lock and .creating files;
-  * log.jsonl bytes past the committed prefix are cut off (when the pool's writer lock is free).
+  * log.jsonl bytes past the committed prefix are cut off (when the pool's writer lock is free);
+  * a damage record (integrity.py) whose object is gone or is another file now is stale: dropped
+    silently (it is a hint, not a leftover).
 Each removal is reported in one line on stderr (the logger "memcli.store").
 """
 
@@ -27,24 +40,19 @@ from __future__ import annotations
 
 import contextlib
 import json
-import logging
 import os
 import stat
 from pathlib import Path
 
-from . import locking
+from . import integrity, locking
 from .durable import TMP, rmtree_quiet, unlink_quiet
-from .errors import PoolError, safe_text
+from .folders import READ_ONLY_ERRNOS, open_dir
+from .errors import PoolError, note  # noqa: F401  (note: recovery.note, as before)
 from .manifest import MANIFEST, NAME_RE, SHA_RE
 from .snapshot import CONTENT_KEYS, LOG, OBJECTS, PARTS_V1, open_pool_dir, read_manifest_at
 
-log = logging.getLogger("memcli.store")
 EXPORT_RECORD = f"{TMP}export-"
-
-
-def note(text: str) -> None:
-    """One line on stderr (through logging: the CLI and a library user both see one line)."""
-    log.warning("memcli: %s", safe_text(text))
+PENDING = "gc-pending"  # in <root>/.locks: a collection found the gate taken
 
 
 def _size(path: Path) -> int:
@@ -62,11 +70,13 @@ def _size(path: Path) -> int:
     return st_.st_size
 
 
-def _remove(path: Path) -> None:
+def _remove(path: Path) -> bool:
+    """Remove a file, a link (never what it points to) or a folder; True when it is gone."""
     if os.path.isdir(path) and not os.path.islink(path):
         rmtree_quiet(path)
     else:
         unlink_quiet(path)
+    return not os.path.lexists(path)
 
 
 def _referenced(store) -> set[str] | None:
@@ -115,29 +125,126 @@ def _drop_v1_leftovers(pool_dir: Path) -> list[tuple[str, int]]:
 def _collect_locked(store) -> list[tuple[Path, int]]:
     objects = store.root / OBJECTS
     try:
-        names = os.listdir(objects)
-    except OSError:
-        return []
-    referenced = _referenced(store)
-    if referenced is None:
+        ofd = open_dir(store.root, OBJECTS)
+    except PoolError:
+        return []  # a link or a file in place of .objects: never followed (writers name it)
+    if ofd is None:
         return []
     removed = []
-    for fname in names:
-        if SHA_RE.fullmatch(fname) and fname not in referenced:
-            path = objects / fname
-            size = _size(path)
-            unlink_quiet(path)
-            removed.append((path, size))
+    try:
+        names = os.listdir(ofd)
+        referenced = _referenced(store)
+        if referenced is None:
+            return []
+        for fname in names:
+            if SHA_RE.fullmatch(fname) and fname not in referenced:
+                try:
+                    size = os.lstat(fname, dir_fd=ofd).st_size
+                    os.unlink(fname, dir_fd=ofd)
+                except FileNotFoundError:
+                    continue
+                except OSError as exc:
+                    if exc.errno in READ_ONLY_ERRNOS:
+                        break
+                    continue
+                removed.append((objects / fname, size))
+    finally:
+        os.close(ofd)
     return removed
+
+
+def _pending(store, action: str) -> bool:
+    """The gc-pending mark: action "test", "set" or "clear"; True when it is there / was set."""
+    try:
+        dfd = open_dir(store.root, locking.LOCKS)
+    except PoolError:
+        return False
+    if dfd is None:
+        return False
+    try:
+        if action == "test":
+            return _exists_at(dfd, PENDING)
+        if action == "set":
+            os.close(os.open(PENDING, os.O_WRONLY | os.O_CREAT | locking.O_NOFOLLOW | locking.O_CLOEXEC, 0o644,
+                             dir_fd=dfd))
+            return True
+        os.unlink(PENDING, dir_fd=dfd)
+        return False
+    except OSError:
+        return False
+    finally:
+        os.close(dfd)
+
+
+def _exists_at(dfd: int, name: str) -> bool:
+    try:
+        os.lstat(name, dir_fd=dfd)
+        return True
+    except FileNotFoundError:
+        return False
 
 
 def collect_garbage(store, wait_s: float = 0.0) -> int:
     """Delete part objects no manifest names (silently: this is normal work). Returns bytes freed.
-    By default it tries once: while readers open snapshots it does not wait, a later writer collects."""
-    with store.gate.exclusive(wait_s) as got:
-        if not got:
-            return 0
-        return sum(size for _path, size in _collect_locked(store))
+    It never waits for readers beyond wait_s: when the gate is taken it leaves the gc-pending
+    mark, and whoever lets the gate go next collects (module docstring)."""
+    freed, marked = 0, False
+    for _round in range(4):
+        with store.gate.exclusive(0 if marked else wait_s) as got:
+            if got is None:  # read-only, or no usable .locks: nothing can be collected
+                return freed
+            if not got:
+                if marked or not _pending(store, "set"):
+                    return freed  # the mark is there: the next one to let the gate go collects
+                marked = True
+                continue  # once more: a holder that let go before the mark existed did not see it
+            _pending(store, "clear")
+            freed += sum(size for _path, size in _collect_locked(store))
+        if not _pending(store, "test"):
+            return freed
+        marked = False  # a collection that found us holding the gate marked it: look again
+    return freed
+
+
+def collect_pending(store) -> int:
+    """The collection a writer left pending (Gate.on_release calls this), if any."""
+    if not _pending(store, "test") or not os.access(store.root, os.W_OK):
+        return 0
+    return collect_garbage(store)
+
+
+def _drop_stale_damage_records(store) -> None:
+    """Damage records whose object is gone or is another file now (integrity.py)."""
+    records = integrity.recorded(store.root)
+    if not records:
+        return
+    try:
+        ofd = open_dir(store.root, OBJECTS)
+    except PoolError:
+        return
+    try:
+        for sha, ident in records.items():
+            try:
+                st_ = os.lstat(sha, dir_fd=ofd) if ofd is not None else None
+            except OSError:
+                st_ = None
+            if st_ is None or integrity.identity(st_) != ident:
+                integrity.drop_record(store.root, sha)
+    finally:
+        if ofd is not None:
+            os.close(ofd)
+
+
+def _leftover_count(root: Path, entries: list[str]) -> int:
+    count = sum(1 for e in entries if e.startswith(TMP))
+    with contextlib.suppress(OSError, PoolError):
+        ofd = open_dir(root, OBJECTS)
+        if ofd is not None:
+            try:
+                count += sum(1 for n in os.listdir(ofd) if n.startswith(TMP))
+            finally:
+                os.close(ofd)
+    return count
 
 
 def recover(store, announce: bool = False, wait_s: float = 0.5) -> list[str]:
@@ -150,6 +257,12 @@ def recover(store, announce: bool = False, wait_s: float = 0.5) -> list[str]:
     except OSError:
         return []
     with store.gate.exclusive(wait_s) as got:
+        if got is None:
+            left = _leftover_count(root, entries) if announce else 0
+            if left:
+                note(f"the pool store {root} cannot be written: {left} leftover(s) of interrupted work stay "
+                     f"until it can")
+            return []
         if not got:
             return []
         for entry in entries:
@@ -161,20 +274,33 @@ def recover(store, announce: bool = False, wait_s: float = 0.5) -> list[str]:
             size = _size(path)
             if entry.startswith(EXPORT_RECORD):
                 size += _drop_export_tmp(path)
-            _remove(path)
-            done.append((str(path), size))
+            if _remove(path):
+                done.append((str(path), size))
         for folder in (OBJECTS, CONTENT_KEYS):
-            with contextlib.suppress(OSError):
-                for fname in os.listdir(root / folder):
+            try:
+                dfd = open_dir(root, folder)
+            except PoolError:
+                if folder == OBJECTS:
+                    raise  # a link or a file in place of .objects: named with the fix, never followed
+                continue
+            if dfd is None:
+                continue
+            try:
+                for fname in os.listdir(dfd):
                     if fname.startswith(TMP):
-                        path = root / folder / fname
-                        done.append((str(path), _size(path)))
-                        unlink_quiet(path)
+                        with contextlib.suppress(OSError):
+                            size = os.lstat(fname, dir_fd=dfd).st_size
+                            os.unlink(fname, dir_fd=dfd)
+                            done.append((str(root / folder / fname), size))
+            finally:
+                os.close(dfd)
         for entry in entries:
             if entry.startswith(".") or not NAME_RE.fullmatch(entry):
                 continue
             done.extend(_recover_pool(store, entry))
+        _pending(store, "clear")
         done.extend((str(p), n) for p, n in _collect_locked(store))
+        _drop_stale_damage_records(store)
     removed = [p for p, _ in done]
     if announce and removed:
         total = sum(n for _, n in done)

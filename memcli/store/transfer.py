@@ -1,9 +1,15 @@
 """Fork, export and import: pools copied within the store or through one tar file.
 
 A fork writes a manifest (and a copy of the log's committed prefix): parts are shared objects.
+It checks what it copies first: every part's bytes against its name (once per process per file,
+integrity.py) and the log, parsed and bounded record by record while it is copied, with the
+pool's meta: a fork of a damaged pool fails in one line instead of copying the damage.
 An export streams one snapshot into a temporary file created exclusively next to the
 destination, then links it into place (renames with --force): an existing file is never
-clobbered without --force, and a destination inside the store is refused. An import checks
+clobbered without --force, and a destination inside the store is refused. Before it writes a
+byte it checks what its own import checks (the log's records, the meta with them, each part's
+size bound and safetensors header), and each part's sha256 as it streams: an export never
+writes an archive that `pool import` refuses. An import checks
 every member before anything appears in the store: regular members only (no sparse files,
 links or devices), at most one per part plus the manifest and the log, sizes as the manifest
 says and within a bound from the pool's shape, each part's sha256 and safetensors header, the
@@ -24,14 +30,15 @@ from pathlib import Path
 
 from . import locking
 from . import safetensors as st
+from . import folders, integrity
 from .durable import (
-    CHUNK, as_pool_error, create_exclusive, fsync_dir, is_nospace, new_hash, now, open_regular, publish_dir,
-    replace_file, token, unlink_quiet, write_all, write_errors,
+    CHUNK, O_BINARY, O_CLOEXEC, O_NOFOLLOW, as_pool_error, create_exclusive, fsync_dir, is_nospace, new_hash, now,
+    open_regular, publish_dir, replace_file, token, unlink_quiet, write_all, write_errors,
 )
 from .errors import PoolCorrupt, PoolError, PoolExists, safe_text
 from .manifest import FORMAT_VERSION, MANIFEST, MAX_MANIFEST_BYTES, check_manifest, manifest_bytes, parse_json, validate_name
 from .recovery import EXPORT_RECORD, collect_garbage
-from .snapshot import LOG, OBJECTS, parse_log
+from .snapshot import LOG, OBJECTS, LogReader, damaged, parse_record
 
 EXPORT_TMP_SUFFIX = ".memcli-export"
 _TAR_PART_RE = re.compile(r"parts/([A-Za-z0-9_-][A-Za-z0-9._-]{0,127})\.safetensors")
@@ -43,38 +50,72 @@ _SPARSE_TYPES = {getattr(tarfile, "GNUTYPE_SPARSE", b"S")}
 
 def fork(store, src: str, dst: str):
     """Make pool `dst` a copy of the current version of `src`: a new manifest naming the same
-    part objects, and a copy of the log's committed prefix."""
+    part objects, and a copy of the log's committed prefix; both checked first (module docstring)."""
     validate_name(src)
     validate_name(dst)
     if src == dst or store.exists(dst):
         raise PoolExists(f"pool {dst} already exists")
+    check_meta, _bound = store.meta_checks()
     with store.writer(dst):
         if store.exists(dst):
             raise PoolExists(f"pool {dst} already exists")
         with write_errors(f"forking pool {src} to {dst}", f"fork pool {src} to {dst}", "nothing was created"), \
-                store.gate.shared():
-            with store.snapshot(src, part_ids=()) as snap:
-                m = copy.deepcopy(snap.manifest)
-                log_data = snap.log_bytes()
-            if m["format_version"] == 1:
-                for pid in m["parts"]:  # a format-1 source: give its parts their content names
-                    store._adopt_v1_part(src, m, pid)
-                fsync_dir(store.root / OBJECTS)
-                m["log"] = {"bytes": 0, "records": 0}
-            for pid, entry in m["parts"].items():
-                if not store._object_ok(entry["sha256"], entry["bytes"]):
-                    raise PoolCorrupt(f"pool {src}: part {pid} is missing or damaged; not forked")
-            with locking.staged_folder(store.root) as stage:
-                if log_data:
-                    replace_file(stage, LOG, log_data)
+                store.snapshot(src) as snap:
+            m = copy.deepcopy(snap.manifest)
+            for pid in m["parts"]:  # the bytes this fork will name, checked (outside the gate: it may take long)
+                snap.verify(pid)
+            with store.gate.shared(), locking.staged_folder(store.root) as stage:
+                ofd = folders.open_dir(store.root, OBJECTS, create=True)
+                try:
+                    if m["format_version"] == 1:
+                        for pid in m["parts"]:  # a format-1 source: give its parts their content names
+                            store._adopt_v1_part(src, m, pid, ofd)
+                        folders.fsync_fd(ofd)
+                    for pid, entry in m["parts"].items():
+                        # the object is still the file checked above (and, with the gate held, stays)
+                        try:
+                            st_ = os.lstat(entry["sha256"], dir_fd=ofd)
+                        except FileNotFoundError:
+                            st_ = None
+                        checked = os.fstat(snap.fd(pid))
+                        if st_ is None or integrity.identity(st_) != integrity.identity(checked):
+                            if m["format_version"] == 1 and st_ is not None and store._object_ok(
+                                    entry["sha256"], entry["bytes"], ofd=ofd):
+                                continue  # adopted just now from the checked format-1 file
+                            raise PoolCorrupt(f"pool {src}: part {pid} changed while it was forked; try again")
+                finally:
+                    os.close(ofd)
+                log = _copy_log(snap, stage, check_meta, m) if m["format_version"] >= 2 else {"bytes": 0, "records": 0}
                 stamp = now()
                 meta = m["meta"]
                 meta["forked_from"] = {"name": src, "version": m["version"]}
                 manifest = {"format_version": FORMAT_VERSION, "name": dst, "version": 1, "created": stamp,
-                            "updated": stamp, "parts": m["parts"], "log": m["log"], "meta": meta}
+                            "updated": stamp, "parts": m["parts"], "log": log, "meta": meta}
                 replace_file(stage, MANIFEST, manifest_bytes(manifest))
                 publish_dir(stage, store._dir(dst), dst)
     return store.info(dst)
+
+
+def _copy_log(snap, stage: Path, check_meta, m: dict) -> dict:
+    """Copy the source's log into the staged folder record by record, each parsed and bounded as
+    it streams (a torn last record is left out); the meta checked with the records. Returns the
+    copy's extent."""
+    fd = None
+    try:
+        def write(line: bytes) -> None:
+            nonlocal fd
+            if fd is None:
+                fd = os.open(stage / LOG, os.O_WRONLY | os.O_CREAT | os.O_EXCL | O_NOFOLLOW | O_CLOEXEC | O_BINARY, 0o600)
+            write_all(fd, line)
+
+        records = snap.log_records(copy_to=write)
+        check_meta(f"pool {snap.name}", m["meta"], records)
+        if fd is not None:
+            os.fsync(fd)
+    finally:
+        if fd is not None:
+            os.close(fd)
+    return dict(snap.log_extent)
 
 
 # --------------------------------------------------------------------------- export
@@ -103,27 +144,31 @@ def export(store, name: str, file: Path, force: bool = False) -> None:
     if not os.path.isdir(file.parent):
         raise PoolError(f"cannot export to {file}: its folder does not exist")
     store.recover_once()
+    check_meta, max_part_bytes = store.meta_checks()
     tmp = file.parent / f".{file.name[:100]}.{token()}{EXPORT_TMP_SUFFIX}"
     record = store.root / f"{EXPORT_RECORD}{token()}"
     record_fd = None
     snap = None
+    fd = None
     try:
         with write_errors(f"exporting pool {name} to {file}", f"export pool {name} to {file}"):
+            snap = store.snapshot(name)
+            log = _check_for_export(snap, check_meta, max_part_bytes)  # before a byte is written
             with store.gate.shared():
-                snap = store.snapshot(name)
                 try:  # the record lets recovery remove `tmp` if this process is killed
                     record_fd = os.open(record, os.O_RDWR | os.O_CREAT | os.O_EXCL | locking.O_NOFOLLOW, 0o600)
                     write_all(record_fd, json.dumps({"tmp": str(tmp)}).encode())
                     os.fsync(record_fd)
                     locking.fcntl.flock(record_fd, locking.fcntl.LOCK_EX)
-                except OSError:
+                except OSError:  # a read-only store: the export goes on without its record
                     if record_fd is not None:
                         os.close(record_fd)
                         record_fd = None
                     unlink_quiet(record)
                 fd = create_exclusive(tmp)
             with snap:
-                _write_tar(snap, fd)
+                owned, fd = fd, None
+                _write_tar(snap, owned, log)  # closes it
             if force:
                 os.replace(tmp, file)
             else:
@@ -140,6 +185,8 @@ def export(store, name: str, file: Path, force: bool = False) -> None:
                     os.rename(tmp, file)
             fsync_dir(file.parent)
     except BaseException:
+        if fd is not None:
+            os.close(fd)
         unlink_quiet(tmp)
         raise
     finally:
@@ -148,6 +195,29 @@ def export(store, name: str, file: Path, force: bool = False) -> None:
         if record_fd is not None:
             unlink_quiet(record)
             os.close(record_fd)
+
+
+def _check_for_export(snap, check_meta, max_part_bytes) -> dict:
+    """What `pool import` will check, checked on the pool before its archive is written: the log
+    (records bounded, parsed; a torn last record left out), the meta with those records, each
+    part's size bound and safetensors header. Returns the log extent the archive will hold and
+    the sha256 of those bytes ({"bytes", "records", "sha256"})."""
+    where = f"pool {snap.name}"
+    h = new_hash()
+    records = snap.log_records(copy_to=h.update)
+    check_meta(where, snap.manifest["meta"], records)
+    bound = max_part_bytes(snap.manifest["meta"])
+    for pid, entry in snap.manifest["parts"].items():
+        if entry["bytes"] > bound:
+            raise PoolCorrupt(f"{where}: part {pid} has {entry['bytes']} bytes, more than a pool of this shape can "
+                              f"hold ({bound}); not exported")
+        try:
+            st.parse_header(st.fd_reader(snap.fd(pid)), entry["bytes"])
+        except st.HeaderError as exc:
+            if not integrity.verify_fd(snap.fd(pid), entry["sha256"]):
+                raise damaged(snap.root, snap.name, pid, entry["sha256"], snap.fd(pid)) from None
+            raise PoolCorrupt(f"{where}: part {pid} is not a valid safetensors file ({exc}); not exported") from None
+    return {**snap.log_extent, "sha256": h.hexdigest()}
 
 
 class _HashingReader:
@@ -161,10 +231,22 @@ class _HashingReader:
         return data
 
 
-def _write_tar(snap, fd: int) -> None:
+class _LogReader(_HashingReader):
+    """The checked part of the log (`limit` bytes), hashed as it goes into the archive."""
+
+    def __init__(self, fd: int, limit: int):
+        super().__init__(fd)
+        self.limit = limit
+
+    def read(self, n: int = -1) -> bytes:
+        left = self.limit - self.offset
+        return super().read(left if n < 0 else min(n, left)) if left > 0 else b""
+
+
+def _write_tar(snap, fd: int, log: dict) -> None:
     import io
 
-    m = snap.manifest
+    m = dict(snap.manifest, log={"bytes": log["bytes"], "records": log["records"]})
     with os.fdopen(fd, "wb", buffering=CHUNK) as out:
         mtime = int(time.time())
         with tarfile.open(fileobj=out, mode="w", format=tarfile.PAX_FORMAT) as tar:
@@ -177,14 +259,18 @@ def _write_tar(snap, fd: int) -> None:
 
             data = manifest_bytes(m)
             tar.addfile(info(MANIFEST, len(data)), io.BytesIO(data))
-            log = snap.log_bytes()
-            if log:
-                tar.addfile(info(LOG, len(log)), io.BytesIO(log))
+            if log["bytes"]:
+                reader = _LogReader(snap._log_fd, log["bytes"])
+                tar.addfile(info(LOG, log["bytes"]), reader)
+                if reader.sha.hexdigest() != log["sha256"]:
+                    raise PoolCorrupt(f"pool {snap.name}: log.jsonl changed while it was exported; try again")
             for pid, entry in m["parts"].items():
                 reader = _HashingReader(snap.fd(pid))
+                before = os.fstat(reader.fd)
                 tar.addfile(info(f"parts/{pid}.safetensors", entry["bytes"]), reader)
                 if reader.sha.hexdigest() != entry["sha256"]:
-                    raise PoolCorrupt(f"pool {snap.name}: part {pid} is damaged (sha256 mismatch); not exported")
+                    raise damaged(snap.root, snap.name, pid, entry["sha256"], snap.fd(pid))
+                integrity.remember(before, os.fstat(reader.fd), entry["sha256"])
         out.flush()
         os.fsync(out.fileno())
 
@@ -249,12 +335,14 @@ def import_(store, file: Path, name: str | None = None):
                 raise PoolCorrupt(f"{where}: part {pid} declares {entry['bytes']} bytes, more than the archive or "
                                   f"a pool of this shape can hold ({bound}); refusing")
         need = sum(e["bytes"] for e in m["parts"].values()) + m["log"]["bytes"]
-        store.root.mkdir(parents=True, exist_ok=True, mode=0o700)
+        store.check_writable()  # a read-only store: said in one line before anything is read further
+        folders.make_root(store.root)
         free = shutil.disk_usage(store.root).free
         if need > free:
             raise PoolError(f"not enough space to import {where}: it needs {need} bytes, {free} are free")
-        lock = store._lock(target)
-        lock.acquire()
+        taking = store._lock(target)
+        taking.acquire()  # PoolBusy (another process imports or writes that name), PoolReadOnly
+        lock = taking
         store.recover_once()
         if store.exists(target):
             raise PoolExists(f"pool {target} already exists")
@@ -273,10 +361,7 @@ def import_(store, file: Path, name: str | None = None):
                     if log_seen or member.size != m["log"]["bytes"]:
                         raise PoolCorrupt(f"{where}: log.jsonl is repeated or not the size its manifest says")
                     log_seen = True
-                    data = _read_member(tar, member, where, m["log"]["bytes"])
-                    parse_log(data, where, m["log"]["records"])
-                    check_meta(where, m["meta"], parse_log(data, where, m["log"]["records"]))
-                    replace_file(stage / "pool", LOG, data)
+                    _stage_log(tar, member, stage / "pool", where, m, check_meta)
                     continue
                 match = _TAR_PART_RE.fullmatch(mname)
                 if not match:
@@ -302,11 +387,15 @@ def import_(store, file: Path, name: str | None = None):
             if not m["log"]["bytes"]:
                 check_meta(where, m["meta"], [])
             # everything checked: only now does anything enter the store
-            os.makedirs(store.root / OBJECTS, mode=0o700, exist_ok=True)
-            for digest, path in staged.items():
-                if not store._object_ok(digest, os.path.getsize(path)):
-                    os.replace(path, store.root / OBJECTS / digest)
-            fsync_dir(store.root / OBJECTS)
+            ofd = folders.open_dir(store.root, OBJECTS, create=True)
+            try:
+                for digest, path in staged.items():
+                    if not store._object_ok(digest, os.path.getsize(path), ofd=ofd):  # absent, or found damaged
+                        os.replace(path, digest, dst_dir_fd=ofd)
+                        integrity.drop_record(store.root, digest)
+                folders.fsync_fd(ofd)
+            finally:
+                os.close(ofd)
             m.update(format_version=FORMAT_VERSION, name=target)
             replace_file(stage / "pool", MANIFEST, manifest_bytes(m))
             publish_dir(stage / "pool", store._dir(target), target)
@@ -336,14 +425,31 @@ def _members(members, where):
         yield member
 
 
-def _read_member(tar, member, where, size) -> bytes:
+def _stage_log(tar, member, folder: Path, where: str, m: dict, check_meta) -> None:
+    """Stage the archive's log as it streams: every record bounded and parsed on the way (never a
+    whole 1 GiB line in memory), then the meta checked with the records."""
     try:
-        data = tar.extractfile(member).read(size + 1)
+        src = tar.extractfile(member)
     except (tarfile.TarError, EOFError, OSError):
         raise PoolCorrupt(f"{where} is truncated or damaged") from None
-    if len(data) != size:
-        raise PoolCorrupt(f"{where}: {safe_text(member.name)[:80]} is truncated")
-    return data
+
+    def read(n: int) -> bytes:
+        try:
+            return src.read(n)
+        except (tarfile.TarError, EOFError, OSError):
+            raise PoolCorrupt(f"{where} is truncated or damaged") from None
+
+    fd = os.open(folder / LOG, os.O_WRONLY | os.O_CREAT | os.O_EXCL | O_NOFOLLOW | O_CLOEXEC | O_BINARY, 0o600)
+    try:
+        records = []
+        reader = LogReader(read, m["log"]["bytes"], where, m["log"]["records"], torn_ok=False)
+        for i, line in enumerate(reader, 1):
+            records.append(parse_record(line, where, i))
+            write_all(fd, line)
+        check_meta(where, m["meta"], records)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def _chunks(tar, member, where, limit):

@@ -29,8 +29,6 @@ from typing import Callable, Hashable, Iterable, Iterator, Sequence
 
 from .catalog import CARD_MIN_CHUNK_TOKENS
 
-MIN_CHUNK_TOKENS = CARD_MIN_CHUNK_TOKENS  # (until the API asks the model for its minimum)
-
 
 class ChunkingError(ValueError):
     """A text that cannot be cut into chunks (it is too short to inject)."""

@@ -429,7 +429,8 @@ class Memcli:
         import torch
 
         why = "no CUDA GPU" if not torch.cuda.is_available() else f"the device is cpu ({self.settings.where('device')})"
-        which = name if "model" in self.settings.origin else f"{name} (the default model)"
+        default = name == self.settings.model and "model" not in self.settings.origin
+        which = f"{name} (the default model)" if default else name
         raise MemcliError(f"{which} cannot run on this machine: {why}, and {problem}; {OFFLINE_HINT}")
 
     # ------------------------------------------------------------------ pools

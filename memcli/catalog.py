@@ -108,21 +108,29 @@ def declared(name: str) -> dict:
     or where the file cannot be read (loading the model says what is wrong with it)."""
     import os
 
-    from .store.durable import open_regular, read_fd
-    from .store.errors import PoolError
-    from .store.manifest import parse_json
-
     folder = model_folder(name)
     if folder is None:
         return {}
     path = folder / "config.json"
     try:
-        fd = open_regular(path, str(path), max_bytes=MAX_CONFIG_BYTES)
-        try:
-            raw = parse_json(read_fd(fd, MAX_CONFIG_BYTES), str(path))
-        finally:
-            os.close(fd)
-    except (OSError, PoolError):
+        if name in BUNDLED:  # a file of this package: read plainly (`memcli models` stays light)
+            import json
+
+            raw = json.loads(path.read_text())
+        else:  # a user's folder: the store's bounded, non-blocking reader
+            from .store.durable import open_regular, read_fd
+            from .store.errors import PoolError
+            from .store.manifest import parse_json
+
+            try:
+                fd = open_regular(path, str(path), max_bytes=MAX_CONFIG_BYTES)
+                try:
+                    raw = parse_json(read_fd(fd, MAX_CONFIG_BYTES), str(path))
+                finally:
+                    os.close(fd)
+            except PoolError:
+                return {}
+    except (OSError, ValueError):
         return {}
     return {k: v for k, v in raw.items() if k.startswith("memcli_")} if isinstance(raw, dict) else {}
 

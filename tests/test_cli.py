@@ -855,8 +855,11 @@ def test_item18_ask_dash_reads_the_question_from_stdin(pool):
 def test_item19_one_wording_for_a_missing_pool_with_a_suggestion(pool):
     run("pool", "fork", pool, "work")
     for args in (["pool", "info", "wrok"], ["ask", "q", "--pool", "wrok"], ["pool", "rm", "wrok", "--yes"],
-                 ["pool", "verify", "wrok"], ["pool", "fork", "wrok", "x"], ["chat", "--pool", "wrok"]):
+                 ["pool", "verify", "wrok"], ["pool", "fork", "wrok", "x"]):
         assert_one_error(run(*args, input=""), "pool wrok not found; did you mean work?")
+    # chat starts a pool that does not exist yet (issue 19), with the same suggestion in its first line
+    chat = run("chat", "--pool", "wrok", input="")
+    assert chat.exit_code == 0 and err_lines(chat)[0].endswith("; did you mean work?")
     assert_one_error(run("pool", "info", "zzz"), "pool zzz not found (memcli pool ls lists pools")
 
 

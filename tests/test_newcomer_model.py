@@ -247,6 +247,23 @@ def test_pool_info_labels_published_checkpoints_by_family():
     assert label("/no/such/folder", "8b") == "8b layout"
 
 
+def test_a_model_folder_declares_its_properties_and_a_bad_config_declares_nothing(tmp_path):
+    import os
+
+    from memcli.catalog import declared, made_for_cpu
+
+    folder = tmp_path / "model"
+    folder.mkdir()
+    (folder / "config.json").write_text(json.dumps({"memcli_made_for_cpu": True, "memcli_label": "mine",
+                                                    "hidden_size": 64}))
+    assert made_for_cpu(str(folder)) and declared(str(folder)) == {"memcli_made_for_cpu": True, "memcli_label": "mine"}
+    assert not made_for_cpu("memoryllm-8b-chat")  # a hub id declares nothing here
+    fifo = tmp_path / "fifo"
+    fifo.mkdir()
+    os.mkfifo(fifo / "config.json")  # refused without blocking (the store's reader)
+    assert declared(str(fifo)) == {}
+
+
 # --------------------------------------------------------------------------- chat on a new pool
 def test_chat_on_a_pool_that_does_not_exist_yet_is_started_by_inject(tmp_path):
     note = tmp_path / "n.txt"

@@ -109,6 +109,14 @@ def test_twenty_one_line_notes_in_one_run_are_packed_and_answered(tmp_path):
 def test_twenty_notes_through_a_server(served, tmp_path):
     check_twenty_notes(twenty_notes(tmp_path / "notes"), "served")
     assert "served" in remember_server.loaded_pools()["memcli-tiny"]  # it was the server that answered
+    # the words the model has never seen, named through the server too
+    bryn = tmp_path / "bryn.txt"
+    bryn.write_text("Bryn lives in Tromso .\n")
+    result = invoke("inject", bryn, "--pool", "served")
+    assert "memcli-tiny has never seen 2 words of what was read (Bryn, Tromso)" in result.stderr
+    assert result.exit_code == 3 and "only 5 tokens and nothing to pack it with" in result.stderr  # alone in its run
+    result = invoke("ask", "Where does Bryn live?", "--pool", "served")
+    assert "memcli-tiny has never seen 1 word of the question (Bryn)" in result.stderr
 
 
 def test_an_interrupted_run_of_short_notes_resumes(tmp_path):

@@ -1,7 +1,7 @@
 """The Python API: everything the command line does, callable and testable without it.
 
     app = Memcli()                                   # settings from config file / environment
-    report = app.inject("work", ["notes.pdf"])       # files -> 512-token chunks -> memory updates
+    report = app.inject("work", ["notes.pdf"])       # files -> chunks (512 tokens) -> memory updates
     answer = app.ask("work", "When does the train leave?", on_text=print)
     chat = app.chat("work"); chat.ask("Who is Bob?"); chat.ask("And his sister?")  # a conversation
 
@@ -24,13 +24,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, BinaryIO, Callable, Iterable
 
-from .chunking import MIN_CHUNK_TOKENS, ChunkingError, chunk_token_ids, encode_pieces
+from .catalog import CARD_CHUNK_TOKENS, CARD_MIN_CHUNK_TOKENS
+from .chunking import ChunkingError, Packed, Packer, chunk_token_ids, encode_pieces, share_rows
 from .clock import now_iso
 from .extract import ExtractError, Ignored, Reading, Skipped, Source, discover, iter_text, sha256_of
 from .settings import Settings, load_settings
 
 if TYPE_CHECKING:  # pragma: no cover
     from .engine import Engine, Sampling
+    from .vocabulary import UnknownWords
     from .pool import Binding, Pool
     from .store import PoolStore
 
@@ -44,9 +46,9 @@ def __getattr__(name: str):
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
-DEFAULT_CHUNK_TOKENS = 512
 DEFAULT_ANSWER_TOKENS = 256
 COMMIT_EVERY = 64  # chunks of one long file between commits (bounds the work an interruption loses)
+MIN_CHUNK_KEY = "memcli_min_chunk_tokens"  # config.json: the shortest context a model was trained on
 
 
 class MemcliError(Exception):
@@ -76,14 +78,32 @@ class LoadedModel:
         raw = self.cfg.raw
         return int(raw.get("max_seq_length") or 2 * self.cfg.num_tokens)
 
+    def chunk_tokens(self) -> int:
+        """Tokens per injected chunk unless --chunk-tokens says otherwise: the published
+        checkpoints' 512, or what the model reads at once where that is less."""
+        return min(CARD_CHUNK_TOKENS, self.max_input_tokens())
+
+    def min_chunk_tokens(self) -> int:
+        """The shortest context the model may be given: what its config.json declares
+        (`memcli_min_chunk_tokens`; memcli-tiny: 20, the one chunk length it was trained on), else
+        the published checkpoints' 16 (their model card's hard minimum)."""
+        value = self.cfg.raw.get(MIN_CHUNK_KEY)
+        if value is None:
+            return CARD_MIN_CHUNK_TOKENS
+        if not isinstance(value, int) or isinstance(value, bool) or not 1 <= value <= self.max_input_tokens():
+            raise MemcliError(f"{self.folder / 'config.json'}: {MIN_CHUNK_KEY} must be an integer from 1 to "
+                              f"max_seq_length ({self.max_input_tokens()}), not {value!r}")
+        return value
+
 
 @dataclass
 class FileResult:
     path: str
-    status: str  # "injected" | "changed" | "resumed" | "already" | "skipped"
+    status: str  # "injected" | "changed" | "resumed" | "already" | "skipped" ("pending": being packed)
     reason: str = ""
     chunks: int = 0
     tokens: int = 0
+    packed: bool = False  # shorter than the model's minimum: packed into chunks shared with other texts
 
 
 @dataclass
@@ -103,6 +123,8 @@ class InjectReport:
     # how many did not match --glob
     ignored_by_type: dict[str, int] = field(default_factory=dict)
     ignored_by_glob: int = 0
+    # the words of what was read that the model has never seen (vocabulary.UnknownWords.to_json)
+    unknown_words: dict | None = None
 
     @property
     def skipped(self) -> list[FileResult]:
@@ -125,6 +147,7 @@ class InjectReport:
             "changed": self.count("changed"),
             "resumed": self.count("resumed"),
             "already": self.count("already"),
+            "packed": sum(1 for f in self.files if f.packed and f.status in ("injected", "changed")),
             "skipped": len(self.skipped),
             "skipped_by_reason": self.skipped_by_reason(),
             "ignored_by_type": dict(sorted(self.ignored_by_type.items(), key=lambda kv: (-kv[1], kv[0]))),
@@ -156,7 +179,36 @@ class InjectReport:
             "summary": self.summary(),
             "files": [f.__dict__ for f in self.files],
             "partial": self.partial.__dict__ if self.partial else None,
+            "unknown_words": self.unknown_words,
         }
+
+
+@dataclass(eq=False)
+class _Short:
+    """A text shorter than the model's minimum, held until the end of its inject run to be packed
+    with the run's other short texts (`Memcli._pack`)."""
+
+    source: Source
+    label: str  # the path it is logged under
+    digest: str
+    ids: list[int]
+    previous: dict | None  # the log entry of its earlier version (a changed file)
+    index: int  # file k of the run
+    result: FileResult  # its place in the report, filled in once it is committed
+    entry: dict | None = None  # its log entry, from its first packed chunk on
+
+
+@dataclass
+class _Run:
+    """What one inject run carries from file to file."""
+
+    chunk_tokens: int
+    min_tokens: int
+    unknown: "UnknownWords"
+    shorts: list[_Short] = field(default_factory=list)
+    # the chunk injected last: its ids and, per piece, (log entry, provenance serial) - what a last
+    # packed chunk too short on its own is filled up with
+    last: Packed | None = None
 
 
 class StopAfterChunk(KeyboardInterrupt):
@@ -213,9 +265,11 @@ class Answer:
             "decode_tokens_per_second": round(decode / decode_seconds, 2) if decode > 0 and decode_seconds > 0 else None,
             "stopped": self.stopped,
             "turns_in_prompt": self.turns_in_prompt,
+            "unknown_words": self.unknown_words,
         }
 
     turns_in_prompt: int = 0  # earlier conversation turns the prompt carried (chat)
+    unknown_words: dict | None = None  # the question's words the model has never seen (vocabulary.py)
 
 
 def _host_resident(state, loaded: LoadedModel):
@@ -335,6 +389,7 @@ class Memcli:
 
             try:
                 device = self.settings.resolved_device()  # a missing device is said first
+                self._check_runs_here(name, device)  # before a download that could not run anyway
                 folder = resolve_checkpoint(name)
                 dtype = self.settings.resolved_dtype()
                 if self.on_load is not None:
@@ -358,6 +413,25 @@ class Memcli:
             loaded.reader = reader  # for initial states of new pools
             self._models[name] = loaded
         return self._models[name]
+
+    def _check_runs_here(self, name: str, device: str) -> None:
+        """A published model that cannot run on this machine (on the CPU, and more memory than the
+        machine has: doctor's check) is refused in one line that names what can run here: the
+        bundled memcli-tiny and the offline demo, not a 39 GB download. The default model stays the
+        default (switching to a toy silently would surprise); the message says how to switch."""
+        from .catalog import OFFLINE_HINT, cpu_memory_problem
+
+        if device != "cpu":
+            return
+        problem = cpu_memory_problem(name, self.settings.resolved_quant(), host_memory()["total_bytes"])
+        if problem is None:
+            return
+        import torch
+
+        why = "no CUDA GPU" if not torch.cuda.is_available() else f"the device is cpu ({self.settings.where('device')})"
+        default = name == self.settings.model and "model" not in self.settings.origin
+        which = f"{name} (the default model)" if default else name
+        raise MemcliError(f"{which} cannot run on this machine: {why}, and {problem}; {OFFLINE_HINT}")
 
     # ------------------------------------------------------------------ pools
     def require_pool(self, name: str) -> str:
@@ -472,8 +546,10 @@ class Memcli:
 
         What is read is found first (so bad input is said before a model loads): files inside
         folders that match `glob` and are not of a binary type; `type` forces how files are read
-        (extract.TYPES), `encoding` their text encoding."""
+        (extract.TYPES), `encoding` their text encoding. Texts shorter than the model's minimum
+        are packed together at the end of the run (`_pack`)."""
         from .store import validate_name
+        from .vocabulary import UnknownWords
 
         validate_name(pool_name)
         paths = list(paths)
@@ -492,23 +568,26 @@ class Memcli:
         loaded = self._pool_model(pool_name, model) if self.store.exists(pool_name) else self.model(model)
         report.model = loaded.name
         limit = loaded.max_input_tokens()
+        least = loaded.min_chunk_tokens()
         if chunk_tokens is None:
-            chunk_tokens = min(DEFAULT_CHUNK_TOKENS, limit)
-        if chunk_tokens < MIN_CHUNK_TOKENS:
-            raise MemcliError(f"--chunk-tokens must be at least {MIN_CHUNK_TOKENS} (the model card's minimum), not {chunk_tokens}")
+            chunk_tokens = max(loaded.chunk_tokens(), least)
+        if chunk_tokens < least:
+            raise MemcliError(f"--chunk-tokens must be at least {least} (the shortest context {loaded.name} "
+                              f"takes), not {chunk_tokens}")
         if chunk_tokens > limit:
             raise MemcliError(f"--chunk-tokens {chunk_tokens} is longer than {loaded.name} reads at once ({limit} tokens)")
         started = time.perf_counter()
         created = not self.store.exists(pool_name)
+        run = _Run(chunk_tokens, least, UnknownWords(loaded.tokenizer, loaded.name))
         try:
-            return self._inject_all(loaded, pool_name, items, chunk_tokens, force, stdin, report, emit, started)
+            return self._inject_all(loaded, pool_name, items, run, force, stdin, report, emit, started)
         finally:
             # a pool this call created but never wrote to is not left behind (bad input leaves no trace)
             if created and self.store.exists(pool_name) and not self.store.read_manifest(pool_name)["meta"].get("next_chunk"):
                 self._pools.pop(pool_name, None)
                 self.store.remove(pool_name)
 
-    def _inject_all(self, loaded, pool_name, items, chunk_tokens, force, stdin, report, emit, started):
+    def _inject_all(self, loaded, pool_name, items, run: "_Run", force, stdin, report, emit, started):
         total = sum(1 for item in items if isinstance(item, Source))
         with self.store.writer(pool_name):
             _, pool = self.open_pool(pool_name, model=loaded.name, create=True)
@@ -522,15 +601,24 @@ class Memcli:
                         continue
                     current = item
                     index += 1
-                    report.files.append(self._inject_source(loaded, pool, item, chunk_tokens, force, stdin, report,
-                                                            emit, (index, total)))
+                    result = self._inject_source(loaded, pool, item, run, force, stdin, report, emit, (index, total))
+                    if isinstance(result, _Short):
+                        run.shorts.append(result)
+                        result = result.result  # its place in the report, filled in once it is packed
+                    report.files.append(result)
                     current = None
+                if run.shorts:
+                    self._pack(loaded, pool, run, report, emit, total)
             except KeyboardInterrupt:
                 report.interrupted = True
                 self._discard_unsaved(pool_name, loaded, pool)
                 report.partial = _partial_of(pool, current, self.source_label)
+                # short texts whose packed chunk was not committed: this run did not inject them
+                report.files = [f for f in report.files if f.status != "pending"]
+                report.unknown_words = run.unknown.to_json()
                 report.seconds = time.perf_counter() - started
                 raise InjectInterrupted(report) from None
+        report.unknown_words = run.unknown.to_json()
         report.seconds = time.perf_counter() - started
         return report
 
@@ -545,8 +633,10 @@ class Memcli:
             fresh.state, fresh.sources, fresh.next_chunk, fresh.version, fresh.parts)
         loaded.engine.forget_prefix()
 
-    def _inject_source(self, loaded, pool, source: Source, chunk_tokens, force, stdin, report, emit,
-                       position_in_run: tuple[int, int]) -> FileResult:
+    def _inject_source(self, loaded, pool, source: Source, run: "_Run", force, stdin, report, emit,
+                       position_in_run: tuple[int, int]) -> "FileResult | _Short":
+        import itertools
+
         import torch
 
         from . import pool as pools
@@ -574,42 +664,61 @@ class Memcli:
             reason = "already in the pool" if same else f"already in the pool as {entry.get('path')}"
             emit(Event("skip", source.path, reason=reason))
             return FileResult(source.path, "already", reason + " (use --force to inject it again)")
+        twin = None if force else next((s for s in run.shorts if s.digest == digest), None)
+        if twin is not None:  # a short text waiting to be packed: its twin goes in with it
+            reason = f"the same text as {twin.label} in this run"
+            emit(Event("skip", source.path, reason=reason))
+            return FileResult(source.path, "already", reason + " (use --force to inject it again)")
         # A source is its path: the same path with other content is a changed file, injected again;
         # the rows of its earlier version stay in memory and fade like all rows.
         previous = None
         if source.kind != "stdin":
             previous = next((s for s in reversed(pool.sources) if s.get("path") == label and s.get("complete")
                              and s.get("sha256") != digest and not s.get("superseded_by")), None)
-        resume_after = entry["chunks"] if entry is not None and not entry.get("complete") and not force else 0
-        if entry is None or force or entry.get("complete") or entry["first_chunk"] + entry["chunks"] != pool.next_chunk:
-            entry = {
-                "id": len(pool.sources),
-                "path": label,
-                "kind": source.kind,
-                "sha256": digest,
-                "bytes": source.size,
-                "tokens": 0,
-                "chunks": 0,
-                "first_chunk": pool.next_chunk,
-                "complete": False,
-                "time": now_iso(),
-            }
-            pool.sources.append(entry)
+        resume_after = entry["chunks"] if entry is not None and not entry.get("complete") and not force \
+            and not entry.get("packed") else 0
         emit(Event("file", source.path, file_index=index, files_total=total, total=source.size))
         done = tokens_done = 0  # chunks and tokens injected by this run
         # position estimate for progress: units read (bytes, pages) per token encoded, times tokens chunked
         encoded_tokens = [0]
+        head: list[int] = []  # the text's first ids: all of them when it is shorter than the minimum
 
         def encode(text: str) -> list[int]:
             ids = context_ids(tokenizer, text)
             encoded_tokens[0] += len(ids)
+            if len(head) < run.min_tokens:
+                head.extend(ids)
+            run.unknown.scan(text, ids)
             return ids
 
         position = 0  # tokens of this file chunked so far (resumed ones included)
         began: list[float] = []  # (time, position in units) when this run's first chunk of the file began
         try:
-            chunks = chunk_token_ids(encode_pieces(pieces, encode), chunk_tokens)
-            for number, chunk in enumerate(chunks):
+            chunks = chunk_token_ids(encode_pieces(pieces, encode), run.chunk_tokens, run.min_tokens)
+            try:
+                first = next(chunks)  # reads at most about two chunks of the text
+            except ChunkingError:
+                if not head:
+                    raise  # no text at all
+                # shorter than the minimum: packed with the run's other short texts at its end
+                return _Short(source, label, digest, list(head), previous, index,
+                              FileResult(source.path, "pending", tokens=len(head)))
+            if entry is None or force or entry.get("complete") or entry.get("packed") or \
+                    entry["first_chunk"] + entry["chunks"] != pool.next_chunk:
+                entry = {
+                    "id": len(pool.sources),
+                    "path": label,
+                    "kind": source.kind,
+                    "sha256": digest,
+                    "bytes": source.size,
+                    "tokens": 0,
+                    "chunks": 0,
+                    "first_chunk": pool.next_chunk,
+                    "complete": False,
+                    "time": now_iso(),
+                }
+                pool.sources.append(entry)
+            for number, chunk in enumerate(itertools.chain([first], chunks)):
                 position += len(chunk)
                 if number < resume_after:
                     continue  # committed by an earlier, interrupted run
@@ -619,6 +728,7 @@ class Memcli:
                     began.extend((time.perf_counter(), before))
                 delta = engine.inject(pool.state, torch.tensor([chunk]))
                 engine.update(pool.state, delta, origin=pool.next_chunk)
+                run.last = Packed(ids=list(chunk), pieces=[((entry, pool.next_chunk), len(chunk))])
                 pool.next_chunk += 1
                 entry["chunks"] += 1
                 entry["tokens"] += len(chunk)
@@ -639,6 +749,7 @@ class Memcli:
         except (ExtractError, ChunkingError) as err:
             # Only what this file added since its last commit is undone.
             self._discard_unsaved(pool.name, loaded, pool)
+            run.last = None  # (its chunks are gone with it)
             emit(Event("skip", source.path, reason=str(err)))
             return FileResult(source.path, "skipped", str(err))
         entry["complete"] = True
@@ -649,6 +760,99 @@ class Memcli:
         status = "resumed" if resume_after else "changed" if previous is not None else "injected"
         reason = "changed since it was injected; its earlier rows stay and fade" if status == "changed" else ""
         return FileResult(source.path, status, reason, chunks=done, tokens=tokens_done)
+
+    # ------------------------------------------------------------------ short texts, packed
+    def _pack(self, loaded, pool, run: "_Run", report: InjectReport, emit, total: int) -> None:
+        """Inject the run's texts shorter than the model's minimum, packed into shared chunks
+        (chunking.Packer): whole texts while they fit, the last chunk filled up with the end of the
+        chunk this run injected before it. Each text keeps its own log entry (`packed`: the chunks
+        it is in; `rows`: the memory rows it was given per layer). A chunk's new rows are shared
+        among its texts by their tokens (chunking.share_rows), and every row is tagged with the
+        provenance serial of the text it is counted for, so `pool info`'s retention and
+        `ask --sources` count a packed text's rows as they count any source's. A text is refused
+        only when nothing at all can be packed with it: the run's short texts are too short
+        together and this run injected nothing else."""
+        packer = Packer(run.chunk_tokens, run.min_tokens)
+        unsaved: list[_Short] = []
+        for short in run.shorts:
+            for chunk in packer.add(short, short.ids):
+                self._inject_packed(loaded, pool, run, chunk, report, emit, total, unsaved)
+        last = packer.finish(run.last)
+        if last is not None:
+            self._inject_packed(loaded, pool, run, last, report, emit, total, unsaved)
+        if unsaved:
+            self._commit_packed(pool, unsaved)
+        left = [s for s in run.shorts if s in packer.left]
+        together = sum(len(s.ids) for s in left)
+        for short in left:
+            reason = (f"only {len(short.ids)} tokens and nothing to pack it with: {loaded.name} needs at least "
+                      f"{run.min_tokens} tokens per chunk, and " +
+                      (f"this run's short texts make only {together}" if len(left) > 1
+                       else "this run injected nothing else"))
+            short.result.status, short.result.reason, short.result.tokens = "skipped", reason, 0
+            emit(Event("skip", short.source.path, reason=reason))
+
+    def _inject_packed(self, loaded, pool, run: "_Run", chunk: Packed, report: InjectReport, emit, total: int,
+                       unsaved: list["_Short"]) -> None:
+        import torch
+
+        state, k_rows = pool.state, loaded.cfg.num_tokens
+        rows = share_rows(chunk.pieces, k_rows if state.initialized else min(k_rows, len(chunk.ids)))
+        key = pool.next_chunk  # the chunk's first new serial names it in its texts' entries
+        owners: list[tuple[dict, int]] = []  # (log entry, provenance serial) of every piece
+        for owner, tokens in chunk.pieces:
+            if not isinstance(owner, _Short):
+                owners.append(owner)  # borrowed from the chunk before: its own (entry, serial)
+                continue
+            if owner.entry is None:
+                owner.entry = {"id": len(pool.sources), "path": owner.label, "kind": owner.source.kind,
+                               "sha256": owner.digest, "bytes": owner.source.size, "tokens": 0, "chunks": 0,
+                               "first_chunk": pool.next_chunk, "complete": False, "time": now_iso(),
+                               "rows": 0, "packed": []}
+                pool.sources.append(owner.entry)
+            entry = owner.entry
+            assert entry["first_chunk"] + entry["chunks"] == pool.next_chunk, "a packed text's serials are contiguous"
+            owners.append((entry, pool.next_chunk))
+            pool.next_chunk += 1
+            entry["chunks"] += 1
+            entry["tokens"] += tokens
+            entry["packed"].append(key)
+        origin = torch.tensor([serial for (_, serial), n in zip(owners, rows) for _ in range(n)], dtype=torch.int64)
+        delta = loaded.engine.inject(state, torch.tensor([chunk.ids]))
+        loaded.engine.update(state, delta, origin=origin)
+        for (entry, _), n in zip(owners, rows):
+            entry["rows"] = entry.get("rows", entry["chunks"] * k_rows) + n
+        run.last = Packed(ids=list(chunk.ids), pieces=[(o, t) for o, (_, t) in zip(owners, chunk.pieces)])
+        report.chunks += 1
+        report.tokens += len(chunk.ids)
+        for short in chunk.complete:
+            short.entry["complete"] = True
+            short.entry["time"] = now_iso()
+            if short.previous is not None:
+                short.previous["superseded_by"] = short.entry["id"]
+            unsaved.append(short)
+        first = next(owner for owner, _ in chunk.pieces if isinstance(owner, _Short))
+        try:
+            emit(Event("chunk", first.source.path, chunks=1, tokens=len(chunk.ids), file_index=first.index,
+                       files_total=total))
+        except StopAfterChunk:
+            self._commit_packed(pool, unsaved)
+            raise
+        if chunk.pieces[-1][0] in chunk.complete:  # no text left half-injected: a clean boundary
+            self._commit_packed(pool, unsaved)
+
+    def _commit_packed(self, pool, unsaved: list["_Short"]) -> None:
+        """Save, then count the packed texts that are now complete as injected."""
+        from . import pool as pools
+
+        pools.save(self.store, pool)
+        for short in unsaved:
+            chunks = len(set(short.entry["packed"]))
+            short.result.status = "changed" if short.previous is not None else "injected"
+            short.result.reason = ("changed since it was injected; its earlier rows stay and fade"
+                                   if short.previous is not None else "")
+            short.result.chunks, short.result.tokens, short.result.packed = chunks, short.entry["tokens"], True
+        unsaved.clear()
 
     # ------------------------------------------------------------------ ask
     def ask(
@@ -670,13 +874,23 @@ class Memcli:
         loaded, pool = self.open_pool(pool_name)
         ids, max_new_tokens, turns = answer_prompt(loaded, question, history, max_new_tokens)
         return decode_answer(loaded, pool.state, ids, max_new_tokens, sampling=sampling, on_text=on_text,
-                             turns_in_prompt=turns)
+                             turns_in_prompt=turns, question=question)
 
     def chat(self, pool_name: str, *, max_new_tokens: int | None = None,
              sampling: "Sampling | None" = None) -> "ChatSession":
-        """A conversation with a pool: the pool stays loaded and earlier turns go into each prompt."""
-        self.keep_open(pool_name)
-        return ChatSession(self, pool_name, max_new_tokens=max_new_tokens, sampling=sampling)
+        """A conversation with a pool: the pool stays loaded and earlier turns go into each prompt.
+        A pool that does not exist yet is a new, empty one (`ChatSession.new`): the session's first
+        inject creates it, bound to the configured model."""
+        new = not self.pool_exists(pool_name)
+        if not new:
+            self.keep_open(pool_name)
+        return ChatSession(self, pool_name, max_new_tokens=max_new_tokens, sampling=sampling, new=new)
+
+    def pool_exists(self, name: str) -> bool:
+        """Whether pool `name` exists (an invalid name is refused)."""
+        from .store import validate_name
+
+        return self.store.exists(validate_name(name))
 
     # ------------------------------------------------------------------ pool info
     def pool_info(self, name: str) -> dict:
@@ -702,12 +916,27 @@ class ChatSession:
     (question, answer) turns in the prompt, as many of the newest as the model's window holds."""
 
     def __init__(self, app: Memcli, pool: str, *, max_new_tokens: int | None = None,
-                 sampling: "Sampling | None" = None):
+                 sampling: "Sampling | None" = None, new: bool = False):
         self.app, self.pool = app, pool
         self.max_new_tokens, self.sampling = max_new_tokens, sampling
         self.turns: list[tuple[str, str]] = []
+        # the pool did not exist when the session began: it is empty until an inject creates it, and
+        # a question before that is refused (an answer from the model's own memory alone would look
+        # like one from documents)
+        self.new = new
+
+    def _started(self) -> bool:
+        """Whether a new pool exists by now (and, in-process, keep it loaded from then on)."""
+        if self.new and self.app.pool_exists(self.pool):
+            self.new = False
+            keep = getattr(self.app, "keep_open", None)
+            if keep is not None:
+                keep(self.pool)
+        return not self.new
 
     def ask(self, question: str, on_text: Callable[[str], None] | None = None) -> Answer:
+        if not self._started():
+            raise MemcliError(f"pool {self.pool} is still empty: /inject PATH... adds documents to it")
         answer = self.app.ask(self.pool, question, max_new_tokens=self.max_new_tokens, sampling=self.sampling,
                               on_text=on_text, history=self.turns)
         self.turns.append((question.strip(), answer.text.strip()))
@@ -718,8 +947,12 @@ class ChatSession:
         self.turns.clear()
 
     def inject(self, paths: Iterable[str], **kwargs) -> InjectReport:
-        """Add documents to the pool mid-conversation; the next answer reads them."""
-        return self.app.inject(self.pool, paths, **kwargs)
+        """Add documents to the pool mid-conversation (the first creates a new pool); the next
+        answer reads them."""
+        try:
+            return self.app.inject(self.pool, paths, **kwargs)
+        finally:
+            self._started()
 
 
 def answer_prompt(loaded: LoadedModel, question: str, history: list[tuple[str, str]] | None,
@@ -765,14 +998,22 @@ class _StopString(Exception):
 def decode_answer(loaded: LoadedModel, state, ids: list[int], max_new_tokens: int, *,
                   sampling: "Sampling | None" = None, on_text: Callable[[str], None] | None = None,
                   stop: tuple[str, ...] = (), checkpoint: Callable[[], None] | None = None,
-                  turns_in_prompt: int = 0) -> Answer:
+                  turns_in_prompt: int = 0, question: str | None = None) -> Answer:
     """Decode an answer to the prompt `ids` from a memory state, passing text to `on_text` as it
     comes: an incomplete UTF-8 sequence is held back until the next token completes it, and so is
     text that may be the start of a stop string (`stop`: the answer ends before the first one).
-    `checkpoint()` runs before each token (a server stops there when its client left)."""
+    `checkpoint()` runs before each token (a server stops there when its client left). Given the
+    `question`, the answer names its words the model has never seen (`unknown_words`)."""
     import torch
 
     from .prompts import stop_ids
+    from .vocabulary import UnknownWords
+
+    unknown = None
+    if question is not None:
+        words = UnknownWords(loaded.tokenizer, loaded.name)
+        words.scan(question)
+        unknown = words.to_json()
 
     tokenizer = loaded.tokenizer
     stops = stop_ids(tokenizer, loaded.cfg.eos_token_id)
@@ -833,6 +1074,7 @@ def decode_answer(loaded: LoadedModel, state, ids: list[int], max_new_tokens: in
         seconds=finished - started,
         stopped=bool(cut) or (bool(generated) and generated[-1] in stops),
         turns_in_prompt=turns_in_prompt,
+        unknown_words=unknown,
     )
 
 
@@ -913,12 +1155,16 @@ def list_models() -> list[dict]:
     from .catalog import BUNDLED
 
     cache = paths.hf_hub_cache()
+    from .catalog import description
+
+    # description: what a model declares it can and cannot answer (memcli-tiny: a toy of 268 words)
     rows = [{"name": alias, "repo": None, "default": alias == DEFAULT_MODEL, "status": "bundled",
-             "bytes": _folder_bytes(folder), "path": str(folder), "problem": checkpoint_problem(folder)}
+             "bytes": _folder_bytes(folder), "path": str(folder), "problem": checkpoint_problem(folder),
+             "description": description(alias)}
             for alias, folder in BUNDLED.items()]
     for alias, repo_id in ALIASES.items():
         row = {"name": alias, "repo": repo_id, "default": alias == DEFAULT_MODEL,
-               "status": "not downloaded", "bytes": 0, "path": None, "problem": None}
+               "status": "not downloaded", "bytes": 0, "path": None, "problem": None, "description": None}
         repo = cache / ("models--" + repo_id.replace("/", "--"))
         if repo.is_dir():
             row["bytes"] = _folder_bytes(repo / "blobs")
@@ -1087,14 +1333,12 @@ def diagnose(settings: Settings) -> dict:
     memory = host_memory()
     catalog_entry = known(settings.model)
     if catalog_entry is not None and resolved["device"] == "cpu" and resolved["quant"]:
-        from .catalog import host_bytes_needed
+        from .catalog import OFFLINE_HINT, cpu_memory_problem, host_bytes_needed
 
-        needed = host_bytes_needed(catalog_entry, resolved["quant"])
-        memory["needed_bytes"] = needed
-        if memory["total_bytes"] is not None and needed > memory["total_bytes"]:
-            problems.append(f"{settings.model} on the CPU in {resolved['quant']} needs about {needed / 2**30:.0f} GiB "
-                            f"of memory and this machine has {memory['total_bytes'] / 2**30:.0f} GiB; it will not "
-                            f"load here (a CUDA GPU, or the offline demo: bash examples/demo.sh --smoke)")
+        memory["needed_bytes"] = host_bytes_needed(catalog_entry, resolved["quant"])
+        problem = cpu_memory_problem(settings.model, resolved["quant"], memory["total_bytes"])
+        if problem is not None:
+            problems.append(f"{settings.model} will not load here: {problem} (it needs a CUDA GPU); {OFFLINE_HINT}")
     if settings.model in ALIASES:
         downloaded = any(row["name"] == settings.model and row["status"] == "downloaded" for row in list_models())
         free = disk["hf_cache_free_bytes"]

@@ -11,8 +11,15 @@ question's own rows are left out, so shares sum to the mass on memory, not to on
 Which layers carry the signal is a measurement, not a guess: `layer_mass` reports each layer on its
 own; the ranking averages the layers a model's config.json names under `memcli_source_layers`
 (measured: training/measure_sources.py; memcli-tiny: layer 0, where the question's name word looks
-its fact up), else all layers. Per source the prompt row with the most mass on it counts ("peak"). For M+, rows retrieved from long-term memory are
-not attributed (only the short-term memory is).
+its fact up), else all layers. Per source the prompt row with the most mass on it counts ("peak").
+For M+, rows retrieved from long-term memory are not attributed (only the short-term memory is).
+
+What a user sees is each source's *share* and its rank (`shares`): in every chosen layer, the head
+and question row that looked hardest into one of the user's sources (the look-up: for the tiny
+model, the question's name word finding its fact) is taken, and its attention on memory is split
+among the sources, the initial memory included, so the shares sum to 100 %. The source ranked first
+is the one with the largest peak, as before; the shares tell it apart from the others (a source
+with 100 % peak beside the initial memory's 99.8 % said nothing).
 """
 
 from __future__ import annotations
@@ -135,6 +142,31 @@ def by_source(weights: torch.Tensor, sources: list[list[str]], layers: list[int]
     return sorted(shares, key=lambda share: -share.mass)
 
 
+def shares(weights: torch.Tensor, sources: list[list[str]], layers: list[int] | None = None) -> dict[str, float]:
+    """Each source's share of the look-up (see the module docstring): per chosen layer, the (head,
+    prompt row) with the most attention on any one user source, its attention on memory divided
+    among the sources (summing to 1); the chosen layers averaged. With no user source in memory,
+    the initial memory has it all."""
+    layers = list(range(weights.shape[0])) if layers is None else layers
+    out: dict[str, float] = {}
+    for l in layers:
+        names = sorted(set(sources[l]))
+        index = {name: i for i, name in enumerate(names)}
+        owner = torch.tensor([index[s] for s in sources[l]])
+        w = weights[l].float()  # [H, q, N]
+        per = torch.zeros(w.shape[0] * w.shape[1], len(names)).index_add_(1, owner, w.flatten(0, 1))  # [H*q, S]
+        user = torch.tensor([name != INITIAL for name in names])
+        if user.any():
+            pair = int(per[:, user].max(1).values.argmax())
+        else:
+            pair = 0
+        row = per[pair]
+        total = float(row.sum())
+        for name, value in zip(names, row.tolist()):
+            out[name] = out.get(name, 0.0) + (value / total if total > 0 else float(name == INITIAL)) / len(layers)
+    return out
+
+
 def layer_mass(weights: torch.Tensor, sources: list[list[str]], rows: str = "peak") -> list[dict[str, float]]:
     """Per layer, the attention mass of every source (for measuring which layers carry provenance)."""
     return [{s.source: s.mass for s in by_source(weights, sources, [l], rows)} for l in range(weights.shape[0])]
@@ -152,11 +184,17 @@ def for_question(app, pool_name: str, question: str, layers: list[int] | None = 
     ids = question_ids(loaded.tokenizer, question.strip())
     weights = memory_attention(loaded.engine.model, pool.state, ids)
     sources = row_sources(pool.state, chunk_sources(pool.sources))
-    ranked = by_source(weights, sources, layers)
+    part = shares(weights, sources, layers)
+    ranked = sorted(by_source(weights, sources, layers), key=lambda share: (-part.get(share.source, 0.0), -share.mass))
     initial = next((share.mass for share in ranked if share.source == INITIAL), 0.0)
+    listed = [share for share in ranked if share.source != INITIAL]
     return {
-        # the checkpoint's own rows are no source a user gave; their mass is reported apart
-        "sources": [share.to_json() for share in ranked if share.source != INITIAL],
+        # the checkpoint's own rows are no source a user gave; their share is reported apart.
+        # share: of the look-up (sums to 1 with initial_memory_share); rank: 1 = read most;
+        # mass: the most attention any one head and question row put on the source's rows
+        "sources": [{**share.to_json(), "share": round(part.get(share.source, 0.0), 6), "rank": rank}
+                    for rank, share in enumerate(listed, 1)],
+        "initial_memory_share": round(part.get(INITIAL, 0.0), 6),
         "initial_memory_mass": round(initial, 6),
         "layers": list(range(weights.shape[0])) if layers is None else layers,
         "layer_mass": [{k: round(v, 6) for k, v in sorted(m.items(), key=lambda kv: -kv[1])}
@@ -165,10 +203,14 @@ def for_question(app, pool_name: str, question: str, layers: list[int] | None = 
 
 
 def render(report: dict, top: int = 5) -> list[str]:
-    """Lines for a terminal: the sources the question read most, with their share of attention."""
-    lines = ["sources (attention on memory rows: the most any head of any question row put on the source's"
-             " rows; layers %s):" % ",".join(map(str, report["layers"]))]
-    for share in report["sources"][:top]:
-        lines.append(f"  {share['mass']:6.1%}  {share['source']}  ({share['rows']} rows)")
-    lines.append(f"  {report['initial_memory_mass']:6.1%}  {INITIAL}")
+    """Lines for a terminal: the sources the question read most, ranked, each with its share of what
+    the question looked up in memory (the shares, the rest and the initial memory make 100 %)."""
+    lines = ["sources, ranked by their share of what the question looked up in memory:"]
+    shown = report["sources"][:top]
+    for share in shown:
+        lines.append(f"  {share['rank']:>2}. {share['share']:6.1%}  {share['source']}  ({share['rows']:,} memory rows)")
+    rest = report["sources"][top:]
+    if rest:
+        lines.append(f"      {sum(s['share'] for s in rest):6.1%}  {len(rest):,} other sources")
+    lines.append(f"      {report['initial_memory_share']:6.1%}  {INITIAL}: what the model held before any document")
     return lines

@@ -1,5 +1,6 @@
-"""The published models memcli knows by name: hub ids and sizes (no torch: `memcli models`,
-completion and `doctor` read this without loading anything)."""
+"""The published models memcli knows by name: hub ids and sizes, and what a model folder declares
+about itself (no torch: `memcli models`, `pool info`, completion and `doctor` read this without
+loading anything)."""
 
 from __future__ import annotations
 
@@ -53,3 +54,103 @@ def host_bytes_needed(model: KnownModel, quant: str, state_bytes_per_value: int 
     weights = model.params * BYTES_PER_WEIGHT.get(quant, 4.0)
     pool = model.layers * model.memory_rows * model.hidden * state_bytes_per_value
     return int(weights + pool)
+
+
+def cpu_memory_problem(name: str, quant: str, total_bytes: int | None) -> str | None:
+    """Why a published model cannot load on this machine's CPU (its weights in `quant` and its
+    memory pool need more than `total_bytes`); None when it fits, or for a model not in the catalog."""
+    entry = known(name)
+    if entry is None or total_bytes is None:
+        return None
+    needed = host_bytes_needed(entry, quant)
+    if needed <= total_bytes:
+        return None
+    return (f"on the CPU ({quant}) it needs about {needed / 2**30:.0f} GiB of memory and this machine has "
+            f"{total_bytes / 2**30:.0f} GiB")
+
+
+# What runs where the published models cannot: the toy shipped in the package, and its demo.
+OFFLINE_HINT = ("use the bundled toy model: --model memcli-tiny (or memcli config set model memcli-tiny), "
+                "or see it work: bash examples/demo.sh --offline")
+
+
+# --------------------------------------------------------------------------- chunking
+# The published checkpoints' chunking: contexts of 512 tokens (capped by a model's max_seq_length),
+# never fewer than 16 (the model card's hard minimum; shorter contexts disturb the memory). A model
+# folder declares its own minimum in config.json (memcli_min_chunk_tokens; memcli-tiny: 20, the
+# only chunk length it was trained on).
+CARD_CHUNK_TOKENS = 512
+CARD_MIN_CHUNK_TOKENS = 16
+
+
+# --------------------------------------------------------------------------- what a model declares
+# Keys a model folder's config.json may carry about itself (read here without torch):
+#   memcli_min_chunk_tokens  int   the shortest context it was trained on (default 16, the card's)
+#   memcli_made_for_cpu      bool  made for the CPU: no "running on the CPU (slow)" warning
+#   memcli_label             str   a few words shown beside its name (`pool info`)
+#   memcli_description       str   one line: what it can and cannot answer (`memcli models`)
+#   memcli_source_layers     [int] the layers whose attention names a source (attribution.py)
+# A closed vocabulary needs no key: words the tokenizer turns into its unknown token are words the
+# model has never seen, and inject and ask name them.
+MAX_CONFIG_BYTES = 4 << 20
+
+
+def model_folder(name: str) -> Path | None:
+    """The folder of a bundled model or a local model folder (None for a hub id or alias)."""
+    if name in BUNDLED:
+        return BUNDLED[name]
+    local = Path(name).expanduser()
+    return local if local.is_dir() else None
+
+
+def declared(name: str) -> dict:
+    """The `memcli_*` keys of a bundled model's or a local folder's config.json; {} for a hub id,
+    or where the file cannot be read (loading the model says what is wrong with it)."""
+    import os
+
+    folder = model_folder(name)
+    if folder is None:
+        return {}
+    path = folder / "config.json"
+    try:
+        if name in BUNDLED:  # a file of this package: read plainly (`memcli models` stays light)
+            import json
+
+            raw = json.loads(path.read_text())
+        else:  # a user's folder: the store's bounded, non-blocking reader
+            from .store.durable import open_regular, read_fd
+            from .store.errors import PoolError
+            from .store.manifest import parse_json
+
+            try:
+                fd = open_regular(path, str(path), max_bytes=MAX_CONFIG_BYTES)
+                try:
+                    raw = parse_json(read_fd(fd, MAX_CONFIG_BYTES), str(path))
+                finally:
+                    os.close(fd)
+            except PoolError:
+                return {}
+    except (OSError, ValueError):
+        return {}
+    return {k: v for k, v in raw.items() if k.startswith("memcli_")} if isinstance(raw, dict) else {}
+
+
+def made_for_cpu(name: str) -> bool:
+    return declared(name).get("memcli_made_for_cpu") is True
+
+
+def label(name: str, family: str) -> str:
+    """What to call a pool's model beside its name: a published checkpoint's family (8b, 7b, mplus),
+    else what the model declares (memcli_label), else its family's layout."""
+    if known(name) is not None:
+        return family
+    text = declared(name).get("memcli_label")
+    if isinstance(text, str) and text.strip():
+        return " ".join(text.split())[:80]
+    return f"{family} layout"
+
+
+def description(name: str) -> str | None:
+    """The one line a model declares about what it can and cannot answer (memcli_description)."""
+    text = declared(name).get("memcli_description")
+    return " ".join(text.split())[:400] if isinstance(text, str) and text.strip() else None

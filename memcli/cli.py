@@ -322,7 +322,9 @@ class State:
 
             def on_load(model: str, device: str) -> None:
                 global _warned_cpu
-                if settings.device == "auto" and device == "cpu" and not _warned_cpu:
+                from .catalog import made_for_cpu
+
+                if settings.device == "auto" and device == "cpu" and not _warned_cpu and not made_for_cpu(model):
                     _warned_cpu = True
                     say(CPU_WARNING, style="yellow")
                 if LiveProgress.active is not None:
@@ -664,6 +666,8 @@ def report_lines(report) -> list[str]:
             lines.append(f"{shown(f.path)}: {one_line(f.reason)}")
         elif f.status == "changed":
             lines.append(f"changed {shown(f.path)}: injected again (the earlier version's rows stay and fade)")
+    if _unknown_line(report):
+        lines.append(_unknown_line(report))
     done = report.count("injected", "resumed", "changed")
     if done:
         summary = (f"injected {_plural(done, 'file')} ({_plural(report.chunks, 'chunk')}, "
@@ -672,7 +676,8 @@ def report_lines(report) -> list[str]:
         summary = f"nothing injected into pool {report.pool}"
     counts = report.summary()
     notes = []
-    for key, label in (("changed", "changed"), ("resumed", "resumed"), ("already", "already in the pool")):
+    for key, label in (("changed", "changed"), ("resumed", "resumed"), ("already", "already in the pool"),
+                       ("packed", "too short alone, packed together")):
         if counts[key]:
             notes.append(f"{counts[key]:,} {label}")
     if report.skipped:
@@ -690,6 +695,14 @@ def report_lines(report) -> list[str]:
         summary += " — " + ", ".join(notes)
     lines.append(summary)
     return lines
+
+
+def _unknown_line(report) -> str | None:
+    """The words of what was read that the model has never seen, in one line (None: there are none)."""
+    from .vocabulary import note
+
+    line = note(report.unknown_words, "what was read")
+    return shown(line) if line else None
 
 
 def interrupted_line(report) -> str:
@@ -754,6 +767,8 @@ def show_inject_report(report, interrupted: bool, as_json: bool) -> None:
     """An inject's outcome (in-process or through a server): the report, and its exit code."""
     if as_json:
         print_json(report.to_json())
+        if _unknown_line(report):
+            say(_unknown_line(report))  # on stderr also with --json
     else:
         for line in report_lines(report)[:-1]:
             say(line)
@@ -787,6 +802,11 @@ def _stream_answer(ask, question: str, as_json: bool = False):
         raise
     if not as_json:
         _write_stdout("\n")
+    from .vocabulary import note
+
+    unknown = note(answer.to_json().get("unknown_words"), "the question")
+    if unknown:
+        say(shown(unknown), style="yellow")
     return answer
 
 
@@ -941,6 +961,12 @@ def chat(
                or state.app().chat(name, max_new_tokens=max_new_tokens, sampling=_sampling(temperature, top_p, seed)))
     interactive = sys.stdin.isatty()
     history = _History() if interactive else None
+    if getattr(session, "new", False):  # a typo is more likely than a new pool next to a close name
+        import difflib
+
+        close = difflib.get_close_matches(name, [row["name"] for row in state.pools_api().list_pools()], n=1)
+        say(f"pool {name} is new and empty: /inject PATH... adds documents to it (the first creates it, "
+            f"for model {shown(state.settings().model)})" + (f"; did you mean {close[0]}?" if close else ""))
     if interactive:
         say(f"pool {name}: {CHAT_HELP}", style="dim")
     failures = 0
@@ -1088,7 +1114,7 @@ def pool_info(ctx: typer.Context,
     complete = sum(1 for s in files if s.get("complete"))
     for key, value in (
         ("name", info["name"]),
-        ("model", f"{info['model']} ({info['family']})"),
+        ("model", f"{info['model']} ({_model_label(info)})"),
         ("size on disk", human_bytes(info["bytes_on_disk"])),
         ("sources", f"{info['sources']:,}" + (f" ({len(files) - complete} incomplete)" if complete < len(files) else "")),
         ("chunks", f"{info['chunks']:,}"),
@@ -1105,11 +1131,13 @@ def pool_info(ctx: typer.Context,
     out.print(facts)
     if info["retention"]:
         out.print()
-        table = _table("source", "chunks", "retained", "rows in STM", "rows in LTM",
-                       right=("chunks", "retained", "rows in STM", "rows in LTM"))
+        ltm = info["family"] == "mplus"  # only M+ has a long-term memory
+        columns = ("chunks", "retained", "rows in STM") + (("rows in LTM",) if ltm else ())
+        table = _table("source", *columns, right=columns)
         for row in info["retention"]:
-            table.add_row(_tail(shown(row["source"]), 48), f"{row['chunks']:,}", f"{100 * row['share_retained']:.1f}%",
-                          f"{row['rows_in_stm']:,}", f"{row['rows_in_ltm']:,}")
+            chunks = f"{row['chunks']:,}" + (" shared" if "packed" in row else "")
+            table.add_row(_tail(shown(row["source"]), 48), chunks, f"{100 * row['share_retained']:.1f}%",
+                          f"{row['rows_in_stm']:,}", *((f"{row['rows_in_ltm']:,}",) if ltm else ()))
         out.print(table)
 
 
@@ -1131,6 +1159,14 @@ def _written_by(info: dict) -> str:
     if created == written:
         return f"memcli {written}"
     return f"memcli {written} (created by memcli {created or 'before 0.2.0'})"
+
+
+def _model_label(info: dict) -> str:
+    """A pool's model in words a user reads: a published checkpoint's family (8b, 7b, mplus), else
+    what the model folder declares about itself (memcli-tiny: a toy)."""
+    from .catalog import label
+
+    return label(info["model"], info["family"])
 
 
 def _done(as_json: bool, message: str, data: dict) -> None:
@@ -1345,6 +1381,9 @@ def models(as_json: bool = typer.Option(False, "--json", metavar=FLAG, help=JSON
         name = row["name"] + (" (default)" if row["default"] else "")
         table.add_row(name, row["repo"] or "(in the package)", status, human_bytes(row["bytes"]) if row["bytes"] else "")
     console(stderr=False).print(table)
+    for row in rows:
+        if row.get("description"):
+            console(stderr=False).print(Text(f"{row['name']}: {shown(row['description'])}"), soft_wrap=True)
 
 
 @app.command()

@@ -175,13 +175,19 @@ class Remote:
     def chat(self, pool: str, *, max_new_tokens: int | None = None, sampling=None):
         """A conversation (`memcli.api.ChatSession`): its turns are kept here and sent with each question."""
         from .api import ChatSession
+
+        return ChatSession(self, pool, max_new_tokens=max_new_tokens, sampling=sampling, new=not self.pool_exists(pool))
+
+    def pool_exists(self, pool: str) -> bool:
         from .client import ServerError
 
         try:
             self.client.require_pool(pool)
         except ServerError as err:
+            if err.status == 404:
+                return False  # a new pool: the chat's first /inject creates it
             _fail(err)
-        return ChatSession(self, pool, max_new_tokens=max_new_tokens, sampling=sampling)
+        return True
 
     # ------------------------------------------------------------------ inject
     def inject(self, pool: str, paths, *, model: str | None = None, chunk_tokens: int | None = None,
@@ -413,7 +419,7 @@ def _merged_report(pool: str, order, served: dict | None):
     partial = FileResult(**served["partial"]) if served.get("partial") else None
     return InjectReport(pool=served["pool"], model=served["model"], files=files, chunks=served["chunks"],
                         tokens=served["tokens"], seconds=served["seconds"], interrupted=served["interrupted"],
-                        partial=partial)
+                        partial=partial, unknown_words=served.get("unknown_words"))
 
 
 def remote(ctx, start: bool = True) -> Remote | None:

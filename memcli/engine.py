@@ -460,10 +460,11 @@ class Engine:
         return kept if draws == state.num_layers else kept.expand(state.num_layers, -1)
 
     @torch.inference_mode()
-    def update(self, state: MemoryState, delta: Tensor, kept: Tensor | None = None, origin: int = 0) -> None:
+    def update(self, state: MemoryState, delta: Tensor, kept: Tensor | None = None, origin: int | Tensor = 0) -> None:
         """Write new rows into the state: drop K rows (or `kept` explicitly) and append `delta`.
 
-        `origin` tags the new rows for provenance (the injection chunk that produced them). Costs
+        `origin` tags the new rows for provenance (the injection chunk that produced them): one
+        serial, or one per new row (a chunk packed from several texts: [K'] int64). Costs
         O(K) rows per layer, also with a warm memory K/V cache: the new rows' keys/values are
         computed from `delta` where it already is (the model's device).
         """
@@ -489,7 +490,7 @@ class Engine:
         state.order = torch.cat((torch.gather(state.order, 1, kept), freed), dim=1)
         layer_index = torch.arange(state.num_layers, device=freed.device)[:, None]
         state.slots[layer_index, freed] = delta
-        state.origin[layer_index, freed] = origin
+        state.origin[layer_index, freed] = origin.to(freed.device) if isinstance(origin, Tensor) else origin
         if state.stm_ages is not None:
             ages = torch.arange(k_rows - 1, -1, -1, dtype=torch.float64, device=state.stm_ages.device)
             state.stm_ages[layer_index.to(ages.device), freed.to(ages.device)] = ages
@@ -519,7 +520,12 @@ class Engine:
             filled = torch.cat([delta] * (n // t) + [delta[:, t - n % t :]] if n % t else [delta] * (n // t), dim=1)
         state.slots = filled.clone()
         state.order = torch.arange(n, device=state.order.device).repeat(state.num_layers, 1)
-        state.origin.fill_(origin)
+        if isinstance(origin, Tensor):  # one serial per new row: tiled as the rows are
+            rows = torch.arange(t)
+            index = rows[-n:] if t >= n else torch.cat([rows] * (n // t) + [rows[t - n % t:]])
+            state.origin.copy_(origin.cpu()[index].to(state.origin.device).expand_as(state.origin))
+        else:
+            state.origin.fill_(origin)
         state.initialized = True
         state.full_rewrite = True
         state.dirty = None  # full_rewrite saves every slot

@@ -68,7 +68,7 @@ def _bad(what: str, field: str, expected: str) -> PoolCorrupt:
 def check_source(what: str, where: str, s) -> None:
     if not isinstance(s, dict):
         raise _bad(what, where, "an object")
-    for key in ("chunks", "tokens", "first_chunk", "bytes", "id"):
+    for key in ("chunks", "tokens", "first_chunk", "bytes", "id", "rows"):
         if key in s and not (is_int(s[key]) or (key == "bytes" and s[key] is None)):
             raise _bad(what, f"{where}.{key}", "an integer >= 0")
     for key in ("path", "kind", "time"):
@@ -78,6 +78,8 @@ def check_source(what: str, where: str, s) -> None:
         raise _bad(what, f"{where}.sha256", "a sha256 hex digest")
     if "complete" in s and not isinstance(s["complete"], bool):
         raise _bad(what, f"{where}.complete", "true or false")
+    if "packed" in s and (not isinstance(s["packed"], list) or not all(is_int(k) for k in s["packed"])):
+        raise _bad(what, f"{where}.packed", "a list of integers")
 
 
 def check_meta(what: str, meta: dict, records: list[dict] | None = None) -> None:
@@ -160,7 +162,10 @@ def sources_of(meta: dict, records: list[dict]) -> list[dict]:
 
 
 def totals_of(sources: list[dict]) -> dict:
-    return {"sources": len(sources), "chunks": sum(int(s.get("chunks", 0)) for s in sources),
+    """Sources, chunks and tokens of a log; a chunk packed from several short texts counts once."""
+    packed = {k for s in sources for k in s.get("packed", ())}
+    return {"sources": len(sources),
+            "chunks": sum(int(s.get("chunks", 0)) for s in sources if "packed" not in s) + len(packed),
             "tokens": sum(int(s.get("tokens", 0)) for s in sources)}
 
 
@@ -267,15 +272,23 @@ def _int64s(snap, part_id: str, tensor: str) -> tuple[array, list[int]]:
 
 
 def _report(sources, binding, L, in_stm, in_ltm) -> list[dict]:
+    """Per source: the rows it wrote and how many are still in memory. A source's rows carry its
+    provenance serials [first_chunk, first_chunk + chunks); it wrote `rows` per layer where the log
+    says (a text packed with others: its share of its chunks' rows; a source whose last chunk lent
+    context to a packed one: that share too), else `num_tokens` per chunk."""
     report = []
     for source in sources:
         first, count = source.get("first_chunk", 0), source.get("chunks", 0)
-        written = count * binding.num_tokens * L
+        written = int(source.get("rows", count * binding.num_tokens)) * L
         stm, ltm = in_stm(first, first + count), in_ltm(first, first + count)
+        packed = source.get("packed")
         report.append({
-            "source": source.get("path"), "sha256": source.get("sha256"), "chunks": count,
+            "source": source.get("path"), "sha256": source.get("sha256"),
+            "chunks": len(set(packed)) if packed is not None else count,
             "rows_written": written, "rows_in_stm": stm, "rows_in_ltm": ltm,
             "share_retained": (stm + ltm) / written if written else 0.0,
+            # packed: the chunks it shares with other short texts (their first serials), else absent
+            **({"packed": sorted(set(packed))} if packed is not None else {}),
         })
     return report
 

@@ -333,7 +333,7 @@ class Server:
                 state = resident.pool_state(model, pool)
                 answer = decode_answer(loaded, state.state, ids, budget, sampling=sampling,
                                        on_text=lambda text: emit({"event": "text", "text": text}),
-                                       checkpoint=job.check_cancelled, turns_in_prompt=turns)
+                                       checkpoint=job.check_cancelled, turns_in_prompt=turns, question=question)
                 emit({"event": "answer", "pool": pool, "question": question, **answer.to_json(), "pool_version": state.version})
             finally:
                 resident.done_with(model)

@@ -329,7 +329,11 @@ def test_chat_driven_through_stdin(ck, pool, docs):
     assert bad.stdout == _answer(ck, pool, "Who?") + "\n"
     assert [l for l in err_lines(bad) if l.startswith("memcli: error: unknown command /bogus")]
 
-    assert_one_error(run("chat", "--pool", "nope", input="hi\n"), "pool nope not found")
+    # a pool that does not exist yet: the chat starts it (issue 19), says so, and a question before
+    # any /inject is one error naming what to do
+    nope = run("chat", "--pool", "nope", input="hi\n")
+    assert nope.exit_code == 1 and err_lines(nope)[0].startswith("pool nope is new and empty")
+    assert err_lines(nope)[1:] == ["memcli: error: pool nope is still empty: /inject PATH... adds documents to it"]
 
 
 def test_sigterm_ends_a_chat_with_exit_130(pool, tmp_path):
@@ -851,8 +855,11 @@ def test_item18_ask_dash_reads_the_question_from_stdin(pool):
 def test_item19_one_wording_for_a_missing_pool_with_a_suggestion(pool):
     run("pool", "fork", pool, "work")
     for args in (["pool", "info", "wrok"], ["ask", "q", "--pool", "wrok"], ["pool", "rm", "wrok", "--yes"],
-                 ["pool", "verify", "wrok"], ["pool", "fork", "wrok", "x"], ["chat", "--pool", "wrok"]):
+                 ["pool", "verify", "wrok"], ["pool", "fork", "wrok", "x"]):
         assert_one_error(run(*args, input=""), "pool wrok not found; did you mean work?")
+    # chat starts a pool that does not exist yet (issue 19), with the same suggestion in its first line
+    chat = run("chat", "--pool", "wrok", input="")
+    assert chat.exit_code == 0 and err_lines(chat)[0].endswith("; did you mean work?")
     assert_one_error(run("pool", "info", "zzz"), "pool zzz not found (memcli pool ls lists pools")
 
 
@@ -879,7 +886,7 @@ def test_item22_doctor_checks_host_memory_for_the_cpu_path(monkeypatch):
     report = json.loads(run("doctor", "--json").stdout)
     assert report["memory"]["needed_bytes"] > 24 * 2**30  # 8B in fp32
     [problem] = [p for p in report["problems"] if "GiB of memory" in p]
-    assert "memoryllm-8b-chat" in problem and "--smoke" in problem
+    assert "memoryllm-8b-chat" in problem and "--offline" in problem and "--model memcli-tiny" in problem
     assert "the model needs about" in run("doctor").stdout
 
 

@@ -43,7 +43,8 @@ def test_ask_sources_with_a_server_running_names_the_note(served, note):
     remember.run("inject", note, "--pool", "p")
     lines = remember.run("ask", remember.NOTE[0].question, "--pool", "p", "--sources").stdout.splitlines()
     assert facts.exact_hit(remember.NOTE[0].value, lines[0])
-    assert lines[1].startswith("sources (attention on memory rows") and str(note) in lines[2]
+    assert lines[1].startswith("sources, ranked by their share") and str(note) in lines[2]
+    assert lines[2].split()[0] == "1."
 
 
 def test_fork_export_import_keep_the_facts_through_the_server(served, note, tmp_path):

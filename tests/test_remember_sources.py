@@ -68,8 +68,14 @@ def test_sources_in_json_and_text(notes):
     assert sources[str(path)]["rows"] == 2 * 20  # one chunk: K rows in each of the two layers
     assert 0 < sources[str(path)]["mass"] <= 1 and 0 <= data["attribution"]["initial_memory_mass"] <= 1
     assert len(data["attribution"]["layer_mass"]) == 2
+    # the share and the rank: the note's share and the initial memory's make 100 %
+    assert sources[str(path)]["rank"] == 1
+    assert abs(sources[str(path)]["share"] + data["attribution"]["initial_memory_share"] - 1) < 1e-4
     result = runner.invoke(cli.app, [*base, "ask", chunk[0].question, "--pool", "p", "--sources"])
     assert result.exit_code == 0
     lines = result.stdout.splitlines()
-    assert lines[1].startswith("sources (attention on memory rows")
-    assert str(path) in lines[2] and INITIAL in lines[3]
+    assert lines[1] == "sources, ranked by their share of what the question looked up in memory:"
+    assert "layer" not in result.stdout
+    share = f"{sources[str(path)]['share']:.1%}"
+    assert lines[2].split() == ["1.", share, str(path), "(40", "memory", "rows)"]
+    assert INITIAL in lines[3] and f"{data['attribution']['initial_memory_share']:.1%}" in lines[3]

@@ -203,7 +203,11 @@ def test_ask_through_server_equals_in_process(ck, tmp_path, server, monkeypatch)
     missing = run_cli("ask", QUESTION, "--pool", "note")
     assert missing.exit_code == 1 and missing.stderr.strip() == "memcli: error: pool note not found; did you mean notes?"
     assert run_cli("--no-server", "ask", QUESTION, "--pool", "note").stderr == missing.stderr
-    assert run_cli("chat", "--pool", "note", input="hi?\n").stderr == missing.stderr
+    # chat starts a pool that does not exist yet (issue 19): the same lines through the server and here
+    chat = run_cli("chat", "--pool", "note", input="hi?\n")
+    assert chat.exit_code == 1 and chat.stderr == run_cli("--no-server", "chat", "--pool", "note", input="hi?\n").stderr
+    assert chat.stderr.splitlines()[0].endswith("; did you mean notes?")
+    assert chat.stderr.splitlines()[1] == "memcli: error: pool note is still empty: /inject PATH... adds documents to it"
     for command in (["ask", QUESTION, "--pool"], ["chat", "--pool"], ["pool", "info"]):  # the store's one line
         invalid = run_cli(*command, "bad/name", input="hi?\n")
         assert invalid.exit_code == 1 and "invalid pool name" in invalid.stderr, invalid.stderr

@@ -113,6 +113,16 @@ class TinyConfig:
             "tie_word_embeddings": False,
             "torch_dtype": "float32",
             "memcli_note": "toy model trained on synthetic facts (training/train.py); not a language model",
+            # what memcli reads about the model (memcli/catalog.py): every chunk of its training was
+            # exactly K tokens; it is made for the CPU; what it knows (its words: the tokenizer's)
+            "memcli_min_chunk_tokens": self.k_rows,
+            "memcli_made_for_cpu": True,
+            "memcli_label": f"toy model, {len(vocab) - len(SPECIALS)} words, for the CPU",
+            "memcli_description": (
+                f"a toy, not a language model: it knows {len(vocab) - len(SPECIALS)} words (invented names, "
+                "cities, companies, things, games) and answers only questions like 'Where does Kai live?' "
+                "(live, work, own, play) about notes in those words, like 'Kai lives in Turin .'; any other "
+                "word is unknown to it"),
         }
 
 

@@ -14,7 +14,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import signal
 import socket
 import stat
 import subprocess
@@ -28,7 +27,7 @@ import pytest
 from memcli import server_address
 from memcli.client import Client
 
-from .support import REPO, fixture_checkpoint
+from .support import fixture_checkpoint
 from .test_server import (DEADLINE, QUESTION, TEXTS, env_for_server, local, make_pool, run_cli, served_answer,
                           start_server, streamed, wait_for)
 
@@ -191,9 +190,6 @@ def _foreign(case: str, tmp_path: Path, monkeypatch):
             pytest.skip("needs root to run a listener as another user")
         return ForeignListener(sock), sock
     raise AssertionError(case)
-
-
-FOREIGN = ["symlink", "open_folder", "foreign_folder", "foreign_socket", "foreign_peer"]
 
 
 @pytest.mark.parametrize("case", ["symlink", "open_folder", "foreign_folder", "foreign_socket", "foreign_peer"])

@@ -958,20 +958,25 @@ class ChatSession:
 def answer_prompt(loaded: LoadedModel, question: str, history: list[tuple[str, str]] | None,
                   max_new_tokens: int | None) -> tuple[list[int], int, int]:
     """The prompt of `question` after the newest earlier turns that fit the model's window (the
-    oldest dropped first), and the answer's token budget: (ids, max_new_tokens, turns kept)."""
-    from .prompts import conversation_ids
+    oldest dropped first), and the answer's token budget: (ids, max_new_tokens, turns kept). The
+    turns are fitted from the newest end (`prompts.newest_that_fit`): the time does not grow with
+    the turns that are dropped."""
+    from .prompts import conversation_ids, newest_that_fit
 
     if not question or not question.strip():
         raise MemcliError("the question is empty")
     tokenizer = loaded.tokenizer
     limit = loaded.max_input_tokens()
     turns = list(history or [])
-    ids = conversation_ids(tokenizer, turns, question.strip())
     answer_room = DEFAULT_ANSWER_TOKENS if max_new_tokens is None else max_new_tokens
-    while turns and len(ids) + min(answer_room, limit // 2) > limit:
-        turns.pop(0)  # the oldest turn goes first
-        ids = conversation_ids(tokenizer, turns, question.strip())
-    return ids, answer_budget(loaded, len(ids), max_new_tokens, "question"), len(turns)
+    question = question.strip()
+
+    def attempt(k: int):
+        ids = conversation_ids(tokenizer, turns[len(turns) - k:], question)
+        return len(ids) + min(answer_room, limit // 2) <= limit, ids
+
+    kept, ids = newest_that_fit(len(turns), attempt)
+    return ids, answer_budget(loaded, len(ids), max_new_tokens, "question"), kept
 
 
 def answer_budget(loaded: LoadedModel, prompt_tokens: int, max_new_tokens: int | None, what: str = "prompt",

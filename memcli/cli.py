@@ -817,9 +817,21 @@ def answer_event(pool: str, question: str, answer, pool_version: int | None) -> 
             "pool_version": pool_version}
 
 
+def _checked_sampling(temperature: float, top_p: float, seed: Optional[int]) -> tuple[float, float, Optional[int]]:
+    """The options as `memcli.sampling` checks them for the server too (finite, in range; a
+    positive temperature below 0.01 decodes greedily); a usage error naming the option otherwise."""
+    from .sampling import SamplingError, check_sampling
+
+    try:
+        return check_sampling(temperature, top_p, seed, names=("--temperature", "--top-p", "--seed"), top_p_zero=True)
+    except SamplingError as err:
+        raise UsageProblem(str(err)) from None
+
+
 def _sampling(temperature: float, top_p: float, seed: Optional[int]):
     from .engine import Sampling
 
+    temperature, top_p, seed = _checked_sampling(temperature, top_p, seed)
     return Sampling(temperature=temperature, top_p=top_p, seed=seed)
 
 
@@ -830,7 +842,7 @@ def ask(
     question: str = typer.Argument(..., metavar="QUESTION", help="The question (keep it short: it is read after the memory); - reads it from stdin."),
     pool: Optional[str] = typer.Option(None, "--pool", "-p", metavar="POOL", autocompletion=complete_pool, help=POOL_HELP),
     max_new_tokens: int | None = typer.Option(None, "--max-new-tokens", metavar="N", min=1, help="Longest answer, in tokens (default 256, or what the model's window leaves)."),
-    temperature: float = typer.Option(0.0, "--temperature", metavar="T", min=0.0, help="0 decodes greedily."),
+    temperature: float = typer.Option(0.0, "--temperature", metavar="T", min=0.0, help="0 decodes greedily (so does any value below 0.01)."),
     top_p: float = typer.Option(1.0, "--top-p", metavar="P", min=0.0, max=1.0, help="Nucleus sampling share (with --temperature > 0)."),
     seed: Optional[int] = typer.Option(None, "--seed", metavar="N", help="Seed for sampling."),
     as_json: bool = typer.Option(False, "--json", metavar=FLAG, help="Stream NDJSON events: \"text\" events with the answer's pieces, then one \"answer\" event with the question, the answer, the pool version, timings and token counts."),
@@ -843,6 +855,7 @@ def ask(
         if not question.strip():
             raise UsageProblem("ask -: stdin held no question")
     name = state.pool(pool)
+    temperature, top_p, seed = _checked_sampling(temperature, top_p, seed)  # the server checks them alike
     # --sources reads the engine's attention over memory rows: answered in this process
     if not sources and cli_server.ask(ctx, question, name, max_new_tokens, temperature, top_p, seed, as_json):
         return
@@ -944,7 +957,7 @@ def chat(
     ctx: typer.Context,
     pool: Optional[str] = typer.Option(None, "--pool", "-p", metavar="POOL", autocompletion=complete_pool, help=POOL_HELP),
     max_new_tokens: int | None = typer.Option(None, "--max-new-tokens", metavar="N", min=1, help="Longest answer, in tokens (default 256, or what the model's window leaves)."),
-    temperature: float = typer.Option(0.0, "--temperature", metavar="T", min=0.0, help="0 decodes greedily."),
+    temperature: float = typer.Option(0.0, "--temperature", metavar="T", min=0.0, help="0 decodes greedily (so does any value below 0.01)."),
     top_p: float = typer.Option(1.0, "--top-p", metavar="P", min=0.0, max=1.0, help="Nucleus sampling share (with --temperature > 0)."),
     seed: Optional[int] = typer.Option(None, "--seed", metavar="N", help="Seed for sampling."),
     as_json: bool = typer.Option(False, "--json", metavar=FLAG, help="One JSON line per turn (question, answer, timings) on stdout."),
@@ -957,6 +970,7 @@ def chat(
 
     state = _state(ctx)
     name = state.pool(pool)
+    temperature, top_p, seed = _checked_sampling(temperature, top_p, seed)  # the server checks them alike
     session = (cli_server.chat(ctx, name, max_new_tokens, temperature, top_p, seed)  # through a running server
                or state.app().chat(name, max_new_tokens=max_new_tokens, sampling=_sampling(temperature, top_p, seed)))
     interactive = sys.stdin.isatty()
@@ -1549,9 +1563,12 @@ cli_log.register(app)
 
 # --------------------------------------------------------------------------- entry point
 def main() -> None:
-    """The console script: SIGTERM interrupts like Ctrl-C (exit 130, inject keeps what is committed)."""
+    """The console script: SIGTERM interrupts like Ctrl-C (exit 130, inject keeps what is committed).
+    Ctrl-C's handler is installed here too: a process started with SIGINT ignored (nohup, a
+    background job of a non-interactive shell) still stops cleanly on SIGINT."""
     try:
         signal.signal(signal.SIGTERM, _on_sigterm)
+        signal.signal(signal.SIGINT, signal.default_int_handler)
     except ValueError:  # not the main thread
         pass
     app(prog_name="memcli")

@@ -16,6 +16,7 @@ import os
 import subprocess
 import sys
 import time
+from pathlib import Path
 from types import SimpleNamespace
 from typing import Optional
 
@@ -41,13 +42,19 @@ def _cli():
 
 # --------------------------------------------------------------------------- finding / starting a server
 def running_client():
-    """A client of the running server, or None."""
-    if not server_address.socket_path().exists():
+    """A client of the running server, or None when none runs. UntrustedServer (one line naming
+    the path and the fix) when a socket is there that is not provably this user's server: nothing
+    is sent to it."""
+    if server_address.trusted_socket() is None:
         return None  # no server: and no httpx import for the commands that would only look
     from .client import Client
     client = Client()
-    if client.health() is not None:
-        return client
+    try:
+        if client.health() is not None:
+            return client
+    except BaseException:
+        client.close()
+        raise
     client.close()
     return None
 
@@ -55,29 +62,71 @@ def running_client():
 def _stale_note() -> str | None:
     """One line when a server died without stopping (its socket or facts are left behind)."""
     info = server_address.read_info()
-    if info is None and not server_address.socket_path().exists():
+    if info is None and not os.path.lexists(server_address.socket_path()):
         return None
     pid = info.get("pid") if info else None
     who = f"the memcli server (pid {pid})" if pid else "the memcli server"
     return f"{who} ended without stopping; its pools are at their last commit — starting a fresh server"
 
 
-def start_server(flags: dict, say_stale: bool = True):
-    """Start a detached server and wait until it answers; None (after one line) when it cannot."""
-    cli = _cli()
-    note = _stale_note() if say_stale else None
-    if note:
-        cli.say(note)
-    log = server_address.log_file()
-    log.parent.mkdir(parents=True, exist_ok=True)
-    argv = [sys.executable, "-m", "memcli"]
+def server_command(flags: dict) -> tuple[list[str], dict]:
+    """The argv and environment of a background server. It imports the memcli this command runs,
+    whatever the working directory holds: the current directory is not put on its import path
+    (`python -P`, or the same done by hand before Python 3.11), and the folder this memcli was
+    imported from goes in front of PYTHONPATH unless it is one of the interpreter's own
+    site-packages."""
+    import site
+    import sysconfig
+
+    from . import __file__ as package_file
+
+    home = Path(package_file).resolve().parent.parent
+    env = dict(os.environ)
+    own = {sysconfig.get_paths().get(k) for k in ("purelib", "platlib")} | set(site.getsitepackages())
+    own.add(site.getusersitepackages())
+    if home not in {Path(p).resolve() for p in own if p}:
+        env["PYTHONPATH"] = os.pathsep.join([str(home)] + [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p])
+    if sys.version_info >= (3, 11):
+        argv = [sys.executable, "-P", "-m", "memcli"]
+    else:  # pragma: no cover - Python 3.10
+        argv = [sys.executable, "-c", "import sys\nif sys.path and sys.path[0] in ('', '.'):\n    del sys.path[0]\n"
+                "sys.argv[0] = 'memcli'\nfrom memcli.cli import main\nmain()"]
     for key in ("device", "dtype", "quant"):  # the model is per request (each sends its own)
         if flags.get(key):
             argv += [f"--{key}", flags[key]]
     argv += ["serve", "--exit-when-idle"]
-    with open(log, "ab") as out:
-        proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=out, stderr=out, start_new_session=True,
-                                close_fds=True)
+    return argv, env
+
+
+def start_server(flags: dict, say_stale: bool = True):
+    """Start a detached server and wait until it answers; None (after one line: the command then
+    runs in its own process, as with MEMCLI_SERVER=0) when it cannot."""
+    cli = _cli()
+    log = server_address.log_file()
+    try:
+        server_address.ensure_runtime_dir()  # the server's own check, said here in one line
+        note = _stale_note() if say_stale else None
+        log.parent.mkdir(parents=True, exist_ok=True)
+        argv, env = server_command(flags)
+        with open(log, "ab") as out:
+            proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=out, stderr=out, start_new_session=True,
+                                    close_fds=True, env=env)
+    except (OSError, ValueError) as err:
+        reason = f"{err.strerror}: {err.filename}" if isinstance(err, OSError) and err.filename else \
+            (err.strerror if isinstance(err, OSError) and err.strerror else str(err))
+        cli.say(f"memcli: cannot start the memcli server ({cli.one_line(reason)}); running in this process")
+        return None
+    if note:
+        cli.say(note)
+    try:
+        return _wait_for_start(proc, log)
+    except server_address.UntrustedServer as err:
+        cli.say(f"memcli: not using the memcli server: {err}; running in this process")
+        return None
+
+
+def _wait_for_start(proc: subprocess.Popen, log: Path):
+    cli = _cli()
     deadline = time.monotonic() + START_DEADLINE
     while time.monotonic() < deadline:
         client = running_client()
@@ -91,23 +140,28 @@ def start_server(flags: dict, say_stale: bool = True):
             if server_address.lock_held():
                 time.sleep(0.1)  # ... and is still starting
                 continue
-            cli.say(f"memcli: the server did not start (exit {code}; see {log}); running in this process")
+            cli.say(f"memcli: the memcli server did not start (exit {code}; see {log}); running in this process")
             return None
         time.sleep(0.1)
-    cli.say(f"memcli: the server did not answer within {START_DEADLINE:.0f} s (see {log}); running in this process")
+    cli.say(f"memcli: the memcli server did not answer within {START_DEADLINE:.0f} s (see {log}); running in this process")
     return None
 
 
 def client_for(ctx: typer.Context, start: bool):
     """The server this command should use: None means run in-process (--no-server, config
-    `server = false` or MEMCLI_SERVER=0: all of them read by the settings)."""
+    `server = false` or MEMCLI_SERVER=0: all of them read by the settings; or a server socket that
+    is not this user's, said in one line)."""
     state = _cli()._state(ctx)
     if not state.settings().server:
         return None
-    client = running_client()
-    if client is not None or not start:
-        return client
-    return start_server(state.flags)
+    try:
+        client = running_client()
+        if client is not None or not start:
+            return client
+        return start_server(state.flags)
+    except server_address.UntrustedServer as err:
+        _cli().say(f"memcli: not using the memcli server: {err}; running in this process")
+        return None
 
 
 def _fail(err: Exception) -> None:

@@ -1,5 +1,11 @@
 """Talking to a running `memcli serve` over its Unix socket (httpx). Imports no torch: a command
-that goes through the server starts in a fraction of the time a model-loading one takes."""
+that goes through the server starts in a fraction of the time a model-loading one takes.
+
+Every connection is checked before a byte is sent (`server_address.check_socket_path` and
+`check_peer`): the socket's folder and the socket itself must be this user's (lstat, never
+following a link) and the process listening must run as this user; otherwise the request raises
+`server_address.UntrustedServer` (one line naming the path and the fix) and nothing was sent.
+"""
 
 from __future__ import annotations
 
@@ -8,9 +14,11 @@ import os
 from pathlib import Path
 from typing import IO, Iterable, Iterator
 
+import httpcore
 import httpx
 
-from .server_address import socket_path
+from . import server_address
+from .server_address import UntrustedServer, socket_path
 
 UPLOAD_BLOCK = 1 << 20
 
@@ -38,10 +46,39 @@ class Upload:
         self.path, self.stream, self.size = path, stream, size
 
 
+class _CheckedBackend(httpcore.SyncBackend):
+    """Connects to the Unix socket only after checking its folder and the socket itself, and keeps
+    the connection only if the process listening runs as this user."""
+
+    def __init__(self, repair: bool):
+        self.repair = repair
+
+    def connect_unix_socket(self, path: str, timeout: float | None = None, socket_options=None):
+        server_address.check_socket_path(Path(path), repair=self.repair)
+        stream = super().connect_unix_socket(path, timeout, socket_options)
+        try:
+            server_address.check_peer(stream.get_extra_info("socket"), path)
+        except BaseException:
+            stream.close()
+            raise
+        return stream
+
+
+class _CheckedTransport(httpx.HTTPTransport):
+    """httpx's transport over a Unix socket whose every new connection goes through `_CheckedBackend`."""
+
+    def __init__(self, path: Path):
+        super().__init__(uds=str(path))
+        if not isinstance(getattr(self, "_pool", None), httpcore.ConnectionPool):  # pragma: no cover
+            raise RuntimeError("this httpx keeps its connection pool elsewhere; memcli cannot check the server")
+        self._pool = httpcore.ConnectionPool(uds=str(path),
+                                             network_backend=_CheckedBackend(repair=path == socket_path()))
+
+
 class Client:
     def __init__(self, path: Path | str | None = None, timeout: float | None = None):
         self.path = Path(path) if path else socket_path()
-        transport = httpx.HTTPTransport(uds=str(self.path))
+        transport = _CheckedTransport(self.path)
         self.http = httpx.Client(transport=transport, base_url="http://memcli",
                                  timeout=httpx.Timeout(timeout, connect=5.0),
                                  headers={"x-memcli-client": f"pid-{os.getpid()}"})
@@ -67,11 +104,14 @@ class Client:
         return response.json()
 
     def health(self) -> dict | None:
-        """The server's facts, or None when no server answers."""
-        if not self.path.exists():
+        """The server's facts, or None when no server answers; UntrustedServer when what is there
+        is not this user's server."""
+        if not os.path.lexists(self.path):
             return None
         try:
             return self._request("GET", "/api/health", timeout=10.0)  # a hung server is no server
+        except UntrustedServer:
+            raise
         except (ServerUnavailable, ServerGone, ServerError, ValueError):
             return None
 

@@ -68,3 +68,33 @@ def stop_ids(tokenizer, eos_token_id: int | None) -> tuple[int, ...]:
     if isinstance(eot, int) and eot != tokenizer.unk_token_id and eot is not None:
         ids.add(eot)
     return tuple(sorted(ids))
+
+
+def newest_that_fit(count: int, attempt):
+    """The most items, counted from the newest end, whose prompt fits: `attempt(k)` builds the
+    prompt with the newest k of `count` items and returns (fits, result). Returns (k, result) for
+    the largest k that fits (k = 0 is taken without asking whether it fits: the caller says when
+    even that is too long).
+
+    Galloping from the newest end (k = 1, 2, 4, ... then bisecting): about 2·log2(k) prompts of at
+    most 2k items are built, so the time depends on what is kept, never on how many older items
+    are dropped (a prompt only grows as items are added in front)."""
+    _, best = attempt(0)
+    good, bad = 0, None  # the largest k known to fit, the smallest known not to
+    step = 1
+    while bad is None and good < count:
+        k = min(good + step, count)
+        fits, result = attempt(k)
+        if fits:
+            good, best = k, result
+            step *= 2
+        else:
+            bad = k
+    while bad is not None and bad - good > 1:
+        k = (good + bad) // 2
+        fits, result = attempt(k)
+        if fits:
+            good, best = k, result
+        else:
+            bad = k
+    return good, best

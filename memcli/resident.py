@@ -7,17 +7,26 @@
   always answered from the last commit, never from an inject's uncommitted chunks. States are
   kept least recently used first out within a memory budget (rows + their keys/values).
 * `DeviceQueue`: only one request computes at a time; waiting requests are served round-robin
-  per client, FIFO within a client. An inject gives up its turn after every chunk, so a question
-  on another pool (or on the same pool, from its last commit) is answered between two chunks.
+  per client, FIFO within a client. The device is taken in slices: an inject gives up its turn
+  after every chunk and an answer after every token (`Job.checkpoint`) whenever another request
+  waits, so a question on another pool (or on the same pool, from its last commit) is answered
+  between two chunks or two tokens of a long request. Two answers never decode from one pool state
+  at once (its keys/values buffer holds the question being answered): `Job.holding` waits for the
+  pool's reader lock without holding the device.
+* The queue counts slices: per request, how many it took and the most slices others took while it
+  waited for one (`device_report`, in `memcli ps --json` under "device"; the tests' measure of
+  fairness).
 """
 
 from __future__ import annotations
 
 import gc
 import itertools
+import os
 import threading
 import time
 from collections import OrderedDict, deque
+from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from typing import Callable
 
@@ -43,10 +52,15 @@ class DeviceQueue:
         self._cond = threading.Condition()
         self._holder: object | None = None
         self._waiting: OrderedDict[str, deque] = OrderedDict()  # client -> its tickets, oldest first
+        self.turns = 0  # turns granted so far
+        self.slices = 0  # slices of work ended so far (`slice_done`)
 
-    def acquire(self, client: str, cancelled: threading.Event | None = None) -> object:
+    def acquire(self, client: str, cancelled: threading.Event | None = None, waited: list | None = None) -> object:
+        """Wait for the device; `waited`, when given, gets the number of slices others ended while
+        this ticket waited appended."""
         ticket = object()
         with self._cond:
+            before = self.slices
             self._waiting.setdefault(client, deque()).append(ticket)
             try:
                 while not (self._holder is None and self._first() is ticket):
@@ -61,11 +75,18 @@ class DeviceQueue:
             if client in self._waiting:  # round-robin: this client's next ticket waits behind the others
                 self._waiting.move_to_end(client)
             self._holder = ticket
+            self.turns += 1
+            if waited is not None:
+                waited.append(self.slices - before)
             return ticket
+
+    def slice_done(self) -> None:
+        with self._cond:
+            self.slices += 1
 
     def release(self, ticket: object) -> None:
         with self._cond:
-            if self._holder is ticket:
+            if ticket is not None and self._holder is ticket:
                 self._holder = None
             self._cond.notify_all()
 
@@ -95,24 +116,54 @@ class DeviceQueue:
             del self._waiting[client]
 
 
+PAUSE_ENV = "MEMCLI_TEST_PAUSE"  # tests only: see `Job.checkpoint`
+
+
 @dataclass(eq=False)
 class Job:
     """One request's claim on the device, and the flag its client's disconnect sets."""
 
     queue: DeviceQueue
     client: str
+    kind: str = ""  # what the request is (ask, chat, inject, pool info): for ps
+    pool: str = ""
     cancelled: threading.Event = field(default_factory=threading.Event)
     stopping: bool = False  # cancelled because the server stops (the client is still there to be told)
     stop_requested: threading.Event = field(default_factory=threading.Event)  # the client is still there
+    slices: int = 0  # slices of work this request ended (checkpoints passed, and its last one)
+    waits: list = field(default_factory=list)  # per turn taken: slices others ended while it waited
+    outcome: str = "waiting"  # running, done, cancelled or failed
+    registry: "Resident | None" = None  # told when the job starts waiting and when it ends (ps)
     _ticket: object | None = None
 
     def __enter__(self) -> "Job":
-        self._ticket = self.queue.acquire(self.client, self.cancelled)
+        if self.registry is not None:
+            self.registry._job_started(self)
+        try:
+            self._ticket = self.queue.acquire(self.client, self.cancelled, self.waits)
+        except BaseException as err:
+            self._ended(type(err))
+            raise
+        self.outcome = "running"
         return self
 
-    def __exit__(self, *exc) -> None:
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if self._ticket is not None:
+            self.slices += 1
+            self.queue.slice_done()
         self.queue.release(self._ticket)
         self._ticket = None
+        self._ended(exc_type)
+
+    def _ended(self, exc_type) -> None:
+        self.outcome = ("done" if exc_type is None else "cancelled" if issubclass(exc_type, KeyboardInterrupt)
+                        else "failed")
+        if self.registry is not None:
+            self.registry._job_ended(self)
+
+    def report(self) -> dict:
+        return {"client": self.client, "kind": self.kind, "pool": self.pool, "state": self.outcome,
+                "slices": self.slices, "turns": len(self.waits), "waited_slices_max": max(self.waits, default=0)}
 
     def check_cancelled(self) -> None:
         """Stop here if the client left (between two tokens of an answer)."""
@@ -125,13 +176,67 @@ class Job:
         if self.stop_requested.is_set():
             raise StopAfterChunk()
 
-    def checkpoint(self) -> None:
-        """Between two chunks of an inject: stop if the client left; let waiting requests go first."""
+    def checkpoint(self, where: str = "") -> None:
+        """A slice boundary (`where`: token, chunk, commit, or file:N before the Nth file of an
+        inject): stop if the client left; let waiting requests go first."""
         self.check_cancelled()
-        if self._ticket is not None and self.queue.others_waiting():
-            self.queue.release(self._ticket)
-            self._ticket = None
-            self._ticket = self.queue.acquire(self.client, self.cancelled)
+        if self._ticket is None:
+            return
+        self.slices += 1
+        self.queue.slice_done()
+        if os.environ.get(PAUSE_ENV):
+            self._test_pause(where)
+        if self.queue.others_waiting():
+            self._give_turn()
+            self._take_turn()
+
+    def _give_turn(self) -> None:
+        self.queue.release(self._ticket)
+        self._ticket = None
+
+    def _take_turn(self) -> None:
+        self._ticket = self.queue.acquire(self.client, self.cancelled, self.waits)
+
+    @contextmanager
+    def holding(self, lock: threading.Lock):
+        """Hold `lock` for the block; while another request holds it, wait without the device turn
+        (which that request may need to finish), then take the turn again."""
+        if not lock.acquire(blocking=False):
+            self._give_turn()
+            try:
+                while not lock.acquire(timeout=0.05):
+                    self.check_cancelled()
+            except BaseException:
+                self._ticket = None
+                raise
+            try:
+                self._take_turn()
+            except BaseException:
+                lock.release()
+                raise
+        try:
+            yield
+        finally:
+            lock.release()
+
+    def _test_pause(self, where: str) -> None:
+        """Tests only (MEMCLI_TEST_PAUSE=FILE): while FILE exists, wait here, holding the device, after
+        creating FILE.reached; FILE may name where to wait (token, chunk, commit, file, file:N).
+        A cancel or a stop request ends the wait."""
+        path = os.environ[PAUSE_ENV]
+        try:
+            with open(path) as f:
+                wanted = f.read().strip()
+        except OSError:
+            return
+        if wanted and wanted != where and not (wanted == "file" and where.startswith("file:")):
+            return
+        open(path + ".reached", "a").close()
+        while os.path.exists(path):
+            self.check_cancelled()
+            if self.stop_requested.is_set():
+                return
+            time.sleep(0.02)
 
 
 # --------------------------------------------------------------------------- loaded things
@@ -222,9 +327,39 @@ class Resident:
         self._sweeper = threading.Thread(target=self._sweep, name="memcli-keep-alive", daemon=True)
         self._sweeper.start()
         self.unloads = 0  # models unloaded so far (for ps and tests)
+        self._readers: dict[tuple[str, str], threading.Lock] = {}  # (model, pool) -> its answers' lock
+        self._jobs: set[Job] = set()  # requests with a claim on the device
+        self._ended: deque = deque(maxlen=32)  # reports of the last requests that ended
 
-    def job(self, client: str) -> Job:
-        return Job(self.device, client)
+    def job(self, client: str, kind: str = "", pool: str = "") -> Job:
+        return Job(self.device, client, kind=kind, pool=pool, registry=self)
+
+    def _job_started(self, job: Job) -> None:
+        with self._lock:
+            self._jobs.add(job)
+
+    def _job_ended(self, job: Job) -> None:
+        with self._lock:
+            self._jobs.discard(job)
+            self._ended.append(job.report())
+
+    def device_report(self) -> dict:
+        """The device's turns and slices, the requests holding or waiting for it and the last that
+        ended (each: its slices and the most slices others ended while it waited for a turn)."""
+        with self._lock:
+            running = [job.report() for job in self._jobs]
+            ended = list(self._ended)
+        return {"turns": self.device.turns, "slices": self.device.slices, "waiting": self.device.waiting(),
+                "requests": running, "ended": ended}
+
+    def reader_lock(self, model: str, pool: str) -> threading.Lock:
+        """The lock an answer holds while it decodes from a pool's state (one at a time per state)."""
+        with self._lock:
+            return self._readers.setdefault((model, pool), threading.Lock())
+
+    def loaded_models(self) -> set[str]:
+        with self._lock:
+            return set(self._models)
 
     # ------------------------------------------------------------------ models
     def settings_for(self, model: str | None = None, explicit: bool = False) -> Settings:
@@ -373,18 +508,33 @@ def conversation_prompt(loaded, messages: list[dict], max_new_tokens: int | None
     """An OpenAI conversation's prompt within the model's window, by the rules of `Memcli.ask`
     with a history: the oldest turns are dropped first (system messages last of all) while the
     prompt and min(answer, half the window) do not fit; the final user message always stays.
-    Returns (ids, messages dropped)."""
+    Returns (ids, messages dropped).
+
+    The candidates, from the smallest: the final message after the newest k system messages
+    (k = 0..S), then after every system message and the newest j other messages; the largest that
+    fits is found from the small end (`prompts.newest_that_fit`), so the time depends on what is
+    kept, not on how many messages are dropped."""
+    from .prompts import newest_that_fit
+
     limit = loaded.max_input_tokens()
     reserve = min(DEFAULT_ANSWER_TOKENS if max_new_tokens is None else max_new_tokens, limit // 2)
-    kept = list(messages)
-    dropped = 0
-    while True:
-        ids = _conversation_ids(loaded.tokenizer, kept)
-        if len(ids) + reserve <= limit or len(kept) == 1:
-            return ids, dropped
-        turns = [i for i, m in enumerate(kept[:-1]) if m["role"] != "system"]
-        kept.pop(turns[0] if turns else 0)
-        dropped += 1
+    final = len(messages) - 1
+    system = [i for i in range(final) if messages[i]["role"] == "system"]
+    others = [i for i in range(final) if messages[i]["role"] != "system"]
+
+    def kept(t: int) -> list[int]:
+        if t <= len(system):
+            return system[len(system) - t:] + [final]
+        j = t - len(system)
+        return sorted(system + others[len(others) - j:]) + [final]
+
+    def attempt(t: int):
+        chosen = kept(t)
+        ids = _conversation_ids(loaded.tokenizer, [messages[i] for i in chosen])
+        return len(ids) + reserve <= limit, (ids, len(messages) - len(chosen))
+
+    _, (ids, dropped) = newest_that_fit(len(system) + len(others), attempt)
+    return ids, dropped
 
 
 def _conversation_ids(tokenizer, messages: list[dict]) -> list[int]:

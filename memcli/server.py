@@ -27,6 +27,28 @@ Every error is JSON, {"error": {"message": one line, "type": …}}, with 400 (ba
 401 (TCP without the bearer token), 404 (unknown pool or path), 409 (pool busy or damaged),
 413 (body too large) or 500 (a bug: the message says so, the traceback goes to the log only with
 MEMCLI_DEBUG=1). After a stream has started, an error is its last line.
+
+Every request is bounded before any work starts: JSON bodies of at most `JSON_LIMIT` bytes are
+parsed by the store's bounded parser (`memcli.store.manifest.load_json`: nesting at most
+`MAX_REQUEST_DEPTH`, no recursion), then each field is checked: strings of at most `MAX_TEXT`
+characters, at most `MAX_TURNS` history turns and `MAX_MESSAGES` messages, finite numbers in range
+(`memcli.sampling`), at most `MAX_STOP_STRINGS` stop strings of `MAX_STOP_CHARS` characters. A
+violation is a 400 (413 for the body's size) naming the field.
+
+`model` (in /api/ask and /api/inject): over the Unix socket (only this user's processes reach it:
+it is 0600 in a 0700 folder, and a connection whose peer runs as another user is closed) it is
+whatever the client's `--model` names, a local folder included; over TCP it must be an alias, a hub
+id in the server's Hugging Face cache or a model the server has loaded: anything else, a path
+above all, is refused with a 400 before anything is opened.
+
+Fairness (`memcli.resident.DeviceQueue`): the device is taken in slices of one decoded token, one
+injected chunk, or one prompt (its fitting to the window and prefill): between two slices a
+request gives the device to any other waiting one. `/api/health`, `/api/ps` and `/api/stop` never
+wait for the device. A client that disconnects cancels its work at the next slice.
+
+Test hook: with MEMCLI_TEST_PAUSE=FILE, work waits at a slice boundary while FILE exists (holding
+the device; it creates FILE.reached first, and a stop or cancel ends the wait); FILE may name the
+boundary: token, chunk, commit, file or file:N (the Nth file of an inject).
 """
 
 from __future__ import annotations
@@ -36,6 +58,7 @@ import hmac
 import json
 import logging
 import os
+import re
 import secrets
 import shutil
 import socket
@@ -55,7 +78,15 @@ from .server_address import AddressError, ensure_runtime_dir, info_path, is_loop
 
 JSON_LIMIT = 4 * 1024**2  # request bodies other than inject uploads
 UPLOAD_LIMIT = int(os.environ.get("MEMCLI_SERVER_MAX_UPLOAD", 4 * 1024**3))  # one inject request
+MAX_REQUEST_DEPTH = 16  # JSON nesting of a request body (ours need 4)
+MAX_TEXT = 256 * 1024  # characters of one question, answer or message
+MAX_TURNS = 100_000  # history turns of one /api/ask
+MAX_MESSAGES = 100_000  # messages of one /v1/chat/completions
 MAX_STOP_STRINGS = 4
+MAX_STOP_CHARS = 256
+MAX_NEW_TOKENS = 1 << 20  # any answer longer than the window is refused later with the window's size
+MAX_CHUNK_TOKENS = 1 << 20
+MAX_MODEL_NAME = 512
 
 log = logging.getLogger("memcli.server")
 
@@ -94,8 +125,9 @@ def classify(err: BaseException) -> ApiError:
         return ApiError(400, str(err))
     if isinstance(err, (SettingsError, ValueError)):
         return ApiError(400, str(err) or type(err).__name__)
-    if isinstance(err, OSError):
-        return ApiError(500, f"server: {err.strerror or type(err).__name__}", "server_error")
+    if isinstance(err, OSError):  # worded as the command line words it in-process
+        what = err.strerror or type(err).__name__
+        return ApiError(500, f"{err.filename}: {what}" if err.filename else f"server: {what}", "server_error")
     detail = f"unexpected {type(err).__name__}" + (f": {err}" if str(err) else "")
     log.error(" ".join(detail.split()))
     if os.environ.get("MEMCLI_DEBUG"):
@@ -126,27 +158,52 @@ async def read_body(request: Request, limit: int) -> bytes:
 
 
 async def read_json(request: Request) -> dict:
+    """The request's JSON object, read within `JSON_LIMIT` bytes and parsed by the bounded parser
+    (on a worker thread: a 4 MB body never holds up the event loop)."""
+    from .store.manifest import JsonRefused, load_json
+
     body = await read_body(request, JSON_LIMIT)
     try:
-        data = json.loads(body)
-    except (ValueError, UnicodeDecodeError):
-        raise ApiError(400, "the request body is not valid JSON") from None
+        data = await asyncio.to_thread(load_json, body, MAX_REQUEST_DEPTH, True)
+    except JsonRefused as err:
+        raise ApiError(400, f"{err.key if err.key else 'the request body'} {err.reason}") from None
     if not isinstance(data, dict):
         raise ApiError(400, "the request body must be a JSON object")
     return data
 
 
+def _shown(value: object) -> str:
+    text = json.dumps(value) if not isinstance(value, float) else repr(value)
+    return text if len(text) <= 40 else f"{text[:20]}... ({len(text)} characters)"
+
+
 def _number(data: dict, key: str, kind: type, default=None, low=None, high=None, low_open=False):
+    from .sampling import SamplingError, finite_number
+
     value = data.get(key, default)
     if value is None:
         return default
-    if isinstance(value, bool) or not isinstance(value, (int, float) if kind is float else int):
-        raise ApiError(400, f"{key} must be {'a number' if kind is float else 'an integer'}, not {json.dumps(value)[:40]}")
+    if kind is float:
+        try:
+            return finite_number(key, value, low if low is not None else float("-inf"),
+                                 high if high is not None else float("inf"), low_open)
+        except SamplingError as err:
+            raise ApiError(400, str(err)) from None
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ApiError(400, f"{key} must be an integer, not {_shown(value)}")
     if low is not None and (value <= low if low_open else value < low):
-        raise ApiError(400, f"{key} must be {'>' if low_open else '>='} {low}, not {value}")
+        raise ApiError(400, f"{key} must be {'>' if low_open else '>='} {low}, not {_shown(value)}")
     if high is not None and value > high:
-        raise ApiError(400, f"{key} must be <= {high}, not {value}")
-    return kind(value)
+        raise ApiError(400, f"{key} must be <= {high}, not {_shown(value)}")
+    return value
+
+
+def _text(value: object, what: str, limit: int = MAX_TEXT) -> str:
+    if not isinstance(value, str):
+        raise ApiError(400, f"{what} must be a string")
+    if len(value) > limit:
+        raise ApiError(400, f"{what} is {len(value)} characters; at most {limit} are accepted")
+    return value
 
 
 def _pool_name(value: object, what: str = "pool") -> str:
@@ -159,11 +216,39 @@ def _pool_name(value: object, what: str = "pool") -> str:
 
 
 def _sampling(data: dict, temperature_high: float = 2.0):
+    """Temperature, top_p and seed, checked by `memcli.sampling` (finite, in range; a positive
+    temperature below 0.01 decodes greedily, as on the command line)."""
     from .engine import Sampling
+    from .sampling import SamplingError, check_sampling
 
-    return Sampling(temperature=_number(data, "temperature", float, 0.0, 0.0, temperature_high),
-                    top_p=_number(data, "top_p", float, 1.0, 0.0, 1.0, low_open=True),
-                    seed=_number(data, "seed", int))
+    defaults = {"temperature": 0.0, "top_p": 1.0}
+    values = [data.get(key) if data.get(key) is not None else defaults.get(key) for key in ("temperature", "top_p", "seed")]
+    try:
+        temperature, top_p, seed = check_sampling(*values, max_temperature=temperature_high)
+    except SamplingError as err:
+        raise ApiError(400, str(err)) from None
+    return Sampling(temperature=temperature, top_p=top_p, seed=seed)
+
+
+_HUB_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,95}/[A-Za-z0-9][A-Za-z0-9._-]{0,95}")
+
+
+def _over_tcp(request: Request) -> bool:
+    """Whether the request came over TCP (uvicorn names no port for a Unix socket)."""
+    server = request.scope.get("server")
+    return bool(server) and server[1] is not None
+
+
+async def _watch_disconnect(request: Request, job) -> None:
+    """Cancel `job` if the client disconnects (its body was read: the next message is the disconnect)."""
+    try:
+        while True:
+            message = await request.receive()
+            if message["type"] == "http.disconnect":
+                job.cancelled.set()
+                return
+    except Exception:  # noqa: BLE001 - the connection is gone one way or another: nothing to tell
+        job.cancelled.set()
 
 
 # --------------------------------------------------------------------------- the app
@@ -186,11 +271,12 @@ class Server:
         return f"client:{named[:64]}" if named else anonymous_client()
 
     def stream(self, request: Request, work: Callable[[Any, Callable[[dict], None]], None], encode: Callable[[dict], bytes],
-               media_type: str, tail: bytes = b"", inject_id: str | None = None) -> StreamingResponse:
+               media_type: str, tail: bytes = b"", inject_id: str | None = None, kind: str = "",
+               pool: str = "") -> StreamingResponse:
         """Run `work(job, emit)` with the device turn held, on its own thread, streaming what it emits.
         The client leaving sets the job's cancel flag: the work stops at its next token or chunk.
         An inject's stream first names it, at once (before its turn): `stop_inject` finds it by that."""
-        job = self.resident.job(self.client_of(request))
+        job = self.resident.job(self.client_of(request), kind=kind, pool=pool)
         loop = asyncio.get_running_loop()
         queue: asyncio.Queue = asyncio.Queue()
         end = object()
@@ -228,6 +314,7 @@ class Server:
             thread = threading.Thread(target=run, name="memcli-request", daemon=True)
             self.workers.add(thread)
             thread.start()
+            watcher = asyncio.create_task(_watch_disconnect(request, job))  # also while nothing is sent
             try:
                 if inject_id is not None:
                     yield encode({"event": "started", "inject": inject_id})
@@ -239,6 +326,7 @@ class Server:
                 if tail:
                     yield tail
             finally:
+                watcher.cancel()
                 job.cancelled.set()  # after the end: harmless; on a disconnect: stops the work
                 self.jobs.discard(job)
                 if inject_id is not None:
@@ -246,18 +334,21 @@ class Server:
 
         return StreamingResponse(body(), media_type=media_type)
 
-    async def in_turn(self, request: Request, work: Callable[[], Any]) -> Any:
-        """Run `work()` on a thread with the device turn held and return its result."""
-        job = self.resident.job(self.client_of(request))
+    async def in_turn(self, request: Request, work: Callable[[], Any], kind: str = "", pool: str = "") -> Any:
+        """Run `work()` on a thread with the device turn held and return its result; a client that
+        disconnects while it waits for its turn gives the turn up."""
+        job = self.resident.job(self.client_of(request), kind=kind, pool=pool)
 
         def run():
             with job:
                 return work()
 
         self.jobs.add(job)
+        watcher = asyncio.create_task(_watch_disconnect(request, job))
         try:
             return await asyncio.to_thread(run)
         finally:
+            watcher.cancel()
             self.jobs.discard(job)
 
     def require_pool(self, name: str) -> None:
@@ -271,8 +362,11 @@ class Server:
         return JSONResponse({"ok": True, "pid": os.getpid(), "version": __version__, "started": self.started})
 
     async def ps(self, request: Request):
+        """What is loaded, and the device's turns ("device": slices taken, and per running and
+        recently finished request its slices and the most slices others took while it waited)."""
         snapshot = self.resident.snapshot()
         snapshot.update(pid=os.getpid(), started=self.started, version=__version__)
+        snapshot["device"] = self.resident.device_report()
         return JSONResponse(snapshot)
 
     def cancel_all(self) -> None:
@@ -297,31 +391,56 @@ class Server:
 
         name = _pool_name(request.path_params["name"])
         self.require_pool(name)
-        return JSONResponse(await self.in_turn(request, lambda: Memcli(self.resident.settings, self.resident.store).pool_info(name)))
+        return JSONResponse(await self.in_turn(request, lambda: Memcli(self.resident.settings, self.resident.store).pool_info(name),
+                                               kind="pool info", pool=name))
 
-    def request_settings(self, model: object, explicit: object):
+    def request_settings(self, request: Request, model: object, explicit: object):
         """The server's settings with the client's model (what `memcli --model` / MEMCLI_MODEL / its
-        config file named; `explicit` when named for this run)."""
+        config file named; `explicit` when named for this run). Over TCP the model must be one the
+        server knows (`known_model`): a network client never names a path on the server's disk."""
         if model is not None and (not isinstance(model, str) or not model):
             raise ApiError(400, "model must be a non-empty string")
+        if model is not None and (len(model) > MAX_MODEL_NAME or "\x00" in model):
+            raise ApiError(400, f"model must be a name of at most {MAX_MODEL_NAME} characters")
+        if model is not None and _over_tcp(request):
+            self.known_model(model)
         return self.resident.settings_for(model, explicit in (True, "1", "true", "yes"))
+
+    def known_model(self, name: str) -> None:
+        """ApiError 400 unless `name` is an alias, a bundled model, a model this server has loaded,
+        or a hub id (org/name) already in its Hugging Face cache. Decided from the name, the loaded
+        models and the cache's own layout: nothing the name points at is opened."""
+        from .catalog import ALIASES, BUNDLED
+
+        if name in ALIASES or name in BUNDLED or name in self.resident.loaded_models():
+            return
+        if _HUB_ID.fullmatch(name) and ".." not in name:
+            from huggingface_hub import try_to_load_from_cache
+
+            if isinstance(try_to_load_from_cache(name, "config.json"), str):
+                return
+            raise ApiError(400, f"model {_shown(name)} is not in this server's model cache; over TCP a request "
+                                "names an alias, a downloaded hub id or a model the server has loaded")
+        raise ApiError(400, f"model {_shown(name)} is not a model this server knows; over TCP a request names an "
+                            f"alias ({', '.join(sorted(ALIASES))}), a downloaded hub id or a model the server has "
+                            "loaded, never a path on the server")
 
     async def ask(self, request: Request):
         """A question as `Memcli.ask` answers it (the same prompt, turns of `history` within the
         window, the same decoding): NDJSON {"event": "text"} pieces, then {"event": "answer"}."""
         from .api import answer_prompt, decode_answer
 
+        from .sampling import MAX_TEMPERATURE
+
         data = await read_json(request)
-        question = data.get("question")
-        if not isinstance(question, str):
-            raise ApiError(400, "question must be a string")
+        question = _text(data.get("question"), "question")
         if not question.strip():
             raise ApiError(400, "the question is empty")
         pool = _pool_name(data.get("pool"))
-        history = _history(data.get("history"))
-        max_new = _number(data, "max_new_tokens", int, None, 1)
-        sampling = _sampling(data, temperature_high=100.0)
-        settings = self.request_settings(data.get("model"), data.get("model_explicit"))
+        history = await asyncio.to_thread(_history, data.get("history"))
+        max_new = _number(data, "max_new_tokens", int, None, 1, MAX_NEW_TOKENS)
+        sampling = _sampling(data, temperature_high=MAX_TEMPERATURE)
+        settings = self.request_settings(request, data.get("model"), data.get("model_explicit"))
         self.require_pool(pool)
         resident = self.resident
 
@@ -330,29 +449,33 @@ class Server:
             try:
                 loaded = model.app.model(model.name)
                 ids, budget, turns = answer_prompt(loaded, question, history, max_new)
-                state = resident.pool_state(model, pool)
-                answer = decode_answer(loaded, state.state, ids, budget, sampling=sampling,
-                                       on_text=lambda text: emit({"event": "text", "text": text}),
-                                       checkpoint=job.check_cancelled, turns_in_prompt=turns, question=question)
+                with job.holding(resident.reader_lock(model.name, pool)):  # one answer per pool state at a time
+                    state = resident.pool_state(model, pool)
+                    answer = decode_answer(loaded, state.state, ids, budget, sampling=sampling,
+                                           on_text=lambda text: emit({"event": "text", "text": text}),
+                                           checkpoint=lambda: job.checkpoint("token"), turns_in_prompt=turns,
+                                           question=question)
                 emit({"event": "answer", "pool": pool, "question": question, **answer.to_json(), "pool_version": state.version})
             finally:
                 resident.done_with(model)
 
-        return self.stream(request, work, _ndjson, "application/x-ndjson")
+        return self.stream(request, work, _ndjson, "application/x-ndjson", kind="ask", pool=pool)
 
     async def inject(self, request: Request):
         query = request.query_params
         pool = _pool_name(query.get("pool"))
-        settings = self.request_settings(query.get("model") or None, query.get("model_explicit"))
-        type_ = query.get("type") or None
-        encoding = query.get("encoding") or None
+        settings = self.request_settings(request, query.get("model") or None, query.get("model_explicit"))
+        type_ = _text(query.get("type", ""), "type", 64) or None
+        encoding = _text(query.get("encoding", ""), "encoding", 64) or None
         force = query.get("force", "") in ("1", "true", "yes")
         chunk_tokens = None
         if query.get("chunk_tokens"):
-            try:
-                chunk_tokens = int(query["chunk_tokens"])
-            except ValueError:
-                raise ApiError(400, f"chunk_tokens must be an integer, not {query['chunk_tokens'][:40]!r}") from None
+            text = query["chunk_tokens"]
+            if len(text) > 12 or not text.lstrip("-").isdigit():
+                raise ApiError(400, f"chunk_tokens must be an integer, not {text[:40]!r}")
+            chunk_tokens = int(text)
+            if chunk_tokens > MAX_CHUNK_TOKENS:
+                raise ApiError(400, f"chunk_tokens must be <= {MAX_CHUNK_TOKENS}, not {chunk_tokens}")
         folder = await self.receive_files(request)
 
         def work(job, emit):
@@ -362,7 +485,8 @@ class Server:
                 shutil.rmtree(folder, ignore_errors=True)
 
         try:
-            return self.stream(request, work, _ndjson, "application/x-ndjson", inject_id=secrets.token_hex(8))
+            return self.stream(request, work, _ndjson, "application/x-ndjson", inject_id=secrets.token_hex(8),
+                               kind="inject", pool=pool)
         except BaseException:
             shutil.rmtree(folder, ignore_errors=True)
             raise
@@ -457,7 +581,8 @@ class Server:
             fields = {f.name: getattr(event, f.name) for f in dataclasses.fields(event) if f.name != "kind"}
             emit({"event": event.kind, **fields, "path": label(event.path)})
             if event.kind in ("chunk", "commit", "file"):
-                job.checkpoint()  # other requests may run here; a client that left stops the inject
+                # other requests may run here; a client that left stops the inject
+                job.checkpoint(f"file:{event.file_index}" if event.kind == "file" else event.kind)
                 job.check_stop_requested()  # ... and one that asked to stop ends it with its report
 
         try:
@@ -504,9 +629,9 @@ class Server:
 
         data = await read_json(request)
         pool = _pool_name(data.get("model"), "model")
-        messages = _messages(data.get("messages"))
-        max_tokens = _number(data, "max_completion_tokens", int, None, 1)
-        max_tokens = _number(data, "max_tokens", int, max_tokens, 1)
+        messages = await asyncio.to_thread(_messages, data.get("messages"))
+        max_tokens = _number(data, "max_completion_tokens", int, None, 1, MAX_NEW_TOKENS)
+        max_tokens = _number(data, "max_tokens", int, max_tokens, 1, MAX_NEW_TOKENS)
         if _number(data, "n", int, 1, 1) != 1:
             raise ApiError(400, "n must be 1 (memcli answers one completion per request)")
         sampling = _sampling(data)
@@ -533,12 +658,13 @@ class Server:
                 loaded = model.app.model(model.name)
                 ids, _ = conversation_prompt(loaded, messages, max_tokens)
                 budget = answer_budget(loaded, len(ids), max_tokens, option="max_tokens")
-                state = resident.pool_state(model, pool)
-                if stream:
-                    emit(chunk({"role": "assistant", "content": ""}))
-                on_text = (lambda text: emit(chunk({"content": text}))) if stream else None
-                answer = decode_answer(loaded, state.state, ids, budget, sampling=sampling, on_text=on_text,
-                                       stop=stop, checkpoint=job.check_cancelled)
+                with job.holding(resident.reader_lock(model.name, pool)):  # one answer per pool state at a time
+                    state = resident.pool_state(model, pool)
+                    if stream:
+                        emit(chunk({"role": "assistant", "content": ""}))
+                    on_text = (lambda text: emit(chunk({"content": text}))) if stream else None
+                    answer = decode_answer(loaded, state.state, ids, budget, sampling=sampling, on_text=on_text,
+                                           stop=stop, checkpoint=lambda: job.checkpoint("token"))
             finally:
                 resident.done_with(model)
             finish_reason = "stop" if answer.stopped else "length"
@@ -556,15 +682,17 @@ class Server:
                       "usage": usage})
 
         if stream:
-            return self.stream(request, work, _sse, "text/event-stream", tail=b"data: [DONE]\n\n")
-        return await self.complete(request, work)
+            return self.stream(request, work, _sse, "text/event-stream", tail=b"data: [DONE]\n\n", kind="chat",
+                               pool=pool)
+        return await self.complete(request, work, kind="chat", pool=pool)
 
-    async def complete(self, request: Request, work) -> JSONResponse:
+    async def complete(self, request: Request, work, kind: str = "", pool: str = "") -> JSONResponse:
         """A non-streaming request: run `work(job, emit)` with the device turn held; what it emitted
-        last is the response (or its error)."""
+        last is the response (or its error). A client that disconnects cancels the work at its next
+        slice."""
         from .resident import Cancelled
 
-        job = self.resident.job(self.client_of(request))
+        job = self.resident.job(self.client_of(request), kind=kind, pool=pool)
         result: list[dict] = []
 
         def run() -> None:
@@ -572,13 +700,16 @@ class Server:
                 work(job, result.append)
 
         self.jobs.add(job)
+        watcher = asyncio.create_task(_watch_disconnect(request, job))
         try:
             await asyncio.to_thread(run)
         except Cancelled:
-            return JSONResponse(_error_body("the server is stopping", "server_error"), status_code=503)
+            return JSONResponse(_error_body("the server is stopping" if job.stopping else "the client went away",
+                                            "server_error"), status_code=503)
         except Exception as err:  # noqa: BLE001
             return _json_error(err)
         finally:
+            watcher.cancel()
             self.jobs.discard(job)
         return JSONResponse(result[-1])
 
@@ -656,10 +787,12 @@ class _Guard:
 
 
 def _upload_header(line: bytes, entries: list) -> dict:
+    from .store.manifest import JsonRefused, load_json
+
     try:
-        header = json.loads(line)
-    except (ValueError, UnicodeDecodeError):
-        raise ApiError(400, "an upload's file header is not valid JSON") from None
+        header = load_json(line, 4)
+    except JsonRefused as err:
+        raise ApiError(400, f"an upload's file header {err.reason}") from None
     if not isinstance(header, dict) or not isinstance(header.get("path"), str) or not header["path"]:
         raise ApiError(400, "an upload's file header needs a path")
     size = header.get("size")
@@ -676,18 +809,27 @@ def _upload_header(line: bytes, entries: list) -> dict:
 
 
 def _history(value: object) -> list[tuple[str, str]]:
-    """Earlier turns of a conversation: [[question, answer], ...], oldest first."""
+    """Earlier turns of a conversation: [[question, answer], ...], oldest first (at most
+    `MAX_TURNS`, each string at most `MAX_TEXT` characters)."""
     if value is None:
         return []
-    if not isinstance(value, list) or not all(isinstance(t, list) and len(t) == 2 and all(isinstance(x, str) for x in t)
-                                              for t in value):
+    if not isinstance(value, list):
         raise ApiError(400, "history must be a list of [question, answer] string pairs")
-    return [(q, a) for q, a in value]
+    if len(value) > MAX_TURNS:
+        raise ApiError(400, f"history holds {len(value)} turns; at most {MAX_TURNS} are accepted")
+    turns = []
+    for i, turn in enumerate(value):
+        if not (isinstance(turn, list) and len(turn) == 2 and all(isinstance(x, str) for x in turn)):
+            raise ApiError(400, f"history[{i}] must be a [question, answer] pair of strings")
+        turns.append((_text(turn[0], f"history[{i}][0]"), _text(turn[1], f"history[{i}][1]")))
+    return turns
 
 
 def _messages(value: object) -> list[dict]:
     if not isinstance(value, list) or not value:
         raise ApiError(400, "messages must be a non-empty list")
+    if len(value) > MAX_MESSAGES:
+        raise ApiError(400, f"messages holds {len(value)} items; at most {MAX_MESSAGES} are accepted")
     out = []
     for i, message in enumerate(value):
         if not isinstance(message, dict):
@@ -696,9 +838,11 @@ def _messages(value: object) -> list[dict]:
         if role == "developer":
             role = "system"
         if role not in ("system", "user", "assistant"):
-            raise ApiError(400, f"messages[{i}].role must be system, user or assistant, not {json.dumps(role)[:40]}")
+            raise ApiError(400, f"messages[{i}].role must be system, user or assistant, not {_shown(role)}")
         content = message.get("content")
         if isinstance(content, list):  # content parts: text only
+            if len(content) > MAX_MESSAGES:
+                raise ApiError(400, f"messages[{i}].content holds {len(content)} parts; at most {MAX_MESSAGES}")
             texts = []
             for part in content:
                 if not isinstance(part, dict) or part.get("type") != "text" or not isinstance(part.get("text"), str):
@@ -709,7 +853,7 @@ def _messages(value: object) -> list[dict]:
             content = ""
         if not isinstance(content, str):
             raise ApiError(400, f"messages[{i}].content must be a string")
-        out.append({"role": role, "content": content})
+        out.append({"role": role, "content": _text(content, f"messages[{i}].content")})
     if out[-1]["role"] != "user" or not out[-1]["content"].strip():
         raise ApiError(400, "the last message must be a non-empty user message")
     return out
@@ -722,6 +866,8 @@ def _stop_strings(value: object) -> tuple[str, ...]:
         value = [value]
     if not isinstance(value, list) or len(value) > MAX_STOP_STRINGS or not all(isinstance(s, str) and s for s in value):
         raise ApiError(400, f"stop must be a string or a list of at most {MAX_STOP_STRINGS} non-empty strings")
+    for i, text in enumerate(value):
+        _text(text, f"stop[{i}]", MAX_STOP_CHARS)
     return tuple(value)
 
 
@@ -759,7 +905,7 @@ def _take_lock():
     """The per-user server lock (flock on server.lock), held until the process ends."""
     import fcntl
 
-    fd = os.open(lock_path(), os.O_RDWR | os.O_CREAT, 0o600)
+    fd = os.open(lock_path(), os.O_RDWR | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0), 0o600)
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except OSError:
@@ -820,6 +966,34 @@ def _Uvicorn(config, server: Server):
     return _uvicorn_class()(config, server)
 
 
+def _owner_only_protocol():
+    """uvicorn's HTTP protocol, closing at once a Unix-socket connection whose peer runs as another
+    user (SO_PEERCRED: only root could reach the 0600 socket anyway): a request that comes over the
+    Unix socket comes from this user, who may name a local model folder."""
+    from uvicorn.config import HTTP_PROTOCOLS
+    from uvicorn.importer import import_from_string
+
+    from .server_address import peer_uid
+
+    base = import_from_string(HTTP_PROTOCOLS["auto"])
+
+    class OwnerOnly(base):
+        def connection_made(self, transport) -> None:
+            super().connection_made(transport)
+            sock = transport.get_extra_info("socket")
+            if sock is None or sock.family != socket.AF_UNIX:
+                return
+            try:
+                uid = peer_uid(sock)
+            except OSError:
+                uid = -1
+            if uid is not None and uid != os.getuid():
+                log.info(f"refused a connection from uid {uid} (this server serves uid {os.getuid()} only)")
+                transport.close()
+
+    return OwnerOnly
+
+
 def serve(settings, keep_alive: float | None, host: str | None = None, port: int | None = None,
           budget_bytes: int | None = None, on_ready: Callable[[str], None] | None = None,
           exit_when_idle: bool = False) -> int:
@@ -828,9 +1002,13 @@ def serve(settings, keep_alive: float | None, host: str | None = None, port: int
 
     from .resident import Resident
     from .server_address import TOKEN_ENV
+    from .store import PoolStore
 
     token = os.environ.get(TOKEN_ENV) or None
     tcp = check_tcp(host, port, token)
+    store = PoolStore()
+    with store.gate.shared(create=False):  # what every request does first: a store it cannot read is a start failure
+        pass
     ensure_runtime_dir()
     lock = _take_lock()
     if lock is None:
@@ -846,7 +1024,7 @@ def serve(settings, keep_alive: float | None, host: str | None = None, port: int
         tcp_sock.listen(128)
         sockets.append(tcp_sock)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%Y-%m-%dT%H:%M:%S")
-    resident = Resident(settings, keep_alive=keep_alive, budget_bytes=budget_bytes, log=log.info)
+    resident = Resident(settings, store=store, keep_alive=keep_alive, budget_bytes=budget_bytes, log=log.info)
     server = Server(resident, token)
     if exit_when_idle and keep_alive is not None:
         # started by a command, not by the user: gone once nothing is loaded for a keep-alive
@@ -862,7 +1040,7 @@ def serve(settings, keep_alive: float | None, host: str | None = None, port: int
 
         resident.on_idle = stop_when_idle
     config = uvicorn.Config(server.app(), lifespan="off", access_log=False, log_level="warning",
-                            timeout_graceful_shutdown=10)
+                            timeout_graceful_shutdown=10, http=_owner_only_protocol())
     runner = _Uvicorn(config, server)
     server.uvicorn = runner
     info = {"pid": os.getpid(), "socket": str(socket_path()), "started": server.started, "version": __version__,

@@ -1086,13 +1086,14 @@ def test_case_table_lists_every_test():
             known[module] = _test_ids_of(REPO / module)
         assert test_id in known[module] or test_id.split("[")[0] in known[module] and "[" not in test_id, (
             f"docs/hardening.md names {module}::{test_id}, which does not exist")
-    # and every test of this module (and every bad-input kind) appears in the table
-    mine = _test_ids_of(Path(__file__))
-    listed = {t for m, t in named if m == "tests/test_hardening.py"}
-    # a parametrized test is listed through its cases
-    missing = {t for t in mine if t not in listed and not any(n.startswith(t + "[") for n in listed)}
-    assert not missing, f"not in docs/hardening.md: {sorted(missing)}"
-    sections = {"bad inputs": 25, "damaged pools": 6, "faults": 5}
+    # and every test of this module (and every bad-input kind), and of the server's, appears in the table
+    for module in ("tests/test_hardening.py", "tests/test_server_hardening.py"):
+        mine = _test_ids_of(REPO / module)
+        listed = {t for m, t in named if m == module}
+        # a parametrized test is listed through its cases
+        missing = {t for t in mine if t not in listed and not any(n.startswith(t + "[") for n in listed)}
+        assert not missing, f"not in docs/hardening.md: {sorted(missing)}"
+    sections = {"bad inputs": 25, "damaged pools": 6, "faults": 5, "server": 14}
     for title, least in sections.items():
         part = doc.lower().split(f"## {title}", 1)[1].split("\n## ", 1)[0]
         count = sum(1 for line in part.splitlines() if line.startswith("| ") and "`tests/" in line)

@@ -577,11 +577,26 @@ def test_inject_command_continues_on_a_fresh_server_after_a_sigkill(ck, tmp_path
         subprocess.run([sys.executable, "-m", "memcli", "stop"], env=env, timeout=DEADLINE, capture_output=True)
 
 
+@pytest.fixture
+def paused_server(tmp_path):
+    """A server whose work waits at a slice boundary while the file `pause` exists (MEMCLI_TEST_PAUSE:
+    the file names which boundary; the server creates pause.reached when it waits there)."""
+    pause = tmp_path / "pause"
+    running = start_server(tmp_path, "--keep-alive", "-1", env=env_for_server(MEMCLI_TEST_PAUSE=str(pause)))
+    running.pause = pause
+    yield running
+    pause.unlink(missing_ok=True)
+    running.stop()
+    assert "Traceback" not in running.log.read_text()
+
+
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["ctrl-c", "sigterm"])
-def test_ctrl_c_during_a_routed_inject_reports_what_was_kept(ck, tmp_path, server, sig):
+def test_ctrl_c_during_a_routed_inject_reports_what_was_kept(ck, tmp_path, paused_server, sig):
     """The first Ctrl-C (or SIGTERM) asks the server to stop at its next chunk boundary; the command then shows
     the in-process report of what was kept (line, --json report, exit 130), and the pool holds
-    exactly that."""
+    exactly that. The signal lands mid-inject on any machine: the server waits before the second
+    file (a test-only pause), and the command installs its own handlers (it works when the tests
+    run with SIGINT ignored, as under nohup)."""
     app = local(ck)
     make_pool(app, tmp_path, "int", TEXTS[:1])
     folder = tmp_path / "int-docs"
@@ -589,13 +604,16 @@ def test_ctrl_c_during_a_routed_inject_reports_what_was_kept(ck, tmp_path, serve
     for i, text in enumerate(many_texts(80)):
         (folder / f"f{i:02}.txt").write_text(text)
     env = env_for_server()
+    pause = paused_server.pause
+    pause.write_text("file:2")  # after the first file is committed
     command = subprocess.Popen([sys.executable, "-m", "memcli", "--device", "cpu", "inject", str(folder), "--pool", "int",
                                 "--json"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
     try:
-        wait_for(lambda: len(logged_sources("int")) >= 2, "the first committed file")
+        wait_for(lambda: Path(str(pause) + ".reached").exists() or command.poll() is not None, "the second file")
         command.send_signal(sig)
         out, err = command.communicate(timeout=DEADLINE)
     finally:
+        pause.unlink(missing_ok=True)
         if command.poll() is None:
             command.kill()
     assert command.returncode == 130, err
@@ -737,7 +755,12 @@ def test_ctrl_c_during_the_upload_asks_for_the_stop_once_the_server_names_the_in
 
     seen = []
     stop = _Stop(type("C", (), {"path": tmp_path / "s.sock"})(), Events(), "p")
-    stop.run(seen.append)
+    # Ctrl-C's own handler, as `memcli.cli.main` installs it: this works when the tests run with SIGINT ignored
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        stop.run(seen.append)
+    finally:
+        signal.signal(signal.SIGINT, previous)
     assert asked == ["0123456789abcdef"] and seen == [{"event": "file", "path": "a.txt"}, {"done": True, "report": {}}]
 
 

@@ -48,25 +48,64 @@ def nesting_depth(raw: bytes) -> int:
     return deepest
 
 
-def parse_json(raw: bytes, what: str, max_depth: int = MAX_DEPTH) -> Any:
-    """Parse a JSON document read from disk or an archive: UTF-8, nesting at most `max_depth`
-    deep, no NaN/Infinity; any failure is one PoolCorrupt line naming `what`."""
+class JsonRefused(ValueError):
+    """Why `load_json` refused a JSON text: `reason` completes a sentence about it ("... nests
+    deeper than 32 levels"); `key` is the top-level key the problem was found under, when known."""
+
+    def __init__(self, reason: str, key: str | None = None):
+        super().__init__(reason)
+        self.reason, self.key = reason, key
+
+
+def _too_deep(raw: bytes, max_depth: int) -> tuple[bool, str | None]:
+    """Whether brackets nest deeper than `max_depth` (outside strings), found without recursion and
+    stopping at the first level too deep; with the top-level object's key it happened under."""
+    depth = 0
+    key = None
+    for m in _BRACKETS.finditer(raw):
+        c = m.group()
+        if c in (b"[", b"{"):
+            depth += 1
+            if depth > max_depth:
+                return True, key
+        elif c in (b"]", b"}"):
+            depth -= 1
+        elif depth == 1:
+            key = c[1:-1].decode("utf-8", "replace")[:64]  # a key, or a string value (a key comes next)
+    return False, None
+
+
+def load_json(raw: bytes, max_depth: int = MAX_DEPTH, constants: bool = False) -> Any:
+    """memcli's one bounded JSON parser (the store's documents, model config files, the server's
+    request bodies): UTF-8, nesting at most `max_depth` deep checked before parsing (no recursion),
+    NaN/Infinity refused unless `constants` (then they parse as floats, for the caller's field
+    checks to name). Raises JsonRefused."""
     try:
         text = raw.decode("utf-8")
     except UnicodeDecodeError:
-        raise PoolCorrupt(f"{what} is not UTF-8 text") from None
-    if nesting_depth(raw) > max_depth:
-        raise PoolCorrupt(f"{what} nests deeper than {max_depth} levels")
+        raise JsonRefused("is not UTF-8 text") from None
+    deep, key = _too_deep(raw, max_depth)
+    if deep:
+        raise JsonRefused(f"nests deeper than {max_depth} levels", key)
 
     def no_constants(name):
         raise ValueError(f"{name} is not a number JSON allows")
 
     try:
-        return json.loads(text, parse_constant=no_constants)
+        return json.loads(text, parse_constant=float if constants else no_constants)
     except json.JSONDecodeError as exc:
-        raise PoolCorrupt(f"{what} is not valid JSON ({exc.msg} at line {exc.lineno} column {exc.colno})") from None
+        raise JsonRefused(f"is not valid JSON ({exc.msg} at line {exc.lineno} column {exc.colno})") from None
     except (ValueError, RecursionError) as exc:
-        raise PoolCorrupt(f"{what} is not valid JSON ({exc})") from None
+        raise JsonRefused(f"is not valid JSON ({exc})") from None
+
+
+def parse_json(raw: bytes, what: str, max_depth: int = MAX_DEPTH) -> Any:
+    """Parse a JSON document read from disk or an archive (`load_json`); any failure is one
+    PoolCorrupt line naming `what`."""
+    try:
+        return load_json(raw, max_depth)
+    except JsonRefused as exc:
+        raise PoolCorrupt(f"{what} {exc.reason}") from None
 
 
 def is_int(value: Any, low: int = 0, high: int = 1 << 62) -> bool:

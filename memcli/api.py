@@ -375,6 +375,9 @@ class Memcli:
         # how many pool states keep their memory K/V at once (one: a CLI process reads one pool;
         # a server keeps more, within its memory budget)
         self.cached_states = 1
+        # called with the pool an inject leaves committed (a server keeps that state, whose memory
+        # K/V the inject kept up to date, as the pool's resident one: the next ask builds nothing)
+        self.after_inject: Callable[["Pool"], None] | None = None
         # called with (model name, device) just before a model's weights are loaded
         self.on_load = on_load
 
@@ -541,13 +544,16 @@ class Memcli:
         encoding: str | None = None,
         stdin: BinaryIO | None = None,
         on_event: Callable[[Event], None] | None = None,
+        take_loaded: Callable[[], "Pool | None"] | None = None,
     ) -> InjectReport:
         """Inject files, folders or "-" (stdin) into a pool (created, bound to `model`, if new).
 
         What is read is found first (so bad input is said before a model loads): files inside
         folders that match `glob` and are not of a binary type; `type` forces how files are read
         (extract.TYPES), `encoding` their text encoding. Texts shorter than the model's minimum
-        are packed together at the end of the run (`_pack`)."""
+        are packed together at the end of the run (`_pack`). `take_loaded()`, called under the
+        pool's writer lock, may hand over a loaded state of the pool at its committed version to
+        inject into (None: it is loaded)."""
         from .store import validate_name
         from .vocabulary import UnknownWords
 
@@ -580,17 +586,21 @@ class Memcli:
         created = not self.store.exists(pool_name)
         run = _Run(chunk_tokens, least, UnknownWords(loaded.tokenizer, loaded.name))
         try:
-            return self._inject_all(loaded, pool_name, items, run, force, stdin, report, emit, started)
+            return self._inject_all(loaded, pool_name, items, run, force, stdin, report, emit, started, take_loaded)
         finally:
             # a pool this call created but never wrote to is not left behind (bad input leaves no trace)
             if created and self.store.exists(pool_name) and not self.store.read_manifest(pool_name)["meta"].get("next_chunk"):
                 self._pools.pop(pool_name, None)
                 self.store.remove(pool_name)
 
-    def _inject_all(self, loaded, pool_name, items, run: "_Run", force, stdin, report, emit, started):
+    def _inject_all(self, loaded, pool_name, items, run: "_Run", force, stdin, report, emit, started, take_loaded=None):
         total = sum(1 for item in items if isinstance(item, Source))
         with self.store.writer(pool_name):
-            _, pool = self.open_pool(pool_name, model=loaded.name, create=True)
+            # a state of the pool at its committed version that somebody hands over (a server's
+            # resident one, with its memory K/V: the inject updates them row by row), else loaded
+            pool = take_loaded() if take_loaded is not None and self.store.exists(pool_name) else None
+            if pool is None:
+                _, pool = self.open_pool(pool_name, model=loaded.name, create=True)
             current: Source | None = None
             index = 0
             try:
@@ -618,6 +628,8 @@ class Memcli:
                 report.unknown_words = run.unknown.to_json()
                 report.seconds = time.perf_counter() - started
                 raise InjectInterrupted(report) from None
+            if self.after_inject is not None:
+                self.after_inject(pool)
         report.unknown_words = run.unknown.to_json()
         report.seconds = time.perf_counter() - started
         return report

@@ -384,7 +384,9 @@ class Resident:
         with self._lock:
             resident = self._models.get(name)
             if resident is None:
-                resident = ResidentModel(name, ServedMemcli(self.settings, self.store), time.time())
+                app = ServedMemcli(self.settings, self.store)
+                app.after_inject = lambda pool, model=name: self.adopt(model, pool)
+                resident = ResidentModel(name, app, time.time())
                 self._models[name] = resident
             resident.active += 1
             resident.expires_at = None
@@ -464,7 +466,44 @@ class Resident:
         loaded, state = resident.app.open_pool(pool, model=resident.name)
         if state.version != key[2]:  # committed again between the manifest read and the load
             key = (pool, key[1], state.version)
-        entry = ResidentState(pool, resident.name, state.version, state, state_bytes(state, loaded), time.time())
+        self._keep(key, ResidentState(pool, resident.name, state.version, state, state_bytes(state, loaded), time.time()))
+        return state
+
+    def take_state(self, model: str, pool: str, job: Job) -> pools.Pool | None:
+        """Hand the pool's resident state at its committed version over to an inject (call under
+        the pool's writer lock, with the device turn held): the inject updates it and its memory
+        K/V in place, so it leaves the table first, once an answer decoding from it is done; a
+        question asked meanwhile loads the last commit afresh. None when none is resident."""
+        manifest = self.store.read_manifest(pool)
+        key = (pool, manifest.get("created"), manifest.get("version"))
+        with job.holding(self.reader_lock(model, pool)):
+            with self._lock:
+                entry = self._states.get(key)
+                if entry is None or entry.model != model:
+                    return None
+                del self._states[key]
+        return entry.state
+
+    def adopt(self, model: str, pool: pools.Pool) -> None:
+        """Keep the state an inject just committed as the pool's resident state: its memory K/V
+        were updated incrementally through the inject, so the next question reads them instead of
+        loading the pool again and rebuilding every row. The inject is over (nothing changes the
+        state any more); a version committed since by another process is left to the next read."""
+        manifest = self.store.read_manifest(pool.name)
+        if manifest.get("version") != pool.version:
+            return
+        with self._lock:
+            resident = self._models.get(model)
+        if resident is None:
+            return
+        loaded = resident.app.model(model)
+        key = (pool.name, manifest.get("created"), pool.version)
+        self._keep(key, ResidentState(pool.name, model, pool.version, pool, state_bytes(pool, loaded), time.time()))
+
+    def _keep(self, key: tuple, entry: ResidentState) -> None:
+        """Make `entry` the pool's one resident state, then evict the least recently used states
+        beyond the memory budget."""
+        pool = entry.pool
         with self._lock:
             for old in [k for k in self._states if k[0] == pool]:
                 del self._states[old]  # an older version of this pool is never asked again
@@ -474,7 +513,6 @@ class Resident:
                 _, evicted = self._states.popitem(last=False)
                 used -= evicted.bytes
                 self.log(f"evicted pool {evicted.pool} (version {evicted.version}) to stay within the memory budget")
-        return state
 
     def forget_pool(self, pool: str) -> None:
         with self._lock:

@@ -587,7 +587,8 @@ class Server:
 
         try:
             report = model.app.inject(pool, paths, model=name, chunk_tokens=chunk_tokens, force=force, type=type_,
-                                      encoding=encoding, stdin=stdin, on_event=on_event)
+                                      encoding=encoding, stdin=stdin, on_event=on_event,
+                                      take_loaded=lambda: resident.take_state(name, pool, job))
             interrupted = False
         except InjectInterrupted as stop:
             report, interrupted = stop.report, True

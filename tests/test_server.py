@@ -1054,6 +1054,41 @@ def test_pool_states_stay_within_the_memory_budget(ck, tmp_path):
         resident.close()
 
 
+def test_an_ask_after_a_served_inject_reads_the_memory_kv_the_inject_kept(ck, tmp_path, monkeypatch):
+    """The server keeps the state its inject committed as the pool's resident state: the next ask
+    reads the memory K/V the inject updated (nothing is rebuilt) and answers what an in-process
+    ask on the committed pool answers, token for token."""
+    from memcli.api import answer_prompt, decode_answer
+    from memcli.engine import PrefixCache
+    from memcli.resident import Resident
+
+    app = local(ck)
+    make_pool(app, tmp_path, "kept", TEXTS[:1])
+    extra = tmp_path / "extra.txt"
+    extra.write_text(TEXTS[2] * 3)
+    resident = Resident(load_settings(device="cpu"), keep_alive=None, budget_bytes=10**9)
+    try:
+        model = resident.use_model(ck)
+        loaded = model.app.model(ck)
+        ids, budget, _ = answer_prompt(loaded, QUESTION, None, 8)
+        decode_answer(loaded, resident.pool_state(model, "kept").state, ids, budget)  # builds the K/V once
+        job = resident.job("test")
+        with job:  # as the server injects: its resident state handed over, kept once committed
+            model.app.inject("kept", [str(extra)], model=ck, take_loaded=lambda: resident.take_state(ck, "kept", job))
+        builds = []
+        original = PrefixCache.build
+        monkeypatch.setattr(PrefixCache, "build", lambda self, state: (builds.append(1), original(self, state)))
+        state = resident.pool_state(model, "kept")
+        assert state.version == PoolStore().read_manifest("kept")["version"]
+        got = decode_answer(loaded, state.state, ids, budget)
+        assert builds == []  # the inject's K/V, updated row by row, answered
+        assert got.tokens == app.ask("kept", QUESTION, max_new_tokens=8).tokens
+        assert builds  # the in-process ask opened the pool afresh and built them (the counter counts)
+        resident.done_with(model)
+    finally:
+        resident.close()
+
+
 def test_an_answer_stops_at_the_next_token_once_its_client_left(ck, tmp_path):
     from memcli.api import answer_prompt, decode_answer
     from memcli.resident import Cancelled, Job, DeviceQueue, Resident

@@ -746,7 +746,12 @@ def test_a_server_that_cannot_start_leaves_the_command_in_its_process(ck, tmp_pa
             os.chmod(home, 0o700)
         subprocess.run([sys.executable, "-m", "memcli", "stop"], env=env, capture_output=True, timeout=DEADLINE)
     notes = [line for line in routed.stderr.splitlines() if "running in this process" in line]
-    assert len(notes) == 1 and "memcli server" in notes[0], routed.stderr
+    if case == "locks_is_a_file":
+        # readers go on without the store's lock folder (store/folders.py), so the server starts
+        # and answers; what it says about the folder is the in-process line, not "Not a directory"
+        assert notes == [] and "Not a directory" not in routed.stderr, routed.stderr
+    else:
+        assert len(notes) == 1 and "memcli server" in notes[0], routed.stderr
     assert routed.returncode == alone.returncode and routed.stdout == alone.stdout
     assert [line for line in routed.stderr.splitlines() if line not in notes] == alone.stderr.splitlines()
     assert "Traceback" not in routed.stderr and "unexpected" not in routed.stderr

@@ -395,7 +395,7 @@ def main() -> None:
     parser.add_argument("--new-tokens", type=int, default=16)
     parser.add_argument("--out")
     parser.add_argument("--compare-main", action="store_true", help="today's main and this tree side by side (CPU)")
-    parser.add_argument("--main-ref", default=VERSION_0_1, help="the engine to compare with (default: 0.1)")
+    parser.add_argument("--main-ref", "--baseline", default=VERSION_0_1, help="the engine to compare with (default: 0.1)")
     parser.add_argument("--machine", default=f"CPU, {torch.get_num_threads()} threads")
     args = parser.parse_args()
     if args.compare_main:

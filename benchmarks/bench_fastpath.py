@@ -9,12 +9,13 @@ with git archive as `memcli_baseline`), this tree as the loader makes it (fast p
 this tree's reference model (`fastpath.install` left out). Every round runs the same work on each
 engine, in an order that rotates per round, so a load that changes during the run (the machine is
 shared) spreads over all three alike: a chunk inject, the update after it (no memory K/V cache),
-the ask right after it, a warm ask, decode tokens/s (n tokens less 1), and an update with a warm
-cache. Medians over the rounds with their min and max as the noise; the ratios fast/baseline are
-given for the medians and for the best rounds. Operator calls per decoded token (torch profiler,
-all events) are counted, not timed; the compiled step likewise. At the end the three memories
-(every update of the run) must be bitwise equal and the greedy tokens the same. The inject's host
-peak is `bench_engine.py --compare-main`'s (each engine in its own process).
+the ask right after it, a warm ask, decode seconds per token (between the tokens streamed from one
+n-token answer), and an update with a warm cache. Medians over the rounds with their min and max
+as the noise; the ratios fast/baseline are given for the medians and for the best rounds.
+Operator calls per decoded token (torch profiler, all events) are counted, not timed; the compiled
+step likewise. At the end the three memories (every update of the run) must be bitwise equal and
+the greedy tokens the same. The inject's host peak is `bench_engine.py --compare-main`'s (each
+engine in its own process).
 """
 
 from __future__ import annotations
@@ -75,6 +76,15 @@ def timed(fn) -> tuple[float, object]:
     start = time.perf_counter()
     out = fn()
     return time.perf_counter() - start, out
+
+
+def decode_seconds(engine, state, question, n: int, expected: list[int] | None = None) -> float:
+    """Seconds per decode step within one answer. A token is streamed right after the step that
+    follows it is run, and the last one after no step: stamps 0..n-2 bracket n-2 steps."""
+    stamps = []
+    answer = engine.generate(state, question, n, on_token=lambda token: stamps.append(time.perf_counter()))
+    assert expected is None or answer.tokens == expected, "the compiled answer differs"
+    return (stamps[-2] - stamps[0]) / (len(stamps) - 2)
 
 
 def ops_per_token(engine, state, question, n: int = 9) -> float:
@@ -138,9 +148,7 @@ def main() -> None:
                 t["update_no_cache_seconds"].append(timed(lambda: engine.update(state, delta))[0])
                 t["ask_ttft_after_update_seconds"].append(timed(lambda: engine.generate(state, question, 1))[0])
                 t["ask_ttft_warm_seconds"].append(timed(lambda: engine.generate(state, question, 1))[0])
-                one = timed(lambda: engine.generate(state, question, 1))[0]
-                full = timed(lambda: engine.generate(state, question, n))[0]
-                t["decode_seconds_per_token"].append((full - one) / (n - 1))
+                t["decode_seconds_per_token"].append(decode_seconds(engine, state, question, n))
                 t["update_warm_cache_seconds"].append(timed(lambda: engine.update(state, later))[0])
 
     result = {
@@ -175,10 +183,7 @@ def main() -> None:
         result["engines"][name]["compiled_first_answer_seconds"] = round(seconds, 1)
     for r in range(args.compiled_rounds):
         for name in names[r % 3:] + names[: r % 3]:
-            one = timed(lambda: compiled[name].generate(states[name], question, 1))[0]
-            full, answer = timed(lambda: compiled[name].generate(states[name], question, n))
-            rates[name].append((n - 1) / (full - one))
-            assert answer.tokens == answers[name], f"{name}: compiled answer differs"
+            rates[name].append(1 / decode_seconds(compiled[name], states[name], question, n, answers[name]))
     for name in names:
         result["engines"][name]["compiled"] = compiled[name].compiled
         result["engines"][name]["compiled_decode_tokens_per_second"] = summary(rates[name], 2)

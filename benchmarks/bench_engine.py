@@ -519,7 +519,7 @@ def main() -> None:
                         help="ask right after an inject vs a repeated ask, and the inject peak: main and this tree")
     parser.add_argument("--rounds", type=int, default=5, help="--inject-ask: injects (each followed by two asks)")
     parser.add_argument("--peak-chunks", type=int, default=16, help="--inject-ask: chunks of the inject whose peak is measured")
-    parser.add_argument("--main-ref", default=None,
+    parser.add_argument("--main-ref", "--baseline", default=None,
                         help=f"the engine to compare with (default: 0.1 = {VERSION_0_1} for --compare-main, "
                              f"main before issue 17 = {MAIN_BEFORE_ISSUE_17} for --inject-ask; any commit)")
     parser.add_argument("--machine", default=f"CPU, {torch.get_num_threads()} threads")

@@ -33,7 +33,7 @@ from typing import Callable
 import torch
 from torch import Tensor
 
-from .model import DECODER, ENCODER, KV, DecodeStep, Transformer
+from .model import DECODER, ENCODER, KV, Transformer
 from .quant import first_line
 from .state import MemoryState, grow
 from .threads import ensure as _ensure_threads
@@ -709,16 +709,10 @@ class Engine:
         """One token at buffer row `position` (a device tensor) -> fp32 logits [1, V]."""
         model = self.model
         x = model.embed_tokens(token)  # [1, d]: a step runs on 2-D rows, no batch dimension to view
-        cos, sin = model.cos_sin_at(position)
-        # the additive mask SDPA would make from a boolean one in every layer (where(mask, 0, -inf)),
-        # made once per step for all layers: the same values
-        visible = torch.where(rows <= position, 0.0, float("-inf"))  # fp32
-        if model.dtype != torch.float32:
-            visible = visible.to(model.dtype)
-        step = DecodeStep(position, visible.view(1, 1, 1, -1), cos, sin * model.rope_sign)
+        step = model.decode_step(position, rows)  # position, cos/sin, one mask for every layer
         for layer, layer_kv in zip(model.layers, kv):
             layer_kv.step = step
-            x = layer(x, cos, sin, layer_kv, DECODER)
+            x = layer(x, step.cos, step.sin, layer_kv, DECODER)
         logits = model.logits(x)
         return logits if logits.dtype == torch.float32 else logits.float()
 

@@ -14,6 +14,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from . import fastpath
 from .config import ConfigError, ModelConfig, read_config, read_json_file
 from .model import Projection, Selector, Transformer
 from .quant import first_line
@@ -410,7 +411,7 @@ def build_model(
     if cacheable and cached is None:
         converted.write(converted_entry[0], converted_entry[1], to_save, modes)
         to_save.clear()
-    model.fuse()  # decode-step projections; after the converted copy, which keeps them apart
+    fastpath.install(model)  # fused decode steps, host-side shortcuts; after the converted copy, which keeps them apart
     return model
 
 

@@ -12,6 +12,10 @@ layer to layer: each layer supplies its own (reference-semantics §3).
 LoRA (8b, M+): q/k/v/gate/up/down carry two adapters, "encoder" (injection) and "decoder" (everything
 else), applied unmerged on top of the base projection: y = W x + scale * B (A x). Base projections
 come from `memcli.quant.make_linear`, so they may be 4-bit, 8-bit or 16/32-bit.
+
+This file is the reference: plain arithmetic, one forward path per layer, whatever the weights'
+format. The loader then installs `memcli.fastpath` (fused decode-step projections, host-side
+shortcuts of the eager CPU path), which swaps modules from outside and computes the same values.
 """
 
 from __future__ import annotations
@@ -24,7 +28,6 @@ from torch import Tensor, nn
 from torch.nn.attention.bias import causal_lower_right
 
 from .config import ModelConfig, RopeSpec
-from .quant import DenseLinear
 
 ENCODER, DECODER = "encoder", "decoder"
 
@@ -36,32 +39,10 @@ class RMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x: Tensor) -> Tensor:
-        # Llama: normalise in fp32, cast back, then scale (the order matters in bf16). The casts are
-        # skipped when they would be no-ops (fp32): same values, fewer operator calls per token.
-        fp32 = x.dtype == torch.float32
-        h = x if fp32 else x.float()
-        squares = h * h  # what pow(h, 2) computes (ATen squares by one multiply), in one call not three
-        if h.is_cpu:
-            # ATen's CPU mean is this sum and division (bitwise the same), spelled out so that the
-            # division takes a ready fp32 operand instead of wrapping the row count on every call
-            mean = squares.sum(-1, keepdim=True).div_(_fp32_scalar(self, "width", h.shape[-1]))
-        else:
-            mean = squares.mean(-1, keepdim=True)
-        h = h * torch.rsqrt(mean.add_(_fp32_scalar(self, "eps")))
-        return self.weight * (h if fp32 else h.to(x.dtype))
-
-
-def _fp32_scalar(owner, name: str, value: float | None = None) -> Tensor:
-    """owner.<name> (or `value`) as a 0-dim fp32 CPU tensor, made once: a Python float operand is
-    wrapped and cast on every call (four operator calls); fp32 arithmetic with it is the same."""
-    if torch.compiler.is_compiling():  # a constant to the compiler; it cannot trace the cache
-        return getattr(owner, name) if value is None else value
-    key = "_fp32_" + name if value is None else f"_fp32_{name}_{value}"
-    t = owner.__dict__.get(key)
-    if t is None:
-        t = torch.tensor(getattr(owner, name) if value is None else value, dtype=torch.float32)
-        owner.__dict__[key] = t
-    return t
+        # Llama: normalise in fp32, cast back, then scale (the order matters in bf16).
+        h = x.float()
+        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * h.to(x.dtype)
 
 
 class Rotary:
@@ -96,24 +77,11 @@ def apply_rotary(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
     """x: [..., T, D]; cos/sin: [T, D]. Rotate-half convention."""
     half = x.shape[-1] // 2
     rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
-    # x * cos + rotated * sin with the second product and the sum in place: the same values, two
-    # temporaries fewer
-    return (x * cos).add_(rotated.mul_(sin))
-
-
-def rotate_row(x: Tensor, cos: Tensor, sin_signed: Tensor) -> Tensor:
-    """apply_rotary for one decode step, bitwise the same in fewer operator calls: the halves are
-    swapped by one flip and the sign of the first half lives in `sin_signed` (cat(-sin1, sin2)),
-    since (-x2) * s == x2 * (-s) exactly. x: [..., D]; cos/sin_signed broadcast against it."""
-    half = x.shape[-1] // 2
-    swapped = x.view(*x.shape[:-1], 2, half).flip(-2).view(x.shape)
-    return (x * cos).add_(swapped.mul_(sin_signed))
+    return x * cos + rotated * sin
 
 
 class Projection(nn.Module):
-    """A (possibly quantized) base projection plus optional unmerged LoRA adapters.
-
-    Dense matrices are applied through `apply_linear` (one `torch.mm` per matrix)."""
+    """A (possibly quantized) base projection plus optional unmerged LoRA adapters."""
 
     def __init__(self, base: nn.Module, scale: float = 0.0):
         super().__init__()
@@ -126,140 +94,14 @@ class Projection(nn.Module):
         self.lora_a[name] = nn.Parameter(a, requires_grad=False)
         self.lora_b[name] = nn.Parameter(b, requires_grad=False)
 
-    def forward(self, x: Tensor, adapter: str | None) -> Tensor:
-        rows = x if x.dim() == 2 else x.reshape(-1, x.shape[-1])
-        y = apply_linear(self.base, rows)
-        if self.has(adapter):
-            a = self.lora_in(rows, adapter)
-            for cols in _column_blocks(rows, y.shape[-1]):
-                self.add_lora(y if cols is None else y[:, cols], a, adapter, cols)
-        return y if x.dim() == 2 else y.view(*x.shape[:-1], y.shape[-1])
-
     def has(self, adapter: str | None) -> bool:
         return adapter is not None and adapter in self.lora_a
 
-    def lora_in(self, rows: Tensor, adapter: str) -> Tensor:
-        """A x: [T, r]."""
-        return torch.mm(rows, _transposed(self.lora_a[adapter]))
-
-    def add_lora(self, y: Tensor, a: Tensor, adapter: str, cols: slice | None) -> None:
-        """y += (B[cols] (A x)) * scale (cols None: all), in place: the same two roundings as
-        `y + B(Ax) * scale`."""
-        scale = _fp32_scalar(self, "scale") if y.dtype == torch.float32 else self.scale
-        bt = _transposed(self.lora_b[adapter])
-        y.add_(torch.mm(a, bt if cols is None else bt[:, cols]).mul_(scale))
-
-    def columns(self, rows: Tensor, adapter: str | None, a: Tensor | None, cols: slice) -> Tensor:
-        """Output columns `cols` of forward(rows) (a dense base only; `a` from `lora_in`)."""
-        y = torch.mm(rows, _transposed(self.base.weight)[:, cols])
-        if a is not None:
-            self.add_lora(y, a, adapter, cols)
+    def forward(self, x: Tensor, adapter: str | None) -> Tensor:
+        y = self.base(x)
+        if self.has(adapter):
+            y = y + F.linear(F.linear(x, self.lora_a[adapter]), self.lora_b[adapter]) * self.scale
         return y
-
-    def dense(self, dtype: torch.dtype) -> bool:
-        return type(self.base) is DenseLinear and self.base.weight.dtype == dtype
-
-
-class FusedProjection(nn.Module):
-    """Dense projections of one input (q|k|v, gate|up) as one matrix product, for decode steps.
-
-    A decode step is a single row, so its host cost is the number of operator calls, not the
-    arithmetic: fused, q, k and v cost one base product, one LoRA A product and one batched LoRA B
-    product instead of one of each per projection. The parts' weights become row blocks (views) of
-    the fused weight, so nothing is stored twice and every other path still sees its own projection.
-
-    LoRA stays exact (bitwise what each projection computes on its own, as tests check): the
-    output is cut into blocks of one width w (a k/v projection's width; q is G of them), B into
-    the matching row blocks, and A lists each part's matrix once per block of that part, so the
-    batched B product multiplies every block by its own part's A x: column blocks of the separate
-    products, which BLAS computes the same (block-diagonal B with zeros would not be)."""
-
-    def __init__(self, parts: list[Projection], adapter: str):
-        super().__init__()
-        widths = [p.base.weight.shape[0] for p in parts]
-        weight = torch.cat([p.base.weight for p in parts])
-        row = 0
-        for p, rows in zip(parts, widths):
-            p.base.weight = nn.Parameter(weight[row : row + rows], requires_grad=False)
-            row += rows
-        # not persistent: the parts' weights (views of it) are what a state_dict lists
-        self.register_buffer("weight", weight, persistent=False)
-        self.scale = parts[0].scale
-        self.lora = parts[0].has(adapter)
-        if self.lora:
-            block = min(widths)
-            a = torch.cat([p.lora_a[adapter] for p, rows in zip(parts, widths) for _ in range(rows // block)])
-            b = torch.cat([p.lora_b[adapter] for p in parts])  # [sum widths, r]
-            # the parts' own matrices become views too: only the repeated A blocks are extra
-            a_row = b_row = 0
-            for p, rows in zip(parts, widths):
-                r = p.lora_a[adapter].shape[0]
-                p.lora_a[adapter] = nn.Parameter(a[a_row : a_row + r], requires_grad=False)
-                p.lora_b[adapter] = nn.Parameter(b[b_row : b_row + rows], requires_grad=False)
-                a_row, b_row = a_row + r * (rows // block), b_row + rows
-            self.register_buffer("lora_a", a, persistent=False)
-            self.register_buffer("lora_b", b.view(-1, block, b.shape[1]), persistent=False)  # [blocks, w, r]
-
-    @staticmethod
-    def possible(parts: list[Projection], adapter: str) -> bool:
-        """Dense bases of one dtype; every part with the adapter or none, of one rank and scale;
-        output widths that are multiples of the narrowest."""
-        if type(parts[0].base) is not DenseLinear:
-            return False
-        dtype = parts[0].base.weight.dtype
-        widths = [p.base.weight.shape[0] for p in parts]
-        if not all(p.dense(dtype) for p in parts) or any(w % min(widths) for w in widths):
-            return False
-        adapted = [p.has(adapter) for p in parts]
-        if not any(adapted):
-            return True
-        return all(adapted) and len({(p.lora_a[adapter].shape[0], p.scale) for p in parts}) == 1
-
-    def forward(self, row: Tensor) -> Tensor:
-        """One row [1, in] -> [1, sum of the parts' outputs], the parts' columns in order."""
-        y = torch.mm(row, _transposed(self.weight))
-        if self.lora:
-            a = torch.mm(row, _transposed(self.lora_a)).view(self.lora_b.shape[0], 1, -1)  # [blocks, 1, r]
-            scale = _fp32_scalar(self, "scale") if y.dtype == torch.float32 else self.scale
-            y.add_(torch.bmm(a, _transposed(self.lora_b)).mul_(scale).view(1, -1))
-        return y
-
-
-# Long inputs on the CPU (an injection runs 512-768 rows) compute wide outputs in column blocks, so
-# that the temporaries of the LoRA term and of the MLP's up projection are one block, not
-# [T, 14,336] each: that is what keeps an injection's host peak near the state + weights. Column
-# blocks of a CPU matrix product came out bitwise equal to the whole product's columns (each
-# column's sum is the same; tests/test_engine.py checks it on the installed BLAS); row blocks did not.
-_BLOCK_ROWS, _BLOCK_COLUMNS = 64, 512
-
-
-def _column_blocks(rows: Tensor, width: int) -> list[slice | None]:
-    """Column blocks of a [T, width] output; [None] (all at once) for short or device inputs."""
-    if rows.shape[0] < _BLOCK_ROWS or not rows.is_cpu or width <= _BLOCK_COLUMNS:
-        return [None]
-    return [slice(j, min(j + _BLOCK_COLUMNS, width)) for j in range(0, width, _BLOCK_COLUMNS)]
-
-
-def _transposed(w: Tensor) -> Tensor:
-    """w.t() (a view, no copy; for a batch [n, a, b] of matrices, each one's), kept on the weight
-    object itself: made again only for a new weight object (after `.to()`, say), never stale."""
-    if torch.compiler.is_compiling():  # the compiler sees through w.t(); it cannot trace the cache
-        return w.transpose(-1, -2)
-    t = w.__dict__.get("_memcli_t")
-    if t is None:
-        t = w.transpose(-1, -2)  # w.t() for a matrix; per matrix for a batch of them
-        w.__dict__["_memcli_t"] = t
-    return t
-
-
-def apply_linear(base: nn.Module, rows: Tensor) -> Tensor:
-    """x @ W.T for rows [T, in]. A dense weight in the rows' dtype goes through one `torch.mm` with
-    its transposed view: the kernel `F.linear` ends in (bitwise the same result) without its wrapper
-    operators (t, transpose, matmul, views: nine calls), which dominated the host-side cost of a
-    decode step. Quantized or differently typed bases are called as modules."""
-    if type(base) is DenseLinear and base.weight.dtype == rows.dtype:
-        return torch.mm(rows, _transposed(base.weight))
-    return base(rows)
 
 
 class Selector(nn.Module):
@@ -292,16 +134,8 @@ class KV:
 class DecodeStep:
     position: Tensor  # [1] int64 on the model's device: buffer row of this step's token
     mask: Tensor  # [1, 1, 1, capacity] additive (0 / -inf, the model's dtype): rows 0..position visible
-    cos: Tensor  # [1, D] at `position` (fused steps; the others take cos/sin as arguments)
-    sin_signed: Tensor  # [1, D] at `position`: cat(-sin1, sin2), for rotate_row
-
-
-def _heads(y: Tensor, t: int, heads: int, head_dim: int) -> Tensor:
-    """Projected rows [.., T, heads * D] -> [1, heads, T, D]. One row needs no transpose: [1, 1, H, D]
-    and [1, H, 1, D] are the same memory, so a view gives the same tensor with fewer operator calls."""
-    if t == 1:
-        return y.view(1, heads, 1, head_dim)
-    return y.view(1, t, heads, head_dim).transpose(1, 2)
+    cos: Tensor  # [1, D] at `position`
+    sin: Tensor  # [1, D] at `position`
 
 
 def attend(q: Tensor, k: Tensor, v: Tensor, mask_row: Tensor | None = None) -> Tensor:
@@ -312,36 +146,22 @@ def attend(q: Tensor, k: Tensor, v: Tensor, mask_row: Tensor | None = None) -> T
     ([1, H_kv, G*T, D]) instead of asking SDPA for `enable_gqa`: kernels that take a mask do not
     support GQA and would fall back to one that copies K and V G times (the memory prefix is 12,800
     rows per layer). Same arithmetic per head; the mask rows are repeated per folded head.
+    Without grouping, `causal_lower_right` lets CUDA use its flash / memory-efficient kernels.
     """
     h, t, s, d = q.shape[1], q.shape[2], k.shape[2], q.shape[3]
     groups = h // k.shape[1]
     if groups == 1:
-        if mask_row is not None:
-            return F.scaled_dot_product_attention(q, k, v, attn_mask=mask_row)
-        return F.scaled_dot_product_attention(q, k, v, attn_mask=causal_lower_right(t, s) if t > 1 else None)
-    folded = q.reshape(1, k.shape[1], groups * t, d)
+        mask = mask_row if mask_row is not None else causal_lower_right(t, s) if t > 1 else None
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
     if mask_row is not None:
         mask = mask_row
     elif t > 1:
-        # additive, as SDPA would make it from a boolean mask (0 visible, -inf not): built once
-        # here instead of a boolean copy plus SDPA's float one
+        # additive (0 visible, -inf not), as SDPA would make it from a boolean mask
         mask = torch.full((t, s), float("-inf"), dtype=q.dtype, device=q.device).triu_(s - t + 1).repeat(groups, 1)
     else:
         mask = None
-    out = F.scaled_dot_product_attention(folded, k, v, attn_mask=mask)
+    out = F.scaled_dot_product_attention(q.reshape(1, k.shape[1], groups * t, d), k, v, attn_mask=mask)
     return out.view(1, h, t, d)
-
-
-def _store_step(kv: KV, k: Tensor, v: Tensor) -> None:
-    """Write one step's key/value [1, H_kv, 1, D] at the buffer row `kv.step.position`."""
-    if torch.compiler.is_compiling():
-        # index_put_ (not index_copy_): the compiler turns it into an in-place store into
-        # the buffer instead of a copy of the whole buffer per step
-        kv.k[:, :, kv.step.position] = k
-        kv.v[:, :, kv.step.position] = v
-    else:  # eager: the same store as one operator call instead of five
-        kv.k.index_copy_(2, kv.step.position, k)
-        kv.v.index_copy_(2, kv.step.position, v)
 
 
 class Attention(nn.Module):
@@ -354,30 +174,34 @@ class Attention(nn.Module):
         self.v_proj: Projection
         self.o_proj: nn.Module
 
+    def heads(self, y: Tensor, t: int, heads: int) -> Tensor:
+        """Projected rows [.., T, heads * D] -> [1, heads, T, D]."""
+        return y.view(1, t, heads, self.head_dim).transpose(1, 2)
+
     def keys_values(self, xn: Tensor, cos: Tensor | None, sin: Tensor | None,
                     adapter: str | None) -> tuple[Tensor, Tensor]:
         """Normalised rows [1, T, d] -> keys (rotated unless cos is None) and values [1, H_kv, T, D]."""
         t = xn.shape[-2]
-        k = _heads(self.k_proj(xn, adapter), t, self.num_kv_heads, self.head_dim)
-        v = _heads(self.v_proj(xn, adapter), t, self.num_kv_heads, self.head_dim)
+        k = self.heads(self.k_proj(xn, adapter), t, self.num_kv_heads)
+        v = self.heads(self.v_proj(xn, adapter), t, self.num_kv_heads)
         return (k if cos is None else apply_rotary(k, cos, sin)), v
 
     def forward(self, xn: Tensor, cos: Tensor, sin: Tensor, kv: KV, adapter: str | None) -> Tensor:
+        """Rows xn [1, T, d] (a decode step: [1, d]) -> the attention output, the same shape."""
         t = xn.shape[-2]
-        q = apply_rotary(_heads(self.q_proj(xn, adapter), t, self.num_heads, self.head_dim), cos, sin)
+        q = apply_rotary(self.heads(self.q_proj(xn, adapter), t, self.num_heads), cos, sin)
         k, v = self.keys_values(xn, cos, sin, adapter)
         if kv.step is not None:
-            _store_step(kv, k, v)
+            # the step's row of the buffer, named by a device tensor (compiled: an in-place store)
+            kv.k[:, :, kv.step.position] = k
+            kv.v[:, :, kv.step.position] = v
             out = attend(q, kv.k, kv.v, kv.step.mask)
         else:
             end = kv.start + t
             kv.k[:, :, kv.start : end] = k
             kv.v[:, :, kv.start : end] = v
             out = attend(q, kv.k[:, :, :end], kv.v[:, :, :end])
-        width = self.num_heads * self.head_dim
-        rows = out.view(1, width) if t == 1 else out.transpose(1, 2).reshape(t, width)
-        out = apply_linear(self.o_proj, rows)
-        return out if xn.dim() == 2 else out.view(1, t, out.shape[-1])
+        return self.o_proj(out.transpose(1, 2).reshape(*xn.shape[:-1], self.num_heads * self.head_dim))
 
 
 class MLP(nn.Module):
@@ -388,20 +212,7 @@ class MLP(nn.Module):
         self.down_proj: Projection
 
     def forward(self, x: Tensor, adapter: str | None) -> Tensor:
-        # silu and the product in place on the fresh gate output (the same values); the up
-        # projection in column blocks for long CPU inputs (see _column_blocks): one [T, intermediate]
-        # tensor alive instead of three
-        h = F.silu(self.gate_proj(x, adapter), inplace=True)
-        up = self.up_proj
-        rows = x if x.dim() == 2 else x.reshape(-1, x.shape[-1])
-        blocks = _column_blocks(rows, h.shape[-1])
-        if len(blocks) == 1 or not up.dense(rows.dtype):
-            return self.down_proj(h.mul_(up(x, adapter)), adapter)
-        a = up.lora_in(rows, adapter) if up.has(adapter) else None
-        flat = h.view(-1, h.shape[-1])
-        for cols in blocks:
-            flat[:, cols].mul_(up.columns(rows, adapter, a, cols))
-        return self.down_proj(h, adapter)
+        return self.down_proj(F.silu(self.gate_proj(x, adapter)) * self.up_proj(x, adapter), adapter)
 
 
 class Block(nn.Module):
@@ -414,42 +225,13 @@ class Block(nn.Module):
         # M+ retrieval projectors (None for MemoryLLM)
         self.query_proj: Selector | None = None
         self.key_proj: Selector | None = None
-        # decode-step projections (fuse(); None: the step runs projection by projection)
-        self.qkv: FusedProjection | None = None
-        self.gate_up: FusedProjection | None = None
 
     def forward(self, x: Tensor, cos: Tensor, sin: Tensor, kv: KV, adapter: str | None) -> Tensor:
         """The layer's output rows. It consumes `x`: the residual sums are made in place in it
         (the same values), since no caller reads a layer's input again and, at an injection's 512+
         rows, each out-of-place sum would keep one more [T, d] tensor alive through the MLP."""
-        if kv.step is not None and self.qkv is not None and adapter == DECODER:
-            return self.step(x, kv)
         h = x.add_(self.self_attn(self.input_layernorm(x), cos, sin, kv, adapter))
         return h.add_(self.mlp(self.post_attention_layernorm(h), adapter))
-
-    def fuse(self) -> None:
-        """Fused q|k|v and gate|up projections for decode steps (dense bases only; see
-        FusedProjection). Call once the weights are in place; the parts then share their storage."""
-        attn, mlp = self.self_attn, self.mlp
-        qkv, gate_up = [attn.q_proj, attn.k_proj, attn.v_proj], [mlp.gate_proj, mlp.up_proj]
-        if FusedProjection.possible(qkv, DECODER) and FusedProjection.possible(gate_up, DECODER):
-            self.qkv, self.gate_up = FusedProjection(qkv, DECODER), FusedProjection(gate_up, DECODER)
-
-    def step(self, x: Tensor, kv: KV) -> Tensor:
-        """One decode step (x: [1, d], the decoder adapter) through the fused projections: the same
-        arithmetic as forward(), in about two thirds of the operator calls."""
-        attn, step = self.self_attn, kv.step
-        h, h_kv, d = attn.num_heads, attn.num_kv_heads, attn.head_dim
-        # (split_with_sizes and views: each slice costs an operator call or two)
-        qk, v = self.qkv(self.input_layernorm(x)).view(1, h + 2 * h_kv, d).split_with_sizes((h + h_kv, h_kv), 1)
-        q, k = rotate_row(qk, step.cos, step.sin_signed).split_with_sizes((h, h_kv), 1)
-        _store_step(kv, k.view(1, h_kv, 1, d), v.view(1, h_kv, 1, d))
-        # attend()'s grouped-query fold, which for one row is a view: [1, H_kv, G, D]
-        out = F.scaled_dot_product_attention(q.view(1, h_kv, h // h_kv, d), kv.k, kv.v, attn_mask=step.mask)
-        x = x + apply_linear(attn.o_proj, out.view(1, h * d))
-        widths = (self.mlp.gate_proj.base.weight.shape[0], self.mlp.up_proj.base.weight.shape[0])
-        gate, up = self.gate_up(self.post_attention_layernorm(x)).split_with_sizes(widths, 1)
-        return x + self.mlp.down_proj(F.silu(gate, inplace=True).mul_(up), DECODER)
 
     def prefix_keys_values(self, rows: Tensor, cos: Tensor | None, sin: Tensor | None, adapter: str | None):
         """Keys/values of prefix rows [1, P, d]: they are normalised but get no query, residual or MLP.
@@ -475,8 +257,6 @@ class Transformer(nn.Module):
         # (grown only if a longer sequence ever needs it): every forward slices or gathers them.
         self.register_buffer("rope_cos", torch.empty(0), persistent=False)
         self.register_buffer("rope_sin", torch.empty(0), persistent=False)
-        # [-1 x D/2, +1 x D/2] (made with the tables): sin * sign = cat(-sin1, sin2) exactly
-        self.register_buffer("rope_sign", torch.empty(0), persistent=False)
 
     @property
     def dtype(self) -> torch.dtype:
@@ -502,26 +282,21 @@ class Transformer(nn.Module):
             return
         rows = max(rows, 2 * have, self.cfg.prefix_rows + self.cfg.window + 1)
         self.rope_cos, self.rope_sin = self.rotary.cos_sin(torch.arange(rows, device=self.device), self.dtype)
-        half = self.cfg.head_dim // 2
-        self.rope_sign = torch.ones(2, half, dtype=self.dtype, device=self.device)
-        self.rope_sign[0].neg_()
-        self.rope_sign = self.rope_sign.view(-1)
 
     def cos_sin(self, start: int, length: int) -> tuple[Tensor, Tensor]:
         self.rope_rows(start + length)
         return self.rope_cos[start : start + length], self.rope_sin[start : start + length]
 
-    def fuse(self) -> None:
-        """Fused decode-step projections in every layer (after loading; see FusedProjection)."""
-        for layer in self.layers:
-            layer.fuse()
-
     def cos_sin_at(self, positions: Tensor) -> tuple[Tensor, Tensor]:
         """cos/sin gathered at a device tensor of positions (the table must already cover them)."""
         return self.rope_cos.index_select(0, positions), self.rope_sin.index_select(0, positions)
 
+    def decode_step(self, position: Tensor, rows: Tensor) -> DecodeStep:
+        """A decode step at buffer row `position` over buffer rows `rows` (arange, device tensors):
+        one additive mask for every layer, as SDPA would make it from a boolean one."""
+        cos, sin = self.cos_sin_at(position)
+        mask = torch.where(rows <= position, 0.0, float("-inf")).to(self.dtype)
+        return DecodeStep(position, mask.view(1, 1, 1, -1), cos, sin)
+
     def logits(self, x: Tensor) -> Tensor:
-        h = self.norm(x)
-        rows = h if h.dim() == 2 else h.reshape(-1, h.shape[-1])
-        out = apply_linear(self.lm_head, rows)
-        return out if h.dim() == 2 else out.view(*h.shape[:-1], out.shape[-1])
+        return self.lm_head(self.norm(x))

@@ -1,4 +1,4 @@
-"""The log of answers (memcli/answer_log.py): what one record costs, and what its size bound costs.
+"""The log of answers (memcli/app/answer_log.py): what one record costs, and what its size bound costs.
 
     python benchmarks/bench_answer_log.py [--records 300] [--bound-mb 16] [--out benchmarks/results/cpu-answer-log.json]
 
@@ -70,7 +70,7 @@ def main() -> None:
     parser.add_argument("--out")
     args = parser.parse_args()
     os.environ.pop("MEMCLI_LOG", None)
-    from memcli import answer_log as al
+    from memcli.app import answer_log as al
 
     result: dict = {"benchmark": "answer-log", "machine": machine(), "records": args.records}
     with tempfile.TemporaryDirectory() as tmp:

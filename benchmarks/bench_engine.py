@@ -56,9 +56,9 @@ sys.path.insert(0, str(REPO / "benchmarks"))
 from make_checkpoint import config_like, make_checkpoint  # noqa: E402
 from report import emit, versions  # noqa: E402
 
-from memcli.engine import Engine  # noqa: E402
-from memcli.loading import CheckpointReader, check_plan, initial_state, load_model  # noqa: E402
-from memcli.config import read_config  # noqa: E402
+from memcli.core.engine import Engine  # noqa: E402
+from memcli.loading.checkpoints import CheckpointReader, check_plan, initial_state, load_model  # noqa: E402
+from memcli.core.config import read_config  # noqa: E402
 
 VERSION_0_1 = "b005f41"  # the last commit of version 0.1 (before the engine/store round 2)
 MAIN_BEFORE_ISSUE_17 = "b6f0760"  # main when issue 17 was filed (an inject freed the memory K/V)
@@ -128,8 +128,8 @@ def _packages(which: str):
         import memcli_main.engine as engine_module
         import memcli_main.loading as loading_module
     else:
-        import memcli.engine as engine_module
-        import memcli.loading as loading_module
+        from memcli.core import engine as engine_module
+        from memcli.loading import checkpoints as loading_module
     return engine_module, loading_module
 
 
@@ -208,7 +208,7 @@ def _compare_one(which: str, folder: Path, args) -> dict:
 def _rotation_compare(engine, state) -> dict:
     """Re-rotating every memory key (what a read after updates needs): cos/sin recomputed per call
     and applied through temporaries (main) against a gather from the precomputed tables, in place."""
-    from memcli.model import apply_rotary
+    from memcli.core.model import apply_rotary
 
     model = engine.model
     engine.logits(state, torch.arange(8)[None] + 5, all_rows=False)
@@ -462,7 +462,7 @@ def inject_ask(args) -> None:
     }
     # both trees compute on the threads this tree picks for the model (main leaves torch's default):
     # the comparison is of the memory K/V path, and only equal thread counts can agree bitwise
-    from memcli import threads as compute_threads
+    from memcli.core import threads as compute_threads
 
     result["threads"] = compute_threads.configure(cfg).threads
     logits = {}

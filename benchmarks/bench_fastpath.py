@@ -1,4 +1,4 @@
-"""memcli.fastpath against a baseline revision and against the reference model alone, timings interleaved.
+"""memcli.core.fastpath against a baseline revision and against the reference model alone, timings interleaved.
 
     python benchmarks/bench_fastpath.py --baseline main --machine "CPU, shared 2-core" \
         --out benchmarks/results/cpu-medium-fastpath-vs-main.json
@@ -56,9 +56,9 @@ def engines(folder: Path, root: Path) -> dict:
     import memcli_baseline.engine as base_engine
     import memcli_baseline.loading as base_loading
 
-    import memcli.engine as engine
-    import memcli.fastpath as fastpath
-    import memcli.loading as loading
+    from memcli.core import engine
+    from memcli.core import fastpath
+    from memcli.loading import checkpoints as loading
 
     out = {"baseline": (base_engine, base_loading, *base_loading.load_model(folder))}
     out["fast"] = (engine, loading, *loading.load_model(folder))

@@ -28,9 +28,9 @@ sys.path.insert(0, str(REPO / "benchmarks"))
 from make_checkpoint import MEDIUM, config_like  # noqa: E402
 from report import emit, versions  # noqa: E402
 
-from memcli.config import parse_config  # noqa: E402
-from memcli.engine import Engine  # noqa: E402
-from memcli.loading import build_model, initial_state, weight_plan  # noqa: E402
+from memcli.core.config import parse_config  # noqa: E402
+from memcli.core.engine import Engine  # noqa: E402
+from memcli.loading.checkpoints import build_model, initial_state, weight_plan  # noqa: E402
 
 BANDWIDTH = {"H100": 3.35e12, "H200": 4.8e12}  # bytes/s, HBM
 
@@ -118,7 +118,7 @@ def run_variant(name: str, like: str, quant: str, args, device: torch.device) ->
     full, answer = _timed(device, lambda: engine.generate(state, question, args.new_tokens))
     first, _ = _timed(device, lambda: engine.generate(state, question, 1))
     decode_ms = 1000 * (full - first) / max(len(answer.tokens) - 1, 1)
-    from memcli.quant import weight_bytes
+    from memcli.core.quant import weight_bytes
 
     # bytes a decode step reads: every weight but the embedding table (one row of it)
     weights = sum(weight_bytes(m) for m in model.modules() if not list(m.children()) and m is not model.embed_tokens)

@@ -98,7 +98,7 @@ def run_scale(scale: str, repeat: int, tokens: int) -> dict:
                               env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         started = time.perf_counter()
-        while subprocess.run([sys.executable, "-c", "import sys; from memcli.client import Client; "
+        while subprocess.run([sys.executable, "-c", "import sys; from memcli.server.client import Client; "
                               "sys.exit(0 if Client().health() else 1)"], env=env).returncode != 0:
             if server.poll() is not None or time.perf_counter() - started > 600:
                 raise SystemExit("the server did not start")

@@ -47,9 +47,9 @@ sys.path.insert(0, str(REPO))
 
 import torch  # noqa: E402
 
-from memcli import pool as pools  # noqa: E402
-from memcli import pool_meta  # noqa: E402
-from memcli.state import MemoryState, new_generator  # noqa: E402
+from memcli.pools import pool as pools  # noqa: E402
+from memcli.pools import meta as pool_meta  # noqa: E402
+from memcli.core.state import MemoryState, new_generator  # noqa: E402
 from memcli.store import PoolStore  # noqa: E402
 from memcli.store import safetensors as store_safetensors  # noqa: E402
 from memcli.store.durable import new_hash  # noqa: E402

@@ -46,8 +46,8 @@ DRIVER = r"""
 import json, os, sys, time
 started = time.perf_counter()
 import memcli
-from memcli.api import Memcli
-from memcli.settings import load_settings
+from memcli.app.api import Memcli
+from memcli.app.settings import load_settings
 import torch
 
 app = Memcli(load_settings(model="memcli-tiny", device="cpu"))

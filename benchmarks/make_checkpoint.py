@@ -22,8 +22,8 @@ from safetensors.torch import save_file
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from memcli.config import parse_config  # noqa: E402
-from memcli.loading import weight_plan  # noqa: E402
+from memcli.core.config import parse_config  # noqa: E402
+from memcli.loading.checkpoints import weight_plan  # noqa: E402
 
 SHARED = REPO.parent / "shared"
 TOKENIZER_FROM = SHARED / "conformance" / "memoryllm-8b-chat-tiny" / "checkpoint"

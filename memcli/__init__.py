@@ -13,6 +13,6 @@ __version__ = "0.2.0"
 _os.environ.setdefault("MKL_CBWR", "AUTO")
 
 # Idle OpenMP threads wait passively (sleep) instead of spinning: on a busy machine a spinning
-# thread burns the time slice the thread it waits for needs (memcli/threads.py has the figures).
+# thread burns the time slice the thread it waits for needs (memcli/core/threads.py has the figures).
 # libgomp reads this once, when torch loads it, so it is set here, before anything imports torch.
 _os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")

@@ -1,6 +1,6 @@
 """`python -m memcli`: the same as the `memcli` command."""
 
-from .cli import main
+from memcli.cli.main import main
 
 if __name__ == "__main__":
     main()

@@ -1,4 +1,4 @@
-"""The log of answers (memcli/answer_log.py) and `memcli log` (memcli/cli_log.py), issue 20 item 3.
+"""The log of answers (memcli/app/answer_log.py) and `memcli log` (memcli/cli/log.py), issue 20 item 3.
 
 The wiring of ask/chat/server into record() comes later; here the log itself: the API, the command,
 the file's mode, concurrent writers, the size bound, damaged files and `pool rm --purge-log`.
@@ -16,9 +16,9 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
-from memcli import answer_log as al
-from memcli import cli
-from memcli.settings import load_settings
+from memcli.app import answer_log as al
+from memcli.cli import main as cli
+from memcli.app.settings import load_settings
 
 runner = CliRunner()
 

@@ -2,8 +2,8 @@
 
 import pytest
 
-from memcli.api import Memcli, MemcliError
-from memcli.settings import Settings
+from memcli.app.api import Memcli, MemcliError
+from memcli.app.settings import Settings
 
 from .support import fixture_checkpoint
 
@@ -51,7 +51,7 @@ def test_a_pool_created_by_an_inject_that_wrote_nothing_is_not_left_behind(app, 
 def test_resume_after_another_file_does_not_inject_twice(app, tmp_path, monkeypatch):
     """A file interrupted, then another file injected, then the first resumed: the resumed part
     goes in once, and a later run sees the file as complete."""
-    from memcli import api as api_module
+    from memcli.app import api as api_module
 
     monkeypatch.setattr(api_module, "COMMIT_EVERY", 2)
     big = tmp_path / "big.txt"
@@ -83,8 +83,8 @@ def test_resume_after_another_file_does_not_inject_twice(app, tmp_path, monkeypa
 
 def test_compile_setting_reaches_the_engine(monkeypatch, memcli_home):
     """`compile` (config, MEMCLI_COMPILE, default off) is what the engine's decode step is built with."""
-    from memcli import engine as engines
-    from memcli.settings import SettingsError, load_settings, set_config
+    from memcli.core import engine as engines
+    from memcli.app.settings import SettingsError, load_settings, set_config
 
     assert load_settings().compile is False
     set_config("compile", "true")

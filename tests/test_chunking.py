@@ -6,8 +6,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from memcli.catalog import CARD_MIN_CHUNK_TOKENS as MIN_CHUNK_TOKENS
-from memcli.chunking import ChunkingError, Packed, Packer, chunk_token_ids, encode_pieces, share_rows
+from memcli.loading.catalog import CARD_MIN_CHUNK_TOKENS as MIN_CHUNK_TOKENS
+from memcli.ingest.chunking import ChunkingError, Packed, Packer, chunk_token_ids, encode_pieces, share_rows
 
 
 def ids(start: int, stop: int) -> list[int]:

@@ -19,9 +19,10 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from memcli import api, cli
-from memcli.api import Memcli
-from memcli.settings import load_settings
+from memcli.app import api
+from memcli.cli import main as cli
+from memcli.app.api import Memcli
+from memcli.app.settings import load_settings
 from memcli.store import PoolError, PoolStore
 
 from .support import REPO, fixture_checkpoint
@@ -448,7 +449,7 @@ def test_models_and_offline_pull(tmp_path, monkeypatch):
     monkeypatch.setattr(constants, "HF_HUB_CACHE", str(cache))
     monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
     rows = json.loads(run("models", "--json").stdout)
-    from memcli.catalog import ALIASES, BUNDLED
+    from memcli.loading.catalog import ALIASES, BUNDLED
 
     assert [r["name"] for r in rows] == [*BUNDLED, *ALIASES]
     assert {r["name"]: r["status"] for r in rows} == {**dict.fromkeys(BUNDLED, "bundled"),
@@ -547,7 +548,7 @@ class _NoTorch:
             raise ImportError("torch imported by a light command")
 sys.meta_path.insert(0, _NoTorch())
 sys.argv = ["memcli"] + sys.argv[1:]
-from memcli.cli import main
+from memcli.cli.main import main
 try:
     main()
 except SystemExit as exit:
@@ -631,7 +632,7 @@ def test_item5_doctor_stderr_is_clean(tmp_path):
 
 
 def test_item7_other_model_is_refused_from_its_config_before_any_weights(ck, pool, docs, monkeypatch):
-    from memcli import loading
+    from memcli.loading import checkpoints as loading
 
     def no_weights(*args, **kwargs):
         raise AssertionError("weights were loaded")
@@ -683,7 +684,7 @@ ISO_Z = r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z$"
 def test_item11_json_is_consistent(ck, pool, tmp_path):
     import re
 
-    from memcli.settings import Settings
+    from memcli.app.settings import Settings
 
     [row] = json.loads(run("pool", "ls", "--json").stdout)
     facts = info(pool)
@@ -713,7 +714,7 @@ def test_item11_json_is_consistent(ck, pool, tmp_path):
 
 def test_item11_chat_is_a_conversation_within_the_window(ck, pool):
     """Issue 11 item 7: earlier turns go into the prompt; the oldest are dropped first; reset clears."""
-    from memcli.settings import Settings
+    from memcli.app.settings import Settings
 
     app = Memcli(Settings(model=ck, device="cpu"))
     # one-token answers: whatever the randomly-dropped tiny pool answers, a turn fits the window
@@ -759,7 +760,7 @@ def test_item13_default_pool_from_config(pool):
 def test_item14_every_text_file_is_injected(ck, tmp_path):
     import gzip
 
-    from memcli.extract import man_renderer
+    from memcli.ingest.extract import man_renderer
 
     folder = tmp_path / "src"
     texts = {"README": "This project parses the old river bridge logs every Monday morning.",

@@ -17,9 +17,9 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from memcli.engine import Engine
-from memcli.loading import initial_state, load_model
-from memcli.prompts import load_tokenizer
+from memcli.core.engine import Engine
+from memcli.loading.checkpoints import initial_state, load_model
+from memcli.loading.prompts import load_tokenizer
 
 from .support import CONFORMANCE
 
@@ -103,7 +103,7 @@ def test_fixture_case(folder, case_name):
 
 def _check_source(tokenizer, source, ids, where):
     """The recorded ids are what our prompt helpers make of the recorded text."""
-    from memcli.prompts import chat_prompt_ids
+    from memcli.loading.prompts import chat_prompt_ids
 
     if not source:
         return

@@ -6,9 +6,10 @@ import shutil
 import pytest
 import torch
 
-from memcli import converted, quant
-from memcli.engine import Engine
-from memcli.loading import initial_state, load_model
+from memcli.loading import converted
+from memcli.core import quant
+from memcli.core.engine import Engine
+from memcli.loading.checkpoints import initial_state, load_model
 
 from .support import fixture_checkpoint
 
@@ -99,8 +100,8 @@ def test_start_checks_size_and_mtime_and_doctor_hashes(checkpoint, monkeypatch):
 
 def test_doctor_reports_a_damaged_copy(checkpoint):
     """`memcli doctor` (diagnose) runs the full hash and names the damaged copy as a problem."""
-    from memcli.api import diagnose
-    from memcli.settings import Settings
+    from memcli.app.api import diagnose
+    from memcli.app.settings import Settings
 
     _logits(checkpoint, quant="nf4")
     (entry,) = _entries()

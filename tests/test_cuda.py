@@ -5,8 +5,8 @@ memory, pools in pinned host memory as the CLI keeps them, and the compiled deco
 import pytest
 import torch
 
-from memcli.engine import Engine
-from memcli.loading import initial_state, load_model
+from memcli.core.engine import Engine
+from memcli.loading.checkpoints import initial_state, load_model
 
 from .support import fixture_checkpoint
 

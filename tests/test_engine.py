@@ -4,9 +4,9 @@ options, reduced precision, and what we do where the official code crashes."""
 import pytest
 import torch
 
-from memcli.engine import Engine, Sampling
-from memcli.loading import initial_state, load_model
-from memcli.state import MemoryState
+from memcli.core.engine import Engine, Sampling
+from memcli.loading.checkpoints import initial_state, load_model
+from memcli.core.state import MemoryState
 
 from .support import fixture_checkpoint
 
@@ -56,7 +56,7 @@ def test_memory_kv_survives_inject_and_answers_as_a_rebuild(variant, compute_thr
     is bitwise what a fresh engine, building every row, answers: logits, each step's logits, the
     greedy tokens and the cache's keys/values themselves. On two threads too: there MKL splits a
     product of a few rows otherwise than a tall one (the new rows are computed in a padded block)."""
-    from memcli.engine import PrefixCache
+    from memcli.core.engine import PrefixCache
 
     model, reader = _model(variant)
     torch.set_num_threads(compute_threads)
@@ -115,7 +115,7 @@ def test_inject_frees_the_memory_kv_beyond_the_budget():
 def test_default_kv_keep_budget_is_a_quarter_of_the_device_memory():
     import os
 
-    from memcli.engine import default_kv_keep_budget
+    from memcli.core.engine import default_kv_keep_budget
 
     host = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
     assert default_kv_keep_budget(torch.device("cpu")) == host // 4
@@ -264,7 +264,7 @@ def test_quantized_generation_against_fp32(variant, quant, max_rel, min_agree):
 
 def test_ltm_bank_compaction_keeps_semantics_and_bounds_memory(monkeypatch):
     """Rows no layer refers to any more are dropped from the M+ bank; answers do not change."""
-    from memcli.state import LongTermMemory
+    from memcli.core.state import LongTermMemory
 
     model, reader = _model("mplus-8b-tiny")
     engine = Engine(model)
@@ -393,8 +393,8 @@ def test_one_session_across_three_pools_matches_a_session_per_pool(tmp_path):
     state's address); each answer equals that of a session that only ever opened that pool."""
     import random
 
-    from memcli.api import Memcli
-    from memcli.settings import Settings
+    from memcli.app.api import Memcli
+    from memcli.app.settings import Settings
 
     def session():
         return Memcli(Settings(model=str(fixture_checkpoint("memoryllm-8b-chat-tiny")), device="cpu"))
@@ -433,9 +433,9 @@ def test_chat_ask_after_an_inject_reads_the_kept_memory_kv(tmp_path, monkeypatch
     """Through the API: a chat session asks, injects a document, asks again. The second ask reads
     the memory K/V its session kept through the inject (nothing is rebuilt) and answers what a
     session that opened the pool afterwards answers, token for token."""
-    from memcli.api import Memcli
-    from memcli.engine import PrefixCache
-    from memcli.settings import Settings
+    from memcli.app.api import Memcli
+    from memcli.core.engine import PrefixCache
+    from memcli.app.settings import Settings
 
     def session():
         return Memcli(Settings(model=str(fixture_checkpoint("memoryllm-8b-chat-tiny")), device="cpu"))

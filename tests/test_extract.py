@@ -17,8 +17,8 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from memcli import extract
-from memcli.extract import (
+from memcli.ingest import extract
+from memcli.ingest.extract import (
     PIECE_CHARS,
     SUPPORTED_SUFFIXES,
     ExtractError,
@@ -695,7 +695,7 @@ def test_pdf_that_is_not_a_pdf(tmp_path):
 
 def test_pdf_bad_page_is_skipped(tmp_path, caplog):
     path = write(tmp_path / "mixed.pdf", make_pdf([text_page("good one"), BROKEN_PAGE, text_page("good two")]))
-    with caplog.at_level(logging.WARNING, logger="memcli.extract"):
+    with caplog.at_level(logging.WARNING, logger="memcli.ingest.extract"):
         assert text_of(path) == "good one\n\ngood two"
     assert "skipping unreadable page 2" in caplog.text
 
@@ -821,7 +821,7 @@ _BOUNDED = """
 import resource, sys
 resource.setrlimit(resource.RLIMIT_AS, ({mem}, {mem}))
 resource.setrlimit(resource.RLIMIT_CPU, ({cpu}, {cpu}))
-from memcli.extract import discover, iter_text
+from memcli.ingest.extract import discover, iter_text
 [source] = discover([sys.argv[1]])
 total = sum(len(piece) for piece in iter_text(source))
 print(total)

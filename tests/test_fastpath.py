@@ -1,4 +1,4 @@
-"""memcli.fastpath against the reference model (memcli/model.py): the same values, fewer operator calls.
+"""memcli.core.fastpath against the reference model (memcli/core/model.py): the same values, fewer operator calls.
 
 Bitwise where the pieces are bitwise on the installed BLAS (dense fp32 products at BLAS sizes, column
 blocks, RMSNorm, rotate_row, every inject on the conformance fixtures); the fused decode step at
@@ -8,11 +8,11 @@ import pytest
 import torch
 from torch.nn import functional as F
 
-from memcli import fastpath
-from memcli.engine import Engine
-from memcli.loading import initial_state, load_model
-from memcli.model import MLP, Block, Projection, RMSNorm, Transformer, apply_rotary
-from memcli.quant import DenseLinear
+from memcli.core import fastpath
+from memcli.core.engine import Engine
+from memcli.loading.checkpoints import initial_state, load_model
+from memcli.core.model import MLP, Block, Projection, RMSNorm, Transformer, apply_rotary
+from memcli.core.quant import DenseLinear
 
 from .support import fixture_checkpoint
 

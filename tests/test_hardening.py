@@ -26,13 +26,13 @@ import pytest
 from hypothesis import HealthCheck, given, settings as hsettings
 from hypothesis import strategies as st
 
-from memcli import api as api_module
-from memcli import pool as pools
+from memcli.app import api as api_module
+from memcli.pools import pool as pools
 from memcli import store as store_module
-from memcli.api import Memcli, MemcliError
-from memcli.chunking import chunk_token_ids
-from memcli.extract import iter_text, Source
-from memcli.settings import Settings
+from memcli.app.api import Memcli, MemcliError
+from memcli.ingest.chunking import chunk_token_ids
+from memcli.ingest.extract import iter_text, Source
+from memcli.app.settings import Settings
 from memcli.store import PoolError, PoolStore
 from tests.support import REPO, fixture_checkpoint
 from tests.test_extract import BROKEN_PAGE, encrypt_pdf, make_pdf, text_page
@@ -148,7 +148,7 @@ def _permission_denied(tmp, mp):
                 raise PermissionError(errno.EACCES, "Permission denied", str(p))
             return real(p, flags, *a, **kw)
 
-        mp.setattr("memcli.extract.os.open", deny)
+        mp.setattr("memcli.ingest.extract.os.open", deny)
     return [str(path)]
 
 
@@ -284,8 +284,8 @@ def test_big_single_line_streams_with_bounded_memory(tmp_path):
             out.write(block)
     code = textwrap.dedent(f"""
         import resource, sys
-        from memcli.extract import Source, iter_text
-        from memcli.chunking import chunk_token_ids, encode_pieces
+        from memcli.ingest.extract import Source, iter_text
+        from memcli.ingest.chunking import chunk_token_ids, encode_pieces
         base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
         src = Source({str(path)!r}, "text", {path.stat().st_size})
         n = tokens = 0
@@ -458,7 +458,7 @@ def test_damaged_crash_leftovers_are_cleaned(app, caplog):
 def _cli(*args: str):
     from typer.testing import CliRunner
 
-    from memcli import cli
+    from memcli.cli import main as cli
 
     result = CliRunner().invoke(cli.app, ["--device", "cpu", *map(str, args)])
     if result.exception is not None and not isinstance(result.exception, SystemExit):
@@ -890,9 +890,10 @@ def test_fault_enospc_during_commit(app, tmp_path, monkeypatch):
 
 _KILL_WORKER = """
 import sys
-from memcli import api, pool
-from memcli.api import Memcli
-from memcli.settings import Settings
+from memcli.app import api
+from memcli.pools import pool
+from memcli.app.api import Memcli
+from memcli.app.settings import Settings
 api.COMMIT_EVERY = 1
 real = pool.save
 def save(store, p):
@@ -1002,7 +1003,7 @@ def test_trust_no_unsafe_deserialization_in_sources():
                 if func.endswith("torch.load") or func == "load" and "torch" in text and "from torch import load" in text:
                     kw = {k.arg: ast.unparse(k.value) for k in node.keywords}
                     assert kw.get("weights_only") == "True", f"{name}: {ast.unparse(node)}"
-                    assert name == "memcli/loading.py", f"torch.load outside the opt-in loader: {name}"
+                    assert name == "memcli/loading/checkpoints.py", f"torch.load outside the opt-in loader: {name}"
         assert not re.search(r"pickle\.loads?\(|numpy\.load\([^)]*allow_pickle=True", text), name
 
 
@@ -1012,7 +1013,7 @@ def test_trust_no_remote_code():
 
 
 def test_trust_pickle_only_behind_opt_in():
-    text = (REPO / "memcli" / "loading.py").read_text()
+    text = (REPO / "memcli" / "loading" / "checkpoints.py").read_text()
     loads = [m.start() for m in re.finditer(r"torch\.load\(", text)]
     assert loads, "expected the opt-in pickle path in loading.py"
     body = text[text.index("def _load_pickle"):]

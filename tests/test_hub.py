@@ -4,7 +4,7 @@ import shutil
 
 import pytest
 
-from memcli.loading import CheckpointError, resolve_checkpoint
+from memcli.loading.checkpoints import CheckpointError, resolve_checkpoint
 
 from .support import fixture_checkpoint, point_hf_cache
 

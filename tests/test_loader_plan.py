@@ -5,8 +5,8 @@ import json
 import pytest
 import torch
 
-from memcli.config import ConfigError, detect_family, parse_config
-from memcli.loading import CheckpointError, CheckpointReader, check_plan, weight_plan
+from memcli.core.config import ConfigError, detect_family, parse_config
+from memcli.loading.checkpoints import CheckpointError, CheckpointReader, check_plan, weight_plan
 
 from .support import CONFORMANCE, REAL_CONFIGS
 

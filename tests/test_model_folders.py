@@ -115,8 +115,8 @@ def test_hostile_model_folder_is_refused(kind, tmp_path, memcli_home):
 
 
 def test_binding_fingerprint_ignores_cosmetic_keys_and_keeps_old_pools():
-    from memcli import pool as pools
-    from memcli.config import parse_config
+    from memcli.pools import pool as pools
+    from memcli.core.config import parse_config
 
     raw = json.loads((fixture_checkpoint("memoryllm-8b-tiny") / "config.json").read_text())
     cfg = parse_config(raw)

@@ -18,7 +18,8 @@ import pytest
 import typer
 
 import memcli
-from memcli import cli, settings
+from memcli.cli import main as cli
+from memcli.app import settings
 from memcli.store import PoolStore
 
 from .support import REPO, fixture_checkpoint
@@ -104,7 +105,7 @@ def test_item1_demo_on_a_terminal(tmp_path):
     # nothing left running: the server the demo started has exited (the demo waits for it)
     assert memcli_processes(home) == []
     os.environ["MEMCLI_HOME"] = str(home)  # the autouse fixture restores it
-    from memcli import server_address
+    from memcli.server import address as server_address
 
     assert not server_address.socket_path().exists()
     # no temporary folder (torch keeps its own compile cache in TMPDIR: not the demo's)
@@ -281,7 +282,7 @@ def test_item10_the_plot_keeps_every_control_visible():
     pytest.importorskip("matplotlib")
     import matplotlib.pyplot as plt
 
-    from memcli.retention import Curve, figure
+    from memcli.app.retention import Curve, figure
 
     curve = Curve("m", 1, 20, 160, 0, layers=2, chance=0.0,
                   points=[{"distractors": t, "accuracy": 1.0, "rows_kept": 1.0, "expected_rows_kept": 1.0} for t in (0, 2)],
@@ -351,14 +352,14 @@ class _Blocked:
                 raise ImportError(heavy + " imported by a light command")
 sys.meta_path.insert(0, _Blocked())
 sys.argv = ["memcli"] + sys.argv[1:]
-from memcli.cli import main
+from memcli.cli.main import main
 try:
     main()
 except SystemExit as exit:
     code = exit.code
 else:
     code = 0
-print("LOADED:" + ",".join(sorted(m for m in ("torch", "pydantic", "memcli.api") if m in sys.modules)), file=sys.stderr)
+print("LOADED:" + ",".join(sorted(m for m in ("torch", "pydantic", "memcli.app.api") if m in sys.modules)), file=sys.stderr)
 sys.exit(code)
 """
 
@@ -369,12 +370,12 @@ sys.exit(code)
                          ids=lambda v: " ".join(v) if isinstance(v, list) else str(v))
 def test_item12_light_commands_build_no_pydantic_adapter(tiny_pool, tmp_path, args, api):
     """typer 0.29 converts parameters through pydantic: memcli's own converters stand in for it, so a
-    light command imports neither torch nor pydantic; pool info reads the pool without memcli.api."""
+    light command imports neither torch nor pydantic; pool info reads the pool without memcli.app.api."""
     done = subprocess.run([sys.executable, "-c", BLOCKER, *args], cwd=tmp_path, capture_output=True, text=True,
                           env=subprocess_env(NO_COLOR="1", MEMCLI_DEBUG="1"), timeout=120)
     assert done.returncode == 0, done.stderr[-3000:]
     loaded = done.stderr.strip().splitlines()[-1]
-    assert loaded == ("LOADED:memcli.api" if api else "LOADED:"), done.stderr[-3000:]
+    assert loaded == ("LOADED:memcli.app.api" if api else "LOADED:"), done.stderr[-3000:]
 
 
 def test_item12_the_light_command_benchmark_is_committed_and_meets_its_target():

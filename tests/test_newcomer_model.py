@@ -23,8 +23,10 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
-from memcli import api, cli, facts
-from memcli.loading import BUNDLED
+from memcli.app import api
+from memcli.cli import main as cli
+from memcli.app import facts
+from memcli.loading.checkpoints import BUNDLED
 
 from . import test_remember as remember
 
@@ -121,7 +123,7 @@ def test_twenty_notes_through_a_server(served, tmp_path):
 
 def test_an_interrupted_run_of_short_notes_resumes(tmp_path):
     """Ctrl-C while packed chunks go in: the committed ones are kept, the next run adds the rest."""
-    from memcli.settings import load_settings
+    from memcli.app.settings import load_settings
 
     notes = twenty_notes(tmp_path / "notes")
     app = api.Memcli(load_settings(model="memcli-tiny", device="cpu"))
@@ -248,7 +250,7 @@ def test_pool_info_says_what_the_model_is_and_shows_ltm_rows_only_for_mplus(tmp_
 
 
 def test_pool_info_labels_published_checkpoints_by_family():
-    from memcli.catalog import label
+    from memcli.loading.catalog import label
 
     assert label("memoryllm-8b-chat", "8b") == "8b" and label("YuWangX/mplus-8b", "mplus") == "mplus"
     assert label("memcli-tiny", "8b") == "toy model, 268 words, for the CPU"
@@ -258,7 +260,7 @@ def test_pool_info_labels_published_checkpoints_by_family():
 def test_a_model_folder_declares_its_properties_and_a_bad_config_declares_nothing(tmp_path):
     import os
 
-    from memcli.catalog import declared, made_for_cpu
+    from memcli.loading.catalog import declared, made_for_cpu
 
     folder = tmp_path / "model"
     folder.mkdir()

@@ -6,10 +6,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from memcli import pool as pools
-from memcli.config import read_config
-from memcli.engine import Engine
-from memcli.loading import initial_state, load_model
+from memcli.pools import pool as pools
+from memcli.core.config import read_config
+from memcli.core.engine import Engine
+from memcli.loading.checkpoints import initial_state, load_model
 from memcli.store import PoolStore
 
 from .support import fixture_checkpoint
@@ -146,7 +146,7 @@ def test_a_new_pool_shares_its_models_initial_memory_and_writes_a_manifest_only(
 
 @pytest.mark.parametrize("variant", ["memoryllm-8b-tiny", "mplus-8b-tiny"])
 def test_pool_info_counts_retention_from_the_small_tables_only(variant, monkeypatch):
-    from memcli import pool_meta
+    from memcli.pools import meta as pool_meta
     from memcli.store.snapshot import Snapshot
 
     model, reader, binding = _setup(variant)
@@ -180,7 +180,7 @@ def test_metadata_commands_import_no_torch():
     pool.sources.append({"path": "a.txt", "first_chunk": 0, "chunks": 1, "complete": True})
     engine = Engine(model)
     _update_and_save(engine, store, pool, torch.arange(16)[None])
-    code = ("import sys\nfrom memcli import pool_meta\nfrom memcli.store import PoolStore\n"
+    code = ("import sys\nfrom memcli.pools import meta as pool_meta\nfrom memcli.store import PoolStore\n"
             "s = PoolStore()\nrows = pool_meta.list_rows(s)\ninfo = pool_meta.pool_info(s, 'p')\n"
             "assert rows[0]['chunks'] == 1 and info['retention'][0]['rows_in_stm'] > 0\n"
             "print('torch' in sys.modules)")
@@ -376,7 +376,7 @@ def test_initial_key_changes_with_the_memory_files_identity(tmp_path, streamed):
 
     from safetensors.torch import load_file, save
 
-    from memcli.loading import CheckpointReader
+    from memcli.loading.checkpoints import CheckpointReader
 
     folder = tmp_path / "ckpt"
     shutil.copytree(fixture_checkpoint("memoryllm-8b-tiny"), folder)
@@ -421,7 +421,7 @@ def test_initial_key_changes_with_the_memory_files_identity(tmp_path, streamed):
 
 
 def test_content_keys_are_invisible_to_listing_gc_recovery_and_verify():
-    from memcli import pool_meta
+    from memcli.pools import meta as pool_meta
 
     model, reader, binding = _setup("memoryllm-8b-tiny")
     store = PoolStore()

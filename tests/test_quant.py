@@ -1,4 +1,4 @@
-"""memcli.quant: quantized / dense base projections (CPU; bitsandbytes 0.50 runs NF4 and int8 here).
+"""memcli.core.quant: quantized / dense base projections (CPU; bitsandbytes 0.50 runs NF4 and int8 here).
 
 Error bounds are ~1.5x the value measured with the fixed seeds below (torch 2.13 CPU, bitsandbytes
 0.50.2); each comment gives the measured figure(s) and the spread over 4 other seeds.  Relative
@@ -20,7 +20,7 @@ import pytest
 import torch
 from torch import nn
 
-from memcli import quant
+from memcli.core import quant
 
 bnb = pytest.importorskip("bitsandbytes", reason="bitsandbytes is not installed")
 

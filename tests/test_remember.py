@@ -12,8 +12,9 @@ import json
 import pytest
 from typer.testing import CliRunner
 
-from memcli import cli, facts
-from memcli.loading import BUNDLED
+from memcli.cli import main as cli
+from memcli.app import facts
+from memcli.loading.checkpoints import BUNDLED
 
 runner = CliRunner()
 TINY = BUNDLED["memcli-tiny"]

@@ -7,8 +7,8 @@ import json
 
 import pytest
 
-from memcli import facts
-from memcli.client import Client
+from memcli.app import facts
+from memcli.server.client import Client
 
 from . import test_remember as remember
 from .test_server import start_server

@@ -8,11 +8,12 @@ import json
 import pytest
 from typer.testing import CliRunner
 
-from memcli import cli, facts
-from memcli.api import Memcli
-from memcli.attribution import INITIAL, for_question
-from memcli.loading import BUNDLED
-from memcli.settings import load_settings
+from memcli.cli import main as cli
+from memcli.app import facts
+from memcli.app.api import Memcli
+from memcli.app.attribution import INITIAL, for_question
+from memcli.loading.checkpoints import BUNDLED
+from memcli.app.settings import load_settings
 
 runner = CliRunner()
 TINY = BUNDLED["memcli-tiny"]

@@ -22,10 +22,11 @@ import httpx
 import pytest
 from typer.testing import CliRunner
 
-from memcli import cli, server_address
-from memcli.api import Memcli
-from memcli.client import Client, ServerError, ServerGone, Upload
-from memcli.settings import load_settings
+from memcli.cli import main as cli
+from memcli.server import address as server_address
+from memcli.app.api import Memcli
+from memcli.server.client import Client, ServerError, ServerGone, Upload
+from memcli.app.settings import load_settings
 from memcli.store import PoolStore
 
 from .support import REPO, fixture_checkpoint
@@ -43,7 +44,7 @@ QUESTION = "Where did Alice go on Monday?"
 
 def logged_sources(pool: str) -> list[dict]:
     """The pool's injection log as committed (manifest + appended log), read without torch."""
-    from memcli import pool_meta
+    from memcli.pools import meta as pool_meta
 
     return pool_meta.pool_info(PoolStore(), pool)["sources"]
 
@@ -175,7 +176,7 @@ def test_ask_through_server_equals_in_process(ck, tmp_path, server, monkeypatch)
     app = local(ck)
     make_pool(app, tmp_path, "notes", TEXTS[:2])
     expected = app.ask("notes", QUESTION)
-    sampled = app.ask("notes", QUESTION, sampling=__import__("memcli.engine", fromlist=["Sampling"]).Sampling(0.8, 0.9, 7))
+    sampled = app.ask("notes", QUESTION, sampling=__import__("memcli.core.engine", fromlist=["Sampling"]).Sampling(0.8, 0.9, 7))
 
     with Client() as client:
         text, done = served_answer(client, "notes", QUESTION)
@@ -252,7 +253,7 @@ def test_inject_through_server_equals_in_process(ck, tmp_path, server, monkeypat
 
     import torch
 
-    from memcli import pool as pools
+    from memcli.pools import pool as pools
 
     store = PoolStore()
     a, b = pools.load(store, "here"), pools.load(store, "there")
@@ -360,7 +361,7 @@ def test_openai_client_streams_and_completes_from_a_pool(ck, tmp_path, server):
 
 
 def test_conversation_keeps_earlier_turns_within_the_window(ck, tmp_path, server):
-    from memcli.resident import conversation_prompt
+    from memcli.server.resident import conversation_prompt
 
     app = local(ck)
     make_pool(app, tmp_path, "talk", TEXTS[:1])
@@ -373,7 +374,7 @@ def test_conversation_keeps_earlier_turns_within_the_window(ck, tmp_path, server
     ids, dropped = conversation_prompt(loaded, turns, 8)
     assert dropped > 0 and len(ids) + 8 <= limit
     kept = turns[dropped:]
-    from memcli.prompts import chat_prompt_ids
+    from memcli.loading.prompts import chat_prompt_ids
 
     assert ids == chat_prompt_ids(loaded.tokenizer, kept)  # the oldest went first, the newest stayed
     short = [{"role": "user", "content": "hi?"}, {"role": "assistant", "content": "hello."}, {"role": "user", "content": "and?"}]
@@ -678,7 +679,7 @@ def test_a_stopped_inject_commits_the_chunk_it_made_and_reports_it(ck, tmp_path,
     store = PoolStore()
     import torch
 
-    from memcli import pool as pools
+    from memcli.pools import pool as pools
 
     assert torch.equal(pools.load(store, "half").state.slots, pools.load(store, "whole").state.slots)
 
@@ -686,7 +687,7 @@ def test_a_stopped_inject_commits_the_chunk_it_made_and_reports_it(ck, tmp_path,
 def test_ctrl_c_with_no_server_to_take_the_stop_quits_keeping_the_last_commit(tmp_path, capsys):
     """The stop request finds no server: the command quits as before (the KeyboardInterrupt goes on
     to `memcli: interrupted`), saying that the pool keeps its last commit."""
-    from memcli.cli_server import _Stop
+    from memcli.cli.serve import _Stop
 
     class Events:  # a stream the server has named
         id = "0123456789abcdef"
@@ -708,8 +709,8 @@ def test_ctrl_c_with_no_server_to_take_the_stop_quits_keeping_the_last_commit(tm
 def test_a_second_ctrl_c_quits_at_once(tmp_path, capsys, monkeypatch):
     """The first Ctrl-C asks for the stop (the server took it) and reading goes on; the second one
     is not swallowed: it goes on to `memcli: interrupted`."""
-    from memcli import client as client_module
-    from memcli.cli_server import _Stop
+    from memcli.server import client as client_module
+    from memcli.cli.serve import _Stop
 
     asked = []
     monkeypatch.setattr(client_module.Client, "stop_inject", lambda self, inject_id: asked.append(inject_id) or {"ok": True})
@@ -736,8 +737,8 @@ def test_a_second_ctrl_c_quits_at_once(tmp_path, capsys, monkeypatch):
 
 
 def test_ctrl_c_during_the_upload_asks_for_the_stop_once_the_server_names_the_inject(tmp_path, capsys, monkeypatch):
-    from memcli import client as client_module
-    from memcli.cli_server import _Stop
+    from memcli.server import client as client_module
+    from memcli.cli.serve import _Stop
 
     asked = []
     monkeypatch.setattr(client_module.Client, "stop_inject", lambda self, inject_id: asked.append(inject_id) or {"ok": True})
@@ -755,7 +756,7 @@ def test_ctrl_c_during_the_upload_asks_for_the_stop_once_the_server_names_the_in
 
     seen = []
     stop = _Stop(type("C", (), {"path": tmp_path / "s.sock"})(), Events(), "p")
-    # Ctrl-C's own handler, as `memcli.cli.main` installs it: this works when the tests run with SIGINT ignored
+    # Ctrl-C's own handler, as `memcli.cli.main.main` installs it: this works when the tests run with SIGINT ignored
     previous = signal.signal(signal.SIGINT, signal.default_int_handler)
     try:
         stop.run(seen.append)
@@ -765,7 +766,7 @@ def test_ctrl_c_during_the_upload_asks_for_the_stop_once_the_server_names_the_in
 
 
 def _report_of(data: dict):
-    from memcli.api import FileResult, InjectReport
+    from memcli.app.api import FileResult, InjectReport
 
     fields = {k: v for k, v in data.items() if k in InjectReport.__dataclass_fields__ and k not in ("files", "partial")}
     return InjectReport(**fields, files=[FileResult(**f) for f in data["files"]],
@@ -840,7 +841,7 @@ def test_a_server_started_by_a_command_stops_when_idle(ck, tmp_path):
 
 
 def test_config_server_false_runs_in_process(ck, tmp_path, monkeypatch):
-    from memcli import paths
+    from memcli.base import paths
 
     app = local(ck)
     make_pool(app, tmp_path, "inproc", TEXTS[:1])
@@ -872,7 +873,7 @@ def test_an_open_runtime_folder_is_closed_before_use(tmp_path):
 
 
 def test_tcp_beyond_loopback_needs_a_token(monkeypatch):
-    from memcli.server import check_tcp
+    from memcli.server.http import check_tcp
 
     monkeypatch.delenv("MEMCLI_TOKEN", raising=False)
     with pytest.raises(server_address.AddressError, match="MEMCLI_TOKEN"):
@@ -919,7 +920,7 @@ def test_every_memcli_process_asks_mkl_for_reproducible_sums():
 
 
 def test_client_imports_no_torch(server, tmp_path, ck):
-    code = ("import sys, memcli.client, memcli.cli, memcli.cli_server; "
+    code = ("import sys, memcli.server.client, memcli.cli.main, memcli.cli.serve; "
             "assert 'torch' not in sys.modules, 'torch imported'")
     subprocess.run([sys.executable, "-c", code], check=True, env=env_for_server(), timeout=DEADLINE)
     app = local(ck)
@@ -997,7 +998,7 @@ def test_ps_and_stop_commands(ck, tmp_path, server, monkeypatch):
 
 # --------------------------------------------------------------------------- the device queue and the budget
 def test_device_queue_serves_clients_round_robin():
-    from memcli.resident import Cancelled, DeviceQueue
+    from memcli.server.resident import Cancelled, DeviceQueue
 
     queue = DeviceQueue()
     order = []
@@ -1025,8 +1026,8 @@ def test_device_queue_serves_clients_round_robin():
 
 
 def test_pool_states_stay_within_the_memory_budget(ck, tmp_path):
-    from memcli.api import answer_prompt, decode_answer
-    from memcli.resident import Resident
+    from memcli.app.api import answer_prompt, decode_answer
+    from memcli.server.resident import Resident
 
     app = local(ck)
     make_pool(app, tmp_path, "one", TEXTS[:1])
@@ -1058,9 +1059,9 @@ def test_an_ask_after_a_served_inject_reads_the_memory_kv_the_inject_kept(ck, tm
     """The server keeps the state its inject committed as the pool's resident state: the next ask
     reads the memory K/V the inject updated (nothing is rebuilt) and answers what an in-process
     ask on the committed pool answers, token for token."""
-    from memcli.api import answer_prompt, decode_answer
-    from memcli.engine import PrefixCache
-    from memcli.resident import Resident
+    from memcli.app.api import answer_prompt, decode_answer
+    from memcli.core.engine import PrefixCache
+    from memcli.server.resident import Resident
 
     app = local(ck)
     make_pool(app, tmp_path, "kept", TEXTS[:1])
@@ -1090,8 +1091,8 @@ def test_an_ask_after_a_served_inject_reads_the_memory_kv_the_inject_kept(ck, tm
 
 
 def test_an_answer_stops_at_the_next_token_once_its_client_left(ck, tmp_path):
-    from memcli.api import answer_prompt, decode_answer
-    from memcli.resident import Cancelled, Job, DeviceQueue, Resident
+    from memcli.app.api import answer_prompt, decode_answer
+    from memcli.server.resident import Cancelled, Job, DeviceQueue, Resident
 
     app = local(ck)
     make_pool(app, tmp_path, "gone", TEXTS[:1])

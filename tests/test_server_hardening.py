@@ -24,8 +24,8 @@ from pathlib import Path
 import httpx
 import pytest
 
-from memcli import server_address
-from memcli.client import Client
+from memcli.server import address as server_address
+from memcli.server.client import Client
 
 from .support import fixture_checkpoint
 from .test_server import (DEADLINE, QUESTION, TEXTS, env_for_server, local, make_pool, run_cli, served_answer,
@@ -429,7 +429,7 @@ def test_a_tiny_temperature_decodes_greedily_in_the_server_and_in_the_command(ck
 def test_huge_histories_and_conversations_are_fitted_from_their_newest_end(ck, tmp_path, server):
     """A 100k-turn history and a 50k-message conversation are answered (they fit the body limit):
     only the newest turns that fit the window are read, the same as in-process."""
-    from memcli.resident import conversation_prompt
+    from memcli.server.resident import conversation_prompt
 
     app = local(ck)
     make_pool(app, tmp_path, "ok", TEXTS[:1])
@@ -448,8 +448,8 @@ def test_huge_histories_and_conversations_are_fitted_from_their_newest_end(ck, t
 
 def _old_conversation_prompt(loaded, messages, max_new_tokens):
     """The fitting as it was (drop the oldest, re-tokenize everything, repeat): the reference."""
-    from memcli.api import DEFAULT_ANSWER_TOKENS
-    from memcli.resident import _conversation_ids
+    from memcli.app.api import DEFAULT_ANSWER_TOKENS
+    from memcli.server.resident import _conversation_ids
 
     limit = loaded.max_input_tokens()
     reserve = min(DEFAULT_ANSWER_TOKENS if max_new_tokens is None else max_new_tokens, limit // 2)
@@ -472,9 +472,10 @@ def test_fitting_work_does_not_grow_with_the_dropped_turns(monkeypatch, variant)
     on the fixture's real tokenizer (a chat template, and none)."""
     from types import SimpleNamespace
 
-    from memcli import prompts, resident
-    from memcli.api import Memcli, answer_prompt
-    from memcli.settings import load_settings
+    from memcli.loading import prompts
+    from memcli.server import resident
+    from memcli.app.api import Memcli, answer_prompt
+    from memcli.app.settings import load_settings
 
     real = Memcli(load_settings(device="cpu")).model(str(fixture_checkpoint(variant)))
     built: list[int] = []

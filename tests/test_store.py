@@ -25,7 +25,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from safetensors.torch import load_file
 
-from memcli import paths
+from memcli.base import paths
 from memcli.store import (
     InvalidPoolName, PoolBusy, PoolCorrupt, PoolError, PoolExists, PoolNotFound, PoolStore, safe_text,
     validate_name,
@@ -840,7 +840,7 @@ def test_pool_verify_repair_removes_leftovers_in_one_line(store, caplog):
     """(In-process, pytest's log capture takes the line that a real run prints on stderr.)"""
     from typer.testing import CliRunner
 
-    from memcli import cli
+    from memcli.cli import main as cli
 
     make_pool(store)
     (store.root / ".tmp-5-dead").mkdir()

@@ -16,10 +16,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from memcli import pool as pools
-from memcli import pool_meta
-from memcli.engine import Engine
-from memcli.loading import load_model
+from memcli.pools import pool as pools
+from memcli.pools import meta as pool_meta
+from memcli.core.engine import Engine
+from memcli.loading.checkpoints import load_model
 from memcli.store import PoolStore
 
 from .support import fixture_checkpoint

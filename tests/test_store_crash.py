@@ -32,7 +32,7 @@ from pathlib import Path
 import pytest
 import torch
 
-import memcli.store as store_mod
+from memcli import store as store_mod
 from memcli.store import PoolStore
 
 pytestmark = pytest.mark.skipif(not hasattr(os, "fork"), reason="needs fork and SIGKILL (POSIX)")

@@ -1,4 +1,4 @@
-"""Compute threads chosen by the work (memcli/threads.py): the decision (model size x usable cores x
+"""Compute threads chosen by the work (memcli/core/threads.py): the decision (model size x usable cores x
 environment and config), that loading a model applies it, and that idle threads wait passively."""
 
 import json
@@ -8,9 +8,9 @@ import sys
 
 import pytest
 
-from memcli import threads
-from memcli.catalog import BUNDLED
-from memcli.config import parse_config, read_config, read_json_file
+from memcli.core import threads
+from memcli.loading.catalog import BUNDLED
+from memcli.core.config import parse_config, read_config, read_json_file
 
 from .support import REAL_CONFIGS, REPO, fixture_checkpoint
 
@@ -88,7 +88,7 @@ def test_environment_and_config_win_in_order():
 
 
 def test_the_threads_setting_is_checked_where_it_is_read(monkeypatch, memcli_home):
-    from memcli.settings import SettingsError, load_settings, set_config
+    from memcli.app.settings import SettingsError, load_settings, set_config
 
     monkeypatch.setenv("MEMCLI_THREADS", "lots")
     with pytest.raises(SettingsError, match="environment: threads must be auto or a whole number"):
@@ -115,9 +115,9 @@ def _run(code: str, cpus: set[int] | None = None, **env) -> dict:
 
 LOAD_TINY = """
 import json, memcli, torch
-from memcli import threads
-from memcli.catalog import BUNDLED
-from memcli.loading import load_model
+from memcli.core import threads
+from memcli.loading.catalog import BUNDLED
+from memcli.loading.checkpoints import load_model
 model, _ = load_model(BUNDLED["memcli-tiny"])
 print(json.dumps({"threads": torch.get_num_threads(), "usable": threads.usable_cpus(),
                   "source": threads.applied().source}))
@@ -126,9 +126,9 @@ print(json.dumps({"threads": torch.get_num_threads(), "usable": threads.usable_c
 CONFIGURE_MEDIUM_THEN_TINY = """
 import json, torch
 from tests.test_threads import _medium_config
-from memcli import threads
-from memcli.catalog import BUNDLED
-from memcli.loading import load_model
+from memcli.core import threads
+from memcli.loading.catalog import BUNDLED
+from memcli.loading.checkpoints import load_model
 threads.configure(_medium_config())
 medium = torch.get_num_threads()
 load_model(BUNDLED["memcli-tiny"])
@@ -158,12 +158,12 @@ def test_an_environment_value_wins_when_loading():
 def test_the_config_key_reaches_the_loaded_model(memcli_home):
     """`threads = 2` in the config file (MEMCLI_HOME is this test's) makes memcli-tiny, which would
     get one thread, load on two through the API, as the CLI and the server load models."""
-    from memcli.paths import config_file
+    from memcli.base.paths import config_file
 
     code = """
 import json, torch
-from memcli.api import Memcli
-from memcli.settings import load_settings
+from memcli.app.api import Memcli
+from memcli.app.settings import load_settings
 Memcli(load_settings(model="memcli-tiny", device="cpu")).model()
 print(json.dumps({"threads": torch.get_num_threads()}))
 """
@@ -203,9 +203,9 @@ def test_importing_memcli_makes_idle_openmp_threads_wait_passively():
 
 WORKER_THREAD = """
 import json, queue, threading, torch
-from memcli.catalog import BUNDLED
-from memcli.engine import Engine
-from memcli.loading import initial_state, load_model
+from memcli.loading.catalog import BUNDLED
+from memcli.core.engine import Engine
+from memcli.loading.checkpoints import initial_state, load_model
 
 jobs, results = queue.Queue(), queue.Queue()
 

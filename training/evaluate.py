@@ -4,7 +4,7 @@
 
 1. parity: the same chunks, the same dropped rows, the same questions, once through training/tiny.py
    and once through memcli's loader + engine; greedy answers must agree (and logits be close).
-2. the held-out retention table of `memcli.retention` (right after injection; after 1/2/4/8/16
+2. the held-out retention table of `memcli.app.retention` (right after injection; after 1/2/4/8/16
    distractor chunks, with the share of rows kept against (1 - K/N)^t; the three controls),
    through memcli's engine only.
 """
@@ -24,10 +24,11 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from memcli import facts, retention  # noqa: E402
-from memcli.engine import Engine  # noqa: E402
-from memcli.loading import initial_state, load_model  # noqa: E402
-from memcli.prompts import load_tokenizer, question_ids  # noqa: E402
+from memcli.app import facts  # noqa: E402
+from memcli.app import retention
+from memcli.core.engine import Engine  # noqa: E402
+from memcli.loading.checkpoints import initial_state, load_model  # noqa: E402
+from memcli.loading.prompts import load_tokenizer, question_ids  # noqa: E402
 from tiny import Vocab, load_tiny  # noqa: E402
 from train import machine  # noqa: E402
 

@@ -24,11 +24,13 @@ import torch
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from memcli import attribution, facts, retention  # noqa: E402
-from memcli.engine import Engine  # noqa: E402
-from memcli.loading import initial_state, load_model  # noqa: E402
-from memcli.chunking import share_rows  # noqa: E402
-from memcli.prompts import context_ids, load_tokenizer, question_ids  # noqa: E402
+from memcli.app import attribution  # noqa: E402
+from memcli.app import facts
+from memcli.app import retention
+from memcli.core.engine import Engine  # noqa: E402
+from memcli.loading.checkpoints import initial_state, load_model  # noqa: E402
+from memcli.ingest.chunking import share_rows  # noqa: E402
+from memcli.loading.prompts import context_ids, load_tokenizer, question_ids  # noqa: E402
 
 
 def main() -> None:

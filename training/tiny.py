@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from memcli import facts
+from memcli.app import facts
 
 SPECIALS = ["<unk>", "<bos>", "<eos>"]
 
@@ -113,7 +113,7 @@ class TinyConfig:
             "tie_word_embeddings": False,
             "torch_dtype": "float32",
             "memcli_note": "toy model trained on synthetic facts (training/train.py); not a language model",
-            # what memcli reads about the model (memcli/catalog.py): every chunk of its training was
+            # what memcli reads about the model (memcli/loading/catalog.py): every chunk of its training was
             # exactly K tokens; it is made for the CPU; what it knows (its words: the tokenizer's)
             "memcli_min_chunk_tokens": self.k_rows,
             "memcli_made_for_cpu": True,
@@ -285,7 +285,7 @@ class TinyMemoryLLM(nn.Module):
 def pack_questions(vocab: Vocab, questions: list[facts.Fact]) -> tuple[list[int], list[int], list[int], Tensor]:
     """Questions as memcli asks them ("Question: ... Answer:" then the answer and <eos>), packed in
     one row. Returns ids, offsets, the index of every answer-predicting row, and the block mask."""
-    from memcli.prompts import BASE_QUESTION
+    from memcli.loading.prompts import BASE_QUESTION
 
     ids, offsets, where = [], [], []
     spans = []

@@ -30,7 +30,7 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from memcli import facts  # noqa: E402
+from memcli.app import facts  # noqa: E402
 from tiny import TinyConfig, TinyMemoryLLM, Vocab, load_tiny, pack_questions  # noqa: E402
 
 FACTS_PER_CHUNK = 4

@@ -35,7 +35,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable
 
-from memcli import paths
+from memcli.base import paths
 
 from . import folders, integrity, locking
 from .durable import (
@@ -80,7 +80,7 @@ class StoreCore:
     def meta_checks(self):
         """(check_meta(what, meta, records=None), max_part_bytes(meta)) for imports."""
         if self._meta_checks == "pool":
-            from memcli.pool_meta import check_meta, max_part_bytes
+            from memcli.pools.meta import check_meta, max_part_bytes
 
             return check_meta, max_part_bytes
         return (lambda what, meta, records=None: None), (lambda meta: 1 << 62)

@@ -17,7 +17,7 @@ import stat
 from contextlib import contextmanager
 from pathlib import Path
 
-from ..clock import now_iso
+from memcli.base.clock import now_iso
 
 from .errors import PoolCorrupt, PoolError, PoolExists
 
@@ -32,7 +32,7 @@ O_BINARY = getattr(os, "O_BINARY", 0)
 
 
 def now() -> str:
-    """memcli's one clock format (memcli.clock): UTC, milliseconds, 'Z' (2026-12-01T10:22:58.123Z)."""
+    """memcli's one clock format (memcli.base.clock): UTC, milliseconds, 'Z' (2026-12-01T10:22:58.123Z)."""
     return now_iso()
 
 

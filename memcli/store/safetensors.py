@@ -1,6 +1,6 @@
 """Safetensors files, streamed both ways, with a header parser that trusts nothing.
 
-Shared by the pool store and the converted-weights cache (memcli/converted.py). Importing this
+Shared by the pool store and the converted-weights cache (memcli/loading/converted.py). Importing this
 module does not import torch: the header parser and raw reads are pure Python (pool metadata
 and archive checks use them); only writing and reading tensors import torch, when called.
 

@@ -24,23 +24,23 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, BinaryIO, Callable, Iterable
 
-from .catalog import CARD_CHUNK_TOKENS, CARD_MIN_CHUNK_TOKENS
-from .chunking import ChunkingError, Packed, Packer, chunk_token_ids, encode_pieces, share_rows
-from .clock import now_iso
-from .extract import ExtractError, Ignored, Reading, Skipped, Source, discover, iter_text, sha256_of
-from .settings import Settings, load_settings
+from memcli.loading.catalog import CARD_CHUNK_TOKENS, CARD_MIN_CHUNK_TOKENS
+from memcli.ingest.chunking import ChunkingError, Packed, Packer, chunk_token_ids, encode_pieces, share_rows
+from memcli.base.clock import now_iso
+from memcli.ingest.extract import ExtractError, Ignored, Reading, Skipped, Source, discover, iter_text, sha256_of
+from memcli.app.settings import Settings, load_settings
 
 if TYPE_CHECKING:  # pragma: no cover
-    from .engine import Engine, Sampling
-    from .vocabulary import UnknownWords
-    from .pool import Binding, Pool
-    from .store import PoolStore
+    from memcli.core.engine import Engine, Sampling
+    from memcli.loading.vocabulary import UnknownWords
+    from memcli.pools.pool import Binding, Pool
+    from memcli.store import PoolStore
 
 
 def __getattr__(name: str):
-    """`memcli.api.pools` (the pool module) on first use, so importing the API stays light."""
+    """`memcli.app.api.pools` (the pool module) on first use, so importing the API stays light."""
     if name == "pools":
-        from . import pool
+        from memcli.pools import pool
 
         return pool
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
@@ -284,7 +284,7 @@ def _host_resident(state, loaded: LoadedModel):
 def normalize_model(name: str) -> str:
     """What a pool records as its model: a local folder as an absolute path (so the pool works from
     any directory), an alias or hub id as it is."""
-    from .catalog import ALIASES, BUNDLED
+    from memcli.loading.catalog import ALIASES, BUNDLED
 
     local = Path(name).expanduser()
     if name not in ALIASES and name not in BUNDLED and local.is_dir():
@@ -306,8 +306,8 @@ class ModelIdentity:
 def model_identity(name: str) -> ModelIdentity:
     """The family and config fingerprint of a model from its config.json only: a local folder's,
     the Hugging Face cache's, or (online) the one file downloaded. Never reads weights."""
-    from .catalog import ALIASES, BUNDLED
-    from .config import ConfigError, read_config
+    from memcli.loading.catalog import ALIASES, BUNDLED
+    from memcli.core.config import ConfigError, read_config
 
     name = normalize_model(name)
     local = Path(name)
@@ -346,7 +346,7 @@ def _binding_mismatch(pool: str, binding, identity: ModelIdentity) -> str | None
 
 def _model_is_here(name: str) -> bool:
     """Whether a pool's recorded model can be loaded without asking the network to find it."""
-    from .catalog import ALIASES, BUNDLED
+    from memcli.loading.catalog import ALIASES, BUNDLED
 
     local = Path(name).expanduser()
     if name in BUNDLED or local.is_dir():
@@ -366,7 +366,7 @@ def _model_is_here(name: str) -> bool:
 class Memcli:
     def __init__(self, settings: Settings | None = None, store: "PoolStore | None" = None,
                  on_load: Callable[[str, str], None] | None = None):
-        from .store import PoolStore
+        from memcli.store import PoolStore
 
         self.settings = settings or load_settings()
         self.store = store or PoolStore()
@@ -385,10 +385,10 @@ class Memcli:
     def model(self, name: str | None = None) -> LoadedModel:
         name = normalize_model(name or self.settings.model)
         if name not in self._models:
-            from . import pool as pools
-            from .config import ConfigError
-            from .engine import Engine
-            from .loading import CheckpointError, load_checked_tokenizer, load_model, resolve_checkpoint
+            from memcli.pools import pool as pools
+            from memcli.core.config import ConfigError
+            from memcli.core.engine import Engine
+            from memcli.loading.checkpoints import CheckpointError, load_checked_tokenizer, load_model, resolve_checkpoint
 
             try:
                 device = self.settings.resolved_device()  # a missing device is said first
@@ -422,7 +422,7 @@ class Memcli:
         machine has: doctor's check) is refused in one line that names what can run here: the
         bundled memcli-tiny and the offline demo, not a 39 GB download. The default model stays the
         default (switching to a toy silently would surprise); the message says how to switch."""
-        from .catalog import OFFLINE_HINT, cpu_memory_problem
+        from memcli.loading.catalog import OFFLINE_HINT, cpu_memory_problem
 
         if device != "cpu":
             return
@@ -439,7 +439,7 @@ class Memcli:
     # ------------------------------------------------------------------ pools
     def require_pool(self, name: str) -> str:
         """`name` if that pool exists; else a one-line error naming the closest pool."""
-        from .store import validate_name
+        from memcli.store import validate_name
 
         validate_name(name)
         if self.store.exists(name):
@@ -457,7 +457,7 @@ class Memcli:
         used instead of the recorded one when its config.json has the pool's fingerprint — checked
         before any weights are read — and so is the configured model when the recorded one is not
         on this machine (a folder that moved)."""
-        from . import pool as pools
+        from memcli.pools import pool as pools
 
         if not self.store.exists(name):
             return normalize_model(model or self.settings.model)
@@ -481,9 +481,9 @@ class Memcli:
         )
 
     def open_pool(self, name: str, model: str | None = None, create: bool = False) -> tuple[LoadedModel, "Pool"]:
-        from . import pool as pools
-        from .loading import initial_state
-        from .store import validate_name
+        from memcli.pools import pool as pools
+        from memcli.loading.checkpoints import initial_state
+        from memcli.store import validate_name
 
         validate_name(name)
         if name in self._pools:
@@ -498,7 +498,7 @@ class Memcli:
         return loaded, pools.create(self.store, name, loaded.binding, state)
 
     def _load_pool(self, name: str, loaded: LoadedModel) -> "Pool":
-        from . import pool as pools
+        from memcli.pools import pool as pools
 
         pool = pools.load(self.store, name, loaded.binding, device="cpu", dtype=loaded.state_dtype)
         _host_resident(pool.state, loaded)
@@ -512,7 +512,7 @@ class Memcli:
         """Record `model` as pool `name`'s model, after checking from its config.json alone that it
         is the same model (family and config fingerprint). For a pool whose model folder moved, or
         to switch between a folder and the hub id of the same checkpoint."""
-        from . import pool as pools
+        from memcli.pools import pool as pools
 
         self.require_pool(name)
         identity = model_identity(model)
@@ -554,8 +554,8 @@ class Memcli:
         are packed together at the end of the run (`_pack`). `take_loaded()`, called under the
         pool's writer lock, may hand over a loaded state of the pool at its committed version to
         inject into (None: it is loaded)."""
-        from .store import validate_name
-        from .vocabulary import UnknownWords
+        from memcli.store import validate_name
+        from memcli.loading.vocabulary import UnknownWords
 
         validate_name(pool_name)
         paths = list(paths)
@@ -651,8 +651,8 @@ class Memcli:
 
         import torch
 
-        from . import pool as pools
-        from .prompts import context_ids
+        from memcli.pools import pool as pools
+        from memcli.loading.prompts import context_ids
 
         engine, tokenizer = loaded.engine, loaded.tokenizer
         index, total = position_in_run
@@ -855,7 +855,7 @@ class Memcli:
 
     def _commit_packed(self, pool, unsaved: list["_Short"]) -> None:
         """Save, then count the packed texts that are now complete as injected."""
-        from . import pool as pools
+        from memcli.pools import pool as pools
 
         pools.save(self.store, pool)
         for short in unsaved:
@@ -900,7 +900,7 @@ class Memcli:
 
     def pool_exists(self, name: str) -> bool:
         """Whether pool `name` exists (an invalid name is refused)."""
-        from .store import validate_name
+        from memcli.store import validate_name
 
         return self.store.exists(validate_name(name))
 
@@ -909,7 +909,7 @@ class Memcli:
         """Manifest facts plus, per source, how much of it is still in memory (`retention`, a list,
         empty for an empty pool), from the small tables only. `sources` is a count, as in
         list_pools; `files` the log entries."""
-        from . import pool_meta
+        from memcli.pools import meta as pool_meta
 
         self.require_pool(name)
         return pool_meta.info_json(self.store, name)
@@ -918,7 +918,7 @@ class Memcli:
     def list_pools(self) -> list[dict]:
         """One row per pool (sorted by name): the facts `memcli pool ls` shows, from manifests only;
         a damaged pool has `error` set instead of failing the listing."""
-        from . import pool_meta
+        from memcli.pools import meta as pool_meta
 
         return pool_meta.list_rows(self.store)
 
@@ -973,7 +973,7 @@ def answer_prompt(loaded: LoadedModel, question: str, history: list[tuple[str, s
     oldest dropped first), and the answer's token budget: (ids, max_new_tokens, turns kept). The
     turns are fitted from the newest end (`prompts.newest_that_fit`): the time does not grow with
     the turns that are dropped."""
-    from .prompts import conversation_ids, newest_that_fit
+    from memcli.loading.prompts import conversation_ids, newest_that_fit
 
     if not question or not question.strip():
         raise MemcliError("the question is empty")
@@ -1023,8 +1023,8 @@ def decode_answer(loaded: LoadedModel, state, ids: list[int], max_new_tokens: in
     `question`, the answer names its words the model has never seen (`unknown_words`)."""
     import torch
 
-    from .prompts import stop_ids
-    from .vocabulary import UnknownWords
+    from memcli.loading.prompts import stop_ids
+    from memcli.loading.vocabulary import UnknownWords
 
     unknown = None
     if question is not None:
@@ -1165,14 +1165,14 @@ def checkpoint_problem(folder: Path) -> str | None:
 def list_models() -> list[dict]:
     """The known model aliases and whether each is in the Hugging Face cache (never goes online;
     reads the cache's folders directly: models--OWNER--NAME/{blobs,snapshots})."""
-    from . import paths
-    from .catalog import ALIASES
-    from .settings import DEFAULT_MODEL
+    from memcli.base import paths
+    from memcli.loading.catalog import ALIASES
+    from memcli.app.settings import DEFAULT_MODEL
 
-    from .catalog import BUNDLED
+    from memcli.loading.catalog import BUNDLED
 
     cache = paths.hf_hub_cache()
-    from .catalog import description
+    from memcli.loading.catalog import description
 
     # description: what a model declares it can and cannot answer (memcli-tiny: a toy of 268 words)
     rows = [{"name": alias, "repo": None, "default": alias == DEFAULT_MODEL, "status": "bundled",
@@ -1219,8 +1219,8 @@ def pull_model(name: str) -> Path:
     from huggingface_hub import constants
     from huggingface_hub.errors import LocalEntryNotFoundError
 
-    from .catalog import ALIASES
-    from .loading import CheckpointError, resolve_checkpoint
+    from memcli.loading.catalog import ALIASES
+    from memcli.loading.checkpoints import CheckpointError, resolve_checkpoint
 
     if Path(name).expanduser().is_dir():
         raise MemcliError(f"{name} is a local folder; there is nothing to download")
@@ -1287,9 +1287,10 @@ def diagnose(settings: Settings) -> dict:
     import torch
     from huggingface_hub import constants
 
-    from . import __version__, paths
-    from .catalog import known
-    from .quant import QUANT_MODES, check_mode_supported
+    from memcli import __version__
+    from memcli.base import paths
+    from memcli.loading.catalog import known
+    from memcli.core.quant import QUANT_MODES, check_mode_supported
 
     for noisy in ("bitsandbytes", "kernels"):  # their kernel-loading notes are not ours to show
         logging.getLogger(noisy).setLevel(logging.ERROR)
@@ -1345,12 +1346,12 @@ def diagnose(settings: Settings) -> dict:
     hf_cache = Path(constants.HF_HUB_CACHE)
     disk = {"data_dir": str(paths.data_dir()), "data_free_bytes": _free_bytes(paths.data_dir()),
             "hf_cache": str(hf_cache), "hf_cache_free_bytes": _free_bytes(hf_cache)}
-    from .catalog import ALIASES
+    from memcli.loading.catalog import ALIASES
 
     memory = host_memory()
     catalog_entry = known(settings.model)
     if catalog_entry is not None and resolved["device"] == "cpu" and resolved["quant"]:
-        from .catalog import OFFLINE_HINT, cpu_memory_problem, host_bytes_needed
+        from memcli.loading.catalog import OFFLINE_HINT, cpu_memory_problem, host_bytes_needed
 
         memory["needed_bytes"] = host_bytes_needed(catalog_entry, resolved["quant"])
         problem = cpu_memory_problem(settings.model, resolved["quant"], memory["total_bytes"])
@@ -1362,7 +1363,7 @@ def diagnose(settings: Settings) -> dict:
         if not downloaded and free is not None and free < CHECKPOINT_DISK_BYTES:
             problems.append(f"{settings.model} is not downloaded and {hf_cache} has {free / 1e9:.1f} GB free; "
                             f"the checkpoint takes about {CHECKPOINT_DISK_BYTES / 1e9:.0f} GB")
-    from . import converted
+    from memcli.loading import converted
 
     # the full sha256 of every converted-weights copy (a load checks only size and mtime)
     copies = [{"folder": str(folder), "ok": ok} for folder, ok in converted.verify()]

@@ -45,8 +45,8 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Callable, Mapping
 
-from . import paths
-from .clock import iso_z, now_iso
+from memcli.base import paths
+from memcli.base.clock import iso_z, now_iso
 
 FILE_NAME = "log.db"
 VIA = ("cli", "server", "openai", "mcp", "llm")  # the entry points an answer can come through
@@ -58,7 +58,7 @@ BUSY_MS = 10_000  # how long a writer waits for another one
 WAL_LIMIT_BYTES = 4 << 20  # the write-ahead file is truncated to this after a checkpoint
 FIX = "move it aside with: memcli log reset"
 
-log = logging.getLogger("memcli.answer_log")
+log = logging.getLogger("memcli.app.answer_log")
 
 
 class LogError(ValueError):
@@ -190,7 +190,7 @@ def path() -> Path:
 
 
 def _show(p: Path) -> str:
-    from .store.errors import safe_text
+    from memcli.store.errors import safe_text
 
     return safe_text(p)
 
@@ -202,7 +202,7 @@ def _check_file(p: Path, note: Callable[[str], None]) -> bool:
         st = os.lstat(p)
     except (FileNotFoundError, NotADirectoryError):
         return False
-    from .store.durable import file_kind
+    from memcli.store.durable import file_kind
 
     if stat.S_ISLNK(st.st_mode):
         raise LogError(f"{_show(p)} is a symbolic link; refusing to use it ({FIX})")
@@ -224,7 +224,7 @@ def _check_file(p: Path, note: Callable[[str], None]) -> bool:
 
 def _create(p: Path) -> None:
     """An empty file of mode 0600 at `p` (whatever the umask), unless one appeared meanwhile."""
-    from .store.durable import create_exclusive
+    from memcli.store.durable import create_exclusive
 
     try:
         p.parent.mkdir(parents=True, exist_ok=True)
@@ -422,7 +422,7 @@ def _say_once(message: str, on_error: Callable[[str], None] | None) -> None:
 def enabled(settings=None) -> bool:
     """Whether answers are logged (config `log`, MEMCLI_LOG; on by default)."""
     if settings is None:
-        from .settings import load_settings
+        from memcli.app.settings import load_settings
 
         settings = load_settings()
     return bool(getattr(settings, "log", True))
@@ -430,7 +430,7 @@ def enabled(settings=None) -> bool:
 
 def max_bytes(settings=None) -> int:
     if settings is None:
-        from .settings import load_settings
+        from memcli.app.settings import load_settings
 
         settings = load_settings()
     return int(getattr(settings, "log_max_mb", DEFAULT_MAX_MB)) << 20
@@ -443,7 +443,7 @@ def record(entry: Entry | Mapping, settings=None, on_error: Callable[[str], None
     `memcli log off` at its next answer."""
     try:
         if settings is None:
-            from .settings import load_settings
+            from memcli.app.settings import load_settings
 
             settings = load_settings()
         if not enabled(settings):

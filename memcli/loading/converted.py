@@ -25,10 +25,11 @@ from pathlib import Path
 
 import torch
 
-from . import __version__, paths
-from .store.errors import PoolError
-from .store.durable import fsync_dir, hash_fd, new_hash, open_regular, write_file
-from .store.safetensors import safetensors_chunks
+from memcli import __version__
+from memcli.base import paths
+from memcli.store.errors import PoolError
+from memcli.store.durable import fsync_dir, hash_fd, new_hash, open_regular, write_file
+from memcli.store.safetensors import safetensors_chunks
 
 FORMAT = 1
 WEIGHTS = "weights.safetensors"

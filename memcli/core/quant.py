@@ -26,7 +26,7 @@ a typical LoRA delta, so ``Q(W + s*B@A) - Q(W)`` is mostly rounding noise, not `
 (``tests/test_quant.py::test_merging_lora_into_nf4_loses_the_delta``, rank-8 delta on a [256, 512]
 weight: the recovered delta has a relative error of ~4.9 (490 %) when ||delta|| = 1 % of ||W||, and
 still ~1.2 at 10 %; the same adapter kept unmerged in bf16 is off by ~2.4e-3).  So the base stays
-quantized and unmerged, and the model adds ``scale * B (A x)`` in 16-bit on top (`memcli.model.Projection`);
+quantized and unmerged, and the model adds ``scale * B (A x)`` in 16-bit on top (`memcli.core.model.Projection`);
 that costs two small matmuls per projection and keeps the adapters exact.
 
 Conversion and host memory

@@ -1,7 +1,7 @@
 """Knowledge retention: inject facts, inject distractor chunks after them, ask, score.
 
 The protocol of the official `test_qa_memory.py` (reference-semantics §9.1), on the synthetic facts
-of `memcli.facts` so it runs anywhere:
+of `memcli.app.facts` so it runs anywhere:
 
   for each episode (the pool is reset to the model's initial memory every time):
     inject one chunk of held-out facts (provenance 0), ask every fact: the "0 distractors" point;
@@ -24,10 +24,10 @@ from pathlib import Path
 
 import torch
 
-from . import facts as world
-from .engine import Engine, Sampling
-from .prompts import context_ids, question_ids, stop_ids
-from .state import MemoryState
+from memcli.app import facts as world
+from memcli.core.engine import Engine, Sampling
+from memcli.loading.prompts import context_ids, question_ids, stop_ids
+from memcli.core.state import MemoryState
 
 DEFAULT_DISTRACTORS = (0, 1, 2, 4, 8, 16)
 FACTS_PER_CHUNK = 4
@@ -260,7 +260,9 @@ def plot_hint() -> str:
     import shlex
     import sys
 
-    root = Path(__file__).resolve().parent.parent
+    import memcli
+
+    root = Path(memcli.__file__).resolve().parent.parent
     python = shlex.quote(sys.executable)
     if (root / "pyproject.toml").is_file():
         return f"{python} -m pip install -e {shlex.quote(f'{root}[plot]')}  (or pip install matplotlib)"
@@ -272,8 +274,8 @@ def command(app, episodes: int, distractors: str, seed: int, max_new_tokens: int
     """`memcli eval retention` on the app's current model: the table to `out` (the curve as JSON
     with `as_json`), the JSON to `out_path` and the plot to `plot_path` on request;
     `on_progress(done, total, episode)` as `run` calls it."""
-    from .api import MemcliError
-    from .loading import initial_state
+    from memcli.app.api import MemcliError
+    from memcli.loading.checkpoints import initial_state
 
     try:
         counts = parse_distractors(distractors)

@@ -1,4 +1,4 @@
-"""The `memcli` command line: parse, call `memcli.api`, render with Rich.
+"""The `memcli` command line: parse, call `memcli.app.api`, render with Rich.
 
 Results go to stdout; progress, summaries and diagnostics to stderr. Every failure is one line,
 `memcli: error: <message>`, and an exit code:
@@ -14,7 +14,7 @@ so `--help`, `--version`, completion, `pool ls/info/verify`, `models` and `confi
 Global options (--model, --device, --dtype, --quant) are accepted before or after the command.
 
 Commands reach the library through `State.app()` (inject, ask, chat, pool info): the one place where
-another backend (a running server's client) can stand in for the in-process `memcli.api.Memcli`.
+another backend (a running server's client) can stand in for the in-process `memcli.app.api.Memcli`.
 """
 
 from __future__ import annotations
@@ -38,8 +38,8 @@ from rich.text import Text
 from typer._coercion import RuntimeParam  # typer 0.29: see _runtime_param
 from typer.core import TyperGroup
 
-from . import __version__
-from . import settings as settings_table  # torch- and tomllib-free: the keys for help and completion
+from memcli import __version__
+from memcli.app import settings as settings_table  # torch- and tomllib-free: the keys for help and completion
 
 EXIT_OK = 0
 EXIT_ERROR = 1
@@ -197,13 +197,13 @@ def _quiet_libraries() -> None:
 # --------------------------------------------------------------------------- errors -> one line
 def _user_message(err: BaseException) -> str | None:
     """The one-line message of an expected failure, or None for a bug."""
-    from .settings import SettingsError
+    from memcli.app.settings import SettingsError
 
     if isinstance(err, SettingsError):
         return str(err)
     if "memcli.store" in sys.modules and isinstance(err, sys.modules["memcli.store"].PoolError):
         return str(err)
-    if "memcli.api" in sys.modules and isinstance(err, sys.modules["memcli.api"].MemcliError):
+    if "memcli.app.api" in sys.modules and isinstance(err, sys.modules["memcli.app.api"].MemcliError):
         return str(err)
     if isinstance(err, OSError):
         what = err.strerror or str(err) or type(err).__name__
@@ -308,21 +308,21 @@ class State:
 
     def settings(self):
         if self._settings is None:
-            from .settings import load_settings
+            from memcli.app.settings import load_settings
 
             self._settings = load_settings(**self.flags)
         return self._settings
 
     def app(self):
-        """The library behind inject, ask, chat and pool info (`memcli.api.Memcli`)."""
+        """The library behind inject, ask, chat and pool info (`memcli.app.api.Memcli`)."""
         if self._app is None:
-            from .api import Memcli
+            from memcli.app.api import Memcli
 
             settings = self.settings()
 
             def on_load(model: str, device: str) -> None:
                 global _warned_cpu
-                from .catalog import made_for_cpu
+                from memcli.loading.catalog import made_for_cpu
 
                 if settings.device == "auto" and device == "cpu" and not _warned_cpu and not made_for_cpu(model):
                     _warned_cpu = True
@@ -336,14 +336,14 @@ class State:
         return self._app
 
     def store(self):
-        from .store import PoolStore
+        from memcli.store import PoolStore
 
         return PoolStore()
 
     def pools_api(self):
         """A Memcli for pool listing/info/rebind: those read manifests only, so no settings are needed."""
-        from .api import Memcli
-        from .settings import Settings
+        from memcli.app.api import Memcli
+        from memcli.app.settings import Settings
 
         return Memcli(Settings(), self.store())
 
@@ -372,7 +372,7 @@ def _state(ctx: typer.Context) -> State:
 # --------------------------------------------------------------------------- completion
 def complete_pool(incomplete: str) -> list[str]:
     """Pool names for shell completion: the folders with a manifest (no store, no torch)."""
-    from . import paths
+    from memcli.base import paths
 
     try:
         names = sorted(os.listdir(paths.pools_dir()))
@@ -384,7 +384,7 @@ def complete_pool(incomplete: str) -> list[str]:
 
 def complete_model(incomplete: str) -> list[str]:
     """Model aliases, then folders, for shell completion."""
-    from .catalog import ALIASES, BUNDLED
+    from memcli.loading.catalog import ALIASES, BUNDLED
 
     found = [alias for alias in (*ALIASES, *BUNDLED) if alias.startswith(incomplete)]
     return found + paths_starting(incomplete, folders_only=True)
@@ -699,7 +699,7 @@ def report_lines(report) -> list[str]:
 
 def _unknown_line(report) -> str | None:
     """The words of what was read that the model has never seen, in one line (None: there are none)."""
-    from .vocabulary import note
+    from memcli.loading.vocabulary import note
 
     line = note(report.unknown_words, "what was read")
     return shown(line) if line else None
@@ -719,7 +719,7 @@ def interrupted_line(report) -> str:
 def _run_inject(inject, paths: list[str], **kwargs):
     """Inject with progress through `inject(paths, stdin=..., on_event=..., **kwargs)` (the library's
     function, bound to its pool); returns (report, interrupted)."""
-    from .api import InjectInterrupted
+    from memcli.app.api import InjectInterrupted
 
     stdin = sys.stdin.buffer if "-" in paths and hasattr(sys.stdin, "buffer") else None
     with InjectProgress() as progress:
@@ -802,7 +802,7 @@ def _stream_answer(ask, question: str, as_json: bool = False):
         raise
     if not as_json:
         _write_stdout("\n")
-    from .vocabulary import note
+    from memcli.loading.vocabulary import note
 
     unknown = note(answer.to_json().get("unknown_words"), "the question")
     if unknown:
@@ -818,9 +818,9 @@ def answer_event(pool: str, question: str, answer, pool_version: int | None) -> 
 
 
 def _checked_sampling(temperature: float, top_p: float, seed: Optional[int]) -> tuple[float, float, Optional[int]]:
-    """The options as `memcli.sampling` checks them for the server too (finite, in range; a
+    """The options as `memcli.app.sampling` checks them for the server too (finite, in range; a
     positive temperature below 0.01 decodes greedily); a usage error naming the option otherwise."""
-    from .sampling import SamplingError, check_sampling
+    from memcli.app.sampling import SamplingError, check_sampling
 
     try:
         return check_sampling(temperature, top_p, seed, names=("--temperature", "--top-p", "--seed"), top_p_zero=True)
@@ -829,7 +829,7 @@ def _checked_sampling(temperature: float, top_p: float, seed: Optional[int]) -> 
 
 
 def _sampling(temperature: float, top_p: float, seed: Optional[int]):
-    from .engine import Sampling
+    from memcli.core.engine import Sampling
 
     temperature, top_p, seed = _checked_sampling(temperature, top_p, seed)
     return Sampling(temperature=temperature, top_p=top_p, seed=seed)
@@ -871,12 +871,12 @@ def ask(
     if as_json:
         data = answer_event(name, question, answer, app_.open_pool(name)[1].version)
         if sources:
-            from .attribution import for_question
+            from memcli.app.attribution import for_question
 
             data["attribution"] = for_question(app_, name, question)
         print_json_line(data)
     elif sources:
-        from .attribution import for_question, render
+        from memcli.app.attribution import for_question, render
 
         sys.stdout.write("\n".join(render(for_question(app_, name, question))) + "\n")
 
@@ -892,7 +892,7 @@ class _History:
     after /inject) for an interactive chat."""
 
     def __init__(self):
-        from . import paths
+        from memcli.base import paths
 
         self.file = paths.config_dir() / "chat_history"
         try:
@@ -965,8 +965,8 @@ def chat(
     """A conversation with a pool; /reset forgets it, /inject PATH adds documents.
 
     Earlier turns are part of each prompt, the oldest dropped first when the model's window is full."""
-    from .api import MemcliError
-    from .settings import SettingsError
+    from memcli.app.api import MemcliError
+    from memcli.app.settings import SettingsError
 
     state = _state(ctx)
     name = state.pool(pool)
@@ -1085,7 +1085,7 @@ JSON_HELP = "As JSON on stdout."
 @pool_app.command("ls")
 def pool_ls(ctx: typer.Context, as_json: bool = typer.Option(False, "--json", metavar=FLAG, help=JSON_HELP)) -> None:
     """List the pools."""
-    from . import pool_meta  # manifests only: no model, no torch
+    from memcli.pools import meta as pool_meta  # manifests only: no model, no torch
 
     rows = pool_meta.list_rows(_state(ctx).store())
     if as_json:
@@ -1110,7 +1110,7 @@ def pool_info(ctx: typer.Context,
               name: Optional[str] = typer.Argument(None, metavar="POOL", autocompletion=complete_pool, help="Pool name (default: config pool)."),
               as_json: bool = typer.Option(False, "--json", metavar=FLAG, help=JSON_HELP)) -> None:
     """Show a pool's facts and how much of each source is still in memory."""
-    from . import pool_meta  # manifests, the log and the census only: no model, no torch, no memcli.api
+    from memcli.pools import meta as pool_meta  # manifests, the log and the census only: no model, no torch, no memcli.app.api
 
     state = _state(ctx)
     name = state.pool(name)
@@ -1178,7 +1178,7 @@ def _written_by(info: dict) -> str:
 def _model_label(info: dict) -> str:
     """A pool's model in words a user reads: a published checkpoint's family (8b, 7b, mplus), else
     what the model folder declares about itself (memcli-tiny: a toy)."""
-    from .catalog import label
+    from memcli.loading.catalog import label
 
     return label(info["model"], info["family"])
 
@@ -1218,7 +1218,7 @@ def pool_rm(ctx: typer.Context, name: str = typer.Argument(..., metavar="POOL", 
             yes: bool = typer.Option(False, "--yes", "-y", metavar=FLAG, help="Do not ask for confirmation."),
             purge_log: bool = typer.Option(False, "--purge-log", metavar=FLAG, help="Also delete its answers from the log of answers (memcli log); they stay without it.")) -> None:
     """Delete a pool (asks first; without a terminal, needs --yes)."""
-    from .store import PoolError
+    from memcli.store import PoolError
 
     state = _state(ctx)
     state.require_pool(name)
@@ -1303,7 +1303,7 @@ def pool_rebind(ctx: typer.Context, name: str = typer.Argument(..., metavar="POO
 
 
 # --------------------------------------------------------------------------- config
-# Every key, from the one table of settings (memcli/settings.py: KEYS and HELP).
+# Every key, from the one table of settings (memcli/app/settings.py: KEYS and HELP).
 KEY_HELP = f"A setting: {settings_table.keys_in_words()}."
 KEYS_EPILOG = "Keys:\n" + "\n".join(f"  {key:<11} {settings_table.HELP[key]}" for key in settings_table.KEYS)
 
@@ -1314,7 +1314,7 @@ def config_get(ctx: typer.Context,
                                                    help=KEY_HELP + " Default: all of them."),
                as_json: bool = typer.Option(False, "--json", metavar=FLAG, help=JSON_HELP)) -> None:
     """Show the settings in effect and where each comes from (default, config file, environment, flag)."""
-    from .settings import KEYS, config_rows, shown_value
+    from memcli.app.settings import KEYS, config_rows, shown_value
 
     if key is not None and key not in KEYS:
         raise UsageProblem(f"unknown setting {key!r} (known: {', '.join(KEYS)})")
@@ -1341,8 +1341,8 @@ def config_set(key: str = typer.Argument(..., metavar="KEY", autocompletion=comp
     """Write a default into the config file (a model folder is stored as an absolute path).
 
     A pool that does not exist yet is set all the same, with a warning: the first inject into it creates it."""
-    from . import paths
-    from .settings import set_config
+    from memcli.base import paths
+    from memcli.app.settings import set_config
 
     missing = key == "pool" and _missing_pool(value)  # an invalid name is refused here, before writing
     set_config(key, value)
@@ -1356,7 +1356,7 @@ def _missing_pool(name: str) -> str | None:
     pool can have is refused."""
     import difflib
 
-    from .store import PoolStore, validate_name
+    from memcli.store import PoolStore, validate_name
 
     validate_name(name)
     store = PoolStore()
@@ -1370,8 +1370,8 @@ def _missing_pool(name: str) -> str | None:
 @config_app.command("unset", epilog=KEYS_EPILOG)
 def config_unset(key: str = typer.Argument(..., metavar="KEY", autocompletion=complete_config_key, help=KEY_HELP)) -> None:
     """Remove a key from the config file (its default applies again)."""
-    from . import paths
-    from .settings import set_config
+    from memcli.base import paths
+    from memcli.app.settings import set_config
 
     set_config(key, None)
     say(f"{key} removed from {paths.config_file()}")
@@ -1381,7 +1381,7 @@ def config_unset(key: str = typer.Argument(..., metavar="KEY", autocompletion=co
 @app.command()
 def models(as_json: bool = typer.Option(False, "--json", metavar=FLAG, help=JSON_HELP)) -> None:
     """The known models and whether each is downloaded (never goes online)."""
-    from .api import list_models
+    from memcli.app.api import list_models
 
     rows = list_models()
     if as_json:
@@ -1404,7 +1404,7 @@ def models(as_json: bool = typer.Option(False, "--json", metavar=FLAG, help=JSON
 def pull(model: str = typer.Argument(..., metavar="MODEL", autocompletion=complete_model,
                                      help="An alias (memcli models) or a hub id owner/name.")) -> None:
     """Download a model into the Hugging Face cache (an interrupted download resumes)."""
-    from .api import pull_model
+    from memcli.app.api import pull_model
 
     folder = pull_model(model)
     sys.stdout.write(f"{folder}\n")
@@ -1414,7 +1414,7 @@ def pull(model: str = typer.Argument(..., metavar="MODEL", autocompletion=comple
 @app.command()
 def doctor(ctx: typer.Context, as_json: bool = typer.Option(False, "--json", metavar=FLAG, help=JSON_HELP)) -> None:
     """What this machine can run: GPU, quantization, memory, disk, paths and the resolved settings."""
-    from .api import diagnose
+    from memcli.app.api import diagnose
 
     report = diagnose(_state(ctx).settings())
     if as_json:
@@ -1545,7 +1545,7 @@ def eval_retention(
 
     On a terminal a progress display shows the episode and an ETA; otherwise one line per episode
     goes to stderr."""
-    from .retention import command
+    from memcli.app.retention import command
 
     state = _state(ctx)
     with EvalProgress() as progress:
@@ -1554,10 +1554,10 @@ def eval_retention(
                 on_progress=lambda done, total, episode: progress(done, total, episode, episodes))
 
 
-from . import cli_server  # noqa: E402 - serve, ps, stop and the routing through a running server
+from memcli.cli import serve as cli_server  # noqa: E402 - serve, ps, stop and the routing through a running server
 
 cli_server.register(app)
-from . import cli_log  # noqa: E402 - memcli log: the log of answers
+from memcli.cli import log as cli_log  # noqa: E402 - memcli log: the log of answers
 cli_log.register(app)
 
 

@@ -33,10 +33,10 @@ from typing import Callable
 import torch
 from torch import Tensor
 
-from .model import DECODER, ENCODER, KV, Transformer
-from .quant import first_line
-from .state import MemoryState, grow
-from .threads import ensure as _ensure_threads
+from memcli.core.model import DECODER, ENCODER, KV, Transformer
+from memcli.core.quant import first_line
+from memcli.core.state import MemoryState, grow
+from memcli.core.threads import ensure as _ensure_threads
 
 
 @dataclass

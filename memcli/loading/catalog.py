@@ -36,7 +36,7 @@ ALIASES: dict[str, str] = {model.name: model.repo for model in KNOWN_MODELS}
 
 # Models shipped inside the package: usable offline everywhere, never downloaded. memcli-tiny is a
 # toy trained on synthetic facts (training/README.md), for the offline demo and the remember-tests.
-BUNDLED: dict[str, Path] = {"memcli-tiny": Path(__file__).resolve().parent / "models" / "memcli-tiny"}
+BUNDLED: dict[str, Path] = {"memcli-tiny": Path(__file__).resolve().parent.parent / "models" / "memcli-tiny"}
 
 
 def known(name: str) -> KnownModel | None:
@@ -118,9 +118,9 @@ def declared(name: str) -> dict:
 
             raw = json.loads(path.read_text())
         else:  # a user's folder: the store's bounded, non-blocking reader
-            from .store.durable import open_regular, read_fd
-            from .store.errors import PoolError
-            from .store.manifest import parse_json
+            from memcli.store.durable import open_regular, read_fd
+            from memcli.store.errors import PoolError
+            from memcli.store.manifest import parse_json
 
             try:
                 fd = open_regular(path, str(path), max_bytes=MAX_CONFIG_BYTES)

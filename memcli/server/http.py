@@ -32,7 +32,7 @@ Every request is bounded before any work starts: JSON bodies of at most `JSON_LI
 parsed by the store's bounded parser (`memcli.store.manifest.load_json`: nesting at most
 `MAX_REQUEST_DEPTH`, no recursion), then each field is checked: strings of at most `MAX_TEXT`
 characters, at most `MAX_TURNS` history turns and `MAX_MESSAGES` messages, finite numbers in range
-(`memcli.sampling`), at most `MAX_STOP_STRINGS` stop strings of `MAX_STOP_CHARS` characters. A
+(`memcli.app.sampling`), at most `MAX_STOP_STRINGS` stop strings of `MAX_STOP_CHARS` characters. A
 violation is a 400 (413 for the body's size) naming the field.
 
 `model` (in /api/ask and /api/inject): over the Unix socket (only this user's processes reach it:
@@ -41,7 +41,7 @@ whatever the client's `--model` names, a local folder included; over TCP it must
 id in the server's Hugging Face cache or a model the server has loaded: anything else, a path
 above all, is refused with a 400 before anything is opened.
 
-Fairness (`memcli.resident.DeviceQueue`): the device is taken in slices of one decoded token, one
+Fairness (`memcli.server.resident.DeviceQueue`): the device is taken in slices of one decoded token, one
 injected chunk, or one prompt (its fitting to the window and prefill): between two slices a
 request gives the device to any other waiting one. `/api/health`, `/api/ps` and `/api/stop` never
 wait for the device. A client that disconnects cancels its work at the next slice.
@@ -73,8 +73,8 @@ from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, StreamingResponse
 from starlette.routing import Route
 
-from . import __version__
-from .server_address import AddressError, ensure_runtime_dir, info_path, is_loopback, lock_path, socket_path, spool_dir
+from memcli import __version__
+from memcli.server.address import AddressError, ensure_runtime_dir, info_path, is_loopback, lock_path, socket_path, spool_dir
 
 JSON_LIMIT = 4 * 1024**2  # request bodies other than inject uploads
 UPLOAD_LIMIT = int(os.environ.get("MEMCLI_SERVER_MAX_UPLOAD", 4 * 1024**3))  # one inject request
@@ -88,7 +88,7 @@ MAX_NEW_TOKENS = 1 << 20  # any answer longer than the window is refused later w
 MAX_CHUNK_TOKENS = 1 << 20
 MAX_MODEL_NAME = 512
 
-log = logging.getLogger("memcli.server")
+log = logging.getLogger("memcli.server.http")
 
 
 class ApiError(Exception):
@@ -103,8 +103,8 @@ def _error_body(message: str, kind: str) -> dict:
 
 def classify(err: BaseException) -> ApiError:
     """Any failure as (status, one-line message); a bug is logged on one line and named as one."""
-    from .settings import SettingsError
-    from .store import InvalidPoolName, PoolBusy, PoolError, PoolNotFound
+    from memcli.app.settings import SettingsError
+    from memcli.store import InvalidPoolName, PoolBusy, PoolError, PoolNotFound
 
     if isinstance(err, ApiError):
         return err
@@ -118,7 +118,7 @@ def classify(err: BaseException) -> ApiError:
         return ApiError(409, str(err), "conflict_error")
     if isinstance(err, PoolError):
         return ApiError(409, str(err), "pool_error")
-    api = __import__("sys").modules.get("memcli.api")
+    api = __import__("sys").modules.get("memcli.app.api")
     if api is not None and isinstance(err, api.PoolNotFoundError):
         return ApiError(404, str(err), "not_found_error")
     if api is not None and isinstance(err, api.MemcliError):
@@ -160,7 +160,7 @@ async def read_body(request: Request, limit: int) -> bytes:
 async def read_json(request: Request) -> dict:
     """The request's JSON object, read within `JSON_LIMIT` bytes and parsed by the bounded parser
     (on a worker thread: a 4 MB body never holds up the event loop)."""
-    from .store.manifest import JsonRefused, load_json
+    from memcli.store.manifest import JsonRefused, load_json
 
     body = await read_body(request, JSON_LIMIT)
     try:
@@ -178,7 +178,7 @@ def _shown(value: object) -> str:
 
 
 def _number(data: dict, key: str, kind: type, default=None, low=None, high=None, low_open=False):
-    from .sampling import SamplingError, finite_number
+    from memcli.app.sampling import SamplingError, finite_number
 
     value = data.get(key, default)
     if value is None:
@@ -207,7 +207,7 @@ def _text(value: object, what: str, limit: int = MAX_TEXT) -> str:
 
 
 def _pool_name(value: object, what: str = "pool") -> str:
-    from .store import validate_name
+    from memcli.store import validate_name
 
     if not isinstance(value, str) or not value:
         raise ApiError(400, f"{what} must name a pool")
@@ -216,10 +216,10 @@ def _pool_name(value: object, what: str = "pool") -> str:
 
 
 def _sampling(data: dict, temperature_high: float = 2.0):
-    """Temperature, top_p and seed, checked by `memcli.sampling` (finite, in range; a positive
+    """Temperature, top_p and seed, checked by `memcli.app.sampling` (finite, in range; a positive
     temperature below 0.01 decodes greedily, as on the command line)."""
-    from .engine import Sampling
-    from .sampling import SamplingError, check_sampling
+    from memcli.core.engine import Sampling
+    from memcli.app.sampling import SamplingError, check_sampling
 
     defaults = {"temperature": 0.0, "top_p": 1.0}
     values = [data.get(key) if data.get(key) is not None else defaults.get(key) for key in ("temperature", "top_p", "seed")]
@@ -265,7 +265,7 @@ class Server:
 
     # ------------------------------------------------------------------ plumbing
     def client_of(self, request: Request) -> str:
-        from .resident import anonymous_client
+        from memcli.server.resident import anonymous_client
 
         named = request.headers.get("x-memcli-client")
         return f"client:{named[:64]}" if named else anonymous_client()
@@ -292,7 +292,7 @@ class Server:
                 with job:
                     work(job, emit)
             except BaseException as err:  # noqa: BLE001 - everything is reported to the client, nothing escapes
-                from .resident import Cancelled
+                from memcli.server.resident import Cancelled
 
                 if not isinstance(err, Cancelled):
                     api = classify(err)
@@ -353,7 +353,7 @@ class Server:
 
     def require_pool(self, name: str) -> None:
         """The one wording of a missing pool (as in-process): "pool X not found; did you mean Y?"."""
-        from .api import Memcli
+        from memcli.app.api import Memcli
 
         Memcli(self.resident.settings, self.resident.store).require_pool(name)
 
@@ -381,13 +381,13 @@ class Server:
         return JSONResponse({"ok": True, "pid": os.getpid()})
 
     async def pools(self, request: Request):
-        from .api import Memcli
+        from memcli.app.api import Memcli
 
         rows = await asyncio.to_thread(lambda: Memcli(self.resident.settings, self.resident.store).list_pools())
         return JSONResponse(rows)
 
     async def pool_info(self, request: Request):
-        from .api import Memcli
+        from memcli.app.api import Memcli
 
         name = _pool_name(request.path_params["name"])
         self.require_pool(name)
@@ -410,7 +410,7 @@ class Server:
         """ApiError 400 unless `name` is an alias, a bundled model, a model this server has loaded,
         or a hub id (org/name) already in its Hugging Face cache. Decided from the name, the loaded
         models and the cache's own layout: nothing the name points at is opened."""
-        from .catalog import ALIASES, BUNDLED
+        from memcli.loading.catalog import ALIASES, BUNDLED
 
         if name in ALIASES or name in BUNDLED or name in self.resident.loaded_models():
             return
@@ -428,9 +428,9 @@ class Server:
     async def ask(self, request: Request):
         """A question as `Memcli.ask` answers it (the same prompt, turns of `history` within the
         window, the same decoding): NDJSON {"event": "text"} pieces, then {"event": "answer"}."""
-        from .api import answer_prompt, decode_answer
+        from memcli.app.api import answer_prompt, decode_answer
 
-        from .sampling import MAX_TEMPERATURE
+        from memcli.app.sampling import MAX_TEMPERATURE
 
         data = await read_json(request)
         question = _text(data.get("question"), "question")
@@ -559,7 +559,7 @@ class Server:
                      type_: str | None = None, encoding: str | None = None) -> None:
         import dataclasses
 
-        from .api import InjectInterrupted
+        from memcli.app.api import InjectInterrupted
 
         resident = self.resident
         entries = json.loads((folder / "files.json").read_text())
@@ -607,14 +607,14 @@ class Server:
 
     # ------------------------------------------------------------------ OpenAI
     async def models(self, request: Request):
-        from .api import Memcli
+        from memcli.app.api import Memcli
 
         rows = await asyncio.to_thread(lambda: Memcli(self.resident.settings, self.resident.store).list_pools())
         return JSONResponse({"object": "list", "data": [_model_entry(row) for row in rows if not row.get("error")]})
 
     async def model(self, request: Request):
-        from .api import Memcli
-        from .store import PoolNotFound
+        from memcli.app.api import Memcli
+        from memcli.store import PoolNotFound
 
         name = _pool_name(request.path_params["name"], "model")
         self.require_pool(name)  # the one wording of a missing pool
@@ -625,8 +625,8 @@ class Server:
         raise PoolNotFound(f"pool {name} not found")
 
     async def chat_completions(self, request: Request):
-        from .api import answer_budget, decode_answer
-        from .resident import conversation_prompt
+        from memcli.app.api import answer_budget, decode_answer
+        from memcli.server.resident import conversation_prompt
 
         data = await read_json(request)
         pool = _pool_name(data.get("model"), "model")
@@ -691,7 +691,7 @@ class Server:
         """A non-streaming request: run `work(job, emit)` with the device turn held; what it emitted
         last is the response (or its error). A client that disconnects cancels the work at its next
         slice."""
-        from .resident import Cancelled
+        from memcli.server.resident import Cancelled
 
         job = self.resident.job(self.client_of(request), kind=kind, pool=pool)
         result: list[dict] = []
@@ -718,7 +718,7 @@ class Server:
     def app(self) -> Starlette:
         def guarded(handler):
             async def endpoint(request: Request):
-                from .resident import Cancelled
+                from memcli.server.resident import Cancelled
 
                 try:
                     return await handler(request)
@@ -788,7 +788,7 @@ class _Guard:
 
 
 def _upload_header(line: bytes, entries: list) -> dict:
-    from .store.manifest import JsonRefused, load_json
+    from memcli.store.manifest import JsonRefused, load_json
 
     try:
         header = load_json(line, 4)
@@ -974,7 +974,7 @@ def _owner_only_protocol():
     from uvicorn.config import HTTP_PROTOCOLS
     from uvicorn.importer import import_from_string
 
-    from .server_address import peer_uid
+    from memcli.server.address import peer_uid
 
     base = import_from_string(HTTP_PROTOCOLS["auto"])
 
@@ -1001,9 +1001,9 @@ def serve(settings, keep_alive: float | None, host: str | None = None, port: int
     """Run the server in this process until `memcli stop`, SIGTERM or Ctrl-C. Returns an exit code."""
     import uvicorn
 
-    from .resident import Resident
-    from .server_address import TOKEN_ENV
-    from .store import PoolStore
+    from memcli.server.resident import Resident
+    from memcli.server.address import TOKEN_ENV
+    from memcli.store import PoolStore
 
     token = os.environ.get(TOKEN_ENV) or None
     tcp = check_tcp(host, port, token)

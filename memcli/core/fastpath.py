@@ -1,6 +1,6 @@
-"""Fast paths for `memcli.model`, installed at load: the same values in fewer host-side operator calls.
+"""Fast paths for `memcli.core.model`, installed at load: the same values in fewer host-side operator calls.
 
-`memcli/model.py` is the reference: plain arithmetic, one forward path per layer. A decode step is
+`memcli/core/model.py` is the reference: plain arithmetic, one forward path per layer. A decode step is
 one row, so on the CPU (and on an eager GPU) its cost is the number of operator calls, not the
 arithmetic; an injection's 512+ rows are bounded by the host memory its temporaries take. What
 this module changes, each exact (tests/test_fastpath.py checks it against the reference model):
@@ -38,8 +38,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .model import DECODER, KV, MLP, Attention, Block, DecodeStep, Projection, RMSNorm, Transformer, attend
-from .quant import DenseLinear
+from memcli.core.model import DECODER, KV, MLP, Attention, Block, DecodeStep, Projection, RMSNorm, Transformer, attend
+from memcli.core.quant import DenseLinear
 
 # Inputs of more rows than this on the CPU compute outputs wider than the block in column blocks.
 _BLOCK_ROWS, _BLOCK_COLUMNS = 64, 512

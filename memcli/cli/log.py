@@ -1,4 +1,4 @@
-"""`memcli log`: the log of answers (memcli/answer_log.py), as `llm logs` shows its own.
+"""`memcli log`: the log of answers (memcli/app/answer_log.py), as `llm logs` shows its own.
 
     memcli log [-n N] [-q WORDS] [--pool P] [--since TIME] [--json]   the newest answers first
     memcli log off | on                                                 config `log` (MEMCLI_LOG)
@@ -19,7 +19,7 @@ TEXT_WIDTH = {"question": 48, "answer": 72}  # characters of each shown in a tab
 
 
 def _cli():
-    from . import cli
+    from memcli.cli import main as cli
 
     return cli
 
@@ -36,7 +36,7 @@ def _head(text: str, width: int, terminal: bool) -> str:
 def purge_line(name: str) -> str:
     """`pool rm --purge-log`, after the pool is removed: the line to say, or a LogError saying that the
     pool is gone but its answers are not."""
-    from . import answer_log
+    from memcli.app import answer_log
 
     try:
         removed = answer_log.purge_pool(name)
@@ -70,7 +70,7 @@ def register(app: typer.Typer) -> None:
         """The newest logged answers (a table: id, time in UTC, pool, how it was asked, question, answer)."""
         if ctx.invoked_subcommand is not None:
             return
-        from . import answer_log
+        from memcli.app import answer_log
 
         rows = answer_log.entries(pool=pool, query=query, limit=count, since=since)
         if as_json:
@@ -92,8 +92,8 @@ def register(app: typer.Typer) -> None:
         out.print(table, soft_wrap=not terminal)
 
     def _switch(ctx: typer.Context, on: bool) -> None:
-        from . import paths
-        from .settings import set_config
+        from memcli.base import paths
+        from memcli.app.settings import set_config
 
         set_config("log", "true" if on else "false")
         word = "on" if on else "off"
@@ -116,7 +116,7 @@ def register(app: typer.Typer) -> None:
     @log_app.command("path")
     def path_() -> None:
         """Print the log's file (an SQLite database, e.g. for sqlite3 or Datasette)."""
-        from . import answer_log
+        from memcli.app import answer_log
 
         sys.stdout.write(f"{answer_log.path()}\n")
 
@@ -124,7 +124,7 @@ def register(app: typer.Typer) -> None:
     def status(ctx: typer.Context,
                as_json: bool = typer.Option(False, "--json", metavar=cli.FLAG, help=cli.JSON_HELP)) -> None:
         """On or off (and why), the log's file, how many answers it holds and its size."""
-        from . import answer_log
+        from memcli.app import answer_log
 
         settings = cli._state(ctx).settings()
         info = answer_log.status(settings)
@@ -151,7 +151,7 @@ def register(app: typer.Typer) -> None:
     def reset() -> None:
         """Move the log aside (a damaged one, or to start afresh); the next answer starts a new one.
         Nothing is deleted: the old file stays beside it, named log.db.old-TIME."""
-        from . import answer_log
+        from memcli.app import answer_log
 
         moved = answer_log.reset()
         if moved is None:

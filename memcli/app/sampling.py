@@ -46,7 +46,7 @@ def finite_number(name: str, value: object, low: float, high: float, low_open: b
 def check_sampling(temperature: object = 0.0, top_p: object = 1.0, seed: object = None, *,
                    max_temperature: float = MAX_TEMPERATURE, names=("temperature", "top_p", "seed"),
                    top_p_zero: bool = False) -> tuple[float, float, int | None]:
-    """(temperature, top_p, seed) ready for `memcli.engine.Sampling`, or SamplingError naming the
+    """(temperature, top_p, seed) ready for `memcli.core.engine.Sampling`, or SamplingError naming the
     field (`names`: how the caller calls them, e.g. "--temperature"). `top_p_zero`: allow top_p 0
     (the command line's historical range; it keeps the single most likely token)."""
     t_name, p_name, s_name = names

@@ -1,6 +1,6 @@
 """What a running server keeps loaded, and the one device its requests take turns on.
 
-* One `memcli.api.Memcli` per model, so each model's weights (one `Engine`) are loaded once and
+* One `memcli.app.api.Memcli` per model, so each model's weights (one `Engine`) are loaded once and
   unloaded alone when its keep-alive runs out.
 * Per pool, the state of its latest committed store version, keyed by (pool, created, version):
   a commit by an inject (in this server or in another process) gives a new key, so a question is
@@ -32,11 +32,11 @@ from typing import Callable
 
 import torch
 
-from . import pool as pools
-from .api import DEFAULT_ANSWER_TOKENS, Memcli, StopAfterChunk, normalize_model
-from .prompts import chat_prompt_ids, context_ids, conversation_ids, has_chat_template
-from .settings import Settings
-from .store import PoolStore
+from memcli.pools import pool as pools
+from memcli.app.api import DEFAULT_ANSWER_TOKENS, Memcli, StopAfterChunk, normalize_model
+from memcli.loading.prompts import chat_prompt_ids, context_ids, conversation_ids, has_chat_template
+from memcli.app.settings import Settings
+from memcli.store import PoolStore
 
 
 class Cancelled(KeyboardInterrupt):
@@ -552,7 +552,7 @@ def conversation_prompt(loaded, messages: list[dict], max_new_tokens: int | None
     (k = 0..S), then after every system message and the newest j other messages; the largest that
     fits is found from the small end (`prompts.newest_that_fit`), so the time depends on what is
     kept, not on how many messages are dropped."""
-    from .prompts import newest_that_fit
+    from memcli.loading.prompts import newest_that_fit
 
     limit = loaded.max_input_tokens()
     reserve = min(DEFAULT_ANSWER_TOKENS if max_new_tokens is None else max_new_tokens, limit // 2)

@@ -24,9 +24,9 @@ import struct
 from array import array
 from dataclasses import dataclass, field
 
-from .clock import iso_z
-from .store import PoolCorrupt, PoolError, PoolStore
-from .store.manifest import SHA_RE, is_int
+from memcli.base.clock import iso_z
+from memcli.store import PoolCorrupt, PoolError, PoolStore
+from memcli.store.manifest import SHA_RE, is_int
 
 MAX_SOURCES = 1_000_000
 

@@ -39,9 +39,9 @@ def read_json_file(path: Path, limit: int = MAX_JSON_BYTES):
     """A model folder's JSON file, refused (ConfigError naming the file) unless it is a regular file
     of bounded size and nesting. Opened without blocking, so a FIFO cannot hang the load. The same
     opener and bounded parser read the pool store's documents."""
-    from .store.durable import open_regular, read_fd
-    from .store.errors import PoolError
-    from .store.manifest import parse_json
+    from memcli.store.durable import open_regular, read_fd
+    from memcli.store.errors import PoolError
+    from memcli.store.manifest import parse_json
 
     path = Path(path)
     try:

@@ -27,7 +27,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Callable, Hashable, Iterable, Iterator, Sequence
 
-from .catalog import CARD_MIN_CHUNK_TOKENS
+from memcli.loading.catalog import CARD_MIN_CHUNK_TOKENS
 
 
 class ChunkingError(ValueError):

@@ -35,12 +35,12 @@ from dataclasses import dataclass, field
 
 import torch
 
-from . import __version__
-from .pool_meta import (  # noqa: F401  (re-exported: the pool API has always offered these)
+from memcli import __version__
+from memcli.pools.meta import (  # noqa: F401  (re-exported: the pool API has always offered these)
     Binding, PoolModelMismatch, check_binding, check_meta, read_binding, sources_of, totals_of,
 )
-from .state import LongTermMemory, MemoryState, new_generator
-from .store import PoolCorrupt, PoolError, PoolStore
+from memcli.core.state import LongTermMemory, MemoryState, new_generator
+from memcli.store import PoolCorrupt, PoolError, PoolStore
 
 STATE_FORMAT = 1
 

@@ -11,10 +11,10 @@ layer to layer: each layer supplies its own (reference-semantics §3).
 
 LoRA (8b, M+): q/k/v/gate/up/down carry two adapters, "encoder" (injection) and "decoder" (everything
 else), applied unmerged on top of the base projection: y = W x + scale * B (A x). Base projections
-come from `memcli.quant.make_linear`, so they may be 4-bit, 8-bit or 16/32-bit.
+come from `memcli.core.quant.make_linear`, so they may be 4-bit, 8-bit or 16/32-bit.
 
 This file is the reference: plain arithmetic, one forward path per layer, whatever the weights'
-format. The loader then installs `memcli.fastpath` (fused decode-step projections, host-side
+format. The loader then installs `memcli.core.fastpath` (fused decode-step projections, host-side
 shortcuts of the eager CPU path), which swaps modules from outside and computes the same values.
 """
 
@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.nn.attention.bias import causal_lower_right
 
-from .config import ModelConfig, RopeSpec
+from memcli.core.config import ModelConfig, RopeSpec
 
 ENCODER, DECODER = "encoder", "decoder"
 
@@ -240,7 +240,7 @@ class Block(nn.Module):
 
 
 class Transformer(nn.Module):
-    """Weights only. Memory contents live in `memcli.state.MemoryState`, never here."""
+    """Weights only. Memory contents live in `memcli.core.state.MemoryState`, never here."""
 
     def __init__(self, cfg: ModelConfig, rope_precision: str = "fp32"):
         super().__init__()

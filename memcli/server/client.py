@@ -17,8 +17,8 @@ from typing import IO, Iterable, Iterator
 import httpcore
 import httpx
 
-from . import server_address
-from .server_address import UntrustedServer, socket_path
+from memcli.server import address as server_address
+from memcli.server.address import UntrustedServer, socket_path
 
 UPLOAD_BLOCK = 1 << 20
 
@@ -169,7 +169,7 @@ class Client:
     def inject(self, pool: str, uploads: Iterable[Upload], model: str | None = None,
                chunk_tokens: int | None = None, force: bool = False, type: str | None = None,
                encoding: str | None = None, model_explicit: bool = False) -> "InjectEvents":
-        """Progress events ({"event": "file"|"chunk"|"commit"|"skip", and `memcli.api.Event`'s
+        """Progress events ({"event": "file"|"chunk"|"commit"|"skip", and `memcli.app.api.Event`'s
         fields}), then {"done": true, "interrupted": bool, "report": …}. Once the server has taken
         the upload, the stream's `id` names the inject for `stop_inject`."""
         params = {"pool": pool}

@@ -6,7 +6,7 @@ background (its log: `server_address.log_file()`) unless `--no-server` or config
 A server that was killed leaves its socket behind: the next command says so in one line and
 starts a fresh one; its pools are at their last commit (every save is atomic).
 
-`Remote` stands in for `memcli.api.Memcli` (ask, inject, chat) so the commands' own code shows
+`Remote` stands in for `memcli.app.api.Memcli` (ask, inject, chat) so the commands' own code shows
 the results: the same output, JSON lines, report and exit codes as in-process runs.
 """
 
@@ -22,7 +22,7 @@ from typing import Optional
 
 import typer
 
-from . import server_address
+from memcli.server import address as server_address
 
 # httpx (the client) is imported by the functions that talk to a server, so commands that never do
 # (--help, pool ls, models) do not pay for it.
@@ -35,7 +35,7 @@ class RoutedError(ValueError):
 
 
 def _cli():
-    from . import cli
+    from memcli.cli import main as cli
 
     return cli
 
@@ -47,7 +47,7 @@ def running_client():
     is sent to it."""
     if server_address.trusted_socket() is None:
         return None  # no server: and no httpx import for the commands that would only look
-    from .client import Client
+    from memcli.server.client import Client
     client = Client()
     try:
         if client.health() is not None:
@@ -78,7 +78,7 @@ def server_command(flags: dict) -> tuple[list[str], dict]:
     import site
     import sysconfig
 
-    from . import __file__ as package_file
+    from memcli import __file__ as package_file
 
     home = Path(package_file).resolve().parent.parent
     env = dict(os.environ)
@@ -90,7 +90,7 @@ def server_command(flags: dict) -> tuple[list[str], dict]:
         argv = [sys.executable, "-P", "-m", "memcli"]
     else:  # pragma: no cover - Python 3.10
         argv = [sys.executable, "-c", "import sys\nif sys.path and sys.path[0] in ('', '.'):\n    del sys.path[0]\n"
-                "sys.argv[0] = 'memcli'\nfrom memcli.cli import main\nmain()"]
+                "sys.argv[0] = 'memcli'\nfrom memcli.cli.main import main\nmain()"]
     for key in ("device", "dtype", "quant"):  # the model is per request (each sends its own)
         if flags.get(key):
             argv += [f"--{key}", flags[key]]
@@ -166,7 +166,7 @@ def client_for(ctx: typer.Context, start: bool):
 
 def _fail(err: Exception) -> None:
     """A server's refusal becomes this command's one-line error."""
-    from .client import ServerError
+    from memcli.server.client import ServerError
 
     if isinstance(err, ServerError):
         raise RoutedError(str(err)) from None
@@ -175,7 +175,7 @@ def _fail(err: Exception) -> None:
 
 # --------------------------------------------------------------------------- the server as the library
 class RemoteAnswer:
-    """An answer the server gave: its text, and `to_json()` as `memcli.api.Answer.to_json()`."""
+    """An answer the server gave: its text, and `to_json()` as `memcli.app.api.Answer.to_json()`."""
 
     def __init__(self, data: dict):
         self._data = {k: v for k, v in data.items() if k not in ("event", "pool", "pool_version", "question")}
@@ -187,7 +187,7 @@ class RemoteAnswer:
 
 
 class Remote:
-    """A running server standing in for `memcli.api.Memcli` in ask, inject and chat: the same calls
+    """A running server standing in for `memcli.app.api.Memcli` in ask, inject and chat: the same calls
     with the same results (the server runs the library's own code). The client's model setting
     (--model, MEMCLI_MODEL, the config file) goes with every request."""
 
@@ -197,14 +197,14 @@ class Remote:
         self.settings = self.state.settings()
 
     def _model(self) -> tuple[str, bool]:
-        from .api import normalize_model  # a folder as an absolute path: the server runs elsewhere
+        from memcli.app.api import normalize_model  # a folder as an absolute path: the server runs elsewhere
 
         return normalize_model(self.settings.model), self.settings.explicit("model")
 
     # ------------------------------------------------------------------ ask
     def ask(self, pool: str, question: str, *, max_new_tokens: int | None = None, sampling=None,
             on_text=None, history: list[tuple[str, str]] | None = None) -> RemoteAnswer:
-        from .client import ServerError, ServerGone
+        from memcli.server.client import ServerError, ServerGone
 
         model, explicit = self._model()
         temperature, top_p, seed = ((sampling.temperature, sampling.top_p, sampling.seed) if sampling is not None
@@ -227,13 +227,13 @@ class Remote:
         return answer
 
     def chat(self, pool: str, *, max_new_tokens: int | None = None, sampling=None):
-        """A conversation (`memcli.api.ChatSession`): its turns are kept here and sent with each question."""
-        from .api import ChatSession
+        """A conversation (`memcli.app.api.ChatSession`): its turns are kept here and sent with each question."""
+        from memcli.app.api import ChatSession
 
         return ChatSession(self, pool, max_new_tokens=max_new_tokens, sampling=sampling, new=not self.pool_exists(pool))
 
     def pool_exists(self, pool: str) -> bool:
-        from .client import ServerError
+        from memcli.server.client import ServerError
 
         try:
             self.client.require_pool(pool)
@@ -249,9 +249,9 @@ class Remote:
                encoding: str | None = None, stdin=None, on_event=None):
         """`Memcli.inject` through the server: files are found here (the server never opens a path
         a client names) and their bytes streamed to it; the report is the library's `InjectReport`."""
-        from .api import InjectInterrupted, MemcliError
-        from .client import ServerError, ServerGone
-        from .extract import Ignored, discover
+        from memcli.app.api import InjectInterrupted, MemcliError
+        from memcli.server.client import ServerError, ServerGone
+        from memcli.ingest.extract import Ignored, discover
 
         paths = list(paths)
         try:
@@ -297,7 +297,7 @@ class Remote:
 
     def _send(self, pool: str, items, piped: bytes | None, args: dict, on_event):
         """One upload of `items` and its streamed events; the merged report."""
-        from .api import Event
+        from memcli.app.api import Event
 
         uploads, order = _uploads(items, piped)
         served = None
@@ -348,7 +348,7 @@ class _Stop:
         import queue
         import threading
 
-        from .client import ServerGone
+        from memcli.server.client import ServerGone
 
         inbox: queue.Queue = queue.Queue()
         end = object()
@@ -392,7 +392,7 @@ class _Stop:
 
     def send(self) -> None:
         """The stop request, once the server has named the inject; no answer: quit as before."""
-        from .client import Client, ServerError, ServerGone, ServerUnavailable
+        from memcli.server.client import Client, ServerError, ServerGone, ServerUnavailable
 
         if self.events.id is None:
             return  # still uploading: asked once the server names the inject
@@ -430,8 +430,8 @@ def _uploads(items, piped: bytes | None):
     where k counts the uploads before it."""
     from io import BytesIO
 
-    from .client import Upload
-    from .extract import Skipped
+    from memcli.server.client import Upload
+    from memcli.ingest.extract import Skipped
 
     uploads, order = [], []
     for item in items:
@@ -455,7 +455,7 @@ def _uploads(items, piped: bytes | None):
 def _merged_report(pool: str, order, served: dict | None):
     """The server's report (an `InjectReport`) with the files skipped here put back where discovery
     found them; after an interruption, only what came before the file it stopped in."""
-    from .api import FileResult, InjectReport
+    from memcli.app.api import FileResult, InjectReport
 
     if served is None:
         raise RoutedError("the memcli server ended the inject without a report; run the same command again")
@@ -521,7 +521,7 @@ def pool_info(ctx, name: str) -> dict | None:
     client = client_for(ctx, start=False)
     if client is None:
         return None
-    from .client import ServerError, ServerGone, ServerUnavailable
+    from memcli.server.client import ServerError, ServerGone, ServerUnavailable
 
     try:
         return client.pool_info(name)
@@ -532,7 +532,7 @@ def pool_info(ctx, name: str) -> dict | None:
 
 
 def chat(ctx, pool: str, max_new_tokens, temperature, top_p, seed):
-    """The conversation `memcli chat` holds through a server (`memcli.api.ChatSession` on `Remote`:
+    """The conversation `memcli chat` holds through a server (`memcli.app.api.ChatSession` on `Remote`:
     the chat loop is the command's own); None when the command should run in-process."""
     server = remote(ctx)
     if server is None:
@@ -561,7 +561,7 @@ def _parse_bytes(text: str) -> int:
 
 def _iso_times(ps: dict) -> dict:
     """`ps` (the server's /api/ps, Unix times) with its times in memcli's one format (ISO 8601, UTC)."""
-    from .clock import iso_from_epoch
+    from memcli.base.clock import iso_from_epoch
 
     def model(row: dict) -> dict:
         pools = [{**p, "last_used": iso_from_epoch(p.get("last_used"))} for p in row.get("pools", [])]
@@ -584,7 +584,7 @@ def register(app: typer.Typer) -> None:
         exit_when_idle: bool = typer.Option(False, "--exit-when-idle", hidden=True, help="Stop once nothing is loaded for a keep-alive (servers that commands start)."),
     ) -> None:
         """Run the resident server: models and pools stay loaded; ask, chat and inject use it."""
-        from .server import serve as run_server
+        from memcli.server.http import serve as run_server
 
         cli = _cli()
         state = cli._state(ctx)

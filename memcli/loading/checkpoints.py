@@ -14,13 +14,13 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from . import fastpath
-from .config import ConfigError, ModelConfig, read_config, read_json_file
-from .model import Projection, Selector, Transformer
-from .quant import first_line
-from .state import CHECKPOINT_ORIGIN, LongTermMemory, MemoryState, new_generator
+from memcli.core import fastpath
+from memcli.core.config import ConfigError, ModelConfig, read_config, read_json_file
+from memcli.core.model import Projection, Selector, Transformer
+from memcli.core.quant import first_line
+from memcli.core.state import CHECKPOINT_ORIGIN, LongTermMemory, MemoryState, new_generator
 
-from .catalog import ALIASES, BUNDLED  # torch-free tables (memcli models, completion)
+from memcli.loading.catalog import ALIASES, BUNDLED  # torch-free tables (memcli models, completion)
 
 HUB_PATTERNS = ["*.json", "*.safetensors", "tokenizer*", "*.model", "*.jinja"]
 PROJECTIONS = {
@@ -275,7 +275,7 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_ma
 def load_checked_tokenizer(folder: Path):
     """The checkpoint's tokenizer; a damaged or hostile tokenizer file is a CheckpointError naming
     it (its JSON files are read with the same limits as config.json first)."""
-    from .prompts import load_tokenizer
+    from memcli.loading.prompts import load_tokenizer
 
     folder = Path(folder)
     for name in TOKENIZER_FILES:
@@ -313,7 +313,7 @@ def load_model(
     Unless the checkpoint's own fp32 is wanted, the converted weights are kept in the user cache
     (`converted.py`) and read from there by the next load with the same settings. `threads`: the
     config key `threads` ("auto" or a count; see `threads.configure`)."""
-    from . import converted
+    from memcli.loading import converted
 
     cfg = read_config(folder)
     reader = CheckpointReader(folder, allow_pickle=allow_pickle)
@@ -341,10 +341,10 @@ def build_model(
     random weights made on the device). `converted_entry`: (key, inputs) of the converted copy
     to read, or to write after converting. The process's compute threads are set here, once per
     model, from the model's size (`threads.configure`; `threads` is the config key's value)."""
-    from . import converted
-    from . import quant as quantization
-    from . import threads as compute_threads
-    from .config import DEFAULT_ROPE_PRECISION
+    from memcli.loading import converted
+    from memcli.core import quant as quantization
+    from memcli.core import threads as compute_threads
+    from memcli.core.config import DEFAULT_ROPE_PRECISION
 
     compute_threads.configure(cfg, threads)  # before the weights are converted: that work uses them too
 
@@ -432,7 +432,7 @@ def initial_state(
     import json
     import os
 
-    from .store.durable import new_hash
+    from memcli.store.durable import new_hash
 
     def source_identity():
         file_of = getattr(reader, "file_of", None)  # any tensor source will do (the GPU benchmark's has no files)

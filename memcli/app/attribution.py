@@ -28,8 +28,8 @@ from dataclasses import dataclass
 
 import torch
 
-from .model import DECODER, KV, Transformer, apply_rotary
-from .state import CHECKPOINT_ORIGIN, MemoryState
+from memcli.core.model import DECODER, KV, Transformer, apply_rotary
+from memcli.core.state import CHECKPOINT_ORIGIN, MemoryState
 
 INITIAL = "(initial memory)"
 SOURCE_LAYERS_KEY = "memcli_source_layers"  # config.json: layers whose attention names the source
@@ -175,7 +175,7 @@ def layer_mass(weights: torch.Tensor, sources: list[list[str]], rows: str = "pea
 def for_question(app, pool_name: str, question: str, layers: list[int] | None = None) -> dict:
     """Attribution of one question on a pool through the Python API: ranked sources and per-layer
     masses, as JSON-ready data."""
-    from .prompts import question_ids
+    from memcli.loading.prompts import question_ids
 
     loaded, pool = app.open_pool(pool_name)
     if layers is None:

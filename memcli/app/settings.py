@@ -10,7 +10,7 @@ The config file is TOML at `paths.config_file()` (`memcli config set KEY VALUE` 
     server = true                 # ask, chat and inject use (and start) a memcli server
     keep_alive = "5m"             # how long a server keeps a model loaded: 30s, 5m, 1h, 0, -1
     compile = false               # decode through torch.compile
-    threads = "auto"              # auto | N: CPU compute threads (memcli/threads.py)
+    threads = "auto"              # auto | N: CPU compute threads (memcli/core/threads.py)
     log = true                    # keep every answer in the log of answers (memcli log)
     log_max_mb = 100              # its size bound
 
@@ -24,8 +24,8 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass, field, replace
 
-from . import paths
-from .catalog import ALIASES
+from memcli.base import paths
+from memcli.loading.catalog import ALIASES
 
 # The default model for new pools: the chat model answers questions in sentences and follows the
 # chat template, where the base models continue text; it keeps the 8b's 12,800-row memory
@@ -72,11 +72,11 @@ class Settings:
     # decode through torch.compile(mode="reduce-overhead"): fewer host calls per token; the first
     # answer pays the compilation, a failure falls back to eager
     compile: bool = False
-    # the log of answers (memcli/answer_log.py): on or off, and its size bound
+    # the log of answers (memcli/app/answer_log.py): on or off, and its size bound
     log: bool = True
     log_max_mb: int = 100
     # CPU compute threads: "auto" (by the model's size and the cores this process may use) or a
-    # count; MEMCLI_THREADS, then OMP_NUM_THREADS, win over the config file (memcli/threads.py)
+    # count; MEMCLI_THREADS, then OMP_NUM_THREADS, win over the config file (memcli/core/threads.py)
     threads: str = "auto"
     # where each value came from: "default" | "config file" | "environment" | "command line"
     origin: dict = field(default_factory=dict, compare=False, repr=False)
@@ -139,7 +139,7 @@ def _validate(values: dict, where: str) -> dict:
         if key in ("keep_alive", "threads") and isinstance(value, (int, float)) and not isinstance(value, bool):
             values[key] = value = str(value)
         if key == "threads":
-            from .threads import parse_count  # torch-free
+            from memcli.core.threads import parse_count  # torch-free
 
             try:
                 parse_count(value, "threads")
@@ -227,7 +227,7 @@ def set_config(key: str, value: str | None) -> None:
         values.pop(key, None)
     else:
         values.update(_validate({key: _normalized(key, value)}, "memcli config set"))
-    from .store.durable import replace_file  # memcli's one durable write (torch-free)
+    from memcli.store.durable import replace_file  # memcli's one durable write (torch-free)
 
     path = paths.config_file()
     path.parent.mkdir(parents=True, exist_ok=True)

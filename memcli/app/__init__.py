@@ -1,0 +1,1 @@
+"""The library facade (Memcli), settings, asking, injecting, evaluation, the log of answers."""

@@ -1,0 +1,1 @@
+"""The command line: parse, call the backend, render with Rich."""

@@ -1,0 +1,1 @@
+"""Documents to text to chunks: discovery, extraction by format, chunking."""

@@ -1,0 +1,1 @@
+"""Checkpoints to models: config, weights, converted copies, the catalog, tokenizers and prompt formats."""

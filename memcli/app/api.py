@@ -27,6 +27,7 @@ from typing import TYPE_CHECKING, BinaryIO, Callable, Iterable
 from memcli.loading.catalog import CARD_CHUNK_TOKENS, CARD_MIN_CHUNK_TOKENS
 from memcli.ingest.chunking import ChunkingError, Packed, Packer, chunk_token_ids, encode_pieces, share_rows
 from memcli.base.clock import now_iso
+from memcli.base.errors import MemcliError
 from memcli.ingest.extract import ExtractError, Ignored, Reading, Skipped, Source, discover, iter_text, sha256_of
 from memcli.app.settings import Settings, load_settings
 
@@ -51,12 +52,6 @@ COMMIT_EVERY = 64  # chunks of one long file between commits (bounds the work an
 MIN_CHUNK_KEY = "memcli_min_chunk_tokens"  # config.json: the shortest context a model was trained on
 
 
-class MemcliError(Exception):
-    """A user-facing failure; str() is one line."""
-
-
-class PoolNotFoundError(MemcliError):
-    """A pool name that is not there; the message suggests the closest existing name."""
 
 
 @dataclass
@@ -439,12 +434,12 @@ class Memcli:
     # ------------------------------------------------------------------ pools
     def require_pool(self, name: str) -> str:
         """`name` if that pool exists; else a one-line error naming the closest pool."""
-        from memcli.store import validate_name
+        from memcli.store import PoolNotFound, validate_name
 
         validate_name(name)
         if self.store.exists(name):
             return name
-        raise PoolNotFoundError(pool_not_found_message(name, [info.name for info in self.store.list()]))
+        raise PoolNotFound(pool_not_found_message(name, [info.name for info in self.store.list()]))
 
     def _pool_model(self, name: str, model: str | None) -> LoadedModel:
         return self.model(self.pool_model_name(name, model))

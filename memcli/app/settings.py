@@ -25,6 +25,7 @@ import os
 from dataclasses import dataclass, field, replace
 
 from memcli.base import paths
+from memcli.base.errors import MemcliError
 from memcli.loading.catalog import ALIASES
 
 # The default model for new pools: the chat model answers questions in sentences and follows the
@@ -55,8 +56,8 @@ HELP = {
 }
 
 
-class SettingsError(ValueError):
-    pass
+class SettingsError(MemcliError, ValueError):
+    """A setting that cannot be used (a bad value in the config file, the environment or a flag)."""
 
 
 @dataclass(frozen=True)

@@ -74,6 +74,7 @@ from starlette.responses import JSONResponse, StreamingResponse
 from starlette.routing import Route
 
 from memcli import __version__
+from memcli.base.errors import MemcliError
 from memcli.server.address import AddressError, ensure_runtime_dir, info_path, is_loopback, lock_path, socket_path, spool_dir
 
 JSON_LIMIT = 4 * 1024**2  # request bodies other than inject uploads
@@ -103,27 +104,13 @@ def _error_body(message: str, kind: str) -> dict:
 
 def classify(err: BaseException) -> ApiError:
     """Any failure as (status, one-line message); a bug is logged on one line and named as one."""
-    from memcli.app.settings import SettingsError
-    from memcli.store import InvalidPoolName, PoolBusy, PoolError, PoolNotFound
-
     if isinstance(err, ApiError):
         return err
     if isinstance(err, ClientDisconnect):
         return ApiError(400, "the client disconnected before the request was complete")
-    if isinstance(err, PoolNotFound):
-        return ApiError(404, str(err), "not_found_error")
-    if isinstance(err, InvalidPoolName):
-        return ApiError(400, str(err))
-    if isinstance(err, PoolBusy):
-        return ApiError(409, str(err), "conflict_error")
-    if isinstance(err, PoolError):
-        return ApiError(409, str(err), "pool_error")
-    api = __import__("sys").modules.get("memcli.app.api")
-    if api is not None and isinstance(err, api.PoolNotFoundError):
-        return ApiError(404, str(err), "not_found_error")
-    if api is not None and isinstance(err, api.MemcliError):
-        return ApiError(400, str(err))
-    if isinstance(err, (SettingsError, ValueError)):
+    if isinstance(err, MemcliError):  # the store's, the settings', the library's: each kind its status
+        return ApiError(err.http_status, str(err), err.kind)
+    if isinstance(err, ValueError):
         return ApiError(400, str(err) or type(err).__name__)
     if isinstance(err, OSError):  # worded as the command line words it in-process
         what = err.strerror or type(err).__name__

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import logging
 
+from memcli.base.errors import MemcliError
+
 log = logging.getLogger("memcli.store")
 
 
@@ -23,15 +25,18 @@ def note(text: str) -> None:
     log.warning("memcli: %s", safe_text(text))
 
 
-class PoolError(Exception):
-    """A pool operation failed; str() is a one-line message for humans."""
+class PoolError(MemcliError):
+    """A pool operation failed; str() is a one-line message for humans (made safe to show)."""
 
-    def __init__(self, message: str):
-        super().__init__(safe_text(message))
+    http_status = 409
+    kind = "pool_error"
 
 
 class PoolNotFound(PoolError):
-    """No pool of that name."""
+    """No pool of that name: the one missing-pool error (its message names the closest pool)."""
+
+    http_status = 404
+    kind = "not_found_error"
 
 
 class PoolExists(PoolError):
@@ -41,6 +46,8 @@ class PoolExists(PoolError):
 class PoolBusy(PoolError):
     """Another process is writing the pool, or it changed since it was loaded."""
 
+    kind = "conflict_error"
+
 
 class PoolCorrupt(PoolError):
     """The pool (or an export file) on disk is damaged or not ours."""
@@ -48,6 +55,9 @@ class PoolCorrupt(PoolError):
 
 class InvalidPoolName(PoolError):
     """The name cannot be used as a pool name."""
+
+    http_status = 400
+    kind = "invalid_request_error"
 
 
 class PoolReadOnly(PoolError):

@@ -510,7 +510,7 @@ def test_reset_starts_a_new_log_and_keeps_the_old_one():
 
 
 def test_memcli_log_on_a_real_log_imports_no_torch(tmp_path):
-    from .test_cli import run_without_torch
+    from .helpers import run_without_torch
 
     record(LAUNCH)
     al.close()

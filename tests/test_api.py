@@ -51,9 +51,10 @@ def test_a_pool_created_by_an_inject_that_wrote_nothing_is_not_left_behind(app, 
 def test_resume_after_another_file_does_not_inject_twice(app, tmp_path, monkeypatch):
     """A file interrupted, then another file injected, then the first resumed: the resumed part
     goes in once, and a later run sees the file as complete."""
-    from memcli.app import api as api_module
+    from memcli.ingest import pipeline
+    from memcli.wire import InjectInterrupted
 
-    monkeypatch.setattr(api_module, "COMMIT_EVERY", 2)
+    monkeypatch.setattr(pipeline, "COMMIT_EVERY", 2)
     big = tmp_path / "big.txt"
     big.write_text(" ".join(f"sentence {i} says the value is {i * 7}." for i in range(300)))
     other = tmp_path / "other.txt"
@@ -68,7 +69,7 @@ def test_resume_after_another_file_does_not_inject_twice(app, tmp_path, monkeypa
         return real_inject(state, ids)
 
     monkeypatch.setattr(app.model().engine, "inject", interrupting)
-    with pytest.raises(api_module.InjectInterrupted):
+    with pytest.raises(InjectInterrupted):
         app.inject("p", [str(big)])
     monkeypatch.setattr(app.model().engine, "inject", real_inject)
     app.inject("p", [str(other)])

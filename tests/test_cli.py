@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import os
 import random
+import re
 import signal
 import subprocess
 import sys
@@ -17,88 +18,23 @@ from pathlib import Path
 
 import pytest
 import torch
-from typer.testing import CliRunner
 
-from memcli.app import api
-from memcli.cli import main as cli
 from memcli.app.api import Memcli
 from memcli.app.settings import load_settings
+from memcli.base.errors import EXIT_INTERRUPTED, EXIT_SKIPPED, EXIT_USAGE
+from memcli.base.text import shown
+from memcli.cli.backends import CPU_WARNING, ModelNotes
+from memcli.cli.inject import interrupted_line
+from memcli.cli.interrupts import STOPPING
+from memcli.ingest import pipeline
 from memcli.store import PoolError, PoolStore
+from memcli.wire import Event, InjectInterrupted
 
-from .support import REPO, fixture_checkpoint
-from .test_extract import make_pdf, text_page
-
-runner = CliRunner()
-
-ALICE = "Alice took the train to Paris on Monday and met Bob at the station near the old river bridge."
-CAROL = "The meeting with Carol is on Friday at ten in the big room upstairs, next to the kitchen."
-DAVE = "Dave keeps the spare key under the blue flower pot by the back door of the green house."
-
-
-@pytest.fixture
-def ck() -> str:
-    return str(fixture_checkpoint("memoryllm-8b-chat-tiny"))
-
-
-def run(*args: str, input: str | None = None, env: dict | None = None, device: str | None = "cpu"):
-    """Invoke the app in-process. `--device cpu` keeps stderr free of the no-GPU warning."""
-    argv = (["--device", device] if device else []) + [str(a) for a in args]
-    result = runner.invoke(cli.app, argv, input=input, env=env)
-    if result.exception is not None and not isinstance(result.exception, SystemExit):
-        raise result.exception
-    return result
-
-
-def err_lines(result) -> list[str]:
-    return [line for line in result.stderr.splitlines() if line.strip()]
-
-
-def assert_one_error(result, *fragments: str) -> None:
-    assert result.exit_code == 1, (result.stdout, result.stderr)
-    lines = err_lines(result)
-    assert len(lines) == 1 and lines[0].startswith("memcli: error: "), lines
-    for fragment in fragments:
-        assert fragment in lines[0]
-    assert "Traceback" not in result.stderr
-
-
-def subprocess_env(**extra: str) -> dict:
-    env = dict(os.environ)  # MEMCLI_HOME, HF_HOME, HF_HUB_OFFLINE from the autouse fixture
-    env["PYTHONPATH"] = str(REPO) + os.pathsep + env.get("PYTHONPATH", "")
-    env.pop("NO_COLOR", None)
-    env.update(extra)
-    return env
-
-
-def info(name: str) -> dict:
-    result = run("pool", "info", name, "--json")
-    assert result.exit_code == 0, result.stderr
-    return json.loads(result.stdout)
-
-
-def write(path: Path, data: str | bytes) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_bytes(data.encode() if isinstance(data, str) else data)
-    return path
-
-
-@pytest.fixture
-def docs(tmp_path) -> dict[str, Path]:
-    folder = tmp_path / "docs"
-    return {
-        "txt": write(folder / "a.txt", ALICE),
-        "md": write(folder / "b.md", "# Notes\n\n" + CAROL + "\n"),
-        "html": write(folder / "c.html", f"<html><head><title>t</title><style>p{{}}</style></head><body><p>{DAVE}</p></body></html>"),
-        "pdf": write(folder / "d.pdf", make_pdf([text_page("Erin flies to Oslo on the morning plane with her old red suitcase.")])),
-    }
-
-
-@pytest.fixture
-def pool(ck, docs) -> str:
-    """A pool `p` holding the .txt document."""
-    result = run("inject", docs["txt"], "--pool", "p", "--model", ck)
-    assert result.exit_code == 0, result.stderr
-    return "p"
+from .helpers import (
+    ALICE, BROKEN_PAGE, CAROL, DAVE, ISO_Z, assert_one_error, err_lines, info, make_pdf, run, run_without_torch,
+    subprocess_env, text_page, write,
+)
+from .support import fixture_checkpoint
 
 
 # --------------------------------------------------------------------------- inject
@@ -152,7 +88,7 @@ def test_skipped_inputs_exit_3_with_one_line_reason_each(ck, docs, tmp_path):
     write(tmp_path / "odd\nname.md", b"")
     result = run("inject", docs["txt"], tmp_path / "missing.txt", tmp_path / "bin.txt", tmp_path / "empty.txt",
                  tmp_path / "odd\nname.md", "--pool", "s", "--model", ck)
-    assert result.exit_code == cli.EXIT_SKIPPED
+    assert result.exit_code == EXIT_SKIPPED
     lines = err_lines(result)
     skipped = {line.split(":", 1)[0].removeprefix("skipped ").rsplit("/", 1)[-1]: line for line in lines if line.startswith("skipped ")}
     assert set(skipped) == {"missing.txt", "bin.txt", "empty.txt", "odd\\nname.md"}
@@ -182,13 +118,13 @@ def test_inject_without_paths_is_a_usage_error(ck):
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="the warning is about machines without CUDA")
 def test_cpu_warning_is_said_once(ck, docs, monkeypatch):
-    monkeypatch.setattr(cli, "_warned_cpu", False)
+    monkeypatch.setattr(ModelNotes, "warned", False)
     first = run("inject", docs["txt"], "--pool", "w", "--model", ck, device=None)
-    assert first.stderr.count(cli.CPU_WARNING) == 1
+    assert first.stderr.count(CPU_WARNING) == 1
     second = run("inject", docs["md"], "--pool", "w", device=None)
-    assert cli.CPU_WARNING not in second.stderr
-    monkeypatch.setattr(cli, "_warned_cpu", False)
-    assert cli.CPU_WARNING not in run("inject", docs["html"], "--pool", "w", device="cpu").stderr
+    assert CPU_WARNING not in second.stderr
+    monkeypatch.setattr(ModelNotes, "warned", False)
+    assert CPU_WARNING not in run("inject", docs["html"], "--pool", "w", device="cpu").stderr
 
 
 # --------------------------------------------------------------------------- interrupt and resume
@@ -214,11 +150,14 @@ def test_interrupted_inject_keeps_committed_chunks_and_resumes(ck, tmp_path):
     finally:
         if process.poll() is None:
             process.kill()
-    assert process.returncode == cli.EXIT_INTERRUPTED, stderr
+    assert process.returncode == EXIT_INTERRUPTED, stderr
     assert "Traceback" not in stderr
-    assert "interrupted: kept " in stderr and "chunks of " in stderr and "run the same command again" in stderr
+    # the first SIGTERM (or Ctrl-C) ends the inject once the chunk in progress is committed, as
+    # through a server; the report names exactly what the pool holds
+    assert STOPPING in stderr and "run the same command again" in stderr
+    said = re.search(r"interrupted: kept ([\d,]+) chunks? of ", stderr)
     kept = info("p")  # loads the pool (retention is computed from its state)
-    assert kept["chunks"] > 0 and kept["chunks"] % api.COMMIT_EVERY == 0
+    assert said and kept["chunks"] == int(said[1].replace(",", "")) > pipeline.COMMIT_EVERY  # after the first commit
     assert kept["files"][0]["complete"] is False
     verify = run("pool", "verify", "p")
     assert verify.exit_code == 0 and "ok" in verify.stdout
@@ -236,7 +175,7 @@ def test_interrupted_inject_keeps_committed_chunks_and_resumes(ck, tmp_path):
 
 def test_interruption_report_names_what_is_kept(ck, docs, tmp_path, monkeypatch):
     """API level: an interruption after a commit reports the committed part of the file in progress."""
-    monkeypatch.setattr(api, "COMMIT_EVERY", 2)
+    monkeypatch.setattr(pipeline, "COMMIT_EVERY", 2)
     long = write(tmp_path / "long.txt", " ".join([ALICE, CAROL, DAVE] * 8))
     app = Memcli(load_settings(model=ck, device="cpu"))
     commits = []
@@ -247,13 +186,13 @@ def test_interruption_report_names_what_is_kept(ck, docs, tmp_path, monkeypatch)
             if len(commits) == 2:
                 raise KeyboardInterrupt
 
-    with pytest.raises(api.InjectInterrupted) as stop:
+    with pytest.raises(InjectInterrupted) as stop:
         app.inject("i", [str(docs["txt"]), str(long)], on_event=on_event)
     report = stop.value.report
     assert report.interrupted and report.partial is not None
     assert (report.partial.path, report.partial.chunks) == (str(long), 4)
     assert report.to_json()["partial"]["chunks"] == 4
-    assert cli.interrupted_line(report) == (
+    assert interrupted_line(report) == (
         f"interrupted: kept 1 complete file and 4 chunks of {long}; run the same command again to continue")
     again = app.inject("i", [str(docs["txt"]), str(long)])
     assert [f.status for f in again.files] == ["already", "resumed"]
@@ -350,7 +289,7 @@ def test_sigterm_ends_a_chat_with_exit_130(pool, tmp_path):
     finally:
         if process.poll() is None:
             process.kill()
-    assert process.returncode == cli.EXIT_INTERRUPTED
+    assert process.returncode == EXIT_INTERRUPTED
     assert stderr.decode().strip() == "memcli: interrupted"
 
 
@@ -510,10 +449,12 @@ def test_no_color_is_honoured(docs):
 
 
 def test_unexpected_errors_are_one_line_unless_debugging(monkeypatch):
+    from memcli.app import catalog
+
     def boom():
         raise RuntimeError("boom")
 
-    monkeypatch.setattr(api, "list_models", boom)
+    monkeypatch.setattr(catalog, "list_models", boom)
     result = run("models")
     assert_one_error(result, "unexpected RuntimeError: boom", "MEMCLI_DEBUG=1")
     debug = run("models", env={"MEMCLI_DEBUG": "1"})
@@ -521,8 +462,8 @@ def test_unexpected_errors_are_one_line_unless_debugging(monkeypatch):
 
 
 def test_shown_escapes_odd_characters():
-    assert cli.shown("a\nb\x1b[31m\udcff.txt") == "a\\nb\\x1b[31m\\udcff.txt"
-    assert cli.shown("naïve résumé.md") == "naïve résumé.md"
+    assert shown("a\nb\x1b[31m\udcff.txt") == "a\\nb\\x1b[31m\\udcff.txt"
+    assert shown("naïve résumé.md") == "naïve résumé.md"
 
 
 def test_python_m_memcli(tmp_path):
@@ -540,32 +481,6 @@ def test_python_m_memcli(tmp_path):
 
 
 # =========================================================================== issue 13, item by item
-TORCH_BLOCKER = """
-import sys
-class _NoTorch:
-    def find_spec(self, name, path=None, target=None):
-        if name == "torch" or name.startswith("torch."):
-            raise ImportError("torch imported by a light command")
-sys.meta_path.insert(0, _NoTorch())
-sys.argv = ["memcli"] + sys.argv[1:]
-from memcli.cli.main import main
-try:
-    main()
-except SystemExit as exit:
-    code = exit.code
-else:
-    code = 0
-print("TORCH" if "torch" in sys.modules else "NO-TORCH", file=sys.stderr)
-sys.exit(code)
-"""
-
-
-def run_without_torch(*args: str, cwd: Path, env: dict | None = None) -> subprocess.CompletedProcess:
-    """The CLI in a fresh process where importing torch raises: a light command must still work."""
-    return subprocess.run([sys.executable, "-c", TORCH_BLOCKER, *args], cwd=cwd, env=env or subprocess_env(NO_COLOR="1"),
-                          capture_output=True, text=True, timeout=120)
-
-
 def test_item1_relative_model_path_works_from_anywhere_and_moved_models_rebind(ck, docs, tmp_path, monkeypatch):
     import shutil
 
@@ -592,7 +507,7 @@ def test_item1_relative_model_path_works_from_anywhere_and_moved_models_rebind(c
     assert run("ask", "Who?", "--pool", "rel", "--max-new-tokens", "2").exit_code == 0
     other = fixture_checkpoint("memoryllm-8b-tiny")
     assert_one_error(run("pool", "rebind", "rel", "--model", other), "belongs to model")
-    assert run("pool", "rebind", "rel").exit_code == cli.EXIT_USAGE
+    assert run("pool", "rebind", "rel").exit_code == EXIT_USAGE
 
 
 def test_item2_ignored_files_are_counted_and_no_match_is_an_error(ck, tmp_path):
@@ -655,18 +570,20 @@ def test_item8_missing_device_is_named_before_quantization(pool):
 
 
 def test_item9_progress_display_fields():
-    progress = cli.InjectProgress(enabled=False)
+    from memcli.cli.progress import InjectProgress
+
+    progress = InjectProgress(enabled=False)
     with progress:
-        progress(api.Event("file", "/x/a.txt", file_index=2, files_total=5, total=100))
+        progress(Event("file", "/x/a.txt", file_index=2, files_total=5, total=100))
         task = progress.progress.tasks[0]
         assert task.description == "file 2 of 5: a.txt"
-        progress(api.Event("chunk", "/x/a.txt", chunks=1, tokens=512, done=50, total=100, seconds=10.0, start=0))
+        progress(Event("chunk", "/x/a.txt", chunks=1, tokens=512, done=50, total=100, seconds=10.0, start=0))
         assert task.fields["chunks"] == "1 chunk" and task.fields["rate"] == "51 tok/s"
         assert task.fields["eta"] == "ETA 0:10"  # the file's average: 50 units in 10 s, 50 to go
         # resumed at 40: only the 10 units done by this run count
-        progress(api.Event("chunk", "/x/a.txt", chunks=2, tokens=1024, done=50, total=100, seconds=10.0, start=40))
+        progress(Event("chunk", "/x/a.txt", chunks=2, tokens=1024, done=50, total=100, seconds=10.0, start=40))
         assert task.fields["chunks"] == "2 chunks" and task.fields["eta"] == "ETA 0:50"
-        progress(api.Event("chunk", "/x/s.pdf", chunks=1, tokens=10, done=3, total=12, unit="pages", seconds=3.0))
+        progress(Event("chunk", "/x/s.pdf", chunks=1, tokens=10, done=3, total=12, unit="pages", seconds=3.0))
         assert task.total == 12 and task.completed == 3 and task.fields["eta"] == "ETA 0:09"
 
 
@@ -676,9 +593,6 @@ def test_item10_markdown_named_pdf_is_injected_as_text(ck, tmp_path):
     assert result.exit_code == 0, result.stderr
     assert json.loads(result.stdout)["files"][0]["status"] == "injected"
     assert info("n")["files"][0]["kind"] == "text"
-
-
-ISO_Z = r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z$"
 
 
 def test_item11_json_is_consistent(ck, pool, tmp_path):
@@ -733,7 +647,9 @@ def test_item11_chat_is_a_conversation_within_the_window(ck, pool):
 
 
 def test_item12_global_options_after_the_command(ck, pool):
-    assert cli.hoist_global_options(["ask", "q", "--pool", "p", "--device", "cpu", "--model=m", "--", "--quant"]) == \
+    from memcli.cli.app import hoist_global_options
+
+    assert hoist_global_options(["ask", "q", "--pool", "p", "--device", "cpu", "--model=m", "--", "--quant"]) == \
         ["--device", "cpu", "--model=m", "ask", "q", "--pool", "p", "--", "--quant"]
     result = run("ask", "Where?", "--pool", pool, "--device", "cpu", "--model", ck, "--max-new-tokens", "2", device=None)
     assert result.exit_code == 0, result.stderr
@@ -741,7 +657,7 @@ def test_item12_global_options_after_the_command(ck, pool):
 
 
 def test_item13_default_pool_from_config(pool):
-    assert run("ask", "Where?", "--max-new-tokens", "2").exit_code == cli.EXIT_USAGE
+    assert run("ask", "Where?", "--max-new-tokens", "2").exit_code == EXIT_USAGE
     assert "memcli config set pool" in run("ask", "Where?").stderr
     assert run("config", "set", "pool", pool).exit_code == 0
     assert run("config", "get", "pool").stdout == f"{pool}\n"
@@ -754,7 +670,7 @@ def test_item13_default_pool_from_config(pool):
     assert run("config", "unset", "pool").exit_code == 0
     assert run("config", "get", "pool").stdout == "\n"
     assert run("config", "set", "dtype", "fp8").exit_code == 1
-    assert run("config", "get", "colour").exit_code == cli.EXIT_USAGE
+    assert run("config", "get", "colour").exit_code == EXIT_USAGE
 
 
 def test_item14_every_text_file_is_injected(ck, tmp_path):
@@ -784,12 +700,12 @@ def test_item14_every_text_file_is_injected(ck, tmp_path):
         b"\\fBfoo\\fR reads the notes of the meeting with Carol on Friday at ten.\n"))
     man_run = run("inject", man, "--pool", "t", "--json")
     if man_renderer() is None:
-        assert man_run.exit_code == cli.EXIT_SKIPPED and "no renderer" in man_run.stdout
+        assert man_run.exit_code == EXIT_SKIPPED and "no renderer" in man_run.stdout
     else:
         assert man_run.exit_code == 0 and json.loads(man_run.stdout)["files"][0]["status"] == "injected"
         assert info("t")["files"][-1]["kind"] == "man"
     odd = write(tmp_path / "odd.dat", b"\x01\x02\x03\x04" * 20 + ALICE.encode() * 2)
-    assert run("inject", odd, "--pool", "t").exit_code == cli.EXIT_SKIPPED
+    assert run("inject", odd, "--pool", "t").exit_code == EXIT_SKIPPED
     assert run("inject", odd, "--pool", "t", "--type", "text").exit_code == 0
     far = write(tmp_path / "far.txt", b"word " * 3000 + "déjà vu à l'été".encode("latin-1"))
     assert "--encoding" in run("inject", far, "--pool", "t").stderr
@@ -830,6 +746,8 @@ def test_item16_sources_are_absolute_paths_and_changed_files_are_injected_again(
 
 
 def test_item17_completion_of_pools_models_and_chat_paths(pool, tmp_path):
+    from memcli.cli.chat import chat_completer
+
     def complete(words: str) -> list[str]:
         env = subprocess_env(_MEMCLI_COMPLETE="complete_bash", COMP_WORDS=words, COMP_CWORD=str(len(words.split(" ")) - 1))
         done = subprocess.run([sys.executable, "-m", "memcli"], cwd=tmp_path, env=env, capture_output=True,
@@ -840,9 +758,9 @@ def test_item17_completion_of_pools_models_and_chat_paths(pool, tmp_path):
     assert "memoryllm-8b-chat" in complete("memcli --model memoryllm-8b-c")
     assert pool in complete("memcli pool info ")
     write(tmp_path / "docs" / "a.md", "x")
-    completer = cli.chat_completer(lambda: "/inject " + str(tmp_path / "do"))
+    completer = chat_completer(lambda: "/inject " + str(tmp_path / "do"))
     assert completer(str(tmp_path / "do"), 0) == str(tmp_path / "docs") + "/"
-    assert cli.chat_completer(lambda: "/re")("/re", 0) == "/reset "
+    assert chat_completer(lambda: "/re")("/re", 0) == "/reset "
 
 
 def test_item18_ask_dash_reads_the_question_from_stdin(pool):
@@ -850,7 +768,7 @@ def test_item18_ask_dash_reads_the_question_from_stdin(pool):
     direct = run("ask", "Where did Alice go?", "--pool", pool, "--max-new-tokens", "3", "--json")
     assert piped.exit_code == 0 and piped.stdout.splitlines()[-1].split('"seconds')[0] == \
         direct.stdout.splitlines()[-1].split('"seconds')[0]
-    assert run("ask", "-", "--pool", pool, input="  \n").exit_code == cli.EXIT_USAGE
+    assert run("ask", "-", "--pool", pool, input="  \n").exit_code == EXIT_USAGE
 
 
 def test_item19_one_wording_for_a_missing_pool_with_a_suggestion(pool):
@@ -866,12 +784,12 @@ def test_item19_one_wording_for_a_missing_pool_with_a_suggestion(pool):
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="the warning is about machines without CUDA")
 def test_item20_cpu_warning_names_the_config_and_is_silenced_by_it(ck, docs, monkeypatch, memcli_home):
-    monkeypatch.setattr(cli, "_warned_cpu", False)
+    monkeypatch.setattr(ModelNotes, "warned", False)
     first = run("inject", docs["txt"], "--pool", "w", "--model", ck, device=None)
     assert "memcli config set device cpu" in first.stderr
     assert run("config", "set", "device", "cpu").exit_code == 0
-    monkeypatch.setattr(cli, "_warned_cpu", False)
-    assert cli.CPU_WARNING not in run("inject", docs["md"], "--pool", "w", device=None).stderr
+    monkeypatch.setattr(ModelNotes, "warned", False)
+    assert CPU_WARNING not in run("inject", docs["md"], "--pool", "w", device=None).stderr
 
 
 def test_item21_pathological_html_is_injected(ck, tmp_path):
@@ -882,7 +800,9 @@ def test_item21_pathological_html_is_injected(ck, tmp_path):
 
 
 def test_item22_doctor_checks_host_memory_for_the_cpu_path(monkeypatch):
-    monkeypatch.setattr(api, "host_memory", lambda: {"total_bytes": 16 * 2**30, "available_bytes": 8 * 2**30,
+    from memcli.app import doctor
+
+    monkeypatch.setattr(doctor, "host_memory", lambda: {"total_bytes": 16 * 2**30, "available_bytes": 8 * 2**30,
                                                      "needed_bytes": None})
     report = json.loads(run("doctor", "--json").stdout)
     assert report["memory"]["needed_bytes"] > 24 * 2**30  # 8B in fp32
@@ -960,8 +880,6 @@ def test_tty_progress_shows_file_k_of_n_and_leaves_no_stale_line(ck, tmp_path):
 def test_log_warnings_are_one_line_each_through_the_cli(ck, tmp_path):
     """An unreadable PDF page is logged by extract; the CLI says it as one line (through the live
     display's console while one is shown: the class of item 3)."""
-    from .test_extract import BROKEN_PAGE
-
     pdf = write(tmp_path / "half.pdf", make_pdf([text_page(ALICE[:70]), BROKEN_PAGE]))
     result = run("inject", pdf, "--pool", "w", "--model", ck)
     assert result.exit_code == 0, result.stderr

@@ -26,7 +26,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings as hsettings
 from hypothesis import strategies as st
 
-from memcli.app import api as api_module
+from memcli.ingest import extract as extract_module
 from memcli.pools import pool as pools
 from memcli import store as store_module
 from memcli.app.api import Memcli, MemcliError
@@ -35,7 +35,7 @@ from memcli.ingest.extract import iter_text, Source
 from memcli.app.settings import Settings
 from memcli.store import PoolError, PoolStore
 from tests.support import REPO, fixture_checkpoint
-from tests.test_extract import BROKEN_PAGE, encrypt_pdf, make_pdf, text_page
+from tests.helpers import BROKEN_PAGE, encrypt_pdf, make_pdf, text_page
 
 TINY = "memoryllm-8b-chat-tiny"
 OTHER = "mplus-8b-tiny"
@@ -124,7 +124,7 @@ def _w(path: Path, data: bytes | str) -> Path:
 
 def _vanishing(tmp, mp):
     path = _w(tmp / "gone.txt", GOOD_TEXT + " vanishing")
-    real = api_module.discover
+    real = extract_module.discover
 
     def discover(paths, glob=None, **options):
         for item in real(paths, glob=glob, **options):
@@ -132,7 +132,7 @@ def _vanishing(tmp, mp):
                 path.unlink()  # between discover and read
             yield item
 
-    mp.setattr(api_module, "discover", discover)
+    mp.setattr(extract_module, "discover", discover)
     return [str(path)]
 
 
@@ -890,16 +890,16 @@ def test_fault_enospc_during_commit(app, tmp_path, monkeypatch):
 
 _KILL_WORKER = """
 import sys
-from memcli.app import api
+from memcli.ingest import pipeline
 from memcli.pools import pool
 from memcli.app.api import Memcli
 from memcli.app.settings import Settings
-api.COMMIT_EVERY = 1
+pipeline.COMMIT_EVERY = 1
 real = pool.save
 def save(store, p):
     real(store, p)
     print("v", p.version, flush=True)
-api.pools.save = save
+pool.save = save
 app = Memcli(settings=Settings(model=sys.argv[1], device="cpu"))
 app.inject(sys.argv[2], sys.argv[3:])
 print("done", flush=True)

@@ -23,16 +23,20 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
-from memcli.app import api
+from memcli.app import doctor
+from memcli.app.api import Memcli
 from memcli.cli import main as cli
+from memcli.cli.backends import CPU_WARNING
+from memcli.wire import InjectInterrupted
 from memcli.app import facts
 from memcli.loading.checkpoints import BUNDLED
 
-from . import test_remember as remember
+from .helpers import loaded_pools, tiny_note
 
 runner = CliRunner()
 TINY = BUNDLED["memcli-tiny"]
 pytestmark = pytest.mark.skipif(not (TINY / "model.safetensors").is_file(), reason="memcli-tiny not shipped")
+NOTE = tiny_note()
 BASE = ["--model", "memcli-tiny", "--device", "cpu"]
 
 
@@ -110,7 +114,7 @@ def test_twenty_one_line_notes_in_one_run_are_packed_and_answered(tmp_path):
 
 def test_twenty_notes_through_a_server(served, tmp_path):
     check_twenty_notes(twenty_notes(tmp_path / "notes"), "served")
-    assert "served" in remember_server.loaded_pools()["memcli-tiny"]  # it was the server that answered
+    assert "served" in loaded_pools()["memcli-tiny"]  # it was the server that answered
     # the words the model has never seen, named through the server too
     bryn = tmp_path / "bryn.txt"
     bryn.write_text("Bryn lives in Tromso .\n")
@@ -126,7 +130,7 @@ def test_an_interrupted_run_of_short_notes_resumes(tmp_path):
     from memcli.app.settings import load_settings
 
     notes = twenty_notes(tmp_path / "notes")
-    app = api.Memcli(load_settings(model="memcli-tiny", device="cpu"))
+    app = Memcli(load_settings(model="memcli-tiny", device="cpu"))
     seen = []
 
     def stop_at_the_third_chunk(event):
@@ -135,7 +139,7 @@ def test_an_interrupted_run_of_short_notes_resumes(tmp_path):
             if len(seen) == 3:
                 raise KeyboardInterrupt
 
-    with pytest.raises(api.InjectInterrupted) as stop:
+    with pytest.raises(InjectInterrupted) as stop:
         app.inject("p", [str(p) for p, _ in notes], on_event=stop_at_the_third_chunk)
     kept = [f.path for f in stop.value.report.files if f.status == "injected"]
     assert kept == [str(p) for p, _ in notes[:8]]  # two chunks of four notes were committed
@@ -155,7 +159,7 @@ def test_a_short_note_alone_is_refused_and_packed_beside_a_longer_file(tmp_path)
     # with a longer file in the same run, the note goes in after it, filled up with the end of its
     # last chunk (as context: those rows stay the longer file's)
     long = tmp_path / "long.txt"
-    long.write_text(facts.note_text(remember.NOTE))
+    long.write_text(facts.note_text(NOTE))
     result = invoke("inject", long, short, "--pool", "p")
     assert result.exit_code == 0, result.stderr
     assert result.stderr.splitlines()[-1].endswith("— 1 too short alone, packed together")
@@ -213,7 +217,7 @@ def test_models_says_what_the_bundled_model_can_answer():
 # --------------------------------------------------------------------------- sources that rank
 def test_sources_show_shares_that_sum_to_one_hundred_and_ranks(tmp_path):
     paths = []
-    for i, chunk in enumerate((remember.NOTE, facts.FactWorld(seed=4, split="test").chunk(["Lars", "Nia", "Oto", "Pia"]))):
+    for i, chunk in enumerate((NOTE, facts.FactWorld(seed=4, split="test").chunk(["Lars", "Nia", "Oto", "Pia"]))):
         paths.append(tmp_path / f"n{i}.txt")
         paths[-1].write_text(facts.note_text(chunk))
     assert invoke("inject", *paths, "--pool", "p").exit_code == 0
@@ -232,15 +236,15 @@ def test_sources_show_shares_that_sum_to_one_hundred_and_ranks(tmp_path):
 def test_no_cpu_warning_for_a_model_made_for_the_cpu(tmp_path, monkeypatch):
     monkeypatch.setattr(cli, "_warned_cpu", False)
     note = tmp_path / "n.txt"
-    note.write_text(facts.note_text(remember.NOTE))
+    note.write_text(facts.note_text(NOTE))
     result = invoke("inject", note, "--pool", "p", base=["--model", "memcli-tiny"])  # device auto
-    assert result.exit_code == 0 and cli.CPU_WARNING not in result.stderr
+    assert result.exit_code == 0 and CPU_WARNING not in result.stderr
     assert json.loads((TINY / "config.json").read_text())["memcli_made_for_cpu"] is True
 
 
 def test_pool_info_says_what_the_model_is_and_shows_ltm_rows_only_for_mplus(tmp_path):
     note = tmp_path / "n.txt"
-    note.write_text(facts.note_text(remember.NOTE))
+    note.write_text(facts.note_text(NOTE))
     invoke("inject", note, "--pool", "p")
     text = invoke("pool", "info", "p").stdout
     [model] = [l for l in text.splitlines() if l.startswith("model")]
@@ -277,7 +281,7 @@ def test_a_model_folder_declares_its_properties_and_a_bad_config_declares_nothin
 # --------------------------------------------------------------------------- chat on a new pool
 def test_chat_on_a_pool_that_does_not_exist_yet_is_started_by_inject(tmp_path):
     note = tmp_path / "n.txt"
-    note.write_text(facts.note_text(remember.NOTE))
+    note.write_text(facts.note_text(NOTE))
     result = invoke("chat", "--pool", "chatp", input=f"Where does Kai live?\n/inject {note}\nWhere does Kai live?\n")
     lines = result.stderr.splitlines()
     assert lines[0] == ("pool chatp is new and empty: /inject PATH... adds documents to it (the first creates "
@@ -295,12 +299,12 @@ def test_chat_on_a_pool_that_does_not_exist_yet_is_started_by_inject(tmp_path):
 
 def test_chat_on_a_new_pool_through_a_server(served, tmp_path):
     note = tmp_path / "n.txt"
-    note.write_text(facts.note_text(remember.NOTE))
+    note.write_text(facts.note_text(NOTE))
     result = invoke("chat", "--pool", "chats", input=f"/inject {note}\nWhere does Mia work?\n")
     assert result.exit_code == 0, result.stderr
     assert result.stderr.splitlines()[0].startswith("pool chats is new and empty")
     assert facts.exact_hit("Solvay", result.stdout)
-    assert "chats" in remember_server.loaded_pools()["memcli-tiny"]
+    assert "chats" in loaded_pools()["memcli-tiny"]
 
 
 # --------------------------------------------------------------------------- a default that can run here
@@ -310,14 +314,14 @@ def small_machine(monkeypatch):
     import torch
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
-    monkeypatch.setattr(api, "host_memory", lambda: {"total_bytes": 16 * 2**30, "available_bytes": 8 * 2**30,
+    monkeypatch.setattr(doctor, "host_memory", lambda: {"total_bytes": 16 * 2**30, "available_bytes": 8 * 2**30,
                                                      "needed_bytes": None})
 
 
 @pytest.mark.parametrize("command", ["inject", "chat"])
 def test_with_no_model_configured_a_small_machine_is_pointed_to_memcli_tiny(small_machine, tmp_path, command):
     note = tmp_path / "n.txt"
-    note.write_text(facts.note_text(remember.NOTE))
+    note.write_text(facts.note_text(NOTE))
     if command == "inject":
         result = invoke("inject", note, "--pool", "work", base=[])
     else:  # the chat starts (a new pool); its first /inject needs the model
@@ -327,7 +331,7 @@ def test_with_no_model_configured_a_small_machine_is_pointed_to_memcli_tiny(smal
     assert "memoryllm-8b-chat (the default model) cannot run on this machine: no CUDA GPU" in line
     assert "--model memcli-tiny" in line and "memcli config set model memcli-tiny" in line
     assert "bash examples/demo.sh --offline" in line and "memcli pull" not in result.stderr
-    assert not (Path(remember.__file__).parent / "work").exists()
+    assert not (Path(__file__).parent / "work").exists()
 
 
 def test_doctor_points_to_the_offline_demo(small_machine):
@@ -342,6 +346,3 @@ def test_a_model_named_for_the_run_is_still_refused_in_one_line(small_machine):
     assert result.exit_code == 1
     assert "mplus-8b cannot run on this machine" in result.stderr and "(the default model)" not in result.stderr
 
-
-from . import test_remember_server as remember_server  # noqa: E402
-from .test_remember_server import served  # noqa: E402,F401 - the fixture

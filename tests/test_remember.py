@@ -10,57 +10,23 @@ from __future__ import annotations
 import json
 
 import pytest
-from typer.testing import CliRunner
 
-from memcli.cli import main as cli
 from memcli.app import facts
 from memcli.loading.checkpoints import BUNDLED
 
-runner = CliRunner()
+from .helpers import right_answers, tiny_note, tiny_run as run
+
 TINY = BUNDLED["memcli-tiny"]
 
 pytestmark = pytest.mark.skipif(not (TINY / "model.safetensors").is_file(), reason="memcli-tiny not shipped")
 
-# Held-out facts (never paired in training), four per 20-token chunk: one chunk, one injection.
-NOTE = [
-    facts.Fact(name, relation, value)
-    for name, relation, value in (
-        ("Kai", facts.RELATIONS[0], "Turin"),
-        ("Mia", facts.RELATIONS[1], "Solvay"),
-        ("Ivo", facts.RELATIONS[2], "jukebox"),
-        ("Zoe", facts.RELATIONS[3], "cricket"),
-    )
-]
-
-
-def run(*args: str):
-    result = runner.invoke(cli.app, ["--model", "memcli-tiny", "--device", "cpu", *map(str, args)])
-    if result.exception is not None and not isinstance(result.exception, SystemExit):
-        raise result.exception
-    assert result.exit_code == 0, (result.stdout, result.stderr)
-    return result
-
-
-def ask(pool: str, question: str) -> str:
-    last = run("ask", question, "--pool", pool, "--json").stdout.splitlines()[-1]  # NDJSON: the answer event last
-    return json.loads(last)["answer"]
-
-
-def right_answers(pool: str, note: list[facts.Fact]) -> int:
-    return sum(facts.exact_hit(f.value, ask(pool, f.question)) for f in note)
+NOTE = tiny_note()  # held-out facts (never paired in training), four per 20-token chunk: one chunk, one injection
 
 
 def rows_kept(pool: str, path: str) -> int:
     info = json.loads(run("pool", "info", pool, "--json").stdout)
     source = next(s for s in info["retention"] if s["source"].endswith(path))
     return source["rows_in_stm"]
-
-
-@pytest.fixture
-def note(tmp_path):
-    path = tmp_path / "facts.txt"
-    path.write_text(facts.note_text(NOTE))
-    return path
 
 
 def test_the_note_is_held_out_and_one_chunk():

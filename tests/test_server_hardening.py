@@ -27,30 +27,12 @@ import pytest
 from memcli.server import address as server_address
 from memcli.server.client import Client
 
+from .helpers import (DEADLINE, QUESTION, TEXTS, assert_clean_log, env_for_server, local, make_pool, run_cli,
+                      served_answer, start_server, streamed, wait_for)
 from .support import fixture_checkpoint
-from .test_server import (DEADLINE, QUESTION, TEXTS, env_for_server, local, make_pool, run_cli, served_answer,
-                          start_server, streamed, wait_for)
 
 NOBODY = 65534
 AS_ROOT = os.geteuid() == 0
-
-
-@pytest.fixture
-def ck() -> str:
-    return str(fixture_checkpoint("memoryllm-8b-chat-tiny"))
-
-
-@pytest.fixture
-def server(tmp_path):
-    running = start_server(tmp_path, "--keep-alive", "-1")
-    yield running
-    running.stop()
-    assert_clean_log(running.log)
-
-
-def assert_clean_log(log: Path) -> None:
-    text = log.read_text()
-    assert "Traceback" not in text and "Exception in ASGI application" not in text, text[-3000:]
 
 
 def uds(path: Path | None = None, timeout: float = DEADLINE) -> httpx.Client:
@@ -381,7 +363,10 @@ HOSTILE = {
                            "stop[0] is 300 characters; at most 256"),
     "inject_chunk_tokens_huge": ("/api/inject?pool=ok&chunk_tokens=" + "9" * 30, b"", 400, "chunk_tokens must be an integer"),
     "inject_chunk_tokens_over_range": ("/api/inject?pool=ok&chunk_tokens=2000000", b"", 400, "chunk_tokens must be <= 1048576"),
-    "inject_type_oversize": ("/api/inject?pool=ok&type=" + "t" * 100, b"", 400, "type is 100 characters"),
+    "inject_encoding_oversize": ("/api/inject?pool=ok", b'{"path": "a.txt", "size": 0, "kind": "text", "encoding": "'
+                                 + b"t" * 100 + b'"}\n', 400, "an upload's encoding is 100 characters"),
+    "inject_kind_unknown": ("/api/inject?pool=ok", b'{"path": "a.txt", "size": 0, "kind": "exe"}\n', 400,
+                            "an upload's kind must be one of"),
     "inject_deep_file_header": ("/api/inject?pool=ok", b"[" * 50_000 + b"\n", 400,
                                 "an upload's file header nests deeper than 4"),
 }
@@ -429,7 +414,7 @@ def test_a_tiny_temperature_decodes_greedily_in_the_server_and_in_the_command(ck
 def test_huge_histories_and_conversations_are_fitted_from_their_newest_end(ck, tmp_path, server):
     """A 100k-turn history and a 50k-message conversation are answered (they fit the body limit):
     only the newest turns that fit the window are read, the same as in-process."""
-    from memcli.server.resident import conversation_prompt
+    from memcli.app.asking import conversation_prompt
 
     app = local(ck)
     make_pool(app, tmp_path, "ok", TEXTS[:1])
@@ -448,14 +433,13 @@ def test_huge_histories_and_conversations_are_fitted_from_their_newest_end(ck, t
 
 def _old_conversation_prompt(loaded, messages, max_new_tokens):
     """The fitting as it was (drop the oldest, re-tokenize everything, repeat): the reference."""
-    from memcli.app.api import DEFAULT_ANSWER_TOKENS
-    from memcli.server.resident import _conversation_ids
+    from memcli.app.asking import DEFAULT_ANSWER_TOKENS, messages_ids
 
     limit = loaded.max_input_tokens()
     reserve = min(DEFAULT_ANSWER_TOKENS if max_new_tokens is None else max_new_tokens, limit // 2)
     kept, dropped = list(messages), 0
     while True:
-        ids = _conversation_ids(loaded.tokenizer, kept)
+        ids = messages_ids(loaded.tokenizer, kept)
         if len(ids) + reserve <= limit or len(kept) == 1:
             return ids, dropped
         turns = [i for i, m in enumerate(kept[:-1]) if m["role"] != "system"]
@@ -472,14 +456,15 @@ def test_fitting_work_does_not_grow_with_the_dropped_turns(monkeypatch, variant)
     on the fixture's real tokenizer (a chat template, and none)."""
     from types import SimpleNamespace
 
-    from memcli.loading import prompts
-    from memcli.server import resident
-    from memcli.app.api import Memcli, answer_prompt
+    from memcli.app import asking
+    from memcli.app.api import Memcli
+    from memcli.app.asking import answer_prompt
     from memcli.app.settings import load_settings
+    from memcli.loading import prompts
 
     real = Memcli(load_settings(device="cpu")).model(str(fixture_checkpoint(variant)))
     built: list[int] = []
-    real_conversation, real_turns = resident._conversation_ids, prompts.conversation_ids
+    real_conversation, real_turns = asking.messages_ids, prompts.conversation_ids
 
     def counting_conversation(tokenizer, messages):
         built.append(len(messages))
@@ -491,14 +476,14 @@ def test_fitting_work_does_not_grow_with_the_dropped_turns(monkeypatch, variant)
 
     for window in (real.max_input_tokens(), 4000):
         loaded = SimpleNamespace(tokenizer=real.tokenizer, name=real.name, max_input_tokens=lambda w=window: w)
-        monkeypatch.setattr(resident, "_conversation_ids", counting_conversation)
+        monkeypatch.setattr(asking, "messages_ids", counting_conversation)
         monkeypatch.setattr(prompts, "conversation_ids", counting_turns)
         work, prompts_of = {}, {}
         for n in (2_001, 50_001):
             messages = _messages(n)
             messages[1:1] = [{"role": "system", "content": "Be brief."}]
             built.clear()
-            prompts_of[n], dropped = resident.conversation_prompt(loaded, messages, 8)
+            prompts_of[n], dropped = asking.conversation_prompt(loaded, messages, 8)
             work[n] = (len(built), sum(built))
             assert 0 < len(messages) - dropped < 1_000
         assert work[2_001] == work[50_001], work
@@ -513,31 +498,19 @@ def test_fitting_work_does_not_grow_with_the_dropped_turns(monkeypatch, variant)
             assert len(real_turns(loaded.tokenizer, history[n - kept - 1:], "q?")) + 8 > window  # one more: too long
             assert kept > 0 or window < 100
         assert turns_work[1_000] == turns_work[100_000], turns_work
-        monkeypatch.setattr(resident, "_conversation_ids", real_conversation)
+        monkeypatch.setattr(asking, "messages_ids", real_conversation)
         monkeypatch.setattr(prompts, "conversation_ids", real_turns)
         small = _messages(301 if window > 100 else 21)
         small[0:0] = [{"role": "system", "content": f"rule {i}." * 3} for i in range(20)]
         small[-1:-1] = [{"role": "system", "content": "x " * 30}]
         for reserve in (8, None):
-            assert resident.conversation_prompt(loaded, small, reserve) == _old_conversation_prompt(loaded, small, reserve)
+            assert asking.conversation_prompt(loaded, small, reserve) == _old_conversation_prompt(loaded, small, reserve)
         system_heavy = [{"role": "system", "content": f"rule {i}."} for i in range(3000)] + _messages(3)
-        ids, dropped = resident.conversation_prompt(loaded, system_heavy, 8)
+        ids, dropped = asking.conversation_prompt(loaded, system_heavy, 8)
         assert dropped > 2000  # the oldest system messages go once no other turn is left
 
 
 # =========================================================================== 3. fair under load
-@pytest.fixture
-def paused(tmp_path):
-    """A server whose work waits at slice boundaries while the file `pause` exists (MEMCLI_TEST_PAUSE)."""
-    pause = tmp_path / "pause"
-    running = start_server(tmp_path, "--keep-alive", "-1", env=env_for_server(MEMCLI_TEST_PAUSE=str(pause)))
-    running.pause = pause
-    yield running
-    pause.unlink(missing_ok=True)
-    running.stop()
-    assert_clean_log(running.log)
-
-
 def _heavy_chat(pool: str, events: list, n: int = 50_001, max_tokens: int = 30) -> threading.Thread:
     """A streamed /v1/chat/completions of n messages, its SSE data lines appended to `events`."""
     body = {"model": pool, "messages": _messages(n), "max_tokens": max_tokens, "stream": True}
@@ -573,7 +546,7 @@ def _held(pause: Path, worker: threading.Thread, events: list) -> None:
     wait_for(ready, "the request to hold the device at a slice boundary")
 
 
-def test_a_heavy_request_does_not_hold_the_device_while_others_wait(ck, tmp_path, paused):
+def test_a_heavy_request_does_not_hold_the_device_while_others_wait(ck, tmp_path, paused_server):
     """A 50k-message conversation is decoding; an ask on another pool is answered after at most a
     couple of the heavy one's slices (one token each) per turn it waited for, counted by the server;
     ps and health answer while the heavy request holds the device."""
@@ -581,10 +554,10 @@ def test_a_heavy_request_does_not_hold_the_device_while_others_wait(ck, tmp_path
     make_pool(app, tmp_path, "heavy", TEXTS[:1])
     make_pool(app, tmp_path, "light", TEXTS[1:2])
     expected = app.ask("light", QUESTION, max_new_tokens=8).text
-    paused.pause.write_text("token")
+    paused_server.pause.write_text("token")
     events: list = []
     heavy = _heavy_chat("heavy", events)
-    _held(paused.pause, heavy, events)
+    _held(paused_server.pause, heavy, events)
     with Client() as client:
         assert client.health()["ok"] is True  # no device needed
         holding = [r for r in _device(client)["requests"] if r["kind"] == "chat"]
@@ -598,7 +571,7 @@ def test_a_heavy_request_does_not_hold_the_device_while_others_wait(ck, tmp_path
         asker = threading.Thread(target=ask_light)
         asker.start()
         wait_for(lambda: _device(client)["waiting"] >= 1, "the light ask to wait for the device")
-        paused.pause.unlink()  # the heavy request goes on, one slice at a time
+        paused_server.pause.unlink()  # the heavy request goes on, one slice at a time
         asker.join(DEADLINE)
         heavy.join(DEADLINE)
         assert light["answer"] == expected
@@ -608,32 +581,32 @@ def test_a_heavy_request_does_not_hold_the_device_while_others_wait(ck, tmp_path
     assert ended["chat"]["state"] == "done" and events[-1] == "[DONE]"
 
 
-def test_stop_answers_while_a_heavy_request_holds_the_device(ck, tmp_path, paused, monkeypatch):
+def test_stop_answers_while_a_heavy_request_holds_the_device(ck, tmp_path, paused_server, monkeypatch):
     """`memcli stop` while a 50k-message request holds the device (paused inside its slice): the stop
     is answered, the heavy request ends at its slice boundary, told why, and the server exits 0."""
     app = local(ck)
     make_pool(app, tmp_path, "heavy", TEXTS[:1])
-    paused.pause.write_text("token")
+    paused_server.pause.write_text("token")
     events: list = []
     heavy = _heavy_chat("heavy", events)
-    _held(paused.pause, heavy, events)
+    _held(paused_server.pause, heavy, events)
     monkeypatch.delenv("MEMCLI_SERVER")
     assert "memcli server pid" in run_cli("ps").stderr  # ps does not wait for the device either
     stopped = run_cli("stop")
     assert stopped.exit_code == 0 and "stopped the memcli server" in stopped.stderr
-    assert paused.proc.wait(DEADLINE) == 0
+    assert paused_server.proc.wait(DEADLINE) == 0
     heavy.join(DEADLINE)
     assert any("the server stopped before this request was complete" in e for e in events), events[-3:]
-    assert paused.pause.exists()  # it ended by the stop, not by the pause being lifted
+    assert paused_server.pause.exists()  # it ended by the stop, not by the pause being lifted
 
 
 @pytest.mark.parametrize("endpoint", ["ask", "chat"])
-def test_a_client_that_goes_away_cancels_its_work_at_the_next_slice(ck, tmp_path, paused, endpoint):
+def test_a_client_that_goes_away_cancels_its_work_at_the_next_slice(ck, tmp_path, paused_server, endpoint):
     """The client disconnects while its request holds the device (a streamed ask, a non-streamed
     chat completion): the work stops at its next slice boundary, cancelled, and the device is free."""
     app = local(ck)
     make_pool(app, tmp_path, "p", TEXTS[:1])
-    paused.pause.write_text("token")
+    paused_server.pause.write_text("token")
     if endpoint == "ask":
         path, body = "/api/ask", {"pool": "p", "question": QUESTION, "max_new_tokens": 20}
     else:
@@ -651,7 +624,7 @@ def test_a_client_that_goes_away_cancels_its_work_at_the_next_slice(ck, tmp_path
 
     reader = threading.Thread(target=read)
     reader.start()
-    _held(paused.pause, reader, answer)
+    _held(paused_server.pause, reader, answer)
     conn.shutdown(socket.SHUT_RDWR)  # the client goes away
     reader.join(DEADLINE)
     conn.close()
@@ -660,7 +633,7 @@ def test_a_client_that_goes_away_cancels_its_work_at_the_next_slice(ck, tmp_path
         ended = [r for r in _device(client)["ended"] if r["kind"] == endpoint][0]
         assert ended["state"] == "cancelled" and ended["slices"] <= 2, ended
         assert _device(client)["requests"] == []
-    paused.pause.unlink()
+    paused_server.pause.unlink()
     assert served_answer(Client(), "p", QUESTION, max_new_tokens=4)[0] == app.ask("p", QUESTION, max_new_tokens=4).text
 
 

@@ -30,8 +30,8 @@ import torch
 
 from memcli.core.model import DECODER, KV, Transformer, apply_rotary
 from memcli.core.state import CHECKPOINT_ORIGIN, MemoryState
+from memcli.wire import INITIAL_MEMORY as INITIAL  # the rows that came with the checkpoint
 
-INITIAL = "(initial memory)"
 SOURCE_LAYERS_KEY = "memcli_source_layers"  # config.json: layers whose attention names the source
 
 
@@ -173,11 +173,17 @@ def layer_mass(weights: torch.Tensor, sources: list[list[str]], rows: str = "pea
 
 
 def for_question(app, pool_name: str, question: str, layers: list[int] | None = None) -> dict:
-    """Attribution of one question on a pool through the Python API: ranked sources and per-layer
-    masses, as JSON-ready data."""
+    """Attribution of one question on a pool through the Python API (`of_state` on the pool as
+    the app opens it)."""
+    loaded, pool = app.open_pool(pool_name)
+    return of_state(loaded, pool, question, layers)
+
+
+def of_state(loaded, pool, question: str, layers: list[int] | None = None) -> dict:
+    """Attribution of one question on a loaded pool (its state and its log): ranked sources and
+    per-layer masses, as JSON-ready data (`ask --sources`, in-process and on a server alike)."""
     from memcli.loading.prompts import question_ids
 
-    loaded, pool = app.open_pool(pool_name)
     if layers is None:
         # a model may name the layers measured to carry provenance (training/measure_sources.py)
         layers = loaded.cfg.raw.get(SOURCE_LAYERS_KEY)
@@ -200,17 +206,3 @@ def for_question(app, pool_name: str, question: str, layers: list[int] | None = 
         "layer_mass": [{k: round(v, 6) for k, v in sorted(m.items(), key=lambda kv: -kv[1])}
                        for m in layer_mass(weights, sources)],
     }
-
-
-def render(report: dict, top: int = 5) -> list[str]:
-    """Lines for a terminal: the sources the question read most, ranked, each with its share of what
-    the question looked up in memory (the shares, the rest and the initial memory make 100 %)."""
-    lines = ["sources, ranked by their share of what the question looked up in memory:"]
-    shown = report["sources"][:top]
-    for share in shown:
-        lines.append(f"  {share['rank']:>2}. {share['share']:6.1%}  {share['source']}  ({share['rows']:,} memory rows)")
-    rest = report["sources"][top:]
-    if rest:
-        lines.append(f"      {sum(s['share'] for s in rest):6.1%}  {len(rest):,} other sources")
-    lines.append(f"      {report['initial_memory_share']:6.1%}  {INITIAL}: what the model held before any document")
-    return lines

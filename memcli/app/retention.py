@@ -274,7 +274,7 @@ def command(app, episodes: int, distractors: str, seed: int, max_new_tokens: int
     """`memcli eval retention` on the app's current model: the table to `out` (the curve as JSON
     with `as_json`), the JSON to `out_path` and the plot to `plot_path` on request;
     `on_progress(done, total, episode)` as `run` calls it."""
-    from memcli.app.api import MemcliError
+    from memcli.base.errors import MemcliError
     from memcli.loading.checkpoints import initial_state
 
     try:

@@ -12,38 +12,54 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
-from typing import IO, Iterable, Iterator
+from typing import IO, Callable, Iterable, Iterator
 
 import httpcore
 import httpx
 
+from memcli.base.errors import MemcliError
 from memcli.server import address as server_address
 from memcli.server.address import UntrustedServer, socket_path
+from memcli.wire import AskRequest, Answer, Event, InjectParams, InjectReport, ModelUse, UploadHeader, error_of
 
 UPLOAD_BLOCK = 1 << 20
 
 
-class ServerUnavailable(Exception):
+class ServerUnavailable(MemcliError):
     """No server answers on the socket (none runs, or it was killed and left its socket behind)."""
 
 
-class ServerGone(Exception):
+class ServerGone(MemcliError):
     """The server went away in the middle of a request (killed, crashed or stopped)."""
 
 
-class ServerError(Exception):
-    """The server refused or failed a request; str() is its one-line message."""
+class ServerError(MemcliError):
+    """The server refused or failed a request: its one-line message, HTTP status and error type;
+    it ends a command as the same failure ends it in-process (the taxonomy's kind by its type)."""
 
     def __init__(self, status: int, message: str, kind: str = ""):
-        super().__init__(message)
-        self.status, self.kind = status, kind
+        like = error_of(status, message, kind)
+        super().__init__(str(like))
+        self.status = self.http_status = status
+        self.kind = kind or like.kind
+        self.exit_code = like.exit_code
 
 
 class Upload:
-    """One file to inject: the name the pool logs it under and an open binary stream of its bytes."""
+    """One line of an inject's upload (`wire.UploadHeader`) and, for a source, an open binary
+    stream of its bytes."""
 
-    def __init__(self, path: str, stream: IO[bytes], size: int):
-        self.path, self.stream, self.size = path, stream, size
+    def __init__(self, header: UploadHeader, stream: IO[bytes] | None = None):
+        self.header, self.stream = header, stream
+
+    @classmethod
+    def of_file(cls, name: str, stream: IO[bytes], kind: str = "text", **how) -> "Upload":
+        """A source's bytes from an open file (its size now), logged under `name`."""
+        return cls(UploadHeader(name, os.fstat(stream.fileno()).st_size, kind, **how), stream)
+
+    def close(self) -> None:
+        if self.stream is not None:
+            self.stream.close()
 
 
 class _CheckedBackend(httpcore.SyncBackend):
@@ -155,37 +171,29 @@ class Client:
         except (httpx.RemoteProtocolError, httpx.ReadError, httpx.WriteError) as err:
             raise ServerGone(str(err) or type(err).__name__) from None
 
-    def ask(self, pool: str, question: str, max_new_tokens: int | None = None, temperature: float = 0.0,
-            top_p: float = 1.0, seed: int | None = None, history: list[tuple[str, str]] | None = None,
-            model: str | None = None, model_explicit: bool = False) -> Iterator[dict]:
-        """`memcli ask --json`'s events: {"event": "text", "text": …} per piece of the answer, then
-        {"event": "answer", …} (plus "pool_version"). `history`: earlier (question, answer) turns;
-        `model`: the client's model setting (`model_explicit` when named for this run)."""
-        body = {"pool": pool, "question": question, "max_new_tokens": max_new_tokens,
-                "temperature": temperature, "top_p": top_p, "seed": seed,
-                "history": [list(turn) for turn in history or []], "model": model, "model_explicit": model_explicit}
-        return self._stream("POST", "/api/ask", json=body)
+    def ask(self, request: AskRequest, on_text: Callable[[str], None] | None = None,
+            on_model: Callable[[ModelUse], None] | None = None) -> Answer:
+        """The server's answer to `request` (`wire.Answer`), its text passed to `on_text` piece by
+        piece as it comes, the model it runs on to `on_model`. ServerGone when the server goes away
+        first (also when the stream ends without the answer)."""
+        for event in self._stream("POST", "/api/ask", json=request.to_json()):
+            kind = event.get("event")
+            if kind == "text":
+                if on_text is not None:
+                    on_text(event["text"])
+            elif kind == "model":
+                if on_model is not None:
+                    on_model(ModelUse.from_json(event))
+            elif kind == "answer":
+                return Answer.from_json(event)
+        raise ServerGone("the answer's stream ended without the answer")
 
-    def inject(self, pool: str, uploads: Iterable[Upload], model: str | None = None,
-               chunk_tokens: int | None = None, force: bool = False, type: str | None = None,
-               encoding: str | None = None, model_explicit: bool = False) -> "InjectEvents":
-        """Progress events ({"event": "file"|"chunk"|"commit"|"skip", and `memcli.app.api.Event`'s
-        fields}), then {"done": true, "interrupted": bool, "report": …}. Once the server has taken
-        the upload, the stream's `id` names the inject for `stop_inject`."""
-        params = {"pool": pool}
-        if model:
-            params["model"] = model
-        if model_explicit:
-            params["model_explicit"] = "1"
-        if type:
-            params["type"] = type
-        if encoding:
-            params["encoding"] = encoding
-        if chunk_tokens is not None:
-            params["chunk_tokens"] = str(chunk_tokens)
-        if force:
-            params["force"] = "1"
-        return InjectEvents(self._stream("POST", "/api/inject", params=params, content=_upload_body(list(uploads)),
+    def inject(self, params: InjectParams, uploads: Iterable[Upload]) -> "InjectEvents":
+        """An inject's stream: `wire.ModelUse`, then progress (`wire.Event`), then the
+        `wire.InjectReport` last. Once the server has taken the upload, the stream's `id` names
+        the inject for `stop_inject`."""
+        return InjectEvents(self._stream("POST", "/api/inject", params=params.to_query(),
+                                         content=_upload_body(list(uploads)),
                                          headers={"content-type": "application/x-memcli-upload"}))
 
     def stop_inject(self, inject_id: str, timeout: float = 10.0) -> dict:
@@ -211,8 +219,9 @@ class Client:
 
 
 class InjectEvents:
-    """An inject's events (`Client.inject`): the stream's first line, {"event": "started", "inject":
-    ID}, is not one of them; it sets `id`."""
+    """An inject's stream (`Client.inject`): `wire.ModelUse`, `wire.Event`s, then the
+    `wire.InjectReport`. The stream's first line, {"event": "started", "inject": ID}, is not one of
+    them; it sets `id`."""
 
     def __init__(self, events: Iterator[dict]):
         self.id: str | None = None
@@ -221,13 +230,18 @@ class InjectEvents:
     def __iter__(self) -> "InjectEvents":
         return self
 
-    def __next__(self) -> dict:
+    def __next__(self) -> "ModelUse | Event | InjectReport":
         while True:
             event = next(self._events)
-            if event.get("event") == "started":
+            kind = event.get("event")
+            if kind == "started":
                 self.id = event.get("inject")
                 continue
-            return event
+            if kind == "model":
+                return ModelUse.from_json(event)
+            if "event" not in event:  # the last line: {"done": true, "report": ...}
+                return InjectReport.from_json(event["report"])
+            return Event.from_json(event)
 
     def close(self) -> None:
         self._events.close()
@@ -242,12 +256,15 @@ def _sse_data(line: str) -> str | None:
 
 def _upload_body(uploads: list[Upload]) -> Iterator[bytes]:
     for upload in uploads:
-        yield (json.dumps({"path": upload.path, "size": upload.size}) + "\n").encode()
-        left = upload.size
+        header = upload.header
+        yield (json.dumps(header.to_json()) + "\n").encode()
+        if upload.stream is None:
+            continue
+        left = header.size
         while left:
             block = upload.stream.read(min(UPLOAD_BLOCK, left))
             if not block:  # the server sees an upload that ends inside a file and injects none of it
-                raise ValueError(f"{upload.path} got shorter while it was sent; nothing of it was injected")
+                raise MemcliError(f"{header.name} got shorter while it was sent; nothing of it was injected")
             yield block
             left -= len(block)
 

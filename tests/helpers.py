@@ -1,0 +1,438 @@
+"""What the tests share: the command line run in-process, texts, PDFs, a running server and its
+client, the memcli-tiny notes, and `FakeBackend` (no weights) for tests of what the command line
+shows. Test modules import from here (and fixtures come from conftest.py), never from each other."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from collections import deque
+from pathlib import Path
+
+from typer.testing import CliRunner
+
+from .support import REPO
+
+runner = CliRunner()
+
+ALICE = "Alice took the train to Paris on Monday and met Bob at the station near the old river bridge."
+CAROL = "The meeting with Carol is on Friday at ten in the big room upstairs, next to the kitchen."
+DAVE = "Dave keeps the spare key under the blue flower pot by the back door of the green house."
+ISO_Z = r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z$"
+
+DEADLINE = 180.0  # seconds: a loaded 2-core machine imports torch slowly
+TEXTS = [
+    ALICE,
+    CAROL,
+    DAVE,
+    "Erin flies to Oslo on the morning plane with her old red suitcase and a map of the fjords.",
+]
+QUESTION = "Where did Alice go on Monday?"
+TIMINGS = ("seconds", "seconds_to_first_token", "decode_tokens_per_second", "tokens_per_second")
+
+
+# --------------------------------------------------------------------------- the command line
+def cli_app():
+    from memcli.cli.main import app
+
+    return app
+
+
+def run(*args, input: str | None = None, env: dict | None = None, device: str | None = "cpu"):
+    """Invoke the app in-process. `--device cpu` keeps stderr free of the no-GPU warning."""
+    argv = (["--device", device] if device else []) + [str(a) for a in args]
+    result = runner.invoke(cli_app(), argv, input=input, env=env)
+    if result.exception is not None and not isinstance(result.exception, SystemExit):
+        raise result.exception
+    return result
+
+
+def err_lines(result) -> list[str]:
+    return [line for line in result.stderr.splitlines() if line.strip()]
+
+
+def assert_one_error(result, *fragments: str, code: int = 1) -> None:
+    assert result.exit_code == code, (result.stdout, result.stderr)
+    lines = err_lines(result)
+    assert len(lines) == 1 and lines[0].startswith("memcli: error: "), lines
+    for fragment in fragments:
+        assert fragment in lines[0]
+    assert "Traceback" not in result.stderr
+
+
+def subprocess_env(**extra: str) -> dict:
+    env = dict(os.environ)  # MEMCLI_HOME, HF_HOME, HF_HUB_OFFLINE from the autouse fixture
+    env["PYTHONPATH"] = str(REPO) + os.pathsep + env.get("PYTHONPATH", "")
+    env.pop("NO_COLOR", None)
+    env.update(extra)
+    return env
+
+
+def info(name: str) -> dict:
+    result = run("pool", "info", name, "--json")
+    assert result.exit_code == 0, result.stderr
+    return json.loads(result.stdout)
+
+
+def write(path: Path, data: str | bytes) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(data.encode() if isinstance(data, str) else data)
+    return path
+
+
+def ndjson_events(stdout: str) -> list[dict]:
+    """Output lines as JSON objects, without their timings (which differ from run to run)."""
+    return [{k: v for k, v in json.loads(line).items() if k not in TIMINGS} for line in stdout.splitlines()]
+
+
+# --------------------------------------------------------------------------- a process without torch
+TORCH_BLOCKER = """
+import sys
+class _NoTorch:
+    def find_spec(self, name, path=None, target=None):
+        if name == "torch" or name.startswith("torch."):
+            raise ImportError("torch imported by a light command")
+sys.meta_path.insert(0, _NoTorch())
+sys.argv = ["memcli"] + sys.argv[1:]
+from memcli.cli.main import main
+try:
+    main()
+except SystemExit as exit:
+    code = exit.code
+else:
+    code = 0
+print("TORCH" if "torch" in sys.modules else "NO-TORCH", file=sys.stderr)
+sys.exit(code)
+"""
+
+
+def run_without_torch(*args: str, cwd: Path, env: dict | None = None) -> subprocess.CompletedProcess:
+    """The CLI in a fresh process where importing torch raises: a light command must still work."""
+    return subprocess.run([sys.executable, "-c", TORCH_BLOCKER, *args], cwd=cwd, env=env or subprocess_env(NO_COLOR="1"),
+                          capture_output=True, text=True, timeout=120)
+
+
+# --------------------------------------------------------------------------- PDFs
+def make_pdf(pages: list[bytes | None]) -> bytes:
+    """A minimal valid PDF: one page per content stream (None: a page without content)."""
+    objects = {
+        1: b"<< /Type /Catalog /Pages 2 0 R >>",
+        3: b"<< /Type /Font /Subtype /Type1 /BaseFont /Helvetica >>",
+    }
+    kids = []
+    next_id = 4
+    for content in pages:
+        page_id, next_id = next_id, next_id + 1
+        kids.append(page_id)
+        page = b"<< /Type /Page /Parent 2 0 R /MediaBox [0 0 612 792] /Resources << /Font << /F1 3 0 R >> >>"
+        if content is not None:
+            stream_id, next_id = next_id, next_id + 1
+            objects[stream_id] = b"<< /Length %d >>\nstream\n%s\nendstream" % (len(content), content)
+            page += b" /Contents %d 0 R" % stream_id
+        objects[page_id] = page + b" >>"
+    objects[2] = b"<< /Type /Pages /Kids [%s] /Count %d >>" % (b" ".join(b"%d 0 R" % k for k in kids), len(kids))
+    out = bytearray(b"%PDF-1.4\n")
+    offsets = {}
+    for number in sorted(objects):
+        offsets[number] = len(out)
+        out += b"%d 0 obj\n%s\nendobj\n" % (number, objects[number])
+    xref_at = len(out)
+    size = max(objects) + 1
+    out += b"xref\n0 %d\n0000000000 65535 f \n" % size
+    for number in range(1, size):
+        out += b"%010d 00000 n \n" % offsets[number]
+    out += b"trailer\n<< /Size %d /Root 1 0 R >>\nstartxref\n%d\n%%%%EOF\n" % (size, xref_at)
+    return bytes(out)
+
+
+def text_page(text: str) -> bytes:
+    return b"BT /F1 12 Tf 72 720 Td (%s) Tj ET" % text.encode("ascii")
+
+
+# pypdf 7 raises PdfStreamError on a dictionary left open at the end of a content stream.
+BROKEN_PAGE = text_page("lost") + b" <<"
+
+
+def encrypt_pdf(data: bytes, user_password: str) -> bytes:
+    import io
+
+    import pypdf
+
+    writer = pypdf.PdfWriter(clone_from=pypdf.PdfReader(io.BytesIO(data)))
+    # RC4 works without the optional cryptography package.
+    writer.encrypt(user_password=user_password, owner_password="owner", algorithm="RC4-128")
+    out = io.BytesIO()
+    writer.write(out)
+    return out.getvalue()
+
+
+# --------------------------------------------------------------------------- a running server
+def env_for_server(**extra) -> dict:
+    env = dict(os.environ)
+    env["PYTHONPATH"] = str(REPO) + os.pathsep + env.get("PYTHONPATH", "")
+    # no thread setting of its own: the server computes with the same threads as this process, so
+    # its results compare bit for bit with in-process ones (float sums depend on how work is split)
+    env.pop("MEMCLI_SERVER", None)
+    env.update(extra)
+    return env
+
+
+def wait_for(predicate, what: str, deadline: float = DEADLINE):
+    end = time.monotonic() + deadline
+    while time.monotonic() < end:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(0.05)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+class Running:
+    """A `memcli serve` process started by a test, and a client of it."""
+
+    def __init__(self, proc: subprocess.Popen, log: Path):
+        from memcli.server.client import Client
+
+        self.proc, self.log = proc, log
+        self.client = Client()
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            try:
+                self.client.stop()
+            except Exception:  # noqa: BLE001 - already gone
+                self.proc.terminate()
+            try:
+                self.proc.wait(60)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        self.client.close()
+
+
+def start_server(tmp_path: Path, *args: str, env: dict | None = None) -> Running:
+    from memcli.server.client import Client
+
+    log = tmp_path / f"server-{time.monotonic_ns()}.log"
+    with open(log, "wb") as out:
+        proc = subprocess.Popen([sys.executable, "-m", "memcli", "--device", "cpu", "serve", *args],
+                                stdout=out, stderr=out, env=env or env_for_server())
+    client = Client()
+
+    def ready():
+        if proc.poll() is not None:
+            raise AssertionError(f"the server exited ({proc.returncode}): {log.read_text()}")
+        return client.health()
+
+    wait_for(ready, "the server to answer")
+    client.close()
+    return Running(proc, log)
+
+
+def assert_clean_log(log: Path) -> None:
+    """A server's log without a traceback (nothing escaped a request)."""
+    text = log.read_text()
+    assert "Traceback" not in text and "Exception in ASGI application" not in text, text[-3000:]
+
+
+def local(ck: str):
+    """The library in this process, on the checkpoint `ck` (CPU)."""
+    from memcli.app.api import Memcli
+    from memcli.app.settings import load_settings
+
+    return Memcli(load_settings(device="cpu", model=ck))
+
+
+def make_pool(app, tmp_path: Path, name: str, texts: list[str]) -> list[Path]:
+    files = []
+    for i, text in enumerate(texts):
+        path = tmp_path / f"{name}-{i}.txt"
+        path.write_text(text)
+        files.append(path)
+    app.inject(name, [str(f) for f in files])
+    return files
+
+
+def many_texts(n: int) -> list[str]:
+    words = "red blue green train river house key plane map room station bridge garden lamp".split()
+    return [f"Note {i}: " + " ".join(words[(i * 7 + j) % len(words)] for j in range(30)) + f" number {i}." for i in range(n)]
+
+
+def logged_sources(pool: str) -> list[dict]:
+    """The pool's injection log as committed (manifest + appended log), read without torch."""
+    from memcli.pools import meta as pool_meta
+    from memcli.store import PoolStore
+
+    return pool_meta.pool_info(PoolStore(), pool)["sources"]
+
+
+def upload(path: Path):
+    """An upload of a text file under its own path (as the client sends a source)."""
+    from memcli.server.client import Upload
+
+    return Upload.of_file(str(path), open(path, "rb"))
+
+
+def inject_params(pool: str, **kw):
+    from memcli.wire import InjectParams
+
+    return InjectParams(pool, **kw)
+
+
+def served_answer(client, pool: str, question: str, history=(), max_new_tokens=None, temperature: float = 0.0,
+                  top_p: float = 1.0, seed=None, sources: bool = False) -> tuple[str, dict]:
+    """The server's answer through the typed client: (its text, its answer event); the streamed
+    pieces make the answer."""
+    from memcli.wire import AskRequest, Sampling
+
+    pieces: list[str] = []
+    answer = client.ask(AskRequest(pool, question, tuple(history), max_new_tokens, Sampling(temperature, top_p, seed),
+                                   sources=sources), on_text=pieces.append)
+    assert "".join(pieces) == answer.text
+    return answer.text, answer.event()
+
+
+def streamed(app, pool: str | None, question: str, **kw) -> str:
+    """What the command line prints of an in-process answer: its streamed pieces."""
+    pieces: list[str] = []
+    args = (question,) if pool is None else (pool, question)  # a ChatSession, or a Memcli
+    app.ask(*args, on_text=pieces.append, **kw)
+    return "".join(pieces)
+
+
+def run_cli(*args: str, env: dict | None = None, input: str | None = None):
+    """The app in-process on the CPU (with a server when the test lets commands find one)."""
+    return run(*args, env=env, input=input)
+
+
+# --------------------------------------------------------------------------- memcli-tiny's notes
+def tiny_note():
+    """Held-out facts (never paired in training), four per 20-token chunk: one chunk, one injection."""
+    from memcli.app import facts
+
+    return [facts.Fact(name, relation, value) for name, relation, value in (
+        ("Kai", facts.RELATIONS[0], "Turin"),
+        ("Mia", facts.RELATIONS[1], "Solvay"),
+        ("Ivo", facts.RELATIONS[2], "jukebox"),
+        ("Zoe", facts.RELATIONS[3], "cricket"),
+    )]
+
+
+def tiny_run(*args):
+    """The app on memcli-tiny (CPU); the command must succeed."""
+    result = runner.invoke(cli_app(), ["--model", "memcli-tiny", "--device", "cpu", *map(str, args)])
+    if result.exception is not None and not isinstance(result.exception, SystemExit):
+        raise result.exception
+    assert result.exit_code == 0, (result.stdout, result.stderr)
+    return result
+
+
+def tiny_ask(pool: str, question: str) -> str:
+    last = tiny_run("ask", question, "--pool", pool, "--json").stdout.splitlines()[-1]  # NDJSON: the answer event last
+    return json.loads(last)["answer"]
+
+
+def right_answers(pool: str, note) -> int:
+    from memcli.app import facts
+
+    return sum(facts.exact_hit(f.value, tiny_ask(pool, f.question)) for f in note)
+
+
+def loaded_pools() -> dict[str, list[str]]:
+    """What the running server has loaded: model -> its pools."""
+    from memcli.server.client import Client
+
+    with Client() as client:
+        return {m["model"]: [p["pool"] for p in m["pools"]] for m in client.ps()["models"]}
+
+
+# --------------------------------------------------------------------------- a backend without weights
+class FakeBackend:
+    """A `memcli.app.backend.Backend` with no model (as simonw/llm's MockModel): the test queues what
+    it answers (`enqueue_answer`) and what an inject reports (`enqueue_inject`), or a failure to
+    raise; every call is recorded in `calls` as (method, arguments)."""
+
+    def __init__(self):
+        self.calls: list[tuple[str, dict]] = []
+        self.answers: deque = deque()
+        self.injects: deque = deque()
+        self.pools: dict[str, dict] = {}  # name -> what pool_info returns
+
+    # ------------------------------------------------------------------ what the test queues
+    def enqueue_answer(self, text: str, pieces: list[str] | None = None, **facts) -> None:
+        """An answer streamed as `pieces` (default: the whole text at once); `facts`: Answer's fields."""
+        from memcli.wire import Answer
+
+        answer = Answer(text, facts.pop("prompt_tokens", 5), facts.pop("new_tokens", 3), 0.01, 0.02, None,
+                        facts.pop("stopped", True), **facts)
+        self.answers.append((answer, pieces if pieces is not None else [text]))
+
+    def enqueue_inject(self, report, events=()) -> None:
+        """An inject's outcome: its report (interrupted ones raise InjectInterrupted), or a failure."""
+        self.injects.append((report, list(events)))
+
+    def fail(self, error: BaseException) -> None:
+        """The next ask raises `error`."""
+        self.answers.append((error, []))
+
+    # ------------------------------------------------------------------ the Backend protocol
+    def ask(self, pool, question, *, history=(), sampling=None, max_new_tokens=None, sources=False, on_text=None):
+        self.calls.append(("ask", {"pool": pool, "question": question, "history": list(history), "sampling": sampling,
+                                   "max_new_tokens": max_new_tokens, "sources": sources}))
+        answer, pieces = self.answers.popleft()
+        if isinstance(answer, BaseException):
+            raise answer
+        for piece in pieces:
+            if on_text is not None:
+                on_text(piece)
+        answer.pool, answer.question = pool, question
+        return answer
+
+    def chat(self, pool, *, sampling=None, max_new_tokens=None):
+        from memcli.app.backend import open_session
+
+        return open_session(self, pool, sampling=sampling, max_new_tokens=max_new_tokens)
+
+    def inject(self, pool, found, *, model=None, chunk_tokens=None, force=False, stdin=None, on_event=None, stop=None):
+        from memcli.wire import InjectInterrupted
+
+        self.calls.append(("inject", {"pool": pool, "found": list(found), "model": model, "chunk_tokens": chunk_tokens,
+                                      "force": force}))
+        report, events = self.injects.popleft()
+        if isinstance(report, BaseException):
+            raise report
+        for event in events:
+            if on_event is not None:
+                on_event(event)
+        self.pools.setdefault(pool, {"name": pool})
+        if report.interrupted:
+            raise InjectInterrupted(report)
+        return report
+
+    def pool_info(self, pool):
+        self.calls.append(("pool_info", {"pool": pool}))
+        self.require_pool(pool)
+        return self.pools[pool]
+
+    def list_pools(self):
+        return [{"name": name, "error": None} for name in sorted(self.pools)]
+
+    def pool_exists(self, pool):
+        return pool in self.pools
+
+    def require_pool(self, pool):
+        from memcli.app.pools import pool_not_found_message
+        from memcli.store import PoolNotFound
+
+        if pool not in self.pools:
+            raise PoolNotFound(pool_not_found_message(pool, sorted(self.pools)))
+        return pool
+
+    def hold(self, pool):
+        self.calls.append(("hold", {"pool": pool}))
+
+    def close(self):
+        pass

@@ -27,7 +27,8 @@ from typing import TYPE_CHECKING, BinaryIO, Callable, Iterable
 from memcli.loading.catalog import CARD_CHUNK_TOKENS, CARD_MIN_CHUNK_TOKENS
 from memcli.ingest.chunking import ChunkingError, Packed, Packer, chunk_token_ids, encode_pieces, share_rows
 from memcli.base.clock import now_iso
-from memcli.ingest.extract import ExtractError, Ignored, Reading, Skipped, Source, discover, iter_text, sha256_of
+from memcli.ingest.discover import Ignored, Skipped, Source, discover
+from memcli.ingest.extract import ExtractError, Reading, iter_text, sha256_of
 from memcli.app.settings import Settings, load_settings
 
 if TYPE_CHECKING:  # pragma: no cover

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import errno
 import hashlib
+import io
 import os
 import signal
 from pathlib import Path
@@ -16,7 +17,7 @@ import memcli.ingest.discover as discovery
 from memcli.ingest.discover import Ignored, Skipped, Source, discover
 from memcli.ingest.extract import ExtractError, iter_text, sha256_of
 
-from .documents import ShortReads, extract_error, make_pdf, source_for, text_page, write
+from .documents import ShortReads, extract_error, make_pdf, source_for, text_of_source, text_page, write
 
 
 def rel(found: list[Source | Skipped], root: Path) -> list[tuple[str, str]]:
@@ -276,3 +277,44 @@ def test_file_becoming_unreadable_while_read(tmp_path, monkeypatch):
     monkeypatch.setattr(discovery, "_open_regular", lambda _: ShortReads(b"y" * 100_000, fail_after=50_000))
     assert extract_error(source) == "cannot read file: Input/output error"
 
+
+# --------------------------------------------------------------------------- names and streams
+
+
+def test_a_source_is_named_by_its_path_and_opens_its_bytes(tmp_path):
+    path = write(tmp_path / "a.md", "# hello")
+    source = source_for(path)
+    assert source.name == source.path == str(path)
+    with source.open() as stream:
+        assert stream.read() == b"# hello"
+    assert Source("-", "stdin", None).name == "-"
+    assert Source.from_file(path) == source  # what discover makes of it
+
+
+def test_stdin_source_carries_the_stream_it_was_given():
+    piped = io.BytesIO(b"from a pipe\r\n")
+    [source] = discover(["-"], stdin=piped)
+    assert source == Source("-", "stdin", None) and source.open() is piped
+    assert list(iter_text(source)) == ["from a pipe\n"]
+    forced = Source.from_stdin(io.BytesIO(b"# notes"), type="markdown", encoding="latin-1")
+    assert (forced.name, forced.kind, forced.forced, forced.encoding) == ("-", "stdin", True, "iso8859-1")
+    assert "".join(iter_text(forced)) == "# notes"
+
+
+def test_from_file_names_an_uploaded_copy_as_the_client_did(tmp_path, no_hang):
+    """A server reads a client's files from copies: their Sources carry the client's names, and a
+    copy's kind comes from its content and the client's suffix, as discover would find them."""
+    copy = write(tmp_path / "upload" / "0" / "copy", "<p>a &amp; b</p>")
+    source = Source.from_file(copy, name="/home/ann/page.html")
+    assert (source.name, source.path, source.kind, source.size) == ("/home/ann/page.html", str(copy), "html", 16)
+    assert text_of_source(source) == "a & b"
+    notes = Source.from_file(write(tmp_path / "upload" / "1" / "notes.md", "# x"), name="notes.md", type="text")
+    assert (notes.name, notes.kind, notes.forced) == ("notes.md", "text", True)
+    assert Source.from_file(tmp_path / "gone", name="/home/ann/gone.txt") == Skipped("/home/ann/gone.txt",
+                                                                                  "No such file or directory")
+    os.mkfifo(tmp_path / "pipe")
+    assert Source.from_file(tmp_path / "pipe", name="p.txt") == Skipped("p.txt", "not a regular file (a FIFO)")
+    with pytest.raises(ValueError, match="--type"):
+        Source.from_file(copy, name="x", type="word")
+    with pytest.raises(ValueError, match="unknown encoding"):
+        Source.from_stdin(encoding="no-such-codec")

@@ -8,6 +8,7 @@ import logging
 import pypdf
 import pytest
 
+from memcli.ingest.discover import Source
 from memcli.ingest.extract import iter_text
 
 from .documents import BROKEN_PAGE, encrypt_pdf, extract_error, make_pdf, source_for, text_of, text_page, write
@@ -68,3 +69,10 @@ def test_pdf_without_pages(tmp_path):
 def test_empty_pdf_file(tmp_path):
     assert extract_error(source_for(write(tmp_path / "zero.pdf", b""))) == "empty file"
 
+
+def test_a_bad_page_is_logged_under_the_source_name(tmp_path, caplog):
+    """A copy read for a client (a server's upload) is logged by the client's name, not the copy's."""
+    copy = write(tmp_path / "upload" / "0" / "mixed.pdf", make_pdf([text_page("good one"), BROKEN_PAGE]))
+    with caplog.at_level(logging.WARNING, logger="memcli.ingest.extract.pdf"):
+        assert "".join(iter_text(Source.from_file(copy, name="/home/ann/mixed.pdf"))) == "good one"
+    assert "'/home/ann/mixed.pdf': skipping unreadable page 2" in caplog.text and str(copy) not in caplog.text

@@ -26,7 +26,7 @@ from memcli.app.settings import load_settings
 from memcli.store import PoolError, PoolStore
 
 from .support import REPO, fixture_checkpoint
-from .test_extract import make_pdf, text_page
+from .documents import make_pdf, text_page
 
 runner = CliRunner()
 
@@ -760,7 +760,7 @@ def test_item13_default_pool_from_config(pool):
 def test_item14_every_text_file_is_injected(ck, tmp_path):
     import gzip
 
-    from memcli.ingest.extract import man_renderer
+    from memcli.ingest.extract.man import man_renderer
 
     folder = tmp_path / "src"
     texts = {"README": "This project parses the old river bridge logs every Monday morning.",
@@ -960,7 +960,7 @@ def test_tty_progress_shows_file_k_of_n_and_leaves_no_stale_line(ck, tmp_path):
 def test_log_warnings_are_one_line_each_through_the_cli(ck, tmp_path):
     """An unreadable PDF page is logged by extract; the CLI says it as one line (through the live
     display's console while one is shown: the class of item 3)."""
-    from .test_extract import BROKEN_PAGE
+    from .documents import BROKEN_PAGE
 
     pdf = write(tmp_path / "half.pdf", make_pdf([text_page(ALICE[:70]), BROKEN_PAGE]))
     result = run("inject", pdf, "--pool", "w", "--model", ck)

@@ -31,11 +31,12 @@ from memcli.pools import pool as pools
 from memcli import store as store_module
 from memcli.app.api import Memcli, MemcliError
 from memcli.ingest.chunking import chunk_token_ids
-from memcli.ingest.extract import iter_text, Source
+from memcli.ingest.discover import Source
+from memcli.ingest.extract import iter_text
 from memcli.app.settings import Settings
 from memcli.store import PoolError, PoolStore
 from tests.support import REPO, fixture_checkpoint
-from tests.test_extract import BROKEN_PAGE, encrypt_pdf, make_pdf, text_page
+from tests.documents import BROKEN_PAGE, encrypt_pdf, make_pdf, text_page
 
 TINY = "memoryllm-8b-chat-tiny"
 OTHER = "mplus-8b-tiny"
@@ -148,7 +149,7 @@ def _permission_denied(tmp, mp):
                 raise PermissionError(errno.EACCES, "Permission denied", str(p))
             return real(p, flags, *a, **kw)
 
-        mp.setattr("memcli.ingest.extract.os.open", deny)
+        mp.setattr("memcli.ingest.discover.os.open", deny)
     return [str(path)]
 
 
@@ -284,7 +285,8 @@ def test_big_single_line_streams_with_bounded_memory(tmp_path):
             out.write(block)
     code = textwrap.dedent(f"""
         import resource, sys
-        from memcli.ingest.extract import Source, iter_text
+        from memcli.ingest.discover import Source
+        from memcli.ingest.extract import iter_text
         from memcli.ingest.chunking import chunk_token_ids, encode_pieces
         base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
         src = Source({str(path)!r}, "text", {path.stat().st_size})

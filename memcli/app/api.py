@@ -28,7 +28,8 @@ from memcli.loading.catalog import CARD_CHUNK_TOKENS, CARD_MIN_CHUNK_TOKENS
 from memcli.ingest.chunking import ChunkingError, Packed, Packer, chunk_token_ids, encode_pieces, share_rows
 from memcli.base.clock import now_iso
 from memcli.base.errors import MemcliError
-from memcli.ingest.extract import ExtractError, Ignored, Reading, Skipped, Source, discover, iter_text, sha256_of
+from memcli.ingest.discover import Ignored, Skipped, Source, discover
+from memcli.ingest.extract import ExtractError, Reading, iter_text, sha256_of
 from memcli.app.settings import Settings, load_settings
 
 if TYPE_CHECKING:  # pragma: no cover

@@ -251,7 +251,7 @@ class Remote:
         a client names) and their bytes streamed to it; the report is the library's `InjectReport`."""
         from memcli.app.api import InjectInterrupted, MemcliError
         from memcli.server.client import ServerError, ServerGone
-        from memcli.ingest.extract import Ignored, discover
+        from memcli.ingest.discover import Ignored, discover
 
         paths = list(paths)
         try:
@@ -431,7 +431,7 @@ def _uploads(items, piped: bytes | None):
     from io import BytesIO
 
     from memcli.server.client import Upload
-    from memcli.ingest.extract import Skipped
+    from memcli.ingest.discover import Skipped
 
     uploads, order = [], []
     for item in items:

@@ -29,7 +29,7 @@ from make_checkpoint import config_like, make_checkpoint  # noqa: E402
 from memcli.pools import pool as pools  # noqa: E402
 from memcli.core.engine import Engine  # noqa: E402
 from memcli.loading.checkpoints import initial_state, load_model  # noqa: E402
-from memcli.store import PoolStore  # noqa: E402
+from memcli.pools.meta import PoolStore  # noqa: E402
 
 BENCH_DIR = REPO / ".bench"
 

@@ -50,9 +50,9 @@ import torch  # noqa: E402
 from memcli.pools import pool as pools  # noqa: E402
 from memcli.pools import meta as pool_meta  # noqa: E402
 from memcli.core.state import MemoryState, new_generator  # noqa: E402
-from memcli.store import PoolStore  # noqa: E402
+from memcli.pools.meta import PoolStore  # noqa: E402
 from memcli.store import safetensors as store_safetensors  # noqa: E402
-from memcli.store.durable import new_hash  # noqa: E402
+from memcli.base.durable import new_hash  # noqa: E402
 from report import emit  # noqa: E402
 
 MiB = 1 << 20
@@ -209,7 +209,7 @@ def bench_pools(store: PoolStore, layers: int, rows: int, width: int) -> dict:
 def bench_first_open(store: PoolStore, repeat: int = 3) -> dict:
     """Load and fork of the big pool, its parts checked on first open vs remembered (docstring)."""
     from memcli.store import integrity
-    from memcli.store.durable import hash_fd
+    from memcli.base.durable import hash_fd
 
     m = store.read_manifest("first")
     part_bytes = sum(e["bytes"] for e in m["parts"].values())

@@ -29,6 +29,7 @@ from hypothesis import strategies as st
 from memcli.app import api as api_module
 from memcli.pools import pool as pools
 from memcli import store as store_module
+from memcli.base import durable as base_durable
 from memcli.app.api import Memcli, MemcliError
 from memcli.ingest.chunking import chunk_token_ids
 from memcli.ingest.extract import iter_text, Source
@@ -878,7 +879,7 @@ def test_fault_enospc_during_commit(app, tmp_path, monkeypatch):
         raise OSError(errno.ENOSPC, "No space left on device")
 
     monkeypatch.setattr(store_module.core, "write_all", full)
-    monkeypatch.setattr(store_module.durable, "write_all", full)
+    monkeypatch.setattr(base_durable, "write_all", full)
     with pytest.raises((MemcliError, PoolError)) as err:
         app.inject(POOL, [str(_w(tmp_path / "new.txt", GOOD_TEXT + " needs space"))])
     assert_one_line(str(err.value))

@@ -34,8 +34,8 @@ from memcli.app.settings import Settings, load_settings
 if TYPE_CHECKING:  # pragma: no cover
     from memcli.core.engine import Engine, Sampling
     from memcli.loading.vocabulary import UnknownWords
+    from memcli.pools.meta import PoolStore
     from memcli.pools.pool import Binding, Pool
-    from memcli.store import PoolStore
 
 
 def __getattr__(name: str):
@@ -361,7 +361,7 @@ def _model_is_here(name: str) -> bool:
 class Memcli:
     def __init__(self, settings: Settings | None = None, store: "PoolStore | None" = None,
                  on_load: Callable[[str, str], None] | None = None):
-        from memcli.store import PoolStore
+        from memcli.pools.meta import PoolStore
 
         self.settings = settings or load_settings()
         self.store = store or PoolStore()

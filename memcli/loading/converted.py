@@ -27,8 +27,8 @@ import torch
 
 from memcli import __version__
 from memcli.base import paths
-from memcli.store.errors import PoolError
-from memcli.store.durable import fsync_dir, hash_fd, new_hash, open_regular, write_file
+from memcli.base.durable import fsync_dir, hash_fd, new_hash, open_regular, write_file
+from memcli.base.errors import FileRefused
 from memcli.store.safetensors import safetensors_chunks
 
 FORMAT = 1
@@ -115,7 +115,7 @@ def open_entry(key: str, device: torch.device | str = "cpu") -> Entry | None:
         if info.st_mtime_ns != manifest.get("mtime_ns") and _sha256(weights) != manifest["sha256"]:
             return None
         return Entry(weights, manifest["modes"], torch.device(device))
-    except (OSError, ValueError, KeyError, TypeError, PoolError):  # PoolError: not a regular file
+    except (OSError, ValueError, KeyError, TypeError, FileRefused):  # FileRefused: not a regular file
         return None
     except Exception:  # a damaged file can make safetensors raise its own errors: rebuild
         return None
@@ -142,7 +142,7 @@ def verify() -> list[tuple[Path, bool]]:
         try:
             manifest = _manifest(folder)
             ok = _sha256(folder / WEIGHTS) == manifest["sha256"]
-        except (OSError, ValueError, KeyError, TypeError, PoolError):  # PoolError: not a regular file
+        except (OSError, ValueError, KeyError, TypeError, FileRefused):  # FileRefused: not a regular file
             ok = False
         results.append((folder, ok))
     return results

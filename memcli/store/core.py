@@ -33,23 +33,28 @@ import os
 import stat
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterable
+from typing import Callable, Iterable
 
 from memcli.base import paths
+from memcli.base.clock import now_iso
+from memcli.base.durable import (
+    O_BINARY, O_CLOEXEC, O_NOFOLLOW, O_NONBLOCK, TMP, file_kind, fsync_dir, hash_fd, new_hash, read_fd, replace_file,
+    rmtree_quiet, token, write_all,
+)
 
 from . import folders, integrity, locking
-from .durable import (
-    O_BINARY, O_CLOEXEC, O_NOFOLLOW, TMP, file_kind, fsync_dir, hash_fd, new_hash, now, open_regular, publish_dir,
-    read_fd, replace_file, rmtree_quiet, token, write_all, write_errors,
-)
+from . import safetensors as st
 from .errors import PoolBusy, PoolCorrupt, PoolError, PoolExists, PoolNotFound, repair_hint
+from .files import open_regular, publish_dir, write_errors
 from .manifest import (
     FORMAT_VERSION, MANIFEST, NAME_RE, SHA_RE, is_int, manifest_bytes, parse_json, validate_name, validate_part_id,
 )
+from .recovery import collect_garbage, collect_pending, recover
 from .snapshot import (
-    CONTENT_KEYS, LOG, OBJECTS, PARTS_V1, LogReader, Snapshot, fd_stream, open_part_at, open_pool_dir,
+    CONTENT_KEYS, LOG, OBJECTS, PARTS_V1, LogReader, Snapshot, fd_stream, open_part, open_part_at, open_pool_dir,
     part_file_name, part_folder, read_manifest_at,
 )
+from .staging import staged_folder
 
 MAX_KEY_ENTRY_BYTES = 4096  # a content key entry is ~100 bytes; anything larger is not one
 
@@ -66,24 +71,37 @@ class PoolInfo:
     error: str | None = None  # set (and the rest zero/empty) for a damaged pool in list()
 
 
-class StoreCore:
-    """The pools under one root folder. Cheap to construct; creates nothing until a write."""
+def _any_meta(what: str, meta: dict, records: list[dict] | None = None) -> None:
+    """The generic store's meta check: any JSON object will do."""
 
-    def __init__(self, root: Path | None = None, meta_checks: str | None = "pool"):
+
+def _no_bound(meta: dict) -> int:
+    return 1 << 62
+
+
+@dataclass(frozen=True)
+class MetaChecks:
+    """How the store checks the meta of a pool it did not write itself (an import, a fork, an
+    export): given by whoever makes the store, which itself knows nothing about models. memcli's
+    pools give theirs (memcli.pools.meta.PoolStore); the defaults accept any meta (a generic store).
+
+    check_meta(what, meta, records=None): PoolCorrupt in one line naming `what` and the field
+    that is wrong (with the pool log's records when given); max_part_bytes(meta): an upper bound
+    on any part of a pool with this meta (an archive declaring more is refused)."""
+
+    check_meta: Callable[..., None] = _any_meta
+    max_part_bytes: Callable[[dict], int] = _no_bound
+
+
+class StoreCore:
+    """The pools under one root folder. Cheap to construct; creates nothing until a write.
+    `checks`: how pools this store did not write are checked (MetaChecks; generic by default)."""
+
+    def __init__(self, root: Path | None = None, checks: MetaChecks = MetaChecks()):
         self.root = Path(root) if root is not None else paths.pools_dir()
-        # how an import checks the meta of a pool it has not seen: memcli's pool schema
-        # (pool_meta.py), or None for a generic store (tests of the store alone)
-        self._meta_checks = meta_checks
+        self.checks = checks
         self.gate = locking.Gate(self.root, on_release=self._collect_pending)
         self._recovered = False
-
-    def meta_checks(self):
-        """(check_meta(what, meta, records=None), max_part_bytes(meta)) for imports."""
-        if self._meta_checks == "pool":
-            from memcli.pools.meta import check_meta, max_part_bytes
-
-            return check_meta, max_part_bytes
-        return (lambda what, meta, records=None: None), (lambda meta: 1 << 62)
 
     # ---------------------------------------------------------------- names & folders
 
@@ -235,8 +253,6 @@ class StoreCore:
         part (hashed again, whatever this process checked before). Returns the problems found
         (empty = healthy). PoolNotFound if absent. A part found damaged is recorded (pool ls marks
         every pool naming it); a record whose file turns out whole is dropped."""
-        from . import safetensors as st
-
         validate_name(name)
         try:
             snap = self.snapshot(name, part_ids=())
@@ -259,8 +275,6 @@ class StoreCore:
         for pid, entry in sorted(m["parts"].items()):
             try:
                 with self.gate.shared(create=False):
-                    from .snapshot import open_part
-
                     fd = open_part(self.root, name, m, pid)
             except PoolError as exc:
                 problems.append(str(exc).removesuffix(hint))
@@ -399,8 +413,6 @@ class StoreCore:
     def recover_once(self) -> None:
         """Recovery (recovery.py) by the first writing call of this store object."""
         if not self._recovered:
-            from .recovery import recover
-
             recover(self, announce=True)  # a link or a file in place of .objects: named, and again next time
             self._recovered = True
 
@@ -425,11 +437,9 @@ class StoreCore:
         return entry
 
     def _store_object(self, tensors: dict, probe: bool, placed: list[str], ofd: int, records: dict) -> dict:
-        from .safetensors import safetensors_chunks
-
         if probe:
             h, size = new_hash(), 0
-            for chunk in safetensors_chunks(tensors):
+            for chunk in st.safetensors_chunks(tensors):
                 h.update(chunk)
                 size += len(chunk)
             if self._object_ok(h.hexdigest(), size, records, ofd):
@@ -439,7 +449,7 @@ class StoreCore:
         placed.append(tmp)
         try:
             h, size = new_hash(), 0
-            for chunk in safetensors_chunks(tensors):
+            for chunk in st.safetensors_chunks(tensors):
                 h.update(chunk)
                 write_all(fd, chunk)
                 size += len(chunk)
@@ -569,8 +579,6 @@ class StoreCore:
         `expect_version` is the version the caller loaded; None or 0 means "create a new pool"
         (PoolExists if it exists). Another current version raises PoolBusy. Takes the writer
         lock unless this thread holds it."""
-        from .safetensors import check_tensors
-
         validate_name(name)
         if not isinstance(part_ids, (list, tuple)):
             raise PoolError("commit: part_ids must be a list of part ids")
@@ -584,7 +592,7 @@ class StoreCore:
             validate_part_id(pid)
             if pid not in part_ids:
                 raise PoolError(f"commit to pool {name}: new part {pid} is not in part_ids")
-            check_tensors(f"part {pid}", tensors)
+            st.check_tensors(f"part {pid}", tensors)
         if not isinstance(content_keys, (dict, type(None))):
             raise PoolError(f"commit to pool {name}: content keys must be a dict of part ids to keys")
         content_keys = dict(content_keys or {})
@@ -608,8 +616,6 @@ class StoreCore:
             manifest, dropped = self._commit_locked(name, meta, part_ids, new_parts, expect_version, records,
                                                     set(probe), content_keys)
         if dropped:
-            from .recovery import collect_garbage
-
             collect_garbage(self)
         return copy.deepcopy(manifest)
 
@@ -649,10 +655,10 @@ class StoreCore:
                         raise PoolError(f"commit to pool {name}: part {pid} is neither new nor in the pool")
                 if new_parts or (old is not None and old["format_version"] == 1):
                     folders.fsync_fd(ofd)
-                stamp = now()
+                stamp = now_iso()
                 if old is None:
                     folders.make_root(self.root)
-                    target, committed = stack.enter_context(locking.staged_folder(self.root)), {"bytes": 0, "records": 0}
+                    target, committed = stack.enter_context(staged_folder(self.root)), {"bytes": 0, "records": 0}
                 else:
                     target, committed = pool_dir, old.get("log") or {"bytes": 0, "records": 0}
                 log = self._append_log(target, name, committed, records_out)
@@ -685,7 +691,7 @@ class StoreCore:
         whose last record is torn (snapshot.LogReader) continues from its whole part."""
         if not records and not committed["bytes"]:
             return dict(committed)
-        fd = os.open(folder / LOG, os.O_RDWR | os.O_CREAT | locking.O_NOFOLLOW | os.O_NONBLOCK | locking.O_CLOEXEC, 0o600)
+        fd = os.open(folder / LOG, os.O_RDWR | os.O_CREAT | O_NOFOLLOW | O_NONBLOCK | O_CLOEXEC, 0o600)
         try:
             st_ = os.fstat(fd)
             if not stat.S_ISREG(st_.st_mode):
@@ -755,8 +761,6 @@ class StoreCore:
             except OSError as exc:
                 raise PoolError(f"could not remove pool {name} ({exc.strerror})") from None
         rmtree_quiet(trash)
-        from .recovery import collect_garbage
-
         collect_garbage(self)
 
     # ------------------------------------------------------------------ read-only, gc
@@ -769,8 +773,6 @@ class StoreCore:
     def _collect_pending(self) -> None:
         """Run the garbage collection a writer could not (the gate was taken), if one is pending
         (Gate.on_release). Never fails the reader that lets the gate go."""
-        from .recovery import collect_pending
-
         with contextlib.suppress(PoolError, OSError):
             collect_pending(self)
 

@@ -17,7 +17,9 @@ import struct
 import sys
 from typing import Any, Iterator
 
-from .durable import CHUNK
+from memcli.base.durable import CHUNK
+
+from .errors import PoolError
 
 # safetensors dtype code -> bytes per element
 ITEM_BYTES = {
@@ -136,8 +138,6 @@ def check_tensors(what: str, tensors: Any) -> None:
     """Refuse anything safetensors_chunks cannot write, with a one-line reason."""
     import torch
 
-    from .errors import PoolError
-
     codes = _torch_dtypes()
     if not isinstance(tensors, dict):
         raise PoolError(f"{what}: expected a dict of name -> tensor, got {type(tensors).__name__}")
@@ -193,7 +193,7 @@ def read_tensors(fd: int, size: int, names=None, digest=None) -> dict:
     into their own memory: no path is needed, so a file unlinked after it was opened still
     reads, and the bytes read are exactly those of the file that was checked.
 
-    digest: a hash object (durable.new_hash()) fed every byte of the file in order, in the same
+    digest: a hash object (memcli.base.durable.new_hash()) fed every byte of the file in order, in the same
     pass that reads them (the bytes of tensors not in `names` are read for it too), so a caller
     can check that what it loaded is exactly what the file's name promises. (Hashing on a second
     thread while the next bytes are read was measured no faster on a loaded 2-core machine.)"""

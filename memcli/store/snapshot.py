@@ -13,14 +13,18 @@ while it streams (`LogReader`): a committed 1 GiB line is refused after reading 
 
 from __future__ import annotations
 
+import io
 import os
 import stat
 from pathlib import Path
 
+from memcli.base.durable import O_CLOEXEC, O_DIRECTORY, O_NOFOLLOW, new_hash, read_fd
+from memcli.base.text import one_line
+
 from . import integrity
 from . import safetensors as st
-from .durable import O_CLOEXEC, O_DIRECTORY, O_NOFOLLOW, new_hash, open_regular, read_fd
-from .errors import PoolCorrupt, PoolError, PoolNotFound, note, repair_hint, safe_text
+from .errors import PoolCorrupt, PoolError, PoolNotFound, note, repair_hint
+from .files import open_regular
 from .folders import ancestor_problem, open_dir
 from .manifest import MANIFEST, MAX_MANIFEST_BYTES, check_manifest, parse_json
 
@@ -210,8 +214,6 @@ def fd_stream(fd: int, offset: int = 0):
 
 def parse_log(raw: bytes, what: str, expect_records: int) -> list[dict]:
     """The records of a whole committed log prefix held in memory (no torn record allowed)."""
-    import io
-
     reader = LogReader(io.BytesIO(raw).read, len(raw), what, expect_records, torn_ok=False)
     return [parse_record(line, what, i) for i, line in enumerate(reader, 1)]
 
@@ -233,7 +235,7 @@ class Snapshot:
             wanted = self.manifest["parts"] if part_ids is None else part_ids
             for pid in wanted:
                 if pid not in self.manifest["parts"]:
-                    raise PoolError(f"pool {name} has no part {safe_text(pid)[:80]}")
+                    raise PoolError(f"pool {name} has no part {one_line(pid, 80)}")
             if wanted:
                 folder = part_folder(root, name, self.manifest, dir_fd)
             for pid in wanted:
@@ -267,7 +269,7 @@ class Snapshot:
 
     def fd(self, part_id: str) -> int:
         if part_id not in self._fds:
-            raise PoolError(f"pool {self.name}: part {safe_text(part_id)[:80]} is not in this snapshot")
+            raise PoolError(f"pool {self.name}: part {one_line(part_id, 80)} is not in this snapshot")
         return self._fds[part_id]
 
     def verify(self, part_id: str, recheck: bool = False) -> None:

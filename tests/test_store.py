@@ -349,6 +349,23 @@ def test_writer_busy_across_processes_and_threads(store):
     assert store.commit("p", {}, ["base"], {}, 1)["version"] == 2
 
 
+def test_a_busy_pool_whose_lock_file_holds_garbage_is_still_one_busy_line(store):
+    """The holder's lock file only names it for the message: whatever it holds (deeply nested JSON
+    that json.loads cannot parse without a RecursionError, binary) the other writer gets PoolBusy."""
+    make_pool(store)
+    holder = Holder(store.root, """
+        with store.writer("p"):
+            (store.root / ".locks" / "p.lock").write_bytes(b"[" * 4000)  # the same file, still flocked
+            print("ready", flush=True)
+            sys.stdin.read()
+    """)
+    try:
+        with pytest.raises(PoolBusy, match="^pool p is being written by another process; try again later$"):
+            store.commit("p", {}, ["base"], {}, 1)
+    finally:
+        holder.stop()
+
+
 def test_lock_of_a_killed_writer_never_blocks(store):
     make_pool(store)
     holder = Holder(store.root, LOCK_HOLDER)
@@ -498,6 +515,26 @@ def test_recovery_spares_work_in_progress(store):
     finally:
         holder.stop()
     assert store.recover() == [str(store.root / ".tmp-live-1")]
+
+
+def test_recovery_removes_a_killed_exports_record_and_file_whatever_the_record_holds(store, tmp_path):
+    """An export killed midway leaves its record in the store and its temporary file beside the
+    destination: recovery removes both. A record that is not ours (any bytes, JSON nested past what
+    json.loads can parse) is removed as a leftover; nothing it names is touched."""
+    from memcli.store import staging
+
+    make_pool(store)
+    tmp = staging.export_tmp_path(tmp_path / "out.tar")
+    tmp.write_bytes(b"half an archive")
+    record, fd = staging.write_export_record(store.root, tmp)
+    os.close(fd)  # as the kernel does for a killed process: the record's flock is released
+    keep = tmp_path / "keep.memcli-export"
+    keep.write_bytes(b"somebody's")
+    odd = [store.root / ".tmp-export-odd1", store.root / ".tmp-export-odd2"]
+    odd[0].write_bytes(b"[" * 60000)
+    odd[1].write_bytes(json.dumps({"tmp": str(tmp_path)}).encode())  # a folder: never removed
+    assert sorted(store.recover()) == sorted(map(str, [record, *odd]))
+    assert not tmp.exists() and keep.exists() and tmp_path.is_dir()
 
 
 def test_verify_finds_damage_and_repair_does_not_touch_it(store):

@@ -48,6 +48,7 @@ from typing import Any, Callable, Mapping
 from memcli.base import paths
 from memcli.base.clock import iso_z, now_iso
 from memcli.base.durable import create_exclusive, file_kind
+from memcli.base.errors import MemcliError
 from memcli.base.text import one_line
 
 FILE_NAME = "log.db"
@@ -63,8 +64,9 @@ FIX = "move it aside with: memcli log reset"
 log = logging.getLogger("memcli.app.answer_log")
 
 
-class LogError(ValueError):
-    """A one-line problem with the log's file (damaged, not ours, of a newer memcli, not writable)."""
+class LogError(MemcliError, ValueError):
+    """A one-line problem with the log's file (damaged, not ours, of a newer memcli, not writable):
+    exit 1, HTTP 400."""
 
 
 # --------------------------------------------------------------------------- an entry

@@ -19,10 +19,11 @@ MAX_DEPTH = 32
 _BRACKETS = re.compile(rb'"(?:[^"\\]|\\.)*"|[\[\]{}]', re.S)
 
 
-class JsonRefused(MemcliError):
+class JsonRefused(MemcliError, ValueError):
     """Why `load_json` refused a JSON text: `reason` completes a sentence about it ("... nests
     deeper than 32 levels"); `key` is the top-level key the problem was found under, when known.
-    str() is that sentence about "the JSON text" (callers name the text themselves)."""
+    str() is that sentence about "the JSON text" (callers name the text themselves). A bad value
+    like json's own errors (a ValueError too)."""
 
     def __init__(self, reason: str, key: str | None = None):
         super().__init__(f"{key or 'the JSON text'} {reason}")

@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 
 from memcli.base.durable import read_regular
-from memcli.base.errors import FileRefused
+from memcli.base.errors import FileRefused, MemcliError
 from memcli.base.jsonbound import JsonRefused, load_json
 
 FAMILIES = ("7b", "8b", "mplus")
@@ -29,8 +29,8 @@ ROPE_PRECISIONS = ("fp32", "bf16", "fp16-table")
 DEFAULT_ROPE_PRECISION = {"7b": "fp32", "8b": "fp32", "mplus": "bf16"}
 
 
-class ConfigError(ValueError):
-    """config.json is not a MemoryLLM / M+ config we can run."""
+class ConfigError(MemcliError, ValueError):
+    """config.json is not a MemoryLLM / M+ config we can run (exit 1, HTTP 400; a bad value)."""
 
 
 # --------------------------------------------------------------------------- reading JSON safely

@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from memcli.base.durable import new_hash
+from memcli.base.errors import MemcliError
 from memcli.core import fastpath
 from memcli.core.config import ConfigError, ModelConfig, read_config, read_json_file
 from memcli.core.model import Projection, Selector, Transformer
@@ -35,8 +36,8 @@ PROJECTIONS = {
 }
 
 
-class CheckpointError(ValueError):
-    """A checkpoint that cannot be found, trusted or read; the message is one line."""
+class CheckpointError(MemcliError, ValueError):
+    """A checkpoint that cannot be found, trusted or read; the message is one line (exit 1, HTTP 400)."""
 
 
 @dataclass(frozen=True)

@@ -35,7 +35,7 @@ MAX_SOURCES = 1_000_000
 
 
 class PoolModelMismatch(PoolError):
-    pass
+    """A pool asked for with a model it does not belong to (exit 1, HTTP 409, as every PoolError)."""
 
 
 @dataclass(frozen=True)

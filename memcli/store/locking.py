@@ -30,6 +30,7 @@ from pathlib import Path
 
 from memcli.base.clock import now_iso
 from memcli.base.durable import O_CLOEXEC, O_NOFOLLOW, O_NONBLOCK, file_kind, write_all
+from memcli.base.jsonbound import load_json
 from memcli.base.text import one_line
 
 from .errors import PoolBusy, PoolError, note
@@ -188,7 +189,7 @@ class WriterLock:
 
     def _busy_message(self, fd: int) -> str:
         try:
-            info = json.loads(os.pread(fd, 4096, 0).decode("utf-8"))
+            info = load_json(os.pread(fd, 4096, 0), max_depth=2)
             pid, host, cmd = int(info["pid"]), str(info["host"]), str(info.get("command") or "memcli")
             since = datetime.fromisoformat(str(info["started"]).replace("Z", "+00:00")).astimezone().strftime("%H:%M")
         except (ValueError, KeyError, TypeError, UnicodeDecodeError, OSError):

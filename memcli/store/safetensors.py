@@ -18,6 +18,8 @@ import sys
 from typing import Any, Iterator
 
 from memcli.base.durable import CHUNK
+from memcli.base.errors import Damaged
+from memcli.base.jsonbound import JsonRefused, load_json
 
 from .errors import PoolError
 
@@ -30,10 +32,12 @@ ITEM_BYTES = {
 MAX_HEADER_BYTES = 16 << 20
 MAX_TENSORS = 4096
 MAX_DIMS = 8
+MAX_HEADER_DEPTH = 3  # {name: {"shape": [...], "data_offsets": [...]}}; metadata is {"__metadata__": {str: str}}
 
 
-class HeaderError(ValueError):
-    """A safetensors header that is malformed or out of bounds; str() is the reason."""
+class HeaderError(Damaged, ValueError):
+    """A safetensors header that is malformed or out of bounds; str() is the reason (callers name
+    the file: a part is PoolCorrupt, a checkpoint shard a CheckpointError)."""
 
 
 def parse_header(read_at, size: int) -> tuple[dict[str, dict], int]:
@@ -52,8 +56,8 @@ def parse_header(read_at, size: int) -> tuple[dict[str, dict], int]:
     if len(raw) != n:
         raise HeaderError("file ends inside the header")
     try:
-        header = json.loads(raw.decode("utf-8"))
-    except (ValueError, UnicodeDecodeError, RecursionError):
+        header = load_json(raw, MAX_HEADER_DEPTH)
+    except JsonRefused:
         raise HeaderError("header is not valid JSON") from None
     if not isinstance(header, dict):
         raise HeaderError("header is not a JSON object")

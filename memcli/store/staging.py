@@ -19,6 +19,7 @@ import stat
 from pathlib import Path
 
 from memcli.base.durable import O_CLOEXEC, O_NOFOLLOW, O_NONBLOCK, TMP, rmtree_quiet, token, unlink_quiet, write_all
+from memcli.base.jsonbound import load_json
 
 from .locking import try_flock
 
@@ -98,11 +99,11 @@ def drop_export_tmp(record: Path) -> int:
     try:
         fd = os.open(record, os.O_RDONLY | O_NOFOLLOW | O_NONBLOCK)
         try:
-            info = json.loads(os.read(fd, MAX_RECORD_BYTES).decode("utf-8"))
+            info = load_json(os.read(fd, MAX_RECORD_BYTES), max_depth=2)
         finally:
             os.close(fd)
         tmp = Path(info["tmp"])
-    except (OSError, ValueError, KeyError, TypeError, UnicodeDecodeError):
+    except (OSError, ValueError, KeyError, TypeError):  # JsonRefused is a ValueError
         return 0
     try:
         st_ = os.lstat(tmp)

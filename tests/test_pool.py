@@ -19,7 +19,7 @@ def _setup(variant):
     folder = fixture_checkpoint(variant)
     model, reader = load_model(folder)
     cfg = model.cfg
-    binding = pools.Binding(str(folder), cfg.family, cfg.fingerprint(), cfg.num_tokens)
+    binding = pool_meta.Binding(str(folder), cfg.family, cfg.fingerprint(), cfg.num_tokens)
     return model, reader, binding
 
 
@@ -88,8 +88,8 @@ def test_fork_is_independent_and_binding_is_checked():
     _update_and_save(engine, store, fork, torch.arange(16)[None])
     _assert_same_state(state, pools.load(store, "src", binding).state)
     assert not torch.equal(pools.load(store, "dst", binding).state.memory(), state.memory())
-    other = pools.Binding("elsewhere", "mplus", "0" * 16)
-    with pytest.raises(pools.PoolModelMismatch, match="belongs to model"):
+    other = pool_meta.Binding("elsewhere", "mplus", "0" * 16)
+    with pytest.raises(pool_meta.PoolModelMismatch, match="belongs to model"):
         pools.load(store, "src", other)
 
 
@@ -402,7 +402,7 @@ def test_initial_key_changes_with_the_memory_files_identity(tmp_path, streamed):
     shutil.copytree(fixture_checkpoint("memoryllm-8b-tiny"), folder)
     model, reader = load_model(folder)
     cfg = model.cfg
-    binding = pools.Binding(str(folder), cfg.family, cfg.fingerprint(), cfg.num_tokens)
+    binding = pool_meta.Binding(str(folder), cfg.family, cfg.fingerprint(), cfg.num_tokens)
 
     def key(dtype=torch.float32):
         return initial_state(CheckpointReader(folder), cfg, dtype=dtype).initial_key

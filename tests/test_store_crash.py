@@ -172,7 +172,7 @@ def _worker(cmd: dict) -> None:
     elif op == "export":
         store.export("p", Path(cmd["out"]))
     elif op == "cleanup":
-        store.cleanup()
+        store.recover()
     else:
         raise ValueError(op)
 

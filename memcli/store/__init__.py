@@ -61,7 +61,5 @@ class PoolStore(StoreCore):
         """Remove leftovers of killed work now (recovery.py); returns what was removed."""
         return recover(self, announce=announce, wait_s=wait_s)
 
-    cleanup = recover  # the name older callers and tests use
-
     def collect_garbage(self, wait_s: float = 5.0) -> int:
         return collect_garbage(self, wait_s)

@@ -704,7 +704,7 @@ def test_import_refuses_bad_archives(store, tmp_path, case):
         m5["parts"]["base"] = {"sha256": digest.hexdigest(), "bytes": len(bomb)}
         with_manifest(m5, [_reg("parts/base.safetensors", bomb), good[2]])
     elif case == "member-count-bomb":
-        _tar_with(bad, good + [_reg(f"parts/base.safetensors", base)] * 10_000)
+        _tar_with(bad, good + [_reg("parts/base.safetensors", base)] * 10_000)
     elif case == "control-chars":
         with_manifest(dict(m, updated="\x1b[2J\x1b]0;pwned\x07"))
     elif case == "wrong-types":

@@ -171,7 +171,7 @@ def _worker(cmd: dict) -> None:
         store.import_(Path(cmd["file"]), "imp")
     elif op == "export":
         store.export("p", Path(cmd["out"]))
-    elif op == "cleanup":
+    elif op == "recover":
         store.recover()
     else:
         raise ValueError(op)
@@ -366,16 +366,16 @@ def test_sigkill_before_every_durable_step(zygote, tmp_path, op):
     print(f"{op}: recovered from a kill before each of {crash_at - 2} steps")
 
 
-def test_cleanup_itself_can_be_killed(zygote, tmp_path):
+def test_recovery_itself_can_be_killed(zygote, tmp_path):
     """A crash inside recovery (removing leftovers of a crash) is recovered by the next one."""
     store = PoolStore(tmp_path / "pools")
     commit_version(store, "p", 1, set())
     crash_at, completed = 1, False
     while not completed:
         # leftovers of a killed commit of version 2 (parts placed, manifest not replaced)
-        pid = zygote.start(op="commit", root=str(store.root), crash_at=6)
+        zygote.start(op="commit", root=str(store.root), crash_at=6)
         zygote.finish()
-        status = zygote.run(op="cleanup", root=str(store.root), crash_at=crash_at)
+        status = zygote.run(op="recover", root=str(store.root), crash_at=crash_at)
         completed = not status["killed"]
         next_writing_command(store)
         no_leftovers(store)
@@ -385,7 +385,6 @@ def test_cleanup_itself_can_be_killed(zygote, tmp_path):
             commit_version(store, "p", 1, set())
         crash_at += 1
         assert crash_at < 200
-        del pid
 
 
 COUNTER_CHILD = """

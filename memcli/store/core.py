@@ -51,8 +51,8 @@ from .manifest import (
 )
 from .recovery import collect_garbage, collect_pending, recover
 from .snapshot import (
-    CONTENT_KEYS, LOG, OBJECTS, PARTS_V1, LogReader, Snapshot, fd_stream, open_part, open_part_at, open_pool_dir,
-    part_file_name, part_folder, read_manifest_at,
+    CONTENT_KEYS, LOG, OBJECTS, PARTS_V1, LogReader, Snapshot, fd_stream, open_part, open_part_at, part_file_name,
+    part_folder,
 )
 from .staging import staged_folder
 
@@ -105,19 +105,19 @@ class StoreCore:
 
     # ---------------------------------------------------------------- names & folders
 
-    def _dir(self, name: str) -> Path:
+    def pool_dir(self, name: str) -> Path:
         return self.root / validate_name(name)
 
     def _objects(self) -> Path:
         return self.root / OBJECTS
 
-    def _lock(self, name: str) -> locking.WriterLock:
+    def writer_lock(self, name: str) -> locking.WriterLock:
         return locking.WriterLock(self.root, validate_name(name))
 
-    def _dir_state(self, name: str) -> str:
+    def dir_state(self, name: str) -> str:
         """'absent', 'symlink', 'notdir', 'ok' (has a manifest), 'leftover' (a folder of an
         old-format creation that never committed) or 'broken' (anything else: damaged)."""
-        p = self._dir(name)
+        p = self.pool_dir(name)
         try:
             st_ = os.lstat(p)
         except FileNotFoundError:
@@ -153,7 +153,7 @@ class StoreCore:
 
     def exists(self, name: str) -> bool:
         """True when the name is taken (a pool, or something damaged that would be in the way)."""
-        return self._dir_state(name) not in ("absent", "leftover")
+        return self.dir_state(name) not in ("absent", "leftover")
 
     # ------------------------------------------------------------------------ reading
 
@@ -161,7 +161,7 @@ class StoreCore:
         """The current version of pool `name` with its parts (all, or `part_ids`: ids, or a
         function of the manifest returning them) held open."""
         validate_name(name)
-        state = self._dir_state(name)
+        state = self.dir_state(name)
         if state in ("absent", "leftover"):
             raise PoolNotFound(f"pool {name} not found")
         self._refuse_odd(name, state)
@@ -182,7 +182,7 @@ class StoreCore:
         m = manifest if manifest is not None else self.read_manifest(name)
         total = sum(e["bytes"] for e in m["parts"].values()) + (m.get("log") or {}).get("bytes", 0)
         with contextlib.suppress(OSError):
-            total += os.lstat(self._dir(name) / MANIFEST).st_size
+            total += os.lstat(self.pool_dir(name) / MANIFEST).st_size
         return PoolInfo(name, m["version"], m["created"], m["updated"], total, len(m["parts"]), m["meta"])
 
     def list(self) -> list[PoolInfo]:
@@ -202,7 +202,7 @@ class StoreCore:
             if entry.startswith(".") or not NAME_RE.fullmatch(entry):
                 continue
             try:
-                if self._dir_state(entry) in ("absent", "leftover"):
+                if self.dir_state(entry) in ("absent", "leftover"):
                     continue
                 m = self.read_manifest(entry)
                 info = self.info(entry, m)
@@ -397,7 +397,7 @@ class StoreCore:
         wait=False: raise PoolBusy at once if another process (or thread) holds it; a number:
         wait up to that many seconds; True: as long as it takes. Readers never lock. Taking
         it on a pool that does not exist yet is allowed (to create it with commit)."""
-        lock = self._lock(name)
+        lock = self.writer_lock(name)
 
         @contextlib.contextmanager
         def held():
@@ -408,7 +408,7 @@ class StoreCore:
         return held()
 
     def _holds(self, name: str) -> bool:
-        return self._lock(name).held_here()
+        return self.writer_lock(name).held_here()
 
     def recover_once(self) -> None:
         """Recovery (recovery.py) by the first writing call of this store object."""
@@ -442,7 +442,7 @@ class StoreCore:
             for chunk in st.safetensors_chunks(tensors):
                 h.update(chunk)
                 size += len(chunk)
-            if self._object_ok(h.hexdigest(), size, records, ofd):
+            if self.object_ok(h.hexdigest(), size, records, ofd):
                 return {"sha256": h.hexdigest(), "bytes": size}
         tmp = f"{TMP}{token()}"
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | O_NOFOLLOW | O_CLOEXEC | O_BINARY, 0o600, dir_fd=ofd)
@@ -455,7 +455,7 @@ class StoreCore:
                 size += len(chunk)
             os.fsync(fd)
             digest = h.hexdigest()
-            if self._object_ok(digest, size, records, ofd):
+            if self.object_ok(digest, size, records, ofd):
                 os.unlink(tmp, dir_fd=ofd)
             else:  # absent, or damaged: the good bytes take its place (for every pool naming it)
                 os.replace(tmp, digest, src_dir_fd=ofd, dst_dir_fd=ofd)
@@ -492,7 +492,7 @@ class StoreCore:
         if not (isinstance(entry, dict) and isinstance(entry.get("sha256"), str) and SHA_RE.fullmatch(entry["sha256"])
                 and is_int(entry.get("bytes"))):
             return None
-        if not self._object_ok(entry["sha256"], entry["bytes"], records, ofd):
+        if not self.object_ok(entry["sha256"], entry["bytes"], records, ofd):
             return None  # collected, truncated, replaced or found damaged since: hashed as without a key
         return {"sha256": entry["sha256"], "bytes": entry["bytes"]}
 
@@ -507,7 +507,7 @@ class StoreCore:
             finally:
                 os.close(kfd)
 
-    def _object_ok(self, digest: str, size: int, records: dict | None = None, ofd: int | None = None) -> bool:
+    def object_ok(self, digest: str, size: int, records: dict | None = None, ofd: int | None = None) -> bool:
         """The object `digest` is there, a regular file of `size` bytes, not found damaged."""
         own = ofd is None
         if own:
@@ -526,11 +526,11 @@ class StoreCore:
         records = integrity.recorded(self.root) if records is None else records
         return not integrity.is_recorded(records, digest, st_)
 
-    def _adopt_v1_part(self, name: str, m: dict, pid: str, ofd: int) -> None:
+    def adopt_v1_part(self, name: str, m: dict, pid: str, ofd: int) -> None:
         """Make the object of a format-1 part exist: hard-link (else copy) the pool's own
         file after checking its sha256, so a damaged file never gets a content name."""
         entry = m["parts"][pid]
-        if self._object_ok(entry["sha256"], entry["bytes"], ofd=ofd):
+        if self.object_ok(entry["sha256"], entry["bytes"], ofd=ofd):
             return
         folder = part_folder(self.root, name, m)
         try:
@@ -620,8 +620,8 @@ class StoreCore:
         return copy.deepcopy(manifest)
 
     def _commit_locked(self, name, meta, part_ids, new_parts, expect_version, records_out, probe, content_keys):
-        pool_dir = self._dir(name)
-        state = self._dir_state(name)
+        pool_dir = self.pool_dir(name)
+        state = self.dir_state(name)
         self._refuse_odd(name, state)
         old = None
         if state == "ok":
@@ -647,8 +647,8 @@ class StoreCore:
                                                         ofd, records)
                     elif old is not None and pid in old["parts"]:
                         if old["format_version"] == 1:
-                            self._adopt_v1_part(name, old, pid, ofd)
-                        elif not self._object_ok(old["parts"][pid]["sha256"], old["parts"][pid]["bytes"], records, ofd):
+                            self.adopt_v1_part(name, old, pid, ofd)
+                        elif not self.object_ok(old["parts"][pid]["sha256"], old["parts"][pid]["bytes"], records, ofd):
                             raise PoolCorrupt(f"pool {name}: part {pid} is missing or damaged; {repair_hint(name)}")
                         entries[pid] = dict(old["parts"][pid])
                     else:
@@ -728,11 +728,11 @@ class StoreCore:
         self.read_manifest(old)  # exists, readable, not a symlink
         if self._holds(old):
             raise PoolBusy(f"pool {old} is being written by this process; finish writing before renaming it")
-        with self.writer(old), self._lock(new).held():
-            if os.path.lexists(self._dir(new)):
+        with self.writer(old), self.writer_lock(new).held():
+            if os.path.lexists(self.pool_dir(new)):
                 raise PoolExists(f"pool {new} already exists")
             try:
-                os.rename(self._dir(old), self._dir(new))
+                os.rename(self.pool_dir(old), self.pool_dir(new))
                 fsync_dir(self.root)
             except OSError as exc:
                 raise PoolError(f"could not rename pool {old} to {new} ({exc.strerror})") from None
@@ -741,10 +741,10 @@ class StoreCore:
         """Delete a pool: its folder goes in one rename, its parts at the next garbage
         collection. Refused (PoolBusy) while somebody is writing it."""
         validate_name(name)
-        state = self._dir_state(name)
+        state = self.dir_state(name)
         if state in ("absent", "leftover"):
             raise PoolNotFound(f"pool {name} not found")
-        p = self._dir(name)
+        p = self.pool_dir(name)
         if state == "symlink":
             with self.writer(name), write_errors(f"removing pool {name}", f"remove pool {name}"):
                 os.unlink(p)  # only the link; never what it points to
@@ -775,11 +775,3 @@ class StoreCore:
         (Gate.on_release). Never fails the reader that lets the gate go."""
         with contextlib.suppress(PoolError, OSError):
             collect_pending(self)
-
-    # --------------------------------------------------------------- for transfer.py
-
-    def _open_dir(self, name: str) -> int:
-        return open_pool_dir(self.root, name)
-
-    def _read_manifest_at(self, dir_fd: int, name: str) -> dict:
-        return read_manifest_at(dir_fd, name)

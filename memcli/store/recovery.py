@@ -312,7 +312,7 @@ def recover(store, announce: bool = False, wait_s: float = 0.5) -> list[str]:
 def _recover_pool(store, name: str) -> list[tuple[str, int]]:
     done = []
     pool_dir = store.root / name
-    state = store._dir_state(name)
+    state = store.dir_state(name)
     if state == "leftover":
         done.append((str(pool_dir), _size(pool_dir)))
         rmtree_quiet(pool_dir)
@@ -334,7 +334,7 @@ def _recover_pool(store, name: str) -> list[tuple[str, int]]:
     if m["format_version"] >= 2:
         done.extend(_drop_v1_leftovers(pool_dir))
         committed = m["log"]["bytes"]
-        lock = store._lock(name)
+        lock = store.writer_lock(name)
         with contextlib.suppress(PoolError, OSError):
             lock.acquire(wait=False)
             try:

@@ -224,7 +224,7 @@ class Snapshot:
     def __init__(self, root: Path, name: str, part_ids=None):
         self.root, self.name = root, name
         self._fds: dict[str, int] = {}
-        self._log_fd: int | None = None
+        self.log_fd: int | None = None  # log.jsonl, held open (an export streams its checked prefix from it)
         self.log_extent: dict | None = None  # the whole part of the log, once read (log_records)
         folder = None
         dir_fd = open_pool_dir(root, name)
@@ -248,7 +248,7 @@ class Snapshot:
                     raise PoolCorrupt(f"pool {name}: log.jsonl is missing") from None
                 except OSError as exc:
                     raise PoolCorrupt(f"pool {name}: log.jsonl cannot be opened ({exc.strerror})") from None
-                self._log_fd = fd
+                self.log_fd = fd
                 st_ = os.fstat(fd)
                 if not stat.S_ISREG(st_.st_mode):
                     raise PoolCorrupt(f"pool {name}: log.jsonl is not a regular file; refusing")
@@ -313,7 +313,7 @@ class Snapshot:
             if log.get("records"):
                 raise PoolCorrupt(f"pool {self.name}: log.jsonl is empty but the manifest lists records")
             return None
-        return LogReader(fd_stream(self._log_fd), log["bytes"], f"pool {self.name}", log["records"])
+        return LogReader(fd_stream(self.log_fd), log["bytes"], f"pool {self.name}", log["records"])
 
     def log_records(self, copy_to=None, quiet: bool = False) -> list[dict]:
         """The committed log's records, streamed and bounded (a torn last record is left out, with
@@ -344,9 +344,9 @@ class Snapshot:
         for fd in self._fds.values():
             os.close(fd)
         self._fds.clear()
-        if self._log_fd is not None:
-            os.close(self._log_fd)
-            self._log_fd = None
+        if self.log_fd is not None:
+            os.close(self.log_fd)
+            self.log_fd = None
 
     def __enter__(self) -> "Snapshot":
         return self

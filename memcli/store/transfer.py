@@ -72,7 +72,7 @@ def fork(store, src: str, dst: str):
                 try:
                     if m["format_version"] == 1:
                         for pid in m["parts"]:  # a format-1 source: give its parts their content names
-                            store._adopt_v1_part(src, m, pid, ofd)
+                            store.adopt_v1_part(src, m, pid, ofd)
                         folders.fsync_fd(ofd)
                     for pid, entry in m["parts"].items():
                         # the object is still the file checked above (and, with the gate held, stays)
@@ -82,7 +82,7 @@ def fork(store, src: str, dst: str):
                             st_ = None
                         checked = os.fstat(snap.fd(pid))
                         if st_ is None or integrity.identity(st_) != integrity.identity(checked):
-                            if m["format_version"] == 1 and st_ is not None and store._object_ok(
+                            if m["format_version"] == 1 and st_ is not None and store.object_ok(
                                     entry["sha256"], entry["bytes"], ofd=ofd):
                                 continue  # adopted just now from the checked format-1 file
                             raise PoolCorrupt(f"pool {src}: part {pid} changed while it was forked; try again")
@@ -95,7 +95,7 @@ def fork(store, src: str, dst: str):
                 manifest = {"format_version": FORMAT_VERSION, "name": dst, "version": 1, "created": stamp,
                             "updated": stamp, "parts": m["parts"], "log": log, "meta": meta}
                 replace_file(stage, MANIFEST, manifest_bytes(manifest))
-                publish_dir(stage, store._dir(dst), dst)
+                publish_dir(stage, store.pool_dir(dst), dst)
     return store.info(dst)
 
 
@@ -251,7 +251,7 @@ def _write_tar(snap, fd: int, log: dict) -> None:
             data = manifest_bytes(m)
             tar.addfile(info(MANIFEST, len(data)), io.BytesIO(data))
             if log["bytes"]:
-                reader = _LogReader(snap._log_fd, log["bytes"])
+                reader = _LogReader(snap.log_fd, log["bytes"])
                 tar.addfile(info(LOG, log["bytes"]), reader)
                 if reader.sha.hexdigest() != log["sha256"]:
                     raise PoolCorrupt(f"pool {snap.name}: log.jsonl changed while it was exported; try again")
@@ -331,7 +331,7 @@ def import_(store, file: Path, name: str | None = None):
         free = shutil.disk_usage(store.root).free
         if need > free:
             raise PoolError(f"not enough space to import {where}: it needs {need} bytes, {free} are free")
-        taking = store._lock(target)
+        taking = store.writer_lock(target)
         taking.acquire()  # PoolBusy (another process imports or writes that name), PoolReadOnly
         lock = taking
         store.recover_once()
@@ -364,7 +364,7 @@ def import_(store, file: Path, name: str | None = None):
                 if member.size != entry["bytes"]:
                     raise PoolCorrupt(f"{where}: part {pid} has {member.size} bytes, manifest says {entry['bytes']}")
                 seen.add(pid)
-                if entry["sha256"] in staged or store._object_ok(entry["sha256"], entry["bytes"]):
+                if entry["sha256"] in staged or store.object_ok(entry["sha256"], entry["bytes"]):
                     _skip_member(tar, member, where, entry, pid)
                     continue
                 dst = stage / "objects" / entry["sha256"]
@@ -381,7 +381,7 @@ def import_(store, file: Path, name: str | None = None):
             ofd = folders.open_dir(store.root, OBJECTS, create=True)
             try:
                 for digest, path in staged.items():
-                    if not store._object_ok(digest, os.path.getsize(path), ofd=ofd):  # absent, or found damaged
+                    if not store.object_ok(digest, os.path.getsize(path), ofd=ofd):  # absent, or found damaged
                         os.replace(path, digest, dst_dir_fd=ofd)
                         integrity.drop_record(store.root, digest)
                 folders.fsync_fd(ofd)
@@ -389,7 +389,7 @@ def import_(store, file: Path, name: str | None = None):
                 os.close(ofd)
             m.update(format_version=FORMAT_VERSION, name=target)
             replace_file(stage / "pool", MANIFEST, manifest_bytes(m))
-            publish_dir(stage / "pool", store._dir(target), target)
+            publish_dir(stage / "pool", store.pool_dir(target), target)
     except BaseException as exc:
         error = as_pool_error(exc, f"importing {where}", f"import {where}", "nothing was created")
         if error is not None:

@@ -336,7 +336,7 @@ class State:
         return self._app
 
     def store(self):
-        from memcli.store import PoolStore
+        from memcli.pools.meta import PoolStore
 
         return PoolStore()
 
@@ -1356,7 +1356,8 @@ def _missing_pool(name: str) -> str | None:
     pool can have is refused."""
     import difflib
 
-    from memcli.store import PoolStore, validate_name
+    from memcli.pools.meta import PoolStore
+    from memcli.store import validate_name
 
     validate_name(name)
     store = PoolStore()

@@ -29,7 +29,7 @@ Every error is JSON, {"error": {"message": one line, "type": …}}, with 400 (ba
 MEMCLI_DEBUG=1). After a stream has started, an error is its last line.
 
 Every request is bounded before any work starts: JSON bodies of at most `JSON_LIMIT` bytes are
-parsed by the store's bounded parser (`memcli.store.manifest.load_json`: nesting at most
+parsed by memcli's bounded parser (`memcli.base.jsonbound.load_json`: nesting at most
 `MAX_REQUEST_DEPTH`, no recursion), then each field is checked: strings of at most `MAX_TEXT`
 characters, at most `MAX_TURNS` history turns and `MAX_MESSAGES` messages, finite numbers in range
 (`memcli.app.sampling`), at most `MAX_STOP_STRINGS` stop strings of `MAX_STOP_CHARS` characters. A
@@ -147,7 +147,7 @@ async def read_body(request: Request, limit: int) -> bytes:
 async def read_json(request: Request) -> dict:
     """The request's JSON object, read within `JSON_LIMIT` bytes and parsed by the bounded parser
     (on a worker thread: a 4 MB body never holds up the event loop)."""
-    from memcli.store.manifest import JsonRefused, load_json
+    from memcli.base.jsonbound import JsonRefused, load_json
 
     body = await read_body(request, JSON_LIMIT)
     try:
@@ -775,7 +775,7 @@ class _Guard:
 
 
 def _upload_header(line: bytes, entries: list) -> dict:
-    from memcli.store.manifest import JsonRefused, load_json
+    from memcli.base.jsonbound import JsonRefused, load_json
 
     try:
         header = load_json(line, 4)
@@ -990,7 +990,7 @@ def serve(settings, keep_alive: float | None, host: str | None = None, port: int
 
     from memcli.server.resident import Resident
     from memcli.server.address import TOKEN_ENV
-    from memcli.store import PoolStore
+    from memcli.pools.meta import PoolStore
 
     token = os.environ.get(TOKEN_ENV) or None
     tcp = check_tcp(host, port, token)

@@ -36,7 +36,7 @@ from memcli.pools import pool as pools
 from memcli.app.api import DEFAULT_ANSWER_TOKENS, Memcli, StopAfterChunk, normalize_model
 from memcli.loading.prompts import chat_prompt_ids, context_ids, conversation_ids, has_chat_template
 from memcli.app.settings import Settings
-from memcli.store import PoolStore
+from memcli.pools.meta import PoolStore
 
 
 class Cancelled(KeyboardInterrupt):

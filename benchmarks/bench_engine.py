@@ -113,20 +113,16 @@ def active_params_per_token(cfg) -> int:
 
 # --------------------------------------------------------------------------- main vs this tree
 def _export_main(ref: str = "main") -> Path:
-    import subprocess
-    import tempfile
+    from report import export_tree
 
-    root = Path(tempfile.mkdtemp(prefix="memcli-main-"))
-    archive = subprocess.run(["git", "-C", str(REPO), "archive", ref, "memcli"], check=True, capture_output=True).stdout
-    subprocess.run(["tar", "-x", "-C", str(root)], input=archive, check=True)
-    (root / "memcli").rename(root / "memcli_main")
-    return root
+    return export_tree(REPO, ref, "memcli_main")[0]
 
 
 def _packages(which: str):
     if which == "main":
-        import memcli_main.engine as engine_module
-        import memcli_main.loading as loading_module
+        from report import baseline_modules
+
+        engine_module, loading_module = baseline_modules("memcli_main")
     else:
         from memcli.core import engine as engine_module
         from memcli.loading import checkpoints as loading_module

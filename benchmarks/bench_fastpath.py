@@ -22,9 +22,7 @@ from __future__ import annotations
 
 import argparse
 import os
-import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 from statistics import median
@@ -37,24 +35,17 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path[:0] = [str(REPO), str(REPO / "benchmarks")]
 
 from make_checkpoint import config_like, make_checkpoint  # noqa: E402
-from report import emit, versions  # noqa: E402
+from report import baseline_modules, emit, export_tree, versions  # noqa: E402
 
 
 def export(ref: str) -> tuple[Path, str]:
-    commit = subprocess.run(["git", "-C", str(REPO), "rev-parse", ref], check=True, capture_output=True,
-                            text=True).stdout.strip()
-    root = Path(tempfile.mkdtemp(prefix="memcli-baseline-"))
-    archive = subprocess.run(["git", "-C", str(REPO), "archive", commit, "memcli"], check=True, capture_output=True).stdout
-    subprocess.run(["tar", "-x", "-C", str(root)], input=archive, check=True)
-    (root / "memcli").rename(root / "memcli_baseline")
-    return root, commit
+    return export_tree(REPO, ref, "memcli_baseline")
 
 
 def engines(folder: Path, root: Path) -> dict:
     """name -> (engine module, loading module, model, reader)."""
     sys.path.insert(0, str(root))
-    import memcli_baseline.engine as base_engine
-    import memcli_baseline.loading as base_loading
+    base_engine, base_loading = baseline_modules("memcli_baseline")
 
     from memcli.core import engine
     from memcli.core import fastpath

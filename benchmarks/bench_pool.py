@@ -29,7 +29,7 @@ from make_checkpoint import config_like, make_checkpoint  # noqa: E402
 from memcli.pools import pool as pools  # noqa: E402
 from memcli.core.engine import Engine  # noqa: E402
 from memcli.loading.checkpoints import initial_state, load_model  # noqa: E402
-from memcli.store import PoolStore  # noqa: E402
+from memcli.pools.meta import Binding, PoolStore  # noqa: E402
 
 BENCH_DIR = REPO / ".bench"
 
@@ -48,7 +48,7 @@ def run(like: str, dtype: torch.dtype, injects: int) -> dict:
     with tempfile.TemporaryDirectory() as root:
         store = PoolStore(Path(root))
         state = initial_state(reader, cfg, dtype=dtype, seed=0)
-        binding = pools.Binding(str(folder), cfg.family, cfg.fingerprint())
+        binding = Binding(str(folder), cfg.family, cfg.fingerprint())
         started = time.perf_counter()
         pool = pools.create(store, "bench", binding, state)
         create_seconds = time.perf_counter() - started

@@ -50,9 +50,9 @@ import torch  # noqa: E402
 from memcli.pools import pool as pools  # noqa: E402
 from memcli.pools import meta as pool_meta  # noqa: E402
 from memcli.core.state import MemoryState, new_generator  # noqa: E402
-from memcli.store import PoolStore  # noqa: E402
+from memcli.pools.meta import PoolStore  # noqa: E402
 from memcli.store import safetensors as store_safetensors  # noqa: E402
-from memcli.store.durable import new_hash  # noqa: E402
+from memcli.base.durable import new_hash  # noqa: E402
 from report import emit  # noqa: E402
 
 MiB = 1 << 20
@@ -155,7 +155,7 @@ def manifest_only_commit(store: PoolStore, name: str) -> dict:
 
 
 def bench_pools(store: PoolStore, layers: int, rows: int, width: int) -> dict:
-    binding = pools.Binding("medium-test-model", "memoryllm", "0" * 16, num_tokens=256)
+    binding = pool_meta.Binding("medium-test-model", "memoryllm", "0" * 16, num_tokens=256)
     first = create_pool(store, "first", binding, memory_state(layers, rows, width, 1))
     # a second pool, the old way and the new way in one run: without the memory's content key
     # (the store hashes the memory to find its object) and with it; own seeds, so that each
@@ -179,7 +179,7 @@ def bench_pools(store: PoolStore, layers: int, rows: int, width: int) -> dict:
 
     big = pools.load(store, "first")
     fill(store, big, 40, 256)  # 40 x 256 rows per layer: under N, so a patch (no new base)
-    tiny = pools.create(store, "tiny", pools.Binding("tiny-test-model", "memoryllm", "1" * 16, num_tokens=4),
+    tiny = pools.create(store, "tiny", pool_meta.Binding("tiny-test-model", "memoryllm", "1" * 16, num_tokens=4),
                         memory_state(2, 64, 32, 3))
     fill(store, tiny, 50, 4)
     info = {
@@ -209,7 +209,7 @@ def bench_pools(store: PoolStore, layers: int, rows: int, width: int) -> dict:
 def bench_first_open(store: PoolStore, repeat: int = 3) -> dict:
     """Load and fork of the big pool, its parts checked on first open vs remembered (docstring)."""
     from memcli.store import integrity
-    from memcli.store.durable import hash_fd
+    from memcli.base.durable import hash_fd
 
     m = store.read_manifest("first")
     part_bytes = sum(e["bytes"] for e in m["parts"].values())
@@ -286,7 +286,7 @@ def main(argv: list[str] | None = None) -> int:
                     "torch": torch.__version__, "shape": [layers, rows, width]}
     try:
         if args.only_first_open:
-            binding = pools.Binding("medium-test-model", "memoryllm", "0" * 16, num_tokens=256)
+            binding = pool_meta.Binding("medium-test-model", "memoryllm", "0" * 16, num_tokens=256)
             pools.create(store, "first", binding, memory_state(layers, rows, width, 1))
             fill(store, pools.load(store, "first"), 40, 256)  # a base and a patch, as in bench_pools
             result["first_open"] = bench_first_open(store)

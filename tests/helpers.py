@@ -77,12 +77,6 @@ def info(name: str) -> dict:
     return json.loads(result.stdout)
 
 
-def write(path: Path, data: str | bytes) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_bytes(data.encode() if isinstance(data, str) else data)
-    return path
-
-
 def ndjson_events(stdout: str) -> list[dict]:
     """Output lines as JSON objects, without their timings (which differ from run to run)."""
     return [{k: v for k, v in json.loads(line).items() if k not in TIMINGS} for line in stdout.splitlines()]
@@ -115,58 +109,8 @@ def run_without_torch(*args: str, cwd: Path, env: dict | None = None) -> subproc
                           capture_output=True, text=True, timeout=120)
 
 
-# --------------------------------------------------------------------------- PDFs
-def make_pdf(pages: list[bytes | None]) -> bytes:
-    """A minimal valid PDF: one page per content stream (None: a page without content)."""
-    objects = {
-        1: b"<< /Type /Catalog /Pages 2 0 R >>",
-        3: b"<< /Type /Font /Subtype /Type1 /BaseFont /Helvetica >>",
-    }
-    kids = []
-    next_id = 4
-    for content in pages:
-        page_id, next_id = next_id, next_id + 1
-        kids.append(page_id)
-        page = b"<< /Type /Page /Parent 2 0 R /MediaBox [0 0 612 792] /Resources << /Font << /F1 3 0 R >> >>"
-        if content is not None:
-            stream_id, next_id = next_id, next_id + 1
-            objects[stream_id] = b"<< /Length %d >>\nstream\n%s\nendstream" % (len(content), content)
-            page += b" /Contents %d 0 R" % stream_id
-        objects[page_id] = page + b" >>"
-    objects[2] = b"<< /Type /Pages /Kids [%s] /Count %d >>" % (b" ".join(b"%d 0 R" % k for k in kids), len(kids))
-    out = bytearray(b"%PDF-1.4\n")
-    offsets = {}
-    for number in sorted(objects):
-        offsets[number] = len(out)
-        out += b"%d 0 obj\n%s\nendobj\n" % (number, objects[number])
-    xref_at = len(out)
-    size = max(objects) + 1
-    out += b"xref\n0 %d\n0000000000 65535 f \n" % size
-    for number in range(1, size):
-        out += b"%010d 00000 n \n" % offsets[number]
-    out += b"trailer\n<< /Size %d /Root 1 0 R >>\nstartxref\n%d\n%%%%EOF\n" % (size, xref_at)
-    return bytes(out)
-
-
-def text_page(text: str) -> bytes:
-    return b"BT /F1 12 Tf 72 720 Td (%s) Tj ET" % text.encode("ascii")
-
-
-# pypdf 7 raises PdfStreamError on a dictionary left open at the end of a content stream.
-BROKEN_PAGE = text_page("lost") + b" <<"
-
-
-def encrypt_pdf(data: bytes, user_password: str) -> bytes:
-    import io
-
-    import pypdf
-
-    writer = pypdf.PdfWriter(clone_from=pypdf.PdfReader(io.BytesIO(data)))
-    # RC4 works without the optional cryptography package.
-    writer.encrypt(user_password=user_password, owner_password="owner", algorithm="RC4-128")
-    out = io.BytesIO()
-    writer.write(out)
-    return out.getvalue()
+# --------------------------------------------------------------------------- PDFs (tests/documents.py)
+from .documents import BROKEN_PAGE, encrypt_pdf, make_pdf, text_page, write  # noqa: E402,F401
 
 
 # --------------------------------------------------------------------------- a running server

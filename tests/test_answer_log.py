@@ -464,7 +464,7 @@ def _make_pool(name: str) -> None:
 
     from memcli.store import PoolStore
 
-    PoolStore(meta_checks=None).commit(name, {"model": "m"}, ["base"], {"base": {"w": torch.zeros(4, 2)}}, None)
+    PoolStore().commit(name, {"model": "m"}, ["base"], {"base": {"w": torch.zeros(4, 2)}}, None)
 
 
 def test_pool_rm_keeps_the_log_and_purge_log_removes_the_pools_answers():

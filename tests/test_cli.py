@@ -676,7 +676,7 @@ def test_item13_default_pool_from_config(pool):
 def test_item14_every_text_file_is_injected(ck, tmp_path):
     import gzip
 
-    from memcli.ingest.extract import man_renderer
+    from memcli.ingest.extract.man import man_renderer
 
     folder = tmp_path / "src"
     texts = {"README": "This project parses the old river bridge logs every Monday morning.",

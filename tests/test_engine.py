@@ -56,7 +56,7 @@ def test_memory_kv_survives_inject_and_answers_as_a_rebuild(variant, compute_thr
     is bitwise what a fresh engine, building every row, answers: logits, each step's logits, the
     greedy tokens and the cache's keys/values themselves. On two threads too: there MKL splits a
     product of a few rows otherwise than a tall one (the new rows are computed in a padded block)."""
-    from memcli.core.engine import PrefixCache
+    from memcli.core.prefix import PrefixCache
 
     model, reader = _model(variant)
     torch.set_num_threads(compute_threads)
@@ -115,7 +115,7 @@ def test_inject_frees_the_memory_kv_beyond_the_budget():
 def test_default_kv_keep_budget_is_a_quarter_of_the_device_memory():
     import os
 
-    from memcli.core.engine import default_kv_keep_budget
+    from memcli.core.prefix import default_kv_keep_budget
 
     host = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
     assert default_kv_keep_budget(torch.device("cpu")) == host // 4
@@ -358,7 +358,7 @@ def test_decode_step_failure_falls_back_to_eager():
     def broken(*args):
         raise RuntimeError("inductor: no C++ compiler")
 
-    engine._step, engine.compiled = broken, True
+    engine.reader.step, engine.reader.compiled = broken, True
     got = engine.generate(state, QUESTION, 8, keep_logits=True)
     assert got.tokens == expected.tokens and not engine.compiled
     torch.testing.assert_close(got.step_logits, expected.step_logits)
@@ -434,7 +434,7 @@ def test_chat_ask_after_an_inject_reads_the_kept_memory_kv(tmp_path, monkeypatch
     the memory K/V its session kept through the inject (nothing is rebuilt) and answers what a
     session that opened the pool afterwards answers, token for token."""
     from memcli.app.api import Memcli
-    from memcli.core.engine import PrefixCache
+    from memcli.core.prefix import PrefixCache
     from memcli.app.settings import Settings
 
     def session():

@@ -27,15 +27,15 @@ from hypothesis import HealthCheck, given, settings as hsettings
 from hypothesis import strategies as st
 
 from memcli.ingest import extract as extract_module
+from memcli.pools import meta as pool_meta
 from memcli.pools import pool as pools
 from memcli import store as store_module
+from memcli.base import durable as base_durable
 from memcli.app.api import Memcli, MemcliError
-from memcli.ingest.chunking import chunk_token_ids
-from memcli.ingest.extract import iter_text, Source
 from memcli.app.settings import Settings
 from memcli.store import PoolError, PoolStore
 from tests.support import REPO, fixture_checkpoint
-from tests.helpers import BROKEN_PAGE, encrypt_pdf, make_pdf, text_page
+from tests.documents import BROKEN_PAGE, encrypt_pdf, make_pdf, text_page
 
 TINY = "memoryllm-8b-chat-tiny"
 OTHER = "mplus-8b-tiny"
@@ -148,7 +148,7 @@ def _permission_denied(tmp, mp):
                 raise PermissionError(errno.EACCES, "Permission denied", str(p))
             return real(p, flags, *a, **kw)
 
-        mp.setattr("memcli.ingest.extract.os.open", deny)
+        mp.setattr("memcli.ingest.discover.os.open", deny)
     return [str(path)]
 
 
@@ -271,7 +271,7 @@ def test_pool_of_another_model_is_refused(app, tmp_path):
     # the right binding: ask through an app whose default model is the other one still uses the pool's
     answer = make_app(other).ask(POOL, "When does the train leave?", max_new_tokens=3)
     assert isinstance(answer.text, str)
-    with pytest.raises(pools.PoolModelMismatch):
+    with pytest.raises(pool_meta.PoolModelMismatch):
         pools.load(app.store, POOL, make_app(other).model().binding)
 
 
@@ -284,7 +284,8 @@ def test_big_single_line_streams_with_bounded_memory(tmp_path):
             out.write(block)
     code = textwrap.dedent(f"""
         import resource, sys
-        from memcli.ingest.extract import Source, iter_text
+        from memcli.ingest.discover import Source
+        from memcli.ingest.extract import iter_text
         from memcli.ingest.chunking import chunk_token_ids, encode_pieces
         base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
         src = Source({str(path)!r}, "text", {path.stat().st_size})
@@ -418,7 +419,7 @@ def test_damaged_pool_folder_is_symlink(app, tmp_path):
             make_app().inject(POOL, [str(_w(tmp_path / "g.txt", GOOD_TEXT))])
         assert_one_line(str(err.value))
         assert app.store.verify(POOL) and "symbolic link" in app.store.verify(POOL)[0]
-        app.store.cleanup()
+        app.store.recover()
     finally:
         watching[0] = False
     assert tree(elsewhere) == before
@@ -878,7 +879,7 @@ def test_fault_enospc_during_commit(app, tmp_path, monkeypatch):
         raise OSError(errno.ENOSPC, "No space left on device")
 
     monkeypatch.setattr(store_module.core, "write_all", full)
-    monkeypatch.setattr(store_module.durable, "write_all", full)
+    monkeypatch.setattr(base_durable, "write_all", full)
     with pytest.raises((MemcliError, PoolError)) as err:
         app.inject(POOL, [str(_w(tmp_path / "new.txt", GOOD_TEXT + " needs space"))])
     assert_one_line(str(err.value))

@@ -115,7 +115,7 @@ def test_hostile_model_folder_is_refused(kind, tmp_path, memcli_home):
 
 
 def test_binding_fingerprint_ignores_cosmetic_keys_and_keeps_old_pools():
-    from memcli.pools import pool as pools
+    from memcli.pools import meta as pool_meta
     from memcli.core.config import parse_config
 
     raw = json.loads((fixture_checkpoint("memoryllm-8b-tiny") / "config.json").read_text())
@@ -126,9 +126,9 @@ def test_binding_fingerprint_ignores_cosmetic_keys_and_keeps_old_pools():
     assert cosmetic.fingerprint() == cfg.fingerprint()
     assert changed.fingerprint() != cfg.fingerprint()
     # a pool written before (raw-config hash) is still accepted by the same model
-    model = pools.Binding("m", cfg.family, cfg.fingerprint(), cfg.num_tokens, legacy_hashes=(cfg.legacy_fingerprint(),))
-    old_pool = pools.Binding("m", cfg.family, cfg.legacy_fingerprint(), cfg.num_tokens)
-    pools.check_binding("p", old_pool, model)
-    other = pools.Binding("m", cfg.family, changed.legacy_fingerprint(), cfg.num_tokens)
-    with pytest.raises(pools.PoolModelMismatch):
-        pools.check_binding("p", other, model)
+    model = pool_meta.Binding("m", cfg.family, cfg.fingerprint(), cfg.num_tokens, legacy_hashes=(cfg.legacy_fingerprint(),))
+    old_pool = pool_meta.Binding("m", cfg.family, cfg.legacy_fingerprint(), cfg.num_tokens)
+    pool_meta.check_binding("p", old_pool, model)
+    other = pool_meta.Binding("m", cfg.family, changed.legacy_fingerprint(), cfg.num_tokens)
+    with pytest.raises(pool_meta.PoolModelMismatch):
+        pool_meta.check_binding("p", other, model)

@@ -6,11 +6,11 @@ from pathlib import Path
 import pytest
 import torch
 
+from memcli.pools import meta as pool_meta
 from memcli.pools import pool as pools
-from memcli.core.config import read_config
 from memcli.core.engine import Engine
 from memcli.loading.checkpoints import initial_state, load_model
-from memcli.store import PoolStore
+from memcli.pools.meta import PoolStore
 
 from .support import fixture_checkpoint
 
@@ -19,7 +19,7 @@ def _setup(variant):
     folder = fixture_checkpoint(variant)
     model, reader = load_model(folder)
     cfg = model.cfg
-    binding = pools.Binding(str(folder), cfg.family, cfg.fingerprint(), cfg.num_tokens)
+    binding = pool_meta.Binding(str(folder), cfg.family, cfg.fingerprint(), cfg.num_tokens)
     return model, reader, binding
 
 
@@ -88,8 +88,8 @@ def test_fork_is_independent_and_binding_is_checked():
     _update_and_save(engine, store, fork, torch.arange(16)[None])
     _assert_same_state(state, pools.load(store, "src", binding).state)
     assert not torch.equal(pools.load(store, "dst", binding).state.memory(), state.memory())
-    other = pools.Binding("elsewhere", "mplus", "0" * 16)
-    with pytest.raises(pools.PoolModelMismatch, match="belongs to model"):
+    other = pool_meta.Binding("elsewhere", "mplus", "0" * 16)
+    with pytest.raises(pool_meta.PoolModelMismatch, match="belongs to model"):
         pools.load(store, "src", other)
 
 
@@ -146,7 +146,6 @@ def test_a_new_pool_shares_its_models_initial_memory_and_writes_a_manifest_only(
 
 @pytest.mark.parametrize("variant", ["memoryllm-8b-tiny", "mplus-8b-tiny"])
 def test_pool_info_counts_retention_from_the_small_tables_only(variant, monkeypatch):
-    from memcli.pools import meta as pool_meta
     from memcli.store.snapshot import Snapshot
 
     model, reader, binding = _setup(variant)
@@ -180,7 +179,7 @@ def test_metadata_commands_import_no_torch():
     pool.sources.append({"path": "a.txt", "first_chunk": 0, "chunks": 1, "complete": True})
     engine = Engine(model)
     _update_and_save(engine, store, pool, torch.arange(16)[None])
-    code = ("import sys\nfrom memcli.pools import meta as pool_meta\nfrom memcli.store import PoolStore\n"
+    code = ("import sys\nfrom memcli.pools import meta as pool_meta\nfrom memcli.pools.meta import PoolStore\n"
             "s = PoolStore()\nrows = pool_meta.list_rows(s)\ninfo = pool_meta.pool_info(s, 'p')\n"
             "assert rows[0]['chunks'] == 1 and info['retention'][0]['rows_in_stm'] > 0\n"
             "print('torch' in sys.modules)")
@@ -188,6 +187,27 @@ def test_metadata_commands_import_no_torch():
                          env=dict(__import__("os").environ, PYTHONPATH=str(Path(__file__).parent.parent)))
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "False"
+
+
+def test_the_pools_layer_gives_the_store_its_meta_checks(tmp_path):
+    """The store is generic (any meta will do: memcli.store.PoolStore); memcli's pools make theirs
+    with the checks of a pool's meta (pools.meta.PoolStore): an export, fork or import of a pool
+    whose meta is not a memcli pool's is refused in one line naming the field, before anything is
+    written."""
+    from memcli.store import PoolCorrupt
+    from memcli.store import PoolStore as GenericStore
+
+    generic, ours = GenericStore(), PoolStore()
+    assert generic.root == ours.root and ours.checks is pool_meta.POOL_CHECKS
+    generic.commit("odd", {"model": "not an object"}, ["base"], {"base": {"w": torch.zeros(2, 2)}}, None)
+    generic.export("odd", tmp_path / "odd.tar")  # the generic store checks no meta
+    generic.fork("odd", "odd-copy")
+    for refused in (lambda: ours.export("odd", tmp_path / "again.tar"), lambda: ours.fork("odd", "copy"),
+                    lambda: ours.import_(tmp_path / "odd.tar", "imported")):
+        with pytest.raises(PoolCorrupt, match="meta.model is invalid"):
+            refused()
+    assert not (tmp_path / "again.tar").exists() and not ours.exists("copy") and not ours.exists("imported")
+    assert generic.import_(tmp_path / "odd.tar", "imported").name == "imported"
 
 
 def test_injection_log_is_appended_not_rewritten():
@@ -382,7 +402,7 @@ def test_initial_key_changes_with_the_memory_files_identity(tmp_path, streamed):
     shutil.copytree(fixture_checkpoint("memoryllm-8b-tiny"), folder)
     model, reader = load_model(folder)
     cfg = model.cfg
-    binding = pools.Binding(str(folder), cfg.family, cfg.fingerprint(), cfg.num_tokens)
+    binding = pool_meta.Binding(str(folder), cfg.family, cfg.fingerprint(), cfg.num_tokens)
 
     def key(dtype=torch.float32):
         return initial_state(CheckpointReader(folder), cfg, dtype=dtype).initial_key
@@ -421,7 +441,6 @@ def test_initial_key_changes_with_the_memory_files_identity(tmp_path, streamed):
 
 
 def test_content_keys_are_invisible_to_listing_gc_recovery_and_verify():
-    from memcli.pools import meta as pool_meta
 
     model, reader, binding = _setup("memoryllm-8b-tiny")
     store = PoolStore()

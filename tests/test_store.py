@@ -1,7 +1,7 @@
 """Tests for memcli.store: the durable, content-addressed pool store.
 
 Every test runs against its own MEMCLI_HOME (tests/conftest.py). These tests use the store
-alone, with generic meta (PoolStore(meta_checks=None)); pools made by memcli are in
+alone, generic (PoolStore() checks no meta: MetaChecks' defaults); pools made by memcli are in
 test_pool.py, test_store_compat.py and test_hardening.py."""
 
 from __future__ import annotations
@@ -27,10 +27,10 @@ from safetensors.torch import load_file
 
 from memcli.base import paths
 from memcli.store import (
-    InvalidPoolName, PoolBusy, PoolCorrupt, PoolError, PoolExists, PoolNotFound, PoolStore, safe_text,
-    validate_name,
+    InvalidPoolName, PoolBusy, PoolCorrupt, PoolError, PoolExists, PoolNotFound, PoolStore, validate_name,
 )
-from memcli.store import durable
+from memcli.base import durable
+from memcli.base.text import one_line
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -40,7 +40,7 @@ REPO = Path(__file__).resolve().parent.parent
 
 @pytest.fixture
 def store() -> PoolStore:
-    s = PoolStore(meta_checks=None)
+    s = PoolStore()
     assert s.root == paths.pools_dir()
     assert "memcli-home" in str(s.root)  # never the real user folder
     return s
@@ -104,7 +104,7 @@ class Holder:
     """A subprocess that runs `code` (with `store` bound) and then waits for stdin to close."""
 
     def __init__(self, root: Path, code: str):
-        script = "import sys\nfrom memcli.store import PoolStore\nstore = PoolStore(%r, meta_checks=None)\n%s" % (
+        script = "import sys\nfrom memcli.store import PoolStore\nstore = PoolStore(%r)\n%s" % (
             str(root), textwrap.dedent(code))
         self.proc = subprocess.Popen([sys.executable, "-c", script], env=dict(os.environ, PYTHONPATH=str(REPO)),
                                      stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
@@ -172,9 +172,9 @@ def test_invalid_part_ids_refused(store, bad):
     assert not store.exists("p")
 
 
-def test_safe_text_escapes_control_characters():
-    assert safe_text("a\x1b]0;pwned\x07b\x1b[2J") == "a\\x1b]0;pwned\\x07b\\x1b[2J"
-    assert safe_text("two\nlines\t x") == "two lines x"
+def test_store_text_is_made_safe_by_the_one_sanitizer():
+    assert one_line("a\x1b]0;pwned\x07b\x1b[2J") == "a\\x1b]0;pwned\\x07b\\x1b[2J"
+    assert one_line("two\nlines\t x") == "two lines x"
     assert "\x1b" not in str(PoolError("pool \x1b[2J x"))
 
 
@@ -349,6 +349,23 @@ def test_writer_busy_across_processes_and_threads(store):
     assert store.commit("p", {}, ["base"], {}, 1)["version"] == 2
 
 
+def test_a_busy_pool_whose_lock_file_holds_garbage_is_still_one_busy_line(store):
+    """The holder's lock file only names it for the message: whatever it holds (deeply nested JSON
+    that json.loads cannot parse without a RecursionError, binary) the other writer gets PoolBusy."""
+    make_pool(store)
+    holder = Holder(store.root, """
+        with store.writer("p"):
+            (store.root / ".locks" / "p.lock").write_bytes(b"[" * 4000)  # the same file, still flocked
+            print("ready", flush=True)
+            sys.stdin.read()
+    """)
+    try:
+        with pytest.raises(PoolBusy, match="^pool p is being written by another process; try again later$"):
+            store.commit("p", {}, ["base"], {}, 1)
+    finally:
+        holder.stop()
+
+
 def test_lock_of_a_killed_writer_never_blocks(store):
     make_pool(store)
     holder = Holder(store.root, LOCK_HOLDER)
@@ -419,7 +436,7 @@ def test_four_readers_during_200_commits_never_fail_and_see_committed_versions(s
     failures, reads = [], [0, 0]
 
     def reader(kind: int) -> None:
-        r = PoolStore(meta_checks=None)
+        r = PoolStore()
         while not done.is_set():
             try:
                 if kind % 2:
@@ -468,7 +485,7 @@ def test_next_write_removes_leftovers_with_one_stderr_line(store):
     (root / "old-creation").mkdir()  # a format-1 creation that never committed
     (root / "old-creation" / ".creating").write_bytes(b"")
     before = store.read_manifest("p")
-    code = "from memcli.store import PoolStore\nPoolStore(meta_checks=None).commit('p', {}, ['base'], {}, 1)"
+    code = "from memcli.store import PoolStore\nPoolStore().commit('p', {}, ['base'], {}, 1)"
     out = run_py(code)
     assert out.returncode == 0, out.stderr
     lines = [line for line in out.stderr.splitlines() if line.strip()]
@@ -485,10 +502,10 @@ def test_recovery_spares_work_in_progress(store):
     make_pool(store)
     holder = Holder(store.root, """
         import os, fcntl
-        from memcli.store import locking
+        from memcli.store import staging
         os.makedirs(store.root, exist_ok=True)
         os.mkdir(store.root / ".tmp-live-1")
-        fd = locking.flock_entry(store.root / ".tmp-live-1")
+        fd = staging.flock_entry(store.root / ".tmp-live-1")
         print("ready", flush=True)
         sys.stdin.read()
     """)
@@ -498,6 +515,26 @@ def test_recovery_spares_work_in_progress(store):
     finally:
         holder.stop()
     assert store.recover() == [str(store.root / ".tmp-live-1")]
+
+
+def test_recovery_removes_a_killed_exports_record_and_file_whatever_the_record_holds(store, tmp_path):
+    """An export killed midway leaves its record in the store and its temporary file beside the
+    destination: recovery removes both. A record that is not ours (any bytes, JSON nested past what
+    json.loads can parse) is removed as a leftover; nothing it names is touched."""
+    from memcli.store import staging
+
+    make_pool(store)
+    tmp = staging.export_tmp_path(tmp_path / "out.tar")
+    tmp.write_bytes(b"half an archive")
+    record, fd = staging.write_export_record(store.root, tmp)
+    os.close(fd)  # as the kernel does for a killed process: the record's flock is released
+    keep = tmp_path / "keep.memcli-export"
+    keep.write_bytes(b"somebody's")
+    odd = [store.root / ".tmp-export-odd1", store.root / ".tmp-export-odd2"]
+    odd[0].write_bytes(b"[" * 60000)
+    odd[1].write_bytes(json.dumps({"tmp": str(tmp_path)}).encode())  # a folder: never removed
+    assert sorted(store.recover()) == sorted(map(str, [record, *odd]))
+    assert not tmp.exists() and keep.exists() and tmp_path.is_dir()
 
 
 def test_verify_finds_damage_and_repair_does_not_touch_it(store):
@@ -667,7 +704,7 @@ def test_import_refuses_bad_archives(store, tmp_path, case):
         m5["parts"]["base"] = {"sha256": digest.hexdigest(), "bytes": len(bomb)}
         with_manifest(m5, [_reg("parts/base.safetensors", bomb), good[2]])
     elif case == "member-count-bomb":
-        _tar_with(bad, good + [_reg(f"parts/base.safetensors", base)] * 10_000)
+        _tar_with(bad, good + [_reg("parts/base.safetensors", base)] * 10_000)
     elif case == "control-chars":
         with_manifest(dict(m, updated="\x1b[2J\x1b]0;pwned\x07"))
     elif case == "wrong-types":
@@ -992,7 +1029,7 @@ def test_a_symlinked_store_folder_is_never_followed(store, tmp_path, folder):
     errors = []
     for call in calls:
         try:
-            call(PoolStore(meta_checks=None))  # each as a new command would
+            call(PoolStore())  # each as a new command would
         except PoolError as exc:
             errors.append(str(exc))
     assert outside_tree(outside) == before
@@ -1011,7 +1048,7 @@ def test_a_file_where_a_store_folder_belongs_is_named_with_the_fix(store, tmp_pa
     path.write_text("somebody's file")
     expected = f"{path} is a file where memcli keeps a folder: move it away (mv '{path}' '{path}.moved')"
     for call in (lambda: store.commit("q", {}, ["base"], {"base": tensors(1, 256)}, None), lambda: store.fork("p", "q"),
-                 lambda: store.import_(tmp_path / "p.tar", "q"), lambda: PoolStore(meta_checks=None).remove("p")):
+                 lambda: store.import_(tmp_path / "p.tar", "q"), lambda: PoolStore().remove("p")):
         with pytest.raises(PoolError) as exc:
             call()
         assert str(exc.value).startswith(expected), str(exc.value)
@@ -1072,7 +1109,7 @@ def test_more_than_a_torn_record_missing_is_damage(store):
 HUGE_LOG = """
 import json, os, resource, sys
 from memcli.store import PoolStore, PoolCorrupt
-store = PoolStore(sys.argv[1], meta_checks=None)
+store = PoolStore(sys.argv[1])
 base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
 try:
     {call}
@@ -1173,7 +1210,7 @@ def test_gc_with_readers_looping_leaves_no_unreferenced_object(store):
     failures = []
 
     def reader(i: int) -> None:
-        r = PoolStore(meta_checks=None)
+        r = PoolStore()
         while not done.is_set():
             try:
                 with r.snapshot("p") as snap:
@@ -1183,7 +1220,7 @@ def test_gc_with_readers_looping_leaves_no_unreferenced_object(store):
             looping[i].set()
 
     def holder() -> None:
-        with PoolStore(meta_checks=None).gate.shared():
+        with PoolStore().gate.shared():
             holding.set()
             release.wait(60)
 
@@ -1270,7 +1307,7 @@ def test_a_read_only_store_reads_and_refuses_writes_in_one_line(store, tmp_path,
     before = tree(store.root)
     patched = pytest.MonkeyPatch()
     read_only_home(patched, store.root.parent.parent, err)
-    fresh = PoolStore(meta_checks=None)
+    fresh = PoolStore()
     with caplog.at_level(logging.WARNING, logger="memcli.store"):
         assert [i.name for i in fresh.list()] == ["a", "b"] and all(i.error is None for i in fresh.list())
         assert same(fresh.read_part("a", "base"), tensors(1, 256)) and fresh.verify("a") == []

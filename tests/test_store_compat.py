@@ -20,7 +20,7 @@ from memcli.pools import pool as pools
 from memcli.pools import meta as pool_meta
 from memcli.core.engine import Engine
 from memcli.loading.checkpoints import load_model
-from memcli.store import PoolStore
+from memcli.pools.meta import PoolStore
 
 from .support import fixture_checkpoint
 

@@ -102,7 +102,7 @@ def check_pool(store: PoolStore, name: str, v_min: int = 1, forked_from: dict | 
 
 def next_writing_command(store: PoolStore) -> None:
     """What any writing command does first: a fresh store object recovers on its first lock."""
-    with PoolStore(store.root, meta_checks=None).writer("unrelated"):
+    with PoolStore(store.root).writer("unrelated"):
         pass
 
 
@@ -122,7 +122,8 @@ _EVENTS = ("fsync", "replace", "rename", "unlink", "link", "mkdir", "rmdir")
 
 def _install_crash_hooks(crash_at: int) -> None:
     """SIGKILL ourselves right before the crash_at-th durable-write event."""
-    from memcli.store import core, durable, locking, transfer
+    from memcli.base import durable
+    from memcli.store import core, folders, locking, staging, transfer
 
     count = [0]
 
@@ -138,13 +139,13 @@ def _install_crash_hooks(crash_at: int) -> None:
     for ev in _EVENTS:
         setattr(os, ev, wrap(getattr(os, ev)))
     hooked_write = wrap(durable.write_all)
-    for mod in (durable, core, locking, transfer):
+    for mod in (durable, core, folders, locking, staging, transfer):
         mod.write_all = hooked_write
     shutil.rmtree = wrap(shutil.rmtree)
 
 
 def _worker(cmd: dict) -> None:
-    store = PoolStore(Path(cmd["root"]), meta_checks=None)
+    store = PoolStore(Path(cmd["root"]))
     op = cmd["op"]
     if cmd.get("crash_at"):
         _install_crash_hooks(cmd["crash_at"])
@@ -170,8 +171,8 @@ def _worker(cmd: dict) -> None:
         store.import_(Path(cmd["file"]), "imp")
     elif op == "export":
         store.export("p", Path(cmd["out"]))
-    elif op == "cleanup":
-        store.cleanup()
+    elif op == "recover":
+        store.recover()
     else:
         raise ValueError(op)
 
@@ -259,7 +260,7 @@ def test_sigkill_at_random_moments_during_continuous_commits(zygote, tmp_path):
     """Each trial: the child commits in a loop and reports every commit; after a random number
     (1-3) of reported commits it is killed at a random point of the next ones. Whatever the
     machine's speed, the kill lands mid-stream, and the pool has at least the reported versions."""
-    store = PoolStore(tmp_path / "pools", meta_checks=None)
+    store = PoolStore(tmp_path / "pools")
     commit_version(store, "p", 1, set())
     v_prev = check_pool(store, "p")
     rng = random.Random(1234)
@@ -339,7 +340,7 @@ def _check_after(op: str, store: PoolStore, v_before: int, completed: bool, out:
 def test_sigkill_before_every_durable_step(zygote, tmp_path, op):
     """Kill the writer right before its 1st, 2nd, 3rd ... fsync/rename/replace/unlink/
     link/mkdir/write, until the operation completes: every intermediate state recovers."""
-    store = PoolStore(tmp_path / "pools", meta_checks=None)
+    store = PoolStore(tmp_path / "pools")
     export = tmp_path / "q.tar"
     out = tmp_path / "exports" / "p.tar"
     out.parent.mkdir()
@@ -365,16 +366,16 @@ def test_sigkill_before_every_durable_step(zygote, tmp_path, op):
     print(f"{op}: recovered from a kill before each of {crash_at - 2} steps")
 
 
-def test_cleanup_itself_can_be_killed(zygote, tmp_path):
+def test_recovery_itself_can_be_killed(zygote, tmp_path):
     """A crash inside recovery (removing leftovers of a crash) is recovered by the next one."""
-    store = PoolStore(tmp_path / "pools", meta_checks=None)
+    store = PoolStore(tmp_path / "pools")
     commit_version(store, "p", 1, set())
     crash_at, completed = 1, False
     while not completed:
         # leftovers of a killed commit of version 2 (parts placed, manifest not replaced)
-        pid = zygote.start(op="commit", root=str(store.root), crash_at=6)
+        zygote.start(op="commit", root=str(store.root), crash_at=6)
         zygote.finish()
-        status = zygote.run(op="cleanup", root=str(store.root), crash_at=crash_at)
+        status = zygote.run(op="recover", root=str(store.root), crash_at=crash_at)
         completed = not status["killed"]
         next_writing_command(store)
         no_leftovers(store)
@@ -384,13 +385,12 @@ def test_cleanup_itself_can_be_killed(zygote, tmp_path):
             commit_version(store, "p", 1, set())
         crash_at += 1
         assert crash_at < 200
-        del pid
 
 
 COUNTER_CHILD = """
 import sys, time
 from memcli.store import PoolStore, PoolBusy
-store, mode = PoolStore(sys.argv[1], meta_checks=None), sys.argv[2]
+store, mode = PoolStore(sys.argv[1]), sys.argv[2]
 done = 0
 while done < 20:
     if mode == "lock":
@@ -410,7 +410,7 @@ while done < 20:
 
 @pytest.mark.parametrize("mode", ["lock", "optimistic"])
 def test_two_processes_incrementing_a_counter(tmp_path, mode):
-    store = PoolStore(tmp_path / "pools", meta_checks=None)
+    store = PoolStore(tmp_path / "pools")
     store.commit("c", {"counter": 0}, [], {}, None)
     # a lock file left by a process of another host: it names a holder, but nobody holds it
     (store.root / ".locks" / "c.lock").write_text(json.dumps(

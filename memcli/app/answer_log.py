@@ -47,6 +47,9 @@ from typing import Any, Callable, Mapping
 
 from memcli.base import paths
 from memcli.base.clock import iso_z, now_iso
+from memcli.base.durable import create_exclusive, file_kind
+from memcli.base.errors import MemcliError
+from memcli.base.text import one_line
 
 FILE_NAME = "log.db"
 VIA = ("cli", "server", "openai", "mcp", "llm")  # the entry points an answer can come through
@@ -61,8 +64,9 @@ FIX = "move it aside with: memcli log reset"
 log = logging.getLogger("memcli.app.answer_log")
 
 
-class LogError(ValueError):
-    """A one-line problem with the log's file (damaged, not ours, of a newer memcli, not writable)."""
+class LogError(MemcliError, ValueError):
+    """A one-line problem with the log's file (damaged, not ours, of a newer memcli, not writable):
+    exit 1, HTTP 400."""
 
 
 # --------------------------------------------------------------------------- an entry
@@ -190,9 +194,7 @@ def path() -> Path:
 
 
 def _show(p: Path) -> str:
-    from memcli.store.errors import safe_text
-
-    return safe_text(p)
+    return one_line(p)
 
 
 def _check_file(p: Path, note: Callable[[str], None]) -> bool:
@@ -202,8 +204,6 @@ def _check_file(p: Path, note: Callable[[str], None]) -> bool:
         st = os.lstat(p)
     except (FileNotFoundError, NotADirectoryError):
         return False
-    from memcli.store.durable import file_kind
-
     if stat.S_ISLNK(st.st_mode):
         raise LogError(f"{_show(p)} is a symbolic link; refusing to use it ({FIX})")
     if not stat.S_ISREG(st.st_mode):
@@ -224,8 +224,6 @@ def _check_file(p: Path, note: Callable[[str], None]) -> bool:
 
 def _create(p: Path) -> None:
     """An empty file of mode 0600 at `p` (whatever the umask), unless one appeared meanwhile."""
-    from memcli.store.durable import create_exclusive
-
     try:
         p.parent.mkdir(parents=True, exist_ok=True)
     except OSError as err:

@@ -29,13 +29,13 @@ from memcli.wire import Answer, Event, InjectReport, Sampling
 if TYPE_CHECKING:  # pragma: no cover
     from memcli.app.backend import ChatSession
     from memcli.pools.pool import Pool
-    from memcli.store import PoolStore
+    from memcli.pools.meta import PoolStore
 
 
 class Memcli:
     def __init__(self, settings: Settings | None = None, store: "PoolStore | None" = None,
                  on_load: Callable[[str, str], None] | None = None):
-        from memcli.store import PoolStore
+        from memcli.pools.meta import PoolStore
 
         self.settings = settings or load_settings()
         self.store = store or PoolStore()
@@ -60,7 +60,7 @@ class Memcli:
             from memcli.core.config import ConfigError
             from memcli.core.engine import Engine
             from memcli.loading.checkpoints import CheckpointError, load_checked_tokenizer, load_model, resolve_checkpoint
-            from memcli.pools import pool as pools
+            from memcli.pools import meta as pool_meta
 
             try:
                 device = self.settings.resolved_device()  # a missing device is said first
@@ -80,7 +80,7 @@ class Memcli:
                 folder=folder,
                 engine=Engine(transformer, cached_states=self.cached_states, compile_decode=self.settings.compile),
                 tokenizer=tokenizer,
-                binding=pools.Binding(name, cfg.family, cfg.fingerprint(), cfg.num_tokens,
+                binding=pool_meta.Binding(name, cfg.family, cfg.fingerprint(), cfg.num_tokens,
                                       legacy_hashes=(cfg.legacy_fingerprint(),)),
                 state_dtype=dtype,
                 device=device,
@@ -125,16 +125,16 @@ class Memcli:
         used instead of the recorded one when its config.json has the pool's fingerprint — checked
         before any weights are read — and so is the configured model when the recorded one is not
         on this machine (a folder that moved)."""
-        from memcli.pools import pool as pools
+        from memcli.pools import meta as pool_meta
 
         if not self.store.exists(name):
             return normalize_model(model or self.settings.model)
-        binding = pools.read_binding(self.store, name)
+        binding = pool_meta.read_binding(self.store, name)
         wanted = model or (self.settings.model if self.settings.explicit("model") else None)
         if wanted is not None and normalize_model(wanted) != binding.model:
             problem = binding_mismatch(name, binding, model_identity(wanted))
             if problem is not None:
-                raise pools.PoolModelMismatch(problem)
+                raise pool_meta.PoolModelMismatch(problem)
             return normalize_model(wanted)
         if model_is_here(binding.model):
             return binding.model
@@ -181,17 +181,17 @@ class Memcli:
         """Record `model` as pool `name`'s model, after checking from its config.json alone that it
         is the same model (family and config fingerprint). For a pool whose model folder moved, or
         to switch between a folder and the hub id of the same checkpoint."""
-        from memcli.pools import pool as pools
+        from memcli.pools import meta as pool_meta
 
         self.require_pool(name)
         identity = model_identity(model)
         with self.store.writer(name):
             manifest = self.store.read_manifest(name)
             meta = dict(manifest.get("meta") or {})
-            binding = pools.read_binding(self.store, name)
+            binding = pool_meta.read_binding(self.store, name)
             problem = binding_mismatch(name, binding, identity)
             if problem is not None:
-                raise pools.PoolModelMismatch(problem)
+                raise pool_meta.PoolModelMismatch(problem)
             meta["model"] = {**meta["model"], "model": identity.model}
             self.store.commit(name, meta=meta, part_ids=list(manifest["parts"]), new_parts={},
                               expect_version=int(manifest["version"]))

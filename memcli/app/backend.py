@@ -72,7 +72,7 @@ def find(paths: Iterable[str], *, glob: str | None = None, type: str | None = No
     """What an inject of `paths` reads, found here on the caller's side (`ingest.extract.discover`):
     sources, files that cannot be read and files left out, in order; one line when `type` or
     `encoding` is unknown or when nothing at all is there to read."""
-    from memcli.ingest.extract import discover
+    from memcli.ingest.discover import discover
     from memcli.ingest.pipeline import nothing_found
 
     paths = [str(path) for path in paths]

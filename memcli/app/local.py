@@ -11,7 +11,7 @@ from typing import BinaryIO, Callable, Iterable, Sequence
 
 from memcli.app import pools
 from memcli.app.backend import ChatSession, open_session
-from memcli.store import PoolStore
+from memcli.pools.meta import PoolStore
 from memcli.wire import Answer, Event, InjectReport, Sampling
 
 

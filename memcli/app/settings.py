@@ -25,6 +25,7 @@ import os
 from dataclasses import dataclass, field, replace
 
 from memcli.base import paths
+from memcli.base.durable import replace_file
 from memcli.base.errors import MemcliError
 from memcli.loading.catalog import ALIASES
 
@@ -228,8 +229,6 @@ def set_config(key: str, value: str | None) -> None:
         values.pop(key, None)
     else:
         values.update(_validate({key: _normalized(key, value)}, "memcli config set"))
-    from memcli.store.durable import replace_file  # memcli's one durable write (torch-free)
-
     path = paths.config_file()
     path.parent.mkdir(parents=True, exist_ok=True)
     replace_file(path.parent, path.name, "".join(f"{k} = {_toml_value(v)}\n" for k, v in values.items()).encode())

@@ -60,6 +60,15 @@ class Damaged(MemcliError):
     kind = "pool_error"
 
 
+class FileRefused(Damaged):
+    """A file memcli will not read as it is: a symbolic link, not a regular file, implausibly
+    large (base.durable.open_regular); str() names the file and why."""
+
+
+class FileUnreadable(FileRefused):
+    """A file the system will not let memcli read (no permission, an I/O error)."""
+
+
 class Interrupted(MemcliError):
     """Ctrl-C, SIGTERM, or a client that asked to stop: what was committed is kept."""
 

@@ -67,7 +67,7 @@ class Invocation:
         return self._backend
 
     def store(self):
-        from memcli.store import PoolStore
+        from memcli.pools.meta import PoolStore
 
         return PoolStore()
 

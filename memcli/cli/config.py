@@ -69,7 +69,8 @@ def _missing_pool(name: str) -> str | None:
     pool can have is refused."""
     import difflib
 
-    from memcli.store import PoolStore, validate_name
+    from memcli.pools.meta import PoolStore
+    from memcli.store import validate_name
 
     validate_name(name)
     store = PoolStore()

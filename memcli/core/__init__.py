@@ -1,1 +1,1 @@
-"""The model core: the transformer (model.py, the reference), its fast paths, quantization, the memory state and the engine. torch lives here."""
+"""The model core: the transformer (model.py, the reference), its fast paths, quantization, the memory state and the engine (engine.py composing prefix.py, memory.py, generate.py, retrieval.py). torch lives here."""

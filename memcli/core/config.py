@@ -9,12 +9,15 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+
+from memcli.base.durable import read_regular
+from memcli.base.errors import FileRefused, MemcliError
+from memcli.base.jsonbound import JsonRefused, load_json
 
 FAMILIES = ("7b", "8b", "mplus")
 
@@ -26,8 +29,8 @@ ROPE_PRECISIONS = ("fp32", "bf16", "fp16-table")
 DEFAULT_ROPE_PRECISION = {"7b": "fp32", "8b": "fp32", "mplus": "bf16"}
 
 
-class ConfigError(ValueError):
-    """config.json is not a MemoryLLM / M+ config we can run."""
+class ConfigError(MemcliError, ValueError):
+    """config.json is not a MemoryLLM / M+ config we can run (exit 1, HTTP 400; a bad value)."""
 
 
 # --------------------------------------------------------------------------- reading JSON safely
@@ -38,25 +41,19 @@ MAX_JSON_DEPTH = 64
 def read_json_file(path: Path, limit: int = MAX_JSON_BYTES):
     """A model folder's JSON file, refused (ConfigError naming the file) unless it is a regular file
     of bounded size and nesting. Opened without blocking, so a FIFO cannot hang the load. The same
-    opener and bounded parser read the pool store's documents."""
-    from memcli.store.durable import open_regular, read_fd
-    from memcli.store.errors import PoolError
-    from memcli.store.manifest import parse_json
-
+    opener (memcli.base.durable) and bounded parser (memcli.base.jsonbound) read the pool store's
+    documents."""
     path = Path(path)
     try:
-        fd = open_regular(path, str(path), max_bytes=limit)
-        try:
-            data = read_fd(fd, limit)
-        finally:
-            os.close(fd)
-        return parse_json(data, str(path), max_depth=MAX_JSON_DEPTH)
+        return load_json(read_regular(path, str(path), limit), MAX_JSON_DEPTH)
     except FileNotFoundError:
         raise ConfigError(f"{path} not found") from None
     except OSError as err:
         raise ConfigError(f"cannot read {path}: {err.strerror or err}") from None
-    except PoolError as err:
+    except FileRefused as err:
         raise ConfigError(str(err)) from None
+    except JsonRefused as err:
+        raise ConfigError(f"{path} {err.reason}") from None
 
 
 # --------------------------------------------------------------------------- field checks

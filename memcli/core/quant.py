@@ -72,6 +72,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from memcli.base.text import one_line
+
 QUANT_MODES = ("nf4", "int8", "bf16", "fp16", "fp32")
 
 _DENSE_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -171,10 +173,10 @@ def _probe(mode: str, device_str: str) -> str | None:
 
 
 def first_line(e: BaseException, limit: int = 160) -> str:
-    """An exception as one line for a user: its type and the first line of its message."""
-    text = str(e).strip().splitlines()[0] if str(e).strip() else ""
-    text = f"{type(e).__name__}: {text}" if text else type(e).__name__
-    return text if len(text) <= limit else text[: limit - 3] + "..."
+    """An exception of a library as one line for a user, "Type: the first line of its message",
+    made safe and cut at `limit` by memcli's one sanitizer (memcli.base.text.one_line)."""
+    lines = str(e).strip().splitlines()
+    return one_line(f"{type(e).__name__}: {lines[0]}" if lines else type(e).__name__, limit)
 
 
 def check_mode_supported(mode: str, device: torch.device | str) -> None:

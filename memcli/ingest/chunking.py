@@ -27,11 +27,12 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Callable, Hashable, Iterable, Iterator, Sequence
 
+from memcli.base.errors import MemcliError
 from memcli.loading.catalog import CARD_MIN_CHUNK_TOKENS
 
 
-class ChunkingError(ValueError):
-    """A text that cannot be cut into chunks (it is too short to inject)."""
+class ChunkingError(MemcliError, ValueError):
+    """A text that cannot be cut into chunks (it is too short to inject): exit 1, HTTP 400."""
 
 
 def chunk_token_ids(

@@ -26,13 +26,14 @@ from typing import TYPE_CHECKING, BinaryIO, Callable, Iterable
 
 from memcli.base.clock import now_iso
 from memcli.ingest.chunking import ChunkingError, Packed, Packer, chunk_token_ids, encode_pieces, share_rows
-from memcli.ingest.extract import ExtractError, Reading, Skipped, Source, iter_text, sha256_of
+from memcli.ingest.discover import Skipped, Source
+from memcli.ingest.extract import ExtractError, Reading, iter_text, sha256_of
 from memcli.wire import Event, FileResult, InjectInterrupted, InjectReport
 
 if TYPE_CHECKING:  # pragma: no cover
     from memcli.loading.vocabulary import UnknownWords
     from memcli.pools.pool import Pool
-    from memcli.store import PoolStore
+    from memcli.pools.meta import PoolStore
 
 COMMIT_EVERY = 64  # chunks of one long file between commits (bounds the work an interruption loses)
 

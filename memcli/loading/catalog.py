@@ -7,6 +7,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+from memcli.base.durable import read_regular
+from memcli.base.errors import FileRefused
+from memcli.base.jsonbound import JsonRefused, load_json
+
 
 @dataclass(frozen=True)
 class KnownModel:
@@ -106,8 +110,6 @@ def model_folder(name: str) -> Path | None:
 def declared(name: str) -> dict:
     """The `memcli_*` keys of a bundled model's or a local folder's config.json; {} for a hub id,
     or where the file cannot be read (loading the model says what is wrong with it)."""
-    import os
-
     folder = model_folder(name)
     if folder is None:
         return {}
@@ -117,20 +119,9 @@ def declared(name: str) -> dict:
             import json
 
             raw = json.loads(path.read_text())
-        else:  # a user's folder: the store's bounded, non-blocking reader
-            from memcli.store.durable import open_regular, read_fd
-            from memcli.store.errors import PoolError
-            from memcli.store.manifest import parse_json
-
-            try:
-                fd = open_regular(path, str(path), max_bytes=MAX_CONFIG_BYTES)
-                try:
-                    raw = parse_json(read_fd(fd, MAX_CONFIG_BYTES), str(path))
-                finally:
-                    os.close(fd)
-            except PoolError:
-                return {}
-    except (OSError, ValueError):
+        else:  # a user's folder: memcli's bounded, non-blocking reader
+            raw = load_json(read_regular(path, str(path), MAX_CONFIG_BYTES))
+    except (OSError, ValueError, FileRefused, JsonRefused):
         return {}
     return {k: v for k, v in raw.items() if k.startswith("memcli_")} if isinstance(raw, dict) else {}
 

@@ -14,6 +14,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from memcli.base.durable import new_hash
+from memcli.base.errors import MemcliError
 from memcli.core import fastpath
 from memcli.core.config import ConfigError, ModelConfig, read_config, read_json_file
 from memcli.core.model import Projection, Selector, Transformer
@@ -34,8 +36,8 @@ PROJECTIONS = {
 }
 
 
-class CheckpointError(ValueError):
-    """A checkpoint that cannot be found, trusted or read; the message is one line."""
+class CheckpointError(MemcliError, ValueError):
+    """A checkpoint that cannot be found, trusted or read; the message is one line (exit 1, HTTP 400)."""
 
 
 @dataclass(frozen=True)
@@ -431,8 +433,6 @@ def initial_state(
     has no such identity (pickle weights) or changed while it was read."""
     import json
     import os
-
-    from memcli.store.durable import new_hash
 
     def source_identity():
         file_of = getattr(reader, "file_of", None)  # any tensor source will do (the GPU benchmark's has no files)

@@ -27,12 +27,14 @@ import torch
 
 from memcli import __version__
 from memcli.base import paths
-from memcli.store.errors import PoolError
-from memcli.store.durable import fsync_dir, hash_fd, new_hash, open_regular, write_file
+from memcli.base.durable import fsync_dir, hash_fd, new_hash, open_regular, read_regular, write_file
+from memcli.base.errors import FileRefused
+from memcli.base.jsonbound import load_json
 from memcli.store.safetensors import safetensors_chunks
 
 FORMAT = 1
 WEIGHTS = "weights.safetensors"
+MAX_MANIFEST_BYTES = 16 << 20  # a few KB: the key's inputs and one mode per projection
 
 
 def _versions() -> dict:
@@ -95,7 +97,9 @@ class Entry:
 
 
 def _manifest(folder: Path) -> dict:
-    manifest = json.loads((folder / "manifest.json").read_text())
+    """An entry's manifest, read as every file memcli did not just write (never through a link, never
+    blocking on a FIFO, bounded) and parsed by the bounded parser; a ValueError when it is not one."""
+    manifest = load_json(read_regular(folder / "manifest.json", "converted copy manifest", MAX_MANIFEST_BYTES))
     if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
         raise ValueError("unknown manifest")
     return manifest
@@ -115,7 +119,7 @@ def open_entry(key: str, device: torch.device | str = "cpu") -> Entry | None:
         if info.st_mtime_ns != manifest.get("mtime_ns") and _sha256(weights) != manifest["sha256"]:
             return None
         return Entry(weights, manifest["modes"], torch.device(device))
-    except (OSError, ValueError, KeyError, TypeError, PoolError):  # PoolError: not a regular file
+    except (OSError, ValueError, KeyError, TypeError, FileRefused):  # FileRefused: not a regular file
         return None
     except Exception:  # a damaged file can make safetensors raise its own errors: rebuild
         return None
@@ -142,7 +146,7 @@ def verify() -> list[tuple[Path, bool]]:
         try:
             manifest = _manifest(folder)
             ok = _sha256(folder / WEIGHTS) == manifest["sha256"]
-        except (OSError, ValueError, KeyError, TypeError, PoolError):  # PoolError: not a regular file
+        except (OSError, ValueError, KeyError, TypeError, FileRefused):  # FileRefused: not a regular file
             ok = False
         results.append((folder, ok))
     return results

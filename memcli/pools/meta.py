@@ -1,4 +1,5 @@
-"""A pool's metadata without its memory: binding, injection log, listing, info, retention.
+"""A pool's metadata without its memory: binding, injection log, listing, info, retention; and
+`PoolStore`, the store of memcli's pools (the generic store given these checks of their meta).
 
 Pure Python (no torch import): `memcli pool ls` and `memcli pool info` use only this and the
 store, and read only small things: manifests, the log and the state's census part (distinct row
@@ -23,16 +24,18 @@ import bisect
 import struct
 from array import array
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from memcli.base.clock import iso_z
-from memcli.store import PoolCorrupt, PoolError, PoolStore
+from memcli.store import MetaChecks, PoolCorrupt, PoolError
+from memcli.store import PoolStore as Store
 from memcli.store.manifest import SHA_RE, is_int
 
 MAX_SOURCES = 1_000_000
 
 
 class PoolModelMismatch(PoolError):
-    pass
+    """A pool asked for with a model it does not belong to (exit 1, HTTP 409, as every PoolError)."""
 
 
 @dataclass(frozen=True)
@@ -144,6 +147,18 @@ def max_part_bytes(meta: dict) -> int:
     (its memory at 8 bytes a value, 16 times over), far below what a bomb claims."""
     L, n, d = meta["state"]["shape"]
     return 16 * L * n * (d + 8) * 8 + (64 << 20)
+
+
+class PoolStore(Store):
+    """The store of memcli's pools: the generic store (memcli.store), which checks the meta of a
+    pool it did not write itself (an import, a fork, an export) with `check_meta` and bounds its
+    parts with `max_part_bytes`. Every command, the library and the server make this one."""
+
+    def __init__(self, root: Path | None = None):
+        super().__init__(root, checks=POOL_CHECKS)
+
+
+POOL_CHECKS = MetaChecks(check_meta, max_part_bytes)
 
 
 # ------------------------------------------------------------------------ the log

@@ -36,9 +36,7 @@ from dataclasses import dataclass, field
 import torch
 
 from memcli import __version__
-from memcli.pools.meta import (  # noqa: F401  (re-exported: the pool API has always offered these)
-    Binding, PoolModelMismatch, check_binding, check_meta, read_binding, sources_of, totals_of,
-)
+from memcli.pools.meta import Binding, check_binding, check_meta, sources_of, totals_of
 from memcli.core.state import LongTermMemory, MemoryState, new_generator
 from memcli.store import PoolCorrupt, PoolError, PoolStore
 

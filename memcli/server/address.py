@@ -30,6 +30,8 @@ from pathlib import Path
 
 import platformdirs
 
+from memcli.base.errors import MemcliError
+
 APP = "memcli"
 SOCKET_NAME = "server.sock"
 INFO_NAME = "server.json"
@@ -41,8 +43,8 @@ TOKEN_ENV = "MEMCLI_TOKEN"
 KEEP_ALIVE_ENV = "MEMCLI_KEEP_ALIVE"
 
 
-class AddressError(ValueError):
-    """A one-line reason why the server's directory or address cannot be used."""
+class AddressError(MemcliError, ValueError):
+    """A one-line reason why the server's directory or address cannot be used (exit 1, HTTP 400)."""
 
 
 class UntrustedServer(AddressError):

@@ -15,7 +15,7 @@ JSON_LIMIT = 4 * 1024**2  # request bodies other than inject uploads
 
 def bounded_json(raw: bytes, depth: int, what: str, constants: bool = False) -> Any:
     """`raw` parsed by memcli's one bounded JSON parser; BadRequest naming `what` otherwise."""
-    from memcli.store.manifest import JsonRefused, load_json
+    from memcli.base.jsonbound import JsonRefused, load_json
 
     try:
         return load_json(raw, depth, constants)

@@ -124,7 +124,7 @@ def serve(settings, keep_alive: float | None, host: str | None = None, port: int
 
     from memcli.server.resident import Resident
     from memcli.server.address import TOKEN_ENV
-    from memcli.store import PoolStore
+    from memcli.pools.meta import PoolStore
 
     token = os.environ.get(TOKEN_ENV) or None
     tcp = check_tcp(host, port, token)

@@ -28,7 +28,7 @@ from memcli.app.models import normalize_model
 from memcli.app.settings import Settings
 from memcli.pools import pool as pools
 from memcli.server.queue import DeviceQueue, Job
-from memcli.store import PoolStore
+from memcli.pools.meta import PoolStore
 
 # --------------------------------------------------------------------------- loaded things
 @dataclass

@@ -42,7 +42,7 @@ class Spooled:
     def sources(self, pool: str):
         """(the inject's items in order, its report with the ignored files counted, stdin's copy
         opened or None, the name each source is logged under)."""
-        from memcli.ingest.extract import Skipped, Source
+        from memcli.ingest.discover import Skipped, Source
 
         report = InjectReport(pool=pool, model="")
         if self.ignored is not None:

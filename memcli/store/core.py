@@ -33,23 +33,28 @@ import os
 import stat
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterable
+from typing import Callable, Iterable
 
 from memcli.base import paths
+from memcli.base.clock import now_iso
+from memcli.base.durable import (
+    O_BINARY, O_CLOEXEC, O_NOFOLLOW, O_NONBLOCK, TMP, file_kind, fsync_dir, hash_fd, new_hash, read_fd, replace_file,
+    rmtree_quiet, token, write_all,
+)
 
 from . import folders, integrity, locking
-from .durable import (
-    O_BINARY, O_CLOEXEC, O_NOFOLLOW, TMP, file_kind, fsync_dir, hash_fd, new_hash, now, open_regular, publish_dir,
-    read_fd, replace_file, rmtree_quiet, token, write_all, write_errors,
-)
+from . import safetensors as st
 from .errors import PoolBusy, PoolCorrupt, PoolError, PoolExists, PoolNotFound, repair_hint
+from .files import open_regular, publish_dir, write_errors
 from .manifest import (
     FORMAT_VERSION, MANIFEST, NAME_RE, SHA_RE, is_int, manifest_bytes, parse_json, validate_name, validate_part_id,
 )
+from .recovery import collect_garbage, collect_pending, recover
 from .snapshot import (
-    CONTENT_KEYS, LOG, OBJECTS, PARTS_V1, LogReader, Snapshot, fd_stream, open_part_at, open_pool_dir,
-    part_file_name, part_folder, read_manifest_at,
+    CONTENT_KEYS, LOG, OBJECTS, PARTS_V1, LogReader, Snapshot, fd_stream, open_part, open_part_at, part_file_name,
+    part_folder,
 )
+from .staging import staged_folder
 
 MAX_KEY_ENTRY_BYTES = 4096  # a content key entry is ~100 bytes; anything larger is not one
 
@@ -66,40 +71,53 @@ class PoolInfo:
     error: str | None = None  # set (and the rest zero/empty) for a damaged pool in list()
 
 
-class StoreCore:
-    """The pools under one root folder. Cheap to construct; creates nothing until a write."""
+def _any_meta(what: str, meta: dict, records: list[dict] | None = None) -> None:
+    """The generic store's meta check: any JSON object will do."""
 
-    def __init__(self, root: Path | None = None, meta_checks: str | None = "pool"):
+
+def _no_bound(meta: dict) -> int:
+    return 1 << 62
+
+
+@dataclass(frozen=True)
+class MetaChecks:
+    """How the store checks the meta of a pool it did not write itself (an import, a fork, an
+    export): given by whoever makes the store, which itself knows nothing about models. memcli's
+    pools give theirs (memcli.pools.meta.PoolStore); the defaults accept any meta (a generic store).
+
+    check_meta(what, meta, records=None): PoolCorrupt in one line naming `what` and the field
+    that is wrong (with the pool log's records when given); max_part_bytes(meta): an upper bound
+    on any part of a pool with this meta (an archive declaring more is refused)."""
+
+    check_meta: Callable[..., None] = _any_meta
+    max_part_bytes: Callable[[dict], int] = _no_bound
+
+
+class StoreCore:
+    """The pools under one root folder. Cheap to construct; creates nothing until a write.
+    `checks`: how pools this store did not write are checked (MetaChecks; generic by default)."""
+
+    def __init__(self, root: Path | None = None, checks: MetaChecks = MetaChecks()):
         self.root = Path(root) if root is not None else paths.pools_dir()
-        # how an import checks the meta of a pool it has not seen: memcli's pool schema
-        # (pool_meta.py), or None for a generic store (tests of the store alone)
-        self._meta_checks = meta_checks
+        self.checks = checks
         self.gate = locking.Gate(self.root, on_release=self._collect_pending)
         self._recovered = False
 
-    def meta_checks(self):
-        """(check_meta(what, meta, records=None), max_part_bytes(meta)) for imports."""
-        if self._meta_checks == "pool":
-            from memcli.pools.meta import check_meta, max_part_bytes
-
-            return check_meta, max_part_bytes
-        return (lambda what, meta, records=None: None), (lambda meta: 1 << 62)
-
     # ---------------------------------------------------------------- names & folders
 
-    def _dir(self, name: str) -> Path:
+    def pool_dir(self, name: str) -> Path:
         return self.root / validate_name(name)
 
     def _objects(self) -> Path:
         return self.root / OBJECTS
 
-    def _lock(self, name: str) -> locking.WriterLock:
+    def writer_lock(self, name: str) -> locking.WriterLock:
         return locking.WriterLock(self.root, validate_name(name))
 
-    def _dir_state(self, name: str) -> str:
+    def dir_state(self, name: str) -> str:
         """'absent', 'symlink', 'notdir', 'ok' (has a manifest), 'leftover' (a folder of an
         old-format creation that never committed) or 'broken' (anything else: damaged)."""
-        p = self._dir(name)
+        p = self.pool_dir(name)
         try:
             st_ = os.lstat(p)
         except FileNotFoundError:
@@ -135,7 +153,7 @@ class StoreCore:
 
     def exists(self, name: str) -> bool:
         """True when the name is taken (a pool, or something damaged that would be in the way)."""
-        return self._dir_state(name) not in ("absent", "leftover")
+        return self.dir_state(name) not in ("absent", "leftover")
 
     # ------------------------------------------------------------------------ reading
 
@@ -143,7 +161,7 @@ class StoreCore:
         """The current version of pool `name` with its parts (all, or `part_ids`: ids, or a
         function of the manifest returning them) held open."""
         validate_name(name)
-        state = self._dir_state(name)
+        state = self.dir_state(name)
         if state in ("absent", "leftover"):
             raise PoolNotFound(f"pool {name} not found")
         self._refuse_odd(name, state)
@@ -164,7 +182,7 @@ class StoreCore:
         m = manifest if manifest is not None else self.read_manifest(name)
         total = sum(e["bytes"] for e in m["parts"].values()) + (m.get("log") or {}).get("bytes", 0)
         with contextlib.suppress(OSError):
-            total += os.lstat(self._dir(name) / MANIFEST).st_size
+            total += os.lstat(self.pool_dir(name) / MANIFEST).st_size
         return PoolInfo(name, m["version"], m["created"], m["updated"], total, len(m["parts"]), m["meta"])
 
     def list(self) -> list[PoolInfo]:
@@ -184,7 +202,7 @@ class StoreCore:
             if entry.startswith(".") or not NAME_RE.fullmatch(entry):
                 continue
             try:
-                if self._dir_state(entry) in ("absent", "leftover"):
+                if self.dir_state(entry) in ("absent", "leftover"):
                     continue
                 m = self.read_manifest(entry)
                 info = self.info(entry, m)
@@ -235,8 +253,6 @@ class StoreCore:
         part (hashed again, whatever this process checked before). Returns the problems found
         (empty = healthy). PoolNotFound if absent. A part found damaged is recorded (pool ls marks
         every pool naming it); a record whose file turns out whole is dropped."""
-        from . import safetensors as st
-
         validate_name(name)
         try:
             snap = self.snapshot(name, part_ids=())
@@ -259,8 +275,6 @@ class StoreCore:
         for pid, entry in sorted(m["parts"].items()):
             try:
                 with self.gate.shared(create=False):
-                    from .snapshot import open_part
-
                     fd = open_part(self.root, name, m, pid)
             except PoolError as exc:
                 problems.append(str(exc).removesuffix(hint))
@@ -383,7 +397,7 @@ class StoreCore:
         wait=False: raise PoolBusy at once if another process (or thread) holds it; a number:
         wait up to that many seconds; True: as long as it takes. Readers never lock. Taking
         it on a pool that does not exist yet is allowed (to create it with commit)."""
-        lock = self._lock(name)
+        lock = self.writer_lock(name)
 
         @contextlib.contextmanager
         def held():
@@ -394,13 +408,11 @@ class StoreCore:
         return held()
 
     def _holds(self, name: str) -> bool:
-        return self._lock(name).held_here()
+        return self.writer_lock(name).held_here()
 
     def recover_once(self) -> None:
         """Recovery (recovery.py) by the first writing call of this store object."""
         if not self._recovered:
-            from .recovery import recover
-
             recover(self, announce=True)  # a link or a file in place of .objects: named, and again next time
             self._recovered = True
 
@@ -425,27 +437,25 @@ class StoreCore:
         return entry
 
     def _store_object(self, tensors: dict, probe: bool, placed: list[str], ofd: int, records: dict) -> dict:
-        from .safetensors import safetensors_chunks
-
         if probe:
             h, size = new_hash(), 0
-            for chunk in safetensors_chunks(tensors):
+            for chunk in st.safetensors_chunks(tensors):
                 h.update(chunk)
                 size += len(chunk)
-            if self._object_ok(h.hexdigest(), size, records, ofd):
+            if self.object_ok(h.hexdigest(), size, records, ofd):
                 return {"sha256": h.hexdigest(), "bytes": size}
         tmp = f"{TMP}{token()}"
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | O_NOFOLLOW | O_CLOEXEC | O_BINARY, 0o600, dir_fd=ofd)
         placed.append(tmp)
         try:
             h, size = new_hash(), 0
-            for chunk in safetensors_chunks(tensors):
+            for chunk in st.safetensors_chunks(tensors):
                 h.update(chunk)
                 write_all(fd, chunk)
                 size += len(chunk)
             os.fsync(fd)
             digest = h.hexdigest()
-            if self._object_ok(digest, size, records, ofd):
+            if self.object_ok(digest, size, records, ofd):
                 os.unlink(tmp, dir_fd=ofd)
             else:  # absent, or damaged: the good bytes take its place (for every pool naming it)
                 os.replace(tmp, digest, src_dir_fd=ofd, dst_dir_fd=ofd)
@@ -482,7 +492,7 @@ class StoreCore:
         if not (isinstance(entry, dict) and isinstance(entry.get("sha256"), str) and SHA_RE.fullmatch(entry["sha256"])
                 and is_int(entry.get("bytes"))):
             return None
-        if not self._object_ok(entry["sha256"], entry["bytes"], records, ofd):
+        if not self.object_ok(entry["sha256"], entry["bytes"], records, ofd):
             return None  # collected, truncated, replaced or found damaged since: hashed as without a key
         return {"sha256": entry["sha256"], "bytes": entry["bytes"]}
 
@@ -497,7 +507,7 @@ class StoreCore:
             finally:
                 os.close(kfd)
 
-    def _object_ok(self, digest: str, size: int, records: dict | None = None, ofd: int | None = None) -> bool:
+    def object_ok(self, digest: str, size: int, records: dict | None = None, ofd: int | None = None) -> bool:
         """The object `digest` is there, a regular file of `size` bytes, not found damaged."""
         own = ofd is None
         if own:
@@ -516,11 +526,11 @@ class StoreCore:
         records = integrity.recorded(self.root) if records is None else records
         return not integrity.is_recorded(records, digest, st_)
 
-    def _adopt_v1_part(self, name: str, m: dict, pid: str, ofd: int) -> None:
+    def adopt_v1_part(self, name: str, m: dict, pid: str, ofd: int) -> None:
         """Make the object of a format-1 part exist: hard-link (else copy) the pool's own
         file after checking its sha256, so a damaged file never gets a content name."""
         entry = m["parts"][pid]
-        if self._object_ok(entry["sha256"], entry["bytes"], ofd=ofd):
+        if self.object_ok(entry["sha256"], entry["bytes"], ofd=ofd):
             return
         folder = part_folder(self.root, name, m)
         try:
@@ -569,8 +579,6 @@ class StoreCore:
         `expect_version` is the version the caller loaded; None or 0 means "create a new pool"
         (PoolExists if it exists). Another current version raises PoolBusy. Takes the writer
         lock unless this thread holds it."""
-        from .safetensors import check_tensors
-
         validate_name(name)
         if not isinstance(part_ids, (list, tuple)):
             raise PoolError("commit: part_ids must be a list of part ids")
@@ -584,7 +592,7 @@ class StoreCore:
             validate_part_id(pid)
             if pid not in part_ids:
                 raise PoolError(f"commit to pool {name}: new part {pid} is not in part_ids")
-            check_tensors(f"part {pid}", tensors)
+            st.check_tensors(f"part {pid}", tensors)
         if not isinstance(content_keys, (dict, type(None))):
             raise PoolError(f"commit to pool {name}: content keys must be a dict of part ids to keys")
         content_keys = dict(content_keys or {})
@@ -608,14 +616,12 @@ class StoreCore:
             manifest, dropped = self._commit_locked(name, meta, part_ids, new_parts, expect_version, records,
                                                     set(probe), content_keys)
         if dropped:
-            from .recovery import collect_garbage
-
             collect_garbage(self)
         return copy.deepcopy(manifest)
 
     def _commit_locked(self, name, meta, part_ids, new_parts, expect_version, records_out, probe, content_keys):
-        pool_dir = self._dir(name)
-        state = self._dir_state(name)
+        pool_dir = self.pool_dir(name)
+        state = self.dir_state(name)
         self._refuse_odd(name, state)
         old = None
         if state == "ok":
@@ -641,18 +647,18 @@ class StoreCore:
                                                         ofd, records)
                     elif old is not None and pid in old["parts"]:
                         if old["format_version"] == 1:
-                            self._adopt_v1_part(name, old, pid, ofd)
-                        elif not self._object_ok(old["parts"][pid]["sha256"], old["parts"][pid]["bytes"], records, ofd):
+                            self.adopt_v1_part(name, old, pid, ofd)
+                        elif not self.object_ok(old["parts"][pid]["sha256"], old["parts"][pid]["bytes"], records, ofd):
                             raise PoolCorrupt(f"pool {name}: part {pid} is missing or damaged; {repair_hint(name)}")
                         entries[pid] = dict(old["parts"][pid])
                     else:
                         raise PoolError(f"commit to pool {name}: part {pid} is neither new nor in the pool")
                 if new_parts or (old is not None and old["format_version"] == 1):
                     folders.fsync_fd(ofd)
-                stamp = now()
+                stamp = now_iso()
                 if old is None:
                     folders.make_root(self.root)
-                    target, committed = stack.enter_context(locking.staged_folder(self.root)), {"bytes": 0, "records": 0}
+                    target, committed = stack.enter_context(staged_folder(self.root)), {"bytes": 0, "records": 0}
                 else:
                     target, committed = pool_dir, old.get("log") or {"bytes": 0, "records": 0}
                 log = self._append_log(target, name, committed, records_out)
@@ -685,7 +691,7 @@ class StoreCore:
         whose last record is torn (snapshot.LogReader) continues from its whole part."""
         if not records and not committed["bytes"]:
             return dict(committed)
-        fd = os.open(folder / LOG, os.O_RDWR | os.O_CREAT | locking.O_NOFOLLOW | os.O_NONBLOCK | locking.O_CLOEXEC, 0o600)
+        fd = os.open(folder / LOG, os.O_RDWR | os.O_CREAT | O_NOFOLLOW | O_NONBLOCK | O_CLOEXEC, 0o600)
         try:
             st_ = os.fstat(fd)
             if not stat.S_ISREG(st_.st_mode):
@@ -722,11 +728,11 @@ class StoreCore:
         self.read_manifest(old)  # exists, readable, not a symlink
         if self._holds(old):
             raise PoolBusy(f"pool {old} is being written by this process; finish writing before renaming it")
-        with self.writer(old), self._lock(new).held():
-            if os.path.lexists(self._dir(new)):
+        with self.writer(old), self.writer_lock(new).held():
+            if os.path.lexists(self.pool_dir(new)):
                 raise PoolExists(f"pool {new} already exists")
             try:
-                os.rename(self._dir(old), self._dir(new))
+                os.rename(self.pool_dir(old), self.pool_dir(new))
                 fsync_dir(self.root)
             except OSError as exc:
                 raise PoolError(f"could not rename pool {old} to {new} ({exc.strerror})") from None
@@ -735,10 +741,10 @@ class StoreCore:
         """Delete a pool: its folder goes in one rename, its parts at the next garbage
         collection. Refused (PoolBusy) while somebody is writing it."""
         validate_name(name)
-        state = self._dir_state(name)
+        state = self.dir_state(name)
         if state in ("absent", "leftover"):
             raise PoolNotFound(f"pool {name} not found")
-        p = self._dir(name)
+        p = self.pool_dir(name)
         if state == "symlink":
             with self.writer(name), write_errors(f"removing pool {name}", f"remove pool {name}"):
                 os.unlink(p)  # only the link; never what it points to
@@ -755,8 +761,6 @@ class StoreCore:
             except OSError as exc:
                 raise PoolError(f"could not remove pool {name} ({exc.strerror})") from None
         rmtree_quiet(trash)
-        from .recovery import collect_garbage
-
         collect_garbage(self)
 
     # ------------------------------------------------------------------ read-only, gc
@@ -769,15 +773,5 @@ class StoreCore:
     def _collect_pending(self) -> None:
         """Run the garbage collection a writer could not (the gate was taken), if one is pending
         (Gate.on_release). Never fails the reader that lets the gate go."""
-        from .recovery import collect_pending
-
         with contextlib.suppress(PoolError, OSError):
             collect_pending(self)
-
-    # --------------------------------------------------------------- for transfer.py
-
-    def _open_dir(self, name: str) -> int:
-        return open_pool_dir(self.root, name)
-
-    def _read_manifest_at(self, dir_fd: int, name: str) -> dict:
-        return read_manifest_at(dir_fd, name)

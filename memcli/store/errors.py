@@ -1,28 +1,21 @@
-"""The store's errors, and the one way it makes text from disk safe to show."""
+"""The store's errors: the PoolError family, each kind in memcli's one taxonomy (memcli.base.errors)
+with the exit code and HTTP status its failures have; str() is one line made safe to show
+(memcli.base.text, the one sanitizer every string from a manifest, an archive or a file name goes
+through)."""
 
 from __future__ import annotations
 
 import logging
 
-from memcli.base.errors import MemcliError
+from memcli.base.errors import Conflict, Damaged, MemcliError, NotFound
+from memcli.base.text import one_line
 
 log = logging.getLogger("memcli.store")
 
 
-def safe_text(text: object) -> str:
-    """`text` as one harmless line: whitespace runs become one space and every other
-    non-printable character (terminal escapes, NUL, bidi controls...) is escaped as repr()
-    writes it. Every string the store reports that came from a manifest, an archive or a
-    file name goes through here, so no command can clear a screen or retitle a terminal."""
-    out = []
-    for ch in " ".join(str(text).split()):
-        out.append(ch if ch.isprintable() else repr(ch)[1:-1])
-    return "".join(out)
-
-
 def note(text: str) -> None:
     """One line on stderr (through logging: the CLI and a library user both see one line)."""
-    log.warning("memcli: %s", safe_text(text))
+    log.warning("memcli: %s", one_line(text))
 
 
 class PoolError(MemcliError):
@@ -32,24 +25,19 @@ class PoolError(MemcliError):
     kind = "pool_error"
 
 
-class PoolNotFound(PoolError):
+class PoolNotFound(NotFound, PoolError):
     """No pool of that name: the one missing-pool error (its message names the closest pool)."""
-
-    http_status = 404
-    kind = "not_found_error"
 
 
 class PoolExists(PoolError):
     """A pool of that name already exists."""
 
 
-class PoolBusy(PoolError):
+class PoolBusy(Conflict, PoolError):
     """Another process is writing the pool, or it changed since it was loaded."""
 
-    kind = "conflict_error"
 
-
-class PoolCorrupt(PoolError):
+class PoolCorrupt(Damaged, PoolError):
     """The pool (or an export file) on disk is damaged or not ours."""
 
 

@@ -17,7 +17,8 @@ import os
 import stat
 from pathlib import Path
 
-from .durable import O_CLOEXEC, O_DIRECTORY, O_NOFOLLOW, file_kind
+from memcli.base.durable import O_BINARY, O_CLOEXEC, O_DIRECTORY, O_NOFOLLOW, TMP, file_kind, token, write_all
+
 from .errors import PoolError, PoolReadOnly
 
 READ_ONLY_ERRNOS = (errno.EROFS, errno.EACCES, errno.EPERM)
@@ -144,9 +145,7 @@ def fsync_fd(fd: int) -> None:
 
 def replace_at(dfd: int, name: str, data: bytes) -> None:
     """Atomically make `name` in the folder open as `dfd` hold `data` (a temporary file in that
-    folder, fsync, rename, fsync of the folder): the folder-relative twin of durable.replace_file."""
-    from .durable import O_BINARY, TMP, token, write_all
-
+    folder, fsync, rename, fsync of the folder): the folder-relative twin of base.durable.replace_file."""
     tmp = f"{TMP}{name}-{token()}"
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | O_NOFOLLOW | O_CLOEXEC | O_BINARY, 0o600, dir_fd=dfd)
     try:

@@ -36,8 +36,13 @@ import threading
 from collections import OrderedDict
 from pathlib import Path
 
-from .durable import hash_fd, now, open_regular, read_fd
+from memcli.base.clock import now_iso
+from memcli.base.durable import hash_fd, read_fd
+
 from .errors import PoolError
+from .files import open_regular
+from .folders import open_dir, replace_at
+from .manifest import SHA_RE, parse_json
 
 DAMAGED = ".damaged"
 MAX_REMEMBERED = 1 << 16
@@ -95,9 +100,7 @@ def verify_fd(fd: int, sha256: str, recheck: bool = False) -> bool:
 
 def record_damage(root: Path, sha256: str, st_: os.stat_result) -> None:
     """Best effort: note that the file with this identity, named `sha256`, is damaged."""
-    from .folders import open_dir, replace_at
-
-    data = json.dumps({"identity": list(identity(st_)), "found": now()}).encode("ascii")
+    data = json.dumps({"identity": list(identity(st_)), "found": now_iso()}).encode("ascii")
     with contextlib.suppress(OSError, PoolError):
         dfd = open_dir(root, DAMAGED, create=True)
         try:
@@ -108,9 +111,6 @@ def record_damage(root: Path, sha256: str, st_: os.stat_result) -> None:
 
 def recorded(root: Path) -> dict[str, tuple]:
     """sha256 -> identity of every damage record (unreadable records are skipped)."""
-    from .folders import open_dir
-    from .manifest import SHA_RE, parse_json
-
     out: dict[str, tuple] = {}
     try:
         dfd = open_dir(root, DAMAGED)
@@ -146,8 +146,6 @@ def is_recorded(records: dict[str, tuple], sha256: str, st_: os.stat_result | No
 
 
 def drop_record(root: Path, sha256: str) -> None:
-    from .folders import open_dir
-
     with contextlib.suppress(OSError, PoolError):
         dfd = open_dir(root, DAMAGED)
         if dfd is None:

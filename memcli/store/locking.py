@@ -28,8 +28,13 @@ from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
 
-from .durable import O_CLOEXEC, O_NOFOLLOW, O_NONBLOCK, TMP, file_kind, now, rmtree_quiet, token, write_all
-from .errors import PoolBusy, PoolError, safe_text
+from memcli.base.clock import now_iso
+from memcli.base.durable import O_CLOEXEC, O_NOFOLLOW, O_NONBLOCK, file_kind, write_all
+from memcli.base.jsonbound import load_json
+from memcli.base.text import one_line
+
+from .errors import PoolBusy, PoolError, note
+from .folders import is_read_only, open_dir, read_only
 
 LOCKS = ".locks"
 GATE = "gate"
@@ -38,8 +43,7 @@ GATE = "gate"
 def _command_line() -> str:
     argv = list(sys.argv) or ["python"]
     head = os.path.basename(argv[0]) or "python"
-    text = safe_text(" ".join([head, *argv[1:]]))
-    return text if len(text) <= 80 else text[:77] + "..."
+    return one_line(" ".join([head, *argv[1:]]), 80)
 
 
 def open_lock_file(locks: Path, fname: str, create: bool = True, mode: str = "read") -> int | None:
@@ -52,8 +56,6 @@ def open_lock_file(locks: Path, fname: str, create: bool = True, mode: str = "re
     which still takes a flock), or when .locks is not a usable folder (nobody can write or collect
     then either). Mode "write" (a writer): PoolReadOnly on a read-only store, the .locks problem
     named with the fix. Mode "try" (collection, recovery): None instead of those errors."""
-    from .folders import is_read_only, open_dir, read_only
-
     root = locks.parent
     try:
         dfd = open_dir(root, locks.name, create=create)
@@ -101,14 +103,13 @@ def _repair_lock_path(path: Path, dfd: int) -> None:
             os.rmdir(path.name, dir_fd=dfd)  # only when empty: a folder with content is somebody's
         else:
             os.unlink(path.name, dir_fd=dfd)  # a link, FIFO or socket: removing it loses nothing
-        from .errors import note
-
         note(f"replaced {path} ({kind}) with a lock file")
     except OSError:
         raise PoolError(f"{path} is {kind}, not a lock file; remove it (rm -r '{path}') and try again") from None
 
 
-def _try_flock(fd: int, mode: int) -> bool:
+def try_flock(fd: int, mode: int) -> bool:
+    """flock without waiting: True when taken, False when somebody else holds it."""
     try:
         fcntl.flock(fd, mode | fcntl.LOCK_NB)
         return True
@@ -157,14 +158,14 @@ class WriterLock:
         deadline = None if wait is True else time.monotonic() + (0 if wait in (False, None) else float(wait))
         delay = 0.01
         try:
-            while not _try_flock(fd, fcntl.LOCK_EX):
+            while not try_flock(fd, fcntl.LOCK_EX):
                 if deadline is not None and time.monotonic() >= deadline:
                     raise PoolBusy(self._busy_message(fd))
                 time.sleep(delay)
                 delay = min(delay * 1.5, 0.2)
             # Ours now: say who holds it (for the busy message of others; never trusted).
             holder = json.dumps({"pid": os.getpid(), "host": socket.gethostname(), "command": _command_line(),
-                                 "started": now()}).encode()
+                                 "started": now_iso()}).encode()
             with contextlib.suppress(OSError):
                 os.ftruncate(fd, 0)
                 os.lseek(fd, 0, os.SEEK_SET)
@@ -188,7 +189,7 @@ class WriterLock:
 
     def _busy_message(self, fd: int) -> str:
         try:
-            info = json.loads(os.pread(fd, 4096, 0).decode("utf-8"))
+            info = load_json(os.pread(fd, 4096, 0), max_depth=2)
             pid, host, cmd = int(info["pid"]), str(info["host"]), str(info.get("command") or "memcli")
             since = datetime.fromisoformat(str(info["started"]).replace("Z", "+00:00")).astimezone().strftime("%H:%M")
         except (ValueError, KeyError, TypeError, UnicodeDecodeError, OSError):
@@ -242,49 +243,10 @@ class Gate:
             return
         try:
             deadline = time.monotonic() + wait_s
-            got = _try_flock(fd, fcntl.LOCK_EX)
+            got = try_flock(fd, fcntl.LOCK_EX)
             while not got and time.monotonic() < deadline:
                 time.sleep(0.02)
-                got = _try_flock(fd, fcntl.LOCK_EX)
+                got = try_flock(fd, fcntl.LOCK_EX)
             yield got
         finally:
             os.close(fd)
-
-
-def holds_flock(path: Path) -> bool:
-    """True when some live process holds a flock on `path` (a file or folder); False when
-    nobody does or it is gone. Used on staging entries, whose creators flock them."""
-    try:
-        fd = os.open(path, os.O_RDONLY | O_NOFOLLOW | O_NONBLOCK | O_CLOEXEC)
-    except OSError:
-        return False
-    try:
-        if _try_flock(fd, fcntl.LOCK_EX):
-            return False
-        return True
-    finally:
-        os.close(fd)
-
-
-@contextlib.contextmanager
-def staged_folder(root: Path, label: str = ""):
-    """A new staging folder `<root>/<TMP><label><token>`, flocked while we work in it (recovery
-    removes only staging entries whose lock is free, so a live one is never touched) and removed on
-    the way out unless it was published (renamed into place) meanwhile."""
-    path = root / f"{TMP}{label}{token()}"
-    os.mkdir(path, 0o700)
-    fd = None
-    try:
-        fd = flock_entry(path)
-        yield path
-    finally:
-        rmtree_quiet(path)  # a published folder is gone already: nothing to do
-        if fd is not None:
-            os.close(fd)
-
-
-def flock_entry(path: Path) -> int:
-    """Open and exclusively flock a staging entry this process just made; close to release."""
-    fd = os.open(path, os.O_RDONLY | O_NOFOLLOW | O_CLOEXEC)
-    fcntl.flock(fd, fcntl.LOCK_EX)
-    return fd

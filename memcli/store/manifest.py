@@ -1,12 +1,12 @@
 """Manifests: the one JSON document that is a pool version, and how every JSON document the
-store reads is parsed (bounded size and nesting depth, then checked field by field).
+store reads is parsed (memcli's bounded parser, memcli.base.jsonbound, then checked field by field).
 
 format_version 2 (written today)::
 
     {"format_version": 2, "name": str, "version": int >= 1, "created": time, "updated": time,
      "parts": {part_id: {"sha256": hex64, "bytes": int}},   content in <root>/.objects/<sha256>
      "log": {"bytes": int, "records": int},                 committed prefix of <pool>/log.jsonl
-     "meta": {...}}                                          the caller's (checked by pool_meta)
+     "meta": {...}}                                          the caller's (checked by the store's MetaChecks)
 
 format_version 1 (memcli before the content-addressed store) has no "log" and keeps its parts
 in <pool>/parts/<part_id>.safetensors; it is read as it is and rewritten as version 2 on the
@@ -19,89 +19,25 @@ import json
 import re
 from typing import Any
 
-from .errors import PoolCorrupt, PoolError
+from memcli.base.jsonbound import MAX_DEPTH, JsonRefused, load_json
+
+from .errors import InvalidPoolName, PoolCorrupt, PoolError
 
 FORMAT_VERSION = 2
 READABLE_FORMATS = (1, 2)
 MANIFEST = "manifest.json"
 MAX_MANIFEST_BYTES = 64 << 20
-MAX_DEPTH = 32
 MAX_PARTS = 100_000
 
 NAME_RE = re.compile(r"[A-Za-z0-9_-][A-Za-z0-9._-]{0,63}")
 PART_RE = re.compile(r"[A-Za-z0-9_-][A-Za-z0-9._-]{0,127}")
 SHA_RE = re.compile(r"[0-9a-f]{64}")
 TIME_RE = re.compile(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d(\.\d{1,6})?(Z|[+-]\d\d:\d\d)?")
-_BRACKETS = re.compile(rb'"(?:[^"\\]|\\.)*"|[\[\]{}]', re.S)
-
-
-def nesting_depth(raw: bytes) -> int:
-    """How deeply brackets nest in a JSON text (outside strings), without recursion."""
-    depth = deepest = 0
-    for m in _BRACKETS.finditer(raw):
-        c = m.group()
-        if c in (b"[", b"{"):
-            depth += 1
-            deepest = max(deepest, depth)
-        elif c in (b"]", b"}"):
-            depth -= 1
-    return deepest
-
-
-class JsonRefused(ValueError):
-    """Why `load_json` refused a JSON text: `reason` completes a sentence about it ("... nests
-    deeper than 32 levels"); `key` is the top-level key the problem was found under, when known."""
-
-    def __init__(self, reason: str, key: str | None = None):
-        super().__init__(reason)
-        self.reason, self.key = reason, key
-
-
-def _too_deep(raw: bytes, max_depth: int) -> tuple[bool, str | None]:
-    """Whether brackets nest deeper than `max_depth` (outside strings), found without recursion and
-    stopping at the first level too deep; with the top-level object's key it happened under."""
-    depth = 0
-    key = None
-    for m in _BRACKETS.finditer(raw):
-        c = m.group()
-        if c in (b"[", b"{"):
-            depth += 1
-            if depth > max_depth:
-                return True, key
-        elif c in (b"]", b"}"):
-            depth -= 1
-        elif depth == 1:
-            key = c[1:-1].decode("utf-8", "replace")[:64]  # a key, or a string value (a key comes next)
-    return False, None
-
-
-def load_json(raw: bytes, max_depth: int = MAX_DEPTH, constants: bool = False) -> Any:
-    """memcli's one bounded JSON parser (the store's documents, model config files, the server's
-    request bodies): UTF-8, nesting at most `max_depth` deep checked before parsing (no recursion),
-    NaN/Infinity refused unless `constants` (then they parse as floats, for the caller's field
-    checks to name). Raises JsonRefused."""
-    try:
-        text = raw.decode("utf-8")
-    except UnicodeDecodeError:
-        raise JsonRefused("is not UTF-8 text") from None
-    deep, key = _too_deep(raw, max_depth)
-    if deep:
-        raise JsonRefused(f"nests deeper than {max_depth} levels", key)
-
-    def no_constants(name):
-        raise ValueError(f"{name} is not a number JSON allows")
-
-    try:
-        return json.loads(text, parse_constant=float if constants else no_constants)
-    except json.JSONDecodeError as exc:
-        raise JsonRefused(f"is not valid JSON ({exc.msg} at line {exc.lineno} column {exc.colno})") from None
-    except (ValueError, RecursionError) as exc:
-        raise JsonRefused(f"is not valid JSON ({exc})") from None
 
 
 def parse_json(raw: bytes, what: str, max_depth: int = MAX_DEPTH) -> Any:
-    """Parse a JSON document read from disk or an archive (`load_json`); any failure is one
-    PoolCorrupt line naming `what`."""
+    """Parse a JSON document read from disk or an archive with memcli's one bounded parser
+    (memcli.base.jsonbound); any failure is one PoolCorrupt line naming `what`."""
     try:
         return load_json(raw, max_depth)
     except JsonRefused as exc:
@@ -163,8 +99,6 @@ def validate_name(name: str) -> str:
 
     Rule: 1-64 characters from letters, digits, '-', '_' and '.', not starting with '.'.
     Never touches the disk."""
-    from .errors import InvalidPoolName
-
     if not isinstance(name, str) or not NAME_RE.fullmatch(name):
         shown = repr(name)
         if isinstance(name, str) and len(name) > 64:

@@ -39,19 +39,19 @@ Each removal is reported in one line on stderr (the logger "memcli.store").
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 import stat
 from pathlib import Path
 
+from memcli.base.durable import O_CLOEXEC, O_NOFOLLOW, TMP, rmtree_quiet, unlink_quiet
+
 from . import integrity, locking
-from .durable import TMP, rmtree_quiet, unlink_quiet
+from .errors import PoolError, note
 from .folders import READ_ONLY_ERRNOS, open_dir
-from .errors import PoolError, note  # noqa: F401  (note: recovery.note, as before)
 from .manifest import MANIFEST, NAME_RE, SHA_RE
 from .snapshot import CONTENT_KEYS, LOG, OBJECTS, PARTS_V1, open_pool_dir, read_manifest_at
+from .staging import EXPORT_RECORD, drop_export_tmp, holds_flock
 
-EXPORT_RECORD = f"{TMP}export-"
 PENDING = "gc-pending"  # in <root>/.locks: a collection found the gate taken
 
 
@@ -165,7 +165,7 @@ def _pending(store, action: str) -> bool:
         if action == "test":
             return _exists_at(dfd, PENDING)
         if action == "set":
-            os.close(os.open(PENDING, os.O_WRONLY | os.O_CREAT | locking.O_NOFOLLOW | locking.O_CLOEXEC, 0o644,
+            os.close(os.open(PENDING, os.O_WRONLY | os.O_CREAT | O_NOFOLLOW | O_CLOEXEC, 0o644,
                              dir_fd=dfd))
             return True
         os.unlink(PENDING, dir_fd=dfd)
@@ -269,11 +269,11 @@ def recover(store, announce: bool = False, wait_s: float = 0.5) -> list[str]:
             path = root / entry
             if not entry.startswith(TMP):
                 continue
-            if not entry.startswith(f"{TMP}rm-") and locking.holds_flock(path):
+            if not entry.startswith(f"{TMP}rm-") and holds_flock(path):
                 continue  # somebody is working in it
             size = _size(path)
             if entry.startswith(EXPORT_RECORD):
-                size += _drop_export_tmp(path)
+                size += drop_export_tmp(path)
             if _remove(path):
                 done.append((str(path), size))
         for folder in (OBJECTS, CONTENT_KEYS):
@@ -309,33 +309,10 @@ def recover(store, announce: bool = False, wait_s: float = 0.5) -> list[str]:
     return removed
 
 
-def _drop_export_tmp(record: Path) -> int:
-    """The temporary export file an export record names, if it is still there and ours."""
-    try:
-        fd = os.open(record, os.O_RDONLY | locking.O_NOFOLLOW | locking.O_NONBLOCK)
-        try:
-            info = json.loads(os.read(fd, 65536).decode("utf-8"))
-        finally:
-            os.close(fd)
-        tmp = Path(info["tmp"])
-    except (OSError, ValueError, KeyError, TypeError, UnicodeDecodeError):
-        return 0
-    from .transfer import EXPORT_TMP_SUFFIX
-
-    try:
-        st_ = os.lstat(tmp)
-    except OSError:
-        return 0
-    if stat.S_ISREG(st_.st_mode) and tmp.name.endswith(EXPORT_TMP_SUFFIX):
-        unlink_quiet(tmp)
-        return st_.st_size
-    return 0
-
-
 def _recover_pool(store, name: str) -> list[tuple[str, int]]:
     done = []
     pool_dir = store.root / name
-    state = store._dir_state(name)
+    state = store.dir_state(name)
     if state == "leftover":
         done.append((str(pool_dir), _size(pool_dir)))
         rmtree_quiet(pool_dir)
@@ -357,7 +334,7 @@ def _recover_pool(store, name: str) -> list[tuple[str, int]]:
     if m["format_version"] >= 2:
         done.extend(_drop_v1_leftovers(pool_dir))
         committed = m["log"]["bytes"]
-        lock = store._lock(name)
+        lock = store.writer_lock(name)
         with contextlib.suppress(PoolError, OSError):
             lock.acquire(wait=False)
             try:

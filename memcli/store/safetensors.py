@@ -17,7 +17,10 @@ import struct
 import sys
 from typing import Any, Iterator
 
-from .durable import CHUNK
+from memcli.base.durable import CHUNK
+from memcli.base.errors import Damaged
+
+from .errors import PoolError
 
 # safetensors dtype code -> bytes per element
 ITEM_BYTES = {
@@ -30,8 +33,9 @@ MAX_TENSORS = 4096
 MAX_DIMS = 8
 
 
-class HeaderError(ValueError):
-    """A safetensors header that is malformed or out of bounds; str() is the reason."""
+class HeaderError(Damaged, ValueError):
+    """A safetensors header that is malformed or out of bounds; str() is the reason (callers name
+    the file: a part is PoolCorrupt, a checkpoint shard a CheckpointError)."""
 
 
 def parse_header(read_at, size: int) -> tuple[dict[str, dict], int]:
@@ -49,7 +53,8 @@ def parse_header(read_at, size: int) -> tuple[dict[str, dict], int]:
     raw = read_at(8, n)
     if len(raw) != n:
         raise HeaderError("file ends inside the header")
-    try:
+    try:  # json.loads, not base.jsonbound: a header is read for every part a load or pool info opens,
+        # and the bounded parser's depth scan costs ~6x its parse; a RecursionError is caught instead
         header = json.loads(raw.decode("utf-8"))
     except (ValueError, UnicodeDecodeError, RecursionError):
         raise HeaderError("header is not valid JSON") from None
@@ -136,8 +141,6 @@ def check_tensors(what: str, tensors: Any) -> None:
     """Refuse anything safetensors_chunks cannot write, with a one-line reason."""
     import torch
 
-    from .errors import PoolError
-
     codes = _torch_dtypes()
     if not isinstance(tensors, dict):
         raise PoolError(f"{what}: expected a dict of name -> tensor, got {type(tensors).__name__}")
@@ -193,7 +196,7 @@ def read_tensors(fd: int, size: int, names=None, digest=None) -> dict:
     into their own memory: no path is needed, so a file unlinked after it was opened still
     reads, and the bytes read are exactly those of the file that was checked.
 
-    digest: a hash object (durable.new_hash()) fed every byte of the file in order, in the same
+    digest: a hash object (memcli.base.durable.new_hash()) fed every byte of the file in order, in the same
     pass that reads them (the bytes of tensors not in `names` are read for it too), so a caller
     can check that what it loaded is exactly what the file's name promises. (Hashing on a second
     thread while the next bytes are read was measured no faster on a loaded 2-core machine.)"""

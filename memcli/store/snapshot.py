@@ -13,14 +13,18 @@ while it streams (`LogReader`): a committed 1 GiB line is refused after reading 
 
 from __future__ import annotations
 
+import io
 import os
 import stat
 from pathlib import Path
 
+from memcli.base.durable import O_CLOEXEC, O_DIRECTORY, O_NOFOLLOW, new_hash, read_fd
+from memcli.base.text import one_line
+
 from . import integrity
 from . import safetensors as st
-from .durable import O_CLOEXEC, O_DIRECTORY, O_NOFOLLOW, new_hash, open_regular, read_fd
-from .errors import PoolCorrupt, PoolError, PoolNotFound, note, repair_hint, safe_text
+from .errors import PoolCorrupt, PoolError, PoolNotFound, note, repair_hint
+from .files import open_regular
 from .folders import ancestor_problem, open_dir
 from .manifest import MANIFEST, MAX_MANIFEST_BYTES, check_manifest, parse_json
 
@@ -210,8 +214,6 @@ def fd_stream(fd: int, offset: int = 0):
 
 def parse_log(raw: bytes, what: str, expect_records: int) -> list[dict]:
     """The records of a whole committed log prefix held in memory (no torn record allowed)."""
-    import io
-
     reader = LogReader(io.BytesIO(raw).read, len(raw), what, expect_records, torn_ok=False)
     return [parse_record(line, what, i) for i, line in enumerate(reader, 1)]
 
@@ -222,7 +224,7 @@ class Snapshot:
     def __init__(self, root: Path, name: str, part_ids=None):
         self.root, self.name = root, name
         self._fds: dict[str, int] = {}
-        self._log_fd: int | None = None
+        self.log_fd: int | None = None  # log.jsonl, held open (an export streams its checked prefix from it)
         self.log_extent: dict | None = None  # the whole part of the log, once read (log_records)
         folder = None
         dir_fd = open_pool_dir(root, name)
@@ -233,7 +235,7 @@ class Snapshot:
             wanted = self.manifest["parts"] if part_ids is None else part_ids
             for pid in wanted:
                 if pid not in self.manifest["parts"]:
-                    raise PoolError(f"pool {name} has no part {safe_text(pid)[:80]}")
+                    raise PoolError(f"pool {name} has no part {one_line(pid, 80)}")
             if wanted:
                 folder = part_folder(root, name, self.manifest, dir_fd)
             for pid in wanted:
@@ -246,7 +248,7 @@ class Snapshot:
                     raise PoolCorrupt(f"pool {name}: log.jsonl is missing") from None
                 except OSError as exc:
                     raise PoolCorrupt(f"pool {name}: log.jsonl cannot be opened ({exc.strerror})") from None
-                self._log_fd = fd
+                self.log_fd = fd
                 st_ = os.fstat(fd)
                 if not stat.S_ISREG(st_.st_mode):
                     raise PoolCorrupt(f"pool {name}: log.jsonl is not a regular file; refusing")
@@ -267,7 +269,7 @@ class Snapshot:
 
     def fd(self, part_id: str) -> int:
         if part_id not in self._fds:
-            raise PoolError(f"pool {self.name}: part {safe_text(part_id)[:80]} is not in this snapshot")
+            raise PoolError(f"pool {self.name}: part {one_line(part_id, 80)} is not in this snapshot")
         return self._fds[part_id]
 
     def verify(self, part_id: str, recheck: bool = False) -> None:
@@ -311,7 +313,7 @@ class Snapshot:
             if log.get("records"):
                 raise PoolCorrupt(f"pool {self.name}: log.jsonl is empty but the manifest lists records")
             return None
-        return LogReader(fd_stream(self._log_fd), log["bytes"], f"pool {self.name}", log["records"])
+        return LogReader(fd_stream(self.log_fd), log["bytes"], f"pool {self.name}", log["records"])
 
     def log_records(self, copy_to=None, quiet: bool = False) -> list[dict]:
         """The committed log's records, streamed and bounded (a torn last record is left out, with
@@ -342,9 +344,9 @@ class Snapshot:
         for fd in self._fds.values():
             os.close(fd)
         self._fds.clear()
-        if self._log_fd is not None:
-            os.close(self._log_fd)
-            self._log_fd = None
+        if self.log_fd is not None:
+            os.close(self.log_fd)
+            self.log_fd = None
 
     def __enter__(self) -> "Snapshot":
         return self

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import copy
 import errno
-import json
+import io
 import os
 import re
 import shutil
@@ -28,19 +28,22 @@ import tarfile
 import time
 from pathlib import Path
 
-from . import locking
+from memcli.base.clock import now_iso
+from memcli.base.durable import (
+    CHUNK, O_BINARY, O_CLOEXEC, O_NOFOLLOW, create_exclusive, fsync_dir, is_nospace, new_hash, replace_file,
+    unlink_quiet, write_all,
+)
+from memcli.base.text import one_line
+
 from . import safetensors as st
 from . import folders, integrity
-from .durable import (
-    CHUNK, O_BINARY, O_CLOEXEC, O_NOFOLLOW, as_pool_error, create_exclusive, fsync_dir, is_nospace, new_hash, now,
-    open_regular, publish_dir, replace_file, token, unlink_quiet, write_all, write_errors,
-)
-from .errors import PoolCorrupt, PoolError, PoolExists, safe_text
+from .errors import PoolCorrupt, PoolError, PoolExists
+from .files import as_pool_error, open_regular, publish_dir, write_errors
 from .manifest import FORMAT_VERSION, MANIFEST, MAX_MANIFEST_BYTES, check_manifest, manifest_bytes, parse_json, validate_name
-from .recovery import EXPORT_RECORD, collect_garbage
+from .recovery import collect_garbage
 from .snapshot import LOG, OBJECTS, LogReader, damaged, parse_record
+from .staging import export_tmp_path, staged_folder, write_export_record
 
-EXPORT_TMP_SUFFIX = ".memcli-export"
 _TAR_PART_RE = re.compile(r"parts/([A-Za-z0-9_-][A-Za-z0-9._-]{0,127})\.safetensors")
 _SPARSE_TYPES = {getattr(tarfile, "GNUTYPE_SPARSE", b"S")}
 
@@ -55,7 +58,7 @@ def fork(store, src: str, dst: str):
     validate_name(dst)
     if src == dst or store.exists(dst):
         raise PoolExists(f"pool {dst} already exists")
-    check_meta, _bound = store.meta_checks()
+    check_meta = store.checks.check_meta
     with store.writer(dst):
         if store.exists(dst):
             raise PoolExists(f"pool {dst} already exists")
@@ -64,12 +67,12 @@ def fork(store, src: str, dst: str):
             m = copy.deepcopy(snap.manifest)
             for pid in m["parts"]:  # the bytes this fork will name, checked (outside the gate: it may take long)
                 snap.verify(pid)
-            with store.gate.shared(), locking.staged_folder(store.root) as stage:
+            with store.gate.shared(), staged_folder(store.root) as stage:
                 ofd = folders.open_dir(store.root, OBJECTS, create=True)
                 try:
                     if m["format_version"] == 1:
                         for pid in m["parts"]:  # a format-1 source: give its parts their content names
-                            store._adopt_v1_part(src, m, pid, ofd)
+                            store.adopt_v1_part(src, m, pid, ofd)
                         folders.fsync_fd(ofd)
                     for pid, entry in m["parts"].items():
                         # the object is still the file checked above (and, with the gate held, stays)
@@ -79,20 +82,20 @@ def fork(store, src: str, dst: str):
                             st_ = None
                         checked = os.fstat(snap.fd(pid))
                         if st_ is None or integrity.identity(st_) != integrity.identity(checked):
-                            if m["format_version"] == 1 and st_ is not None and store._object_ok(
+                            if m["format_version"] == 1 and st_ is not None and store.object_ok(
                                     entry["sha256"], entry["bytes"], ofd=ofd):
                                 continue  # adopted just now from the checked format-1 file
                             raise PoolCorrupt(f"pool {src}: part {pid} changed while it was forked; try again")
                 finally:
                     os.close(ofd)
                 log = _copy_log(snap, stage, check_meta, m) if m["format_version"] >= 2 else {"bytes": 0, "records": 0}
-                stamp = now()
+                stamp = now_iso()
                 meta = m["meta"]
                 meta["forked_from"] = {"name": src, "version": m["version"]}
                 manifest = {"format_version": FORMAT_VERSION, "name": dst, "version": 1, "created": stamp,
                             "updated": stamp, "parts": m["parts"], "log": log, "meta": meta}
                 replace_file(stage, MANIFEST, manifest_bytes(manifest))
-                publish_dir(stage, store._dir(dst), dst)
+                publish_dir(stage, store.pool_dir(dst), dst)
     return store.info(dst)
 
 
@@ -144,10 +147,9 @@ def export(store, name: str, file: Path, force: bool = False) -> None:
     if not os.path.isdir(file.parent):
         raise PoolError(f"cannot export to {file}: its folder does not exist")
     store.recover_once()
-    check_meta, max_part_bytes = store.meta_checks()
-    tmp = file.parent / f".{file.name[:100]}.{token()}{EXPORT_TMP_SUFFIX}"
-    record = store.root / f"{EXPORT_RECORD}{token()}"
-    record_fd = None
+    check_meta, max_part_bytes = store.checks.check_meta, store.checks.max_part_bytes
+    tmp = export_tmp_path(file)
+    record = record_fd = None
     snap = None
     fd = None
     try:
@@ -155,16 +157,7 @@ def export(store, name: str, file: Path, force: bool = False) -> None:
             snap = store.snapshot(name)
             log = _check_for_export(snap, check_meta, max_part_bytes)  # before a byte is written
             with store.gate.shared():
-                try:  # the record lets recovery remove `tmp` if this process is killed
-                    record_fd = os.open(record, os.O_RDWR | os.O_CREAT | os.O_EXCL | locking.O_NOFOLLOW, 0o600)
-                    write_all(record_fd, json.dumps({"tmp": str(tmp)}).encode())
-                    os.fsync(record_fd)
-                    locking.fcntl.flock(record_fd, locking.fcntl.LOCK_EX)
-                except OSError:  # a read-only store: the export goes on without its record
-                    if record_fd is not None:
-                        os.close(record_fd)
-                        record_fd = None
-                    unlink_quiet(record)
+                record, record_fd = write_export_record(store.root, tmp)  # recovery removes `tmp` if we are killed
                 fd = create_exclusive(tmp)
             with snap:
                 owned, fd = fd, None
@@ -244,8 +237,6 @@ class _LogReader(_HashingReader):
 
 
 def _write_tar(snap, fd: int, log: dict) -> None:
-    import io
-
     m = dict(snap.manifest, log={"bytes": log["bytes"], "records": log["records"]})
     with os.fdopen(fd, "wb", buffering=CHUNK) as out:
         mtime = int(time.time())
@@ -260,7 +251,7 @@ def _write_tar(snap, fd: int, log: dict) -> None:
             data = manifest_bytes(m)
             tar.addfile(info(MANIFEST, len(data)), io.BytesIO(data))
             if log["bytes"]:
-                reader = _LogReader(snap._log_fd, log["bytes"])
+                reader = _LogReader(snap.log_fd, log["bytes"])
                 tar.addfile(info(LOG, log["bytes"]), reader)
                 if reader.sha.hexdigest() != log["sha256"]:
                     raise PoolCorrupt(f"pool {snap.name}: log.jsonl changed while it was exported; try again")
@@ -279,7 +270,7 @@ def _write_tar(snap, fd: int, log: dict) -> None:
 
 
 def _check_member(where: str, member: tarfile.TarInfo) -> None:
-    shown = safe_text(member.name)[:80]
+    shown = one_line(member.name, 80)
     if member.type not in (tarfile.REGTYPE, tarfile.AREGTYPE) or member.type in _SPARSE_TYPES \
             or getattr(member, "sparse", None) or any(k.startswith("GNU.sparse") for k in member.pax_headers):
         raise PoolCorrupt(f"{where}: entry {shown!r} is not a plain regular file (link, device or sparse); refusing")
@@ -287,9 +278,9 @@ def _check_member(where: str, member: tarfile.TarInfo) -> None:
 
 def import_(store, file: Path, name: str | None = None):
     """Create a pool from an export file; see the module docstring for what is checked."""
-    check_meta, max_part_bytes = store.meta_checks()
+    check_meta, max_part_bytes = store.checks.check_meta, store.checks.max_part_bytes
     file = Path(file)
-    where = safe_text(file.name)
+    where = one_line(file.name)
     if name is not None:
         validate_name(name)
         if store.exists(name):
@@ -340,13 +331,13 @@ def import_(store, file: Path, name: str | None = None):
         free = shutil.disk_usage(store.root).free
         if need > free:
             raise PoolError(f"not enough space to import {where}: it needs {need} bytes, {free} are free")
-        taking = store._lock(target)
+        taking = store.writer_lock(target)
         taking.acquire()  # PoolBusy (another process imports or writes that name), PoolReadOnly
         lock = taking
         store.recover_once()
         if store.exists(target):
             raise PoolExists(f"pool {target} already exists")
-        with store.gate.shared(), locking.staged_folder(store.root, "import-") as stage:
+        with store.gate.shared(), staged_folder(store.root, "import-") as stage:
             os.mkdir(stage / "objects", 0o700)
             os.mkdir(stage / "pool", 0o700)
             staged: dict[str, Path] = {}  # sha256 -> staged file
@@ -365,7 +356,7 @@ def import_(store, file: Path, name: str | None = None):
                     continue
                 match = _TAR_PART_RE.fullmatch(mname)
                 if not match:
-                    raise PoolCorrupt(f"{where} has an entry {safe_text(mname)[:80]!r} that no pool export holds; refusing")
+                    raise PoolCorrupt(f"{where} has an entry {one_line(mname, 80)!r} that no pool export holds; refusing")
                 pid = match.group(1)
                 entry = m["parts"].get(pid)
                 if entry is None or pid in seen:
@@ -373,7 +364,7 @@ def import_(store, file: Path, name: str | None = None):
                 if member.size != entry["bytes"]:
                     raise PoolCorrupt(f"{where}: part {pid} has {member.size} bytes, manifest says {entry['bytes']}")
                 seen.add(pid)
-                if entry["sha256"] in staged or store._object_ok(entry["sha256"], entry["bytes"]):
+                if entry["sha256"] in staged or store.object_ok(entry["sha256"], entry["bytes"]):
                     _skip_member(tar, member, where, entry, pid)
                     continue
                 dst = stage / "objects" / entry["sha256"]
@@ -390,7 +381,7 @@ def import_(store, file: Path, name: str | None = None):
             ofd = folders.open_dir(store.root, OBJECTS, create=True)
             try:
                 for digest, path in staged.items():
-                    if not store._object_ok(digest, os.path.getsize(path), ofd=ofd):  # absent, or found damaged
+                    if not store.object_ok(digest, os.path.getsize(path), ofd=ofd):  # absent, or found damaged
                         os.replace(path, digest, dst_dir_fd=ofd)
                         integrity.drop_record(store.root, digest)
                 folders.fsync_fd(ofd)
@@ -398,7 +389,7 @@ def import_(store, file: Path, name: str | None = None):
                 os.close(ofd)
             m.update(format_version=FORMAT_VERSION, name=target)
             replace_file(stage / "pool", MANIFEST, manifest_bytes(m))
-            publish_dir(stage / "pool", store._dir(target), target)
+            publish_dir(stage / "pool", store.pool_dir(target), target)
     except BaseException as exc:
         error = as_pool_error(exc, f"importing {where}", f"import {where}", "nothing was created")
         if error is not None:
@@ -466,7 +457,7 @@ def _chunks(tar, member, where, limit):
             return
         got += len(chunk)
         if got > limit:
-            raise PoolCorrupt(f"{where}: {safe_text(member.name)[:80]} is longer than declared")
+            raise PoolCorrupt(f"{where}: {one_line(member.name, 80)} is longer than declared")
         yield chunk
 
 
@@ -480,7 +471,7 @@ def _skip_member(tar, member, where, entry, pid) -> None:
 
 
 def _stage_part(tar, member, dst: Path, where, entry, pid) -> None:
-    fd = os.open(dst, os.O_RDWR | os.O_CREAT | os.O_EXCL | locking.O_NOFOLLOW | locking.O_CLOEXEC, 0o600)
+    fd = os.open(dst, os.O_RDWR | os.O_CREAT | os.O_EXCL | O_NOFOLLOW | O_CLOEXEC, 0o600)
     h, got = new_hash(), 0
     try:
         for chunk in _chunks(tar, member, where, entry["bytes"]):

@@ -1,9 +1,14 @@
-"""Durable file I/O: the only way the store opens, writes, renames and hashes files.
+"""Durable file I/O: how memcli opens, reads, writes, replaces and hashes files.
 
-Every file is written under a temporary name, fsynced, renamed into place and its folder
-fsynced. Every file the store reads is opened without following a symbolic link and without
-blocking (O_NONBLOCK: a FIFO put in place of a file must not hang a command), and checked to
-be a regular file with fstat before a byte is read.
+Every file is written under a temporary name, fsynced, renamed into place and its folder fsynced
+(`replace_file`). Every file memcli reads from a place a user or another program can write (the
+pool store, a model folder, the converted-copy cache) is opened without following a symbolic link
+and without blocking (O_NONBLOCK: a FIFO put in place of a file must not hang a command), and
+checked to be a regular file with fstat before a byte is read (`open_regular`).
+
+A leaf module: the store, config, settings, converted copies, the catalog and the log of answers
+share it; it knows nothing about any of them. Its refusals are `FileRefused` (a link, not a regular
+file, too large) and `FileUnreadable` (the system would not let it be read), one line each.
 """
 
 from __future__ import annotations
@@ -14,14 +19,11 @@ import os
 import secrets
 import shutil
 import stat
-from contextlib import contextmanager
 from pathlib import Path
 
-from memcli.base.clock import now_iso
+from .errors import FileRefused, FileUnreadable
 
-from .errors import PoolCorrupt, PoolError, PoolExists
-
-TMP = ".tmp-"  # every temporary name in the store starts with this
+TMP = ".tmp-"  # every temporary name memcli writes starts with this
 CHUNK = 8 << 20  # bytes per write / read / hash step
 
 O_NOFOLLOW = getattr(os, "O_NOFOLLOW", 0)
@@ -29,11 +31,6 @@ O_DIRECTORY = getattr(os, "O_DIRECTORY", 0)
 O_CLOEXEC = getattr(os, "O_CLOEXEC", 0)
 O_NONBLOCK = getattr(os, "O_NONBLOCK", 0)
 O_BINARY = getattr(os, "O_BINARY", 0)
-
-
-def now() -> str:
-    """memcli's one clock format (memcli.base.clock): UTC, milliseconds, 'Z' (2026-12-01T10:22:58.123Z)."""
-    return now_iso()
 
 
 def token() -> str:
@@ -45,7 +42,7 @@ def token() -> str:
 
 
 def new_hash():
-    """The store's one content hash (sha256); parts are named by its hex digest."""
+    """memcli's one content hash (sha256): store parts are named by its hex digest."""
     return hashlib.sha256()
 
 
@@ -70,24 +67,24 @@ def hash_fd(fd: int) -> tuple[str, int]:
 def open_regular(path: Path | str, what: str, max_bytes: int | None = None, dir_fd: int | None = None) -> int:
     """Open an existing file for reading (`path` relative to `dir_fd` when given); never follows
     a symlink, never blocks, refuses anything but a regular file (and, with max_bytes, anything
-    larger). Returns the fd. FileNotFoundError passes through (callers decide what a missing file
-    means)."""
+    larger): FileRefused naming `what`; FileUnreadable when the system refuses the open. Returns
+    the fd. FileNotFoundError passes through (callers decide what a missing file means)."""
     try:
         fd = os.open(path, os.O_RDONLY | O_NOFOLLOW | O_NONBLOCK | O_CLOEXEC | O_BINARY, dir_fd=dir_fd)
     except FileNotFoundError:
         raise
     except OSError as exc:
         if exc.errno == errno.ELOOP:
-            raise PoolCorrupt(f"{what} is a symbolic link; refusing") from None
+            raise FileRefused(f"{what} is a symbolic link; refusing") from None
         if exc.errno in (errno.ENXIO, errno.EOPNOTSUPP):  # a socket or a FIFO without writer
-            raise PoolCorrupt(f"{what} is not a regular file; refusing") from None
-        raise PoolError(f"cannot read {what} ({exc.strerror})") from None
+            raise FileRefused(f"{what} is not a regular file; refusing") from None
+        raise FileUnreadable(f"cannot read {what} ({exc.strerror})") from None
     try:
         st = os.fstat(fd)
         if not stat.S_ISREG(st.st_mode):
-            raise PoolCorrupt(f"{what} is not a regular file ({file_kind(st.st_mode)}); refusing")
+            raise FileRefused(f"{what} is not a regular file ({file_kind(st.st_mode)}); refusing")
         if max_bytes is not None and st.st_size > max_bytes:
-            raise PoolCorrupt(f"{what} is implausibly large ({st.st_size} bytes, at most {max_bytes})")
+            raise FileRefused(f"{what} is implausibly large ({st.st_size} bytes, at most {max_bytes})")
     except BaseException:
         os.close(fd)
         raise
@@ -95,6 +92,7 @@ def open_regular(path: Path | str, what: str, max_bytes: int | None = None, dir_
 
 
 def file_kind(mode: int) -> str:
+    """What a file of this mode is, in words ("a FIFO", "a folder"...)."""
     for test, name in ((stat.S_ISDIR, "a folder"), (stat.S_ISFIFO, "a FIFO"), (stat.S_ISSOCK, "a socket"),
                        (stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device"),
                        (stat.S_ISLNK, "a symbolic link")):
@@ -115,11 +113,20 @@ def read_fd(fd: int, limit: int) -> bytes:
     return b"".join(chunks)
 
 
+def read_regular(path: Path | str, what: str, max_bytes: int) -> bytes:
+    """The bytes of a small file, opened as `open_regular` opens it (at most `max_bytes`)."""
+    fd = open_regular(path, what, max_bytes=max_bytes)
+    try:
+        return read_fd(fd, max_bytes)
+    finally:
+        os.close(fd)
+
+
 # ------------------------------------------------------------------------ writing
 
 
 def write_all(fd: int, data) -> None:
-    """Write every byte of `data` to `fd`. All bytes the store saves go through here."""
+    """Write every byte of `data` to `fd`. All bytes memcli saves go through here."""
     view = memoryview(data).cast("B")
     while view:
         written = os.write(fd, view)
@@ -167,21 +174,6 @@ def replace_file(folder: Path, name: str, data: bytes) -> None:
     fsync_dir(folder)
 
 
-def publish_dir(stage: Path, dest: Path, name: str) -> None:
-    """The one staged-folder rename: a folder built completely under a temporary name
-    appears at `dest` in one step, or not at all (PoolExists if something is there)."""
-    fsync_dir(stage)
-    if os.path.lexists(dest):
-        raise PoolExists(f"pool {name} already exists")
-    try:
-        os.rename(stage, dest)
-    except OSError as exc:
-        if exc.errno in (errno.EEXIST, errno.ENOTEMPTY, errno.ENOTDIR, errno.EISDIR):
-            raise PoolExists(f"pool {name} already exists") from None
-        raise
-    fsync_dir(dest.parent)
-
-
 def unlink_quiet(path: Path | str) -> None:
     try:
         os.unlink(path)
@@ -194,28 +186,5 @@ def rmtree_quiet(path: Path | str) -> None:
 
 
 def is_nospace(exc: BaseException) -> bool:
+    """Whether `exc` says the disk (or the user's quota) is full."""
     return isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, getattr(errno, "EDQUOT", -1))
-
-
-@contextmanager
-def write_errors(while_doing: str, could_not: str, outcome: str = ""):
-    """Turn an OS failure of the writes inside into its one-line PoolError (`as_pool_error`);
-    anything else passes unchanged."""
-    try:
-        yield
-    except BaseException as exc:
-        error = as_pool_error(exc, while_doing, could_not, outcome)
-        if error is not None:
-            raise error from None
-        raise
-
-
-def as_pool_error(exc: BaseException, while_doing: str, could_not: str, outcome: str = "") -> PoolError | None:
-    """The one-line PoolError for an OS failure of a write (disk full said plainly); None for
-    anything else, which the caller re-raises unchanged (PoolErrors, KeyboardInterrupt, bugs)."""
-    if isinstance(exc, PoolError) or not isinstance(exc, OSError):
-        return None
-    tail = f"; {outcome}" if outcome else ""
-    if is_nospace(exc):
-        return PoolError(f"no space left on device while {while_doing}{tail}")
-    return PoolError(f"could not {could_not} ({exc.strerror or exc}){tail}")

@@ -15,7 +15,7 @@ PACKAGE = REPO / "memcli"
 
 
 def test_import_linter_contracts_are_kept():
-    """Layers (cli > server > app > ingest > pools > loading > core > store > wire > base), no
+    """Layers (cli > integrations > server > app > ingest > pools > loading > core > store > wire > base), no
     cycles between the modules of any package, and light modules importing no torch themselves."""
     done = subprocess.run([sys.executable, "-c", "from importlinter.cli import lint_imports_command; "
                            "lint_imports_command()", "--config", str(REPO / "pyproject.toml"), "--no-cache"],

@@ -233,8 +233,7 @@ class Memcli:
     def ingest(self, pool_name: str, items: list, report: InjectReport, *, model: str | None = None,
                chunk_tokens: int | None = None, force: bool = False, stdin: BinaryIO | None = None,
                on_event: Callable[[Event], None] | None = None,
-               take_loaded: Callable[[], "Pool | None"] | None = None,
-               label: Callable[[str], str] | None = None) -> InjectReport:
+               take_loaded: Callable[[], "Pool | None"] | None = None) -> InjectReport:
         """Inject found sources (and the files found unreadable, in their places) into a pool:
         the model and the chunk size resolved and checked, the pool opened under its writer lock,
         then `memcli.ingest.pipeline.Run`. A pool this call created but never wrote to is not left
@@ -267,7 +266,7 @@ class Memcli:
                     _, pool = self.open_pool(pool_name, model=loaded.name, create=True)
                 run = Run(self.store, loaded, pool, report, chunk_tokens, least, UnknownWords(loaded.tokenizer, loaded.name),
                           reload=lambda: self.load_pool(pool_name, loaded), force=force, stdin=stdin,
-                          emit=on_event or (lambda event: None), label=label or (lambda path: path))
+                          emit=on_event or (lambda event: None))
                 report = run.ingest(items, started)
                 if self.after_inject is not None:
                     self.after_inject(pool)

@@ -45,8 +45,18 @@ class ModelNotes:
             output.say(f"loading {shown(use.model)} on {use.device}...", style="dim")
 
 
+def choose(settings, flags: dict, start: bool):
+    """The backend of this command (see the module docstring); `start`: start a server when none
+    runs (commands that run a model; pool info only uses one that runs)."""
+    from memcli.server.launch import open_backend
+
+    notes = ModelNotes(settings)
+    return open_backend(settings, flags, start=start, say=output.say, on_model=notes,
+                        on_load=lambda model, device: notes(ModelUse(model, device, True)))
+
+
 def local(settings):
-    """The library in this process (its models load on first use)."""
+    """The library in this process (its models load on first use): what `eval` measures."""
     from memcli.app.local import LocalBackend
 
     def make():
@@ -56,29 +66,3 @@ def local(settings):
         return Memcli(settings, on_load=lambda model, device: notes(ModelUse(model, device, True)))
 
     return LocalBackend(make=make)
-
-
-def choose(settings, flags: dict, start: bool):
-    """The backend of this command (see the module docstring); `start`: start a server when none
-    runs (commands that run a model; pool info only uses one that runs)."""
-    here = None
-
-    def fallback():
-        nonlocal here
-        if here is None:
-            here = local(settings)
-        return here
-
-    if not settings.server:
-        return fallback()
-    from memcli.server import launch
-
-    client = launch.connect(flags, output.say, start)
-    if client is None:
-        return fallback()
-    from memcli.app.models import normalize_model
-    from memcli.server.remote import RemoteBackend
-
-    return RemoteBackend(client, model=normalize_model(settings.model), model_explicit=settings.explicit("model"),
-                         say=output.say, on_model=ModelNotes(settings),
-                         restart=lambda: launch.start_server(flags, output.say, say_stale=False), fallback=fallback)

@@ -73,7 +73,6 @@ class Run:
     force: bool = False
     stdin: BinaryIO | None = None
     emit: Callable[[Event], None] = lambda event: None
-    label: Callable[[str], str] = lambda path: path  # the name a source is logged under
     shorts: list[_Short] = field(default_factory=list)
     # the chunk injected last: its ids and, per piece, (log entry, provenance serial) - what a last
     # packed chunk too short on its own is filled up with
@@ -126,9 +125,9 @@ class Run:
         if source is None:
             return None
         for entry in reversed(self.pool.sources):
-            if entry.get("path") == self.label(source.path) and not entry.get("complete"):
+            if entry.get("path") == source.name and not entry.get("complete"):
                 if entry.get("chunks"):
-                    return FileResult(self.label(source.path), "partial", chunks=entry["chunks"], tokens=entry.get("tokens", 0))
+                    return FileResult(source.name, "partial", chunks=entry["chunks"], tokens=entry.get("tokens", 0))
                 break
         return None
 
@@ -140,7 +139,7 @@ class Run:
 
         engine, tokenizer, pool, report, emit = self.loaded.engine, self.loaded.tokenizer, self.pool, self.report, self.emit
         index, total = position_in_run
-        label = self.label(source.path)  # what the pool logs, the events and the report name it
+        label = source.name  # what the pool logs, the events and the report name it (the client's name)
         reading = Reading()
         try:
             if source.kind == "stdin":

@@ -392,7 +392,7 @@ class Server:
         resident = self.resident
         name = resident.model_of(params.pool, settings)  # a mismatched --model is refused before weights load
         model = self.use_model(name, emit)
-        items, report, stdin, label = spooled.sources(params.pool)
+        items, report, stdin = spooled.sources(params.pool)
 
         def on_event(event) -> None:
             emit(event.to_json())
@@ -403,7 +403,7 @@ class Server:
 
         try:
             report = model.app.ingest(params.pool, items, report, model=name, chunk_tokens=params.chunk_tokens,
-                                      force=params.force, stdin=stdin, on_event=on_event, label=label,
+                                      force=params.force, stdin=stdin, on_event=on_event,
                                       take_loaded=lambda: resident.take_pool(name, params.pool, job))
         except InjectInterrupted as stop:
             report = stop.report

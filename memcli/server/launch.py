@@ -143,3 +143,40 @@ def connect(flags: dict, say: Callable[[str], None], start: bool):
     except server_address.UntrustedServer as err:
         say(f"memcli: not using the memcli server: {err}; {FALLBACK}")
         return None
+
+
+def open_backend(settings, flags: dict | None = None, *, start: bool = True,
+                 say: Callable[[str], None] = lambda line: None, on_model=None, on_load=None):
+    """The backend of one client of memcli (a command, the MCP server, the `llm` plugin), chosen
+    once: this user's running server (`RemoteBackend`; with `start`, one started in the background
+    when none runs) unless `settings.server` is off, else the library in this process
+    (`LocalBackend`, its models loading on first use). `say` hears the one-line notes (a stale
+    socket, an untrusted one, a server that could not start); `on_model` sees each request's
+    `wire.ModelUse` through a server, `on_load(model, device)` a model loading in this process."""
+    from memcli.app.local import LocalBackend
+
+    flags = flags or {}
+    here = None
+
+    def fallback():
+        nonlocal here
+        if here is None:
+            def make():
+                from memcli.app.api import Memcli
+
+                return Memcli(settings, on_load=on_load)
+
+            here = LocalBackend(make=make)
+        return here
+
+    if not settings.server:
+        return fallback()
+    client = connect(flags, say, start)
+    if client is None:
+        return fallback()
+    from memcli.app.models import normalize_model
+    from memcli.server.remote import RemoteBackend
+
+    return RemoteBackend(client, model=normalize_model(settings.model), model_explicit=settings.explicit("model"),
+                         say=say, on_model=on_model, restart=lambda: start_server(flags, say, say_stale=False),
+                         fallback=fallback)

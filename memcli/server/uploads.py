@@ -41,14 +41,14 @@ class Spooled:
 
     def sources(self, pool: str):
         """(the inject's items in order, its report with the ignored files counted, stdin's copy
-        opened or None, the name each source is logged under)."""
+        opened or None). Each Source reads our copy under the name the client sent."""
         from memcli.ingest.discover import Skipped, Source
 
         report = InjectReport(pool=pool, model="")
         if self.ignored is not None:
             report.ignored_by_type = dict(self.ignored["by_type"])
             report.ignored_by_glob = self.ignored["by_glob"]
-        items, names, stdin = [], {}, None
+        items, stdin = [], None
         for header, copy in self.entries:
             if header.skipped is not None:
                 items.append(Skipped(header.name, header.skipped))
@@ -57,9 +57,8 @@ class Spooled:
                 items.append(Source("-", "stdin", None, encoding=header.encoding, forced=header.forced))
             else:
                 items.append(Source(str(copy), header.kind, header.size, header.compressed, header.encoding,
-                                    forced=header.forced))
-                names[str(copy)] = header.name
-        return items, report, stdin, lambda path: names.get(path, path)
+                                    forced=header.forced, name=header.name))
+        return items, report, stdin
 
     def remove(self) -> None:
         shutil.rmtree(self.folder, ignore_errors=True)

@@ -19,8 +19,9 @@ class LocalBackend:
     """The `Memcli` facade behind the `Backend` protocol (`app` is made on first use by `make`);
     what reads manifests only goes to the store without it (memcli.app.pools)."""
 
-    def __init__(self, app=None, make: Callable[[], object] | None = None):
+    def __init__(self, app=None, make: Callable[[], object] | None = None, via: str = "cli"):
         self._app, self._make = app, make
+        self.via = via  # the entry point the log of answers names
         self._store = app.store if app is not None else None
 
     @property

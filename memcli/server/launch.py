@@ -146,13 +146,14 @@ def connect(flags: dict, say: Callable[[str], None], start: bool):
 
 
 def open_backend(settings, flags: dict | None = None, *, start: bool = True,
-                 say: Callable[[str], None] = lambda line: None, on_model=None, on_load=None):
+                 say: Callable[[str], None] = lambda line: None, on_model=None, on_load=None, via: str = "cli"):
     """The backend of one client of memcli (a command, the MCP server, the `llm` plugin), chosen
     once: this user's running server (`RemoteBackend`; with `start`, one started in the background
     when none runs) unless `settings.server` is off, else the library in this process
     (`LocalBackend`, its models loading on first use). `say` hears the one-line notes (a stale
     socket, an untrusted one, a server that could not start); `on_model` sees each request's
-    `wire.ModelUse` through a server, `on_load(model, device)` a model loading in this process."""
+    `wire.ModelUse` through a server, `on_load(model, device)` a model loading in this process.
+    `via` names the entry point in the log of answers ("cli", "mcp", "llm": `app.answer_log.VIA`)."""
     from memcli.app.local import LocalBackend
 
     flags = flags or {}
@@ -166,7 +167,7 @@ def open_backend(settings, flags: dict | None = None, *, start: bool = True,
 
                 return Memcli(settings, on_load=on_load)
 
-            here = LocalBackend(make=make)
+            here = LocalBackend(make=make, via=via)
         return here
 
     if not settings.server:
@@ -179,4 +180,4 @@ def open_backend(settings, flags: dict | None = None, *, start: bool = True,
 
     return RemoteBackend(client, model=normalize_model(settings.model), model_explicit=settings.explicit("model"),
                          say=say, on_model=on_model, restart=lambda: start_server(flags, say, say_stale=False),
-                         fallback=fallback)
+                         fallback=fallback, via=via)

@@ -39,8 +39,9 @@ class RemoteBackend:
                  say: Callable[[str], None] = lambda line: None,
                  on_model: Callable[[ModelUse], None] | None = None,
                  restart: Callable[[], "Client | None"] | None = None,
-                 fallback: Callable[[], object] | None = None):
+                 fallback: Callable[[], object] | None = None, via: str = "cli"):
         self.client = client
+        self.via = via  # the entry point the log of answers names
         self.model, self.explicit = model, model_explicit  # a folder as an absolute path: the server runs elsewhere
         self.say, self.on_model = say, on_model
         self.restart, self.fallback = restart, fallback

@@ -4,6 +4,7 @@ shows. Test modules import from here (and fixtures come from conftest.py), never
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import subprocess
@@ -380,3 +381,53 @@ class FakeBackend:
 
     def close(self):
         pass
+
+
+# --------------------------------------------------------------------------- a read-only home
+_WRITES = os.O_WRONLY | os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_APPEND
+
+
+def read_only_home(monkeypatch, home: Path, err: int = errno.EROFS) -> None:
+    """Make every write under `home` fail as the kernel would on a read-only mount (EROFS) or a
+    folder without write permission (EACCES). Root ignores permission bits and a test cannot
+    always mount, so the kernel's answer is simulated at the os calls (as test_hardening does for
+    an unreadable file); a call relative to a folder descriptor is the store's, hence under home."""
+    home_s = os.path.realpath(home)
+
+    def under(path, dir_fd=None) -> bool:
+        if dir_fd is not None:
+            return True
+        if isinstance(path, int):
+            return False
+        p = os.path.realpath(os.fsdecode(path))
+        return p == home_s or p.startswith(home_s + os.sep)
+
+    def deny(path):
+        raise OSError(err, os.strerror(err), os.fsdecode(path) if not isinstance(path, int) else None)
+
+    real_open = os.open
+
+    def open_(path, flags, mode=0o777, *, dir_fd=None):
+        if flags & _WRITES and under(path, dir_fd):
+            deny(path)
+        return real_open(path, flags, mode, dir_fd=dir_fd)
+
+    monkeypatch.setattr(os, "open", open_)
+    for name in ("mkdir", "rmdir", "unlink", "remove", "truncate", "utime", "chmod"):
+        real = getattr(os, name)
+
+        def one(path, *args, _real=real, **kw):
+            if under(path, kw.get("dir_fd")):
+                deny(path)
+            return _real(path, *args, **kw)
+
+        monkeypatch.setattr(os, name, one)
+    for name in ("rename", "replace", "link", "symlink"):
+        real = getattr(os, name)
+
+        def two(src, dst, *args, _real=real, **kw):
+            if under(dst, kw.get("dst_dir_fd", kw.get("dir_fd"))) or under(src, kw.get("src_dir_fd")):
+                deny(dst)
+            return _real(src, dst, *args, **kw)
+
+        monkeypatch.setattr(os, name, two)

@@ -100,7 +100,7 @@ def test_start_checks_size_and_mtime_and_doctor_hashes(checkpoint, monkeypatch):
 
 def test_doctor_reports_a_damaged_copy(checkpoint):
     """`memcli doctor` (diagnose) runs the full hash and names the damaged copy as a problem."""
-    from memcli.app.api import diagnose
+    from memcli.app.doctor import diagnose
     from memcli.app.settings import Settings
 
     _logits(checkpoint, quant="nf4")

@@ -4,6 +4,7 @@ options, reduced precision, and what we do where the official code crashes."""
 import pytest
 import torch
 
+from memcli.app.backend import find
 from memcli.core.engine import Engine, Sampling
 from memcli.loading.checkpoints import initial_state, load_model
 from memcli.core.state import MemoryState
@@ -450,7 +451,7 @@ def test_chat_ask_after_an_inject_reads_the_kept_memory_kv(tmp_path, monkeypatch
     builds = []
     original = PrefixCache.build
     monkeypatch.setattr(PrefixCache, "build", lambda self, state: (builds.append(1), original(self, state)))
-    chat.inject([str(second)])
+    chat.inject(find([str(second)]))  # what discovery found, as every backend takes it
     turns = list(chat.turns)
     got = chat.ask("When are the violins tuned?")
     assert builds == []

@@ -26,7 +26,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings as hsettings
 from hypothesis import strategies as st
 
-from memcli.ingest import extract as extract_module
+from memcli.ingest import discover as discover_module
 from memcli.pools import meta as pool_meta
 from memcli.pools import pool as pools
 from memcli import store as store_module
@@ -124,7 +124,7 @@ def _w(path: Path, data: bytes | str) -> Path:
 
 def _vanishing(tmp, mp):
     path = _w(tmp / "gone.txt", GOOD_TEXT + " vanishing")
-    real = extract_module.discover
+    real = discover_module.discover
 
     def discover(paths, glob=None, **options):
         for item in real(paths, glob=glob, **options):
@@ -132,7 +132,7 @@ def _vanishing(tmp, mp):
                 path.unlink()  # between discover and read
             yield item
 
-    mp.setattr(extract_module, "discover", discover)
+    mp.setattr(discover_module, "discover", discover)
     return [str(path)]
 
 
@@ -817,7 +817,7 @@ def test_read_only_home(app, tmp_path, how):
             rc_block = run.stdout.split(f"=== {key}\n", 1)[1].split("=== rc ", 1)[1]
             results[key] = (int(rc_block.split()[0]), body)
     else:
-        from tests.test_store import read_only_home
+        from tests.helpers import read_only_home
 
         with pytest.MonkeyPatch.context() as mp:
             read_only_home(mp, home(), errno.EROFS if how == "erofs" else errno.EACCES)

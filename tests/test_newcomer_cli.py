@@ -311,7 +311,7 @@ def test_item11_ask_json_answer_says_the_question_and_the_pool_version(tiny_pool
 
 
 def test_item11_through_a_server_ps_times_are_iso_and_ask_json_is_the_same(ck, tmp_path, monkeypatch):
-    from .test_server import local, make_pool, start_server
+    from .helpers import local, make_pool, served_answer, start_server
 
     app = local(ck)
     make_pool(app, tmp_path, "served", [ALICE])
@@ -322,7 +322,7 @@ def test_item11_through_a_server_ps_times_are_iso_and_ask_json_is_the_same(ck, t
         assert through.exit_code == 0, through.stderr
         answer = json.loads(through.stdout.splitlines()[-1])
         assert answer["question"] == "Where did Alice go?" and answer["pool_version"] == PoolStore().info("served").version
-        served = [e for e in running.client.ask("served", "Where did Alice go?", 3) if e["event"] == "answer"][0]
+        _, served = served_answer(running.client, "served", "Where did Alice go?", max_new_tokens=3)
         assert served["question"] == "Where did Alice go?" and served["pool_version"] == answer["pool_version"]
         alone = run("--no-server", "ask", "Where did Alice go?", "--pool", "served", "--max-new-tokens", "3", "--json")
         mine = json.loads(alone.stdout.splitlines()[-1])

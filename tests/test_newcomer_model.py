@@ -26,7 +26,7 @@ from typer.testing import CliRunner
 from memcli.app import doctor
 from memcli.app.api import Memcli
 from memcli.cli import main as cli
-from memcli.cli.backends import CPU_WARNING
+from memcli.cli.backends import CPU_WARNING, ModelNotes
 from memcli.wire import InjectInterrupted
 from memcli.app import facts
 from memcli.loading.checkpoints import BUNDLED
@@ -234,7 +234,7 @@ def test_sources_show_shares_that_sum_to_one_hundred_and_ranks(tmp_path):
 
 # --------------------------------------------------------------------------- CPU warning, labels
 def test_no_cpu_warning_for_a_model_made_for_the_cpu(tmp_path, monkeypatch):
-    monkeypatch.setattr(cli, "_warned_cpu", False)
+    monkeypatch.setattr(ModelNotes, "warned", False)
     note = tmp_path / "n.txt"
     note.write_text(facts.note_text(NOTE))
     result = invoke("inject", note, "--pool", "p", base=["--model", "memcli-tiny"])  # device auto

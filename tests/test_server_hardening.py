@@ -641,7 +641,7 @@ def test_a_client_that_goes_away_cancels_its_work_at_the_next_slice(ck, tmp_path
 def test_a_model_field_naming_a_server_path_is_refused_without_opening_it(ck, tmp_path):
     """Over TCP, "model": "/etc", a folder whose config.json is a FIFO, or an unknown hub id are
     refused (400, one line) before anything is opened: a writer on the FIFO is never met by a
-    reader. Over the owner's Unix socket, folder models keep working (tests/test_server.py)."""
+    reader. Over the owner's Unix socket, folder models keep working (tests/test_server_answers.py)."""
     app = local(ck)
     make_pool(app, tmp_path, "ok", TEXTS[:1])
     folder = tmp_path / "probe"

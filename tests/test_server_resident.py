@@ -78,7 +78,7 @@ def test_an_ask_after_a_served_inject_reads_the_memory_kv_the_inject_kept(ck, tm
     reads the memory K/V the inject updated (nothing is rebuilt) and answers what an in-process
     ask on the committed pool answers, token for token."""
     from memcli.app.asking import answer_prompt, decode_answer
-    from memcli.core.engine import PrefixCache
+    from memcli.core.prefix import PrefixCache
     from memcli.server.resident import Resident
 
     app = local(ck)

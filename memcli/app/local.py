@@ -10,6 +10,7 @@ import threading
 from typing import BinaryIO, Callable, Iterable, Sequence
 
 from memcli.app import pools
+from memcli.base import pause
 from memcli.app.backend import ChatSession, open_session
 from memcli.pools.meta import PoolStore
 from memcli.wire import Answer, Event, InjectReport, Sampling
@@ -58,7 +59,12 @@ class LocalBackend:
         def progress(event: Event) -> None:
             if on_event is not None:
                 on_event(event)
-            if stop is not None and stop.is_set() and event.kind in ("chunk", "commit", "file"):
+            if event.kind not in ("chunk", "commit", "file"):
+                return
+            if pause.wanted():  # a test's pause at the boundaries a server's inject pauses at
+                pause.pause_at(f"file:{event.file_index}" if event.kind == "file" else event.kind,
+                               lambda: stop is not None and stop.is_set())
+            if stop is not None and stop.is_set():
                 raise StopAfterChunk()
 
         return self.app.ingest(pool, items, report, model=model, chunk_tokens=chunk_tokens, force=force,

@@ -14,21 +14,20 @@
   an inject returns to its last commit exactly as on Ctrl-C) or asked to stop (`StopAfterChunk`:
   the chunk just made is committed first).
 
-Test hook: with MEMCLI_TEST_PAUSE=FILE, work waits at a slice boundary while FILE exists (see
-`Job._test_pause`).
+Test hook: with MEMCLI_TEST_PAUSE=FILE, work waits at a slice boundary while FILE exists
+(`memcli.base.pause`).
 """
 
 from __future__ import annotations
 
 import itertools
-import os
 import threading
-import time
 from collections import OrderedDict, deque
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Protocol
 
+from memcli.base import pause
 from memcli.ingest.pipeline import StopAfterChunk
 
 
@@ -109,7 +108,6 @@ class DeviceQueue:
             del self._waiting[client]
 
 
-PAUSE_ENV = "MEMCLI_TEST_PAUSE"  # tests only: see `Job.checkpoint`
 
 
 class Registry(Protocol):
@@ -185,7 +183,7 @@ class Job:
             return
         self.slices += 1
         self.queue.slice_done()
-        if os.environ.get(PAUSE_ENV):
+        if pause.wanted():
             self._test_pause(where)
         if self.queue.others_waiting():
             self._give_turn()
@@ -221,23 +219,14 @@ class Job:
             lock.release()
 
     def _test_pause(self, where: str) -> None:
-        """Tests only (MEMCLI_TEST_PAUSE=FILE): while FILE exists, wait here, holding the device, after
-        creating FILE.reached; FILE may name where to wait (token, chunk, commit, file, file:N).
-        A cancel or a stop request ends the wait."""
-        path = os.environ[PAUSE_ENV]
-        try:
-            with open(path) as f:
-                wanted = f.read().strip()
-        except OSError:
-            return
-        if wanted and wanted != where and not (wanted == "file" and where.startswith("file:")):
-            return
-        open(path + ".reached", "a").close()
-        while os.path.exists(path):
+        """Tests only (memcli.base.pause): wait here, holding the device; a cancel or a stop request
+        ends the wait."""
+
+        def ended() -> bool:
             self.check_cancelled()
-            if self.stop_requested.is_set():
-                return
-            time.sleep(0.02)
+            return self.stop_requested.is_set()
+
+        pause.pause_at(where, ended)
 
 
 _client_ids = itertools.count()

@@ -20,11 +20,10 @@ import pytest
 from memcli.app import facts
 from memcli.loading.checkpoints import BUNDLED
 
+from mcp import ClientSession, StdioServerParameters, stdio_client
+
 from .helpers import DEADLINE, subprocess_env, tiny_note
 from .support import REPO
-
-mcp = pytest.importorskip("mcp")
-from mcp import ClientSession, StdioServerParameters, stdio_client  # noqa: E402
 
 TINY = BUNDLED["memcli-tiny"]
 pytestmark = pytest.mark.skipif(not (TINY / "model.safetensors").is_file(), reason="memcli-tiny not shipped")

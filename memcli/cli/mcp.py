@@ -22,7 +22,7 @@ def mcp(
 ) -> None:
     """Run an MCP server (Model Context Protocol) for AI assistants: tools ask, remember, inject_files, list_pools, pool_info; pools as resources.
 
-    Claude Desktop: {"mcpServers": {"memcli": {"command": "memcli", "args": ["mcp"]}}}"""
+    A desktop client (Claude Desktop, Cursor, ...) starts it as the command memcli with the argument mcp (the README shows its configuration). inject_files reads only under the folders of config mcp_allowed."""
     from memcli.base.errors import UsageError
     from memcli.integrations import mcp as server
 

@@ -390,8 +390,21 @@ def run_http(settings, host: str | None = None, port: int | None = None) -> int:
             raise AddressError(f"cannot listen on {tcp[0]}:{tcp[1]}: {err.strerror}") from None
         tcp_sock.listen(128)
         sockets.append(tcp_sock)
+    from mcp.server.transport_security import TransportSecuritySettings
+
+    from memcli.server.address import is_loopback
+
     server = build(settings)
-    app = server.streamable_http_app(host=tcp[0] if tcp else "127.0.0.1")
+    if tcp is None or is_loopback(tcp[0]):
+        # DNS rebinding: a web page must not reach a local server through a name of its own
+        local = ("127.0.0.1", "localhost", "[::1]")
+        security = TransportSecuritySettings(
+            enable_dns_rebinding_protection=True,
+            allowed_hosts=[*local, *(f"{name}:*" for name in local)],
+            allowed_origins=[f"http://{name}:*" for name in local] + [f"http://{name}" for name in local])
+    else:  # beyond loopback only with the bearer token (check_tcp), which no such page has
+        security = TransportSecuritySettings(enable_dns_rebinding_protection=False)
+    app = server.streamable_http_app(host=tcp[0] if tcp else "127.0.0.1", transport_security=security)
     config = uvicorn.Config(Guard(app, token), lifespan="on", access_log=False, log_level="warning",
                             http=owner_only_protocol())
     where = str(path) + (f" and http://{tcp[0]}:{tcp[1]}/mcp" if tcp else "")

@@ -250,3 +250,60 @@ def test_a_cancelled_inject_through_a_server_keeps_its_commits(tmp_path, paused_
         drive(work)
     finally:
         pause.unlink(missing_ok=True)
+
+
+def test_http_on_the_owner_only_socket_and_tcp_with_the_token(tmp_path):
+    """`memcli mcp --http`: streamable HTTP on mcp.sock in the owner-only runtime folder, and on
+    127.0.0.1 where, with MEMCLI_TOKEN set, a request without the bearer token is refused (401)."""
+    import socket
+    import subprocess
+
+    import httpx2
+    from mcp.client.streamable_http import streamable_http_client
+
+    from memcli.server.address import runtime_dir
+
+    from .helpers import wait_for
+
+    probe = socket.socket()
+    probe.bind(("127.0.0.1", 0))
+    port = probe.getsockname()[1]
+    probe.close()
+    log = tmp_path / "http.log"
+    with open(log, "wb") as out:
+        server = subprocess.Popen([sys.executable, "-m", "memcli", "mcp", "--http", "--port", str(port)],
+                                  stdout=out, stderr=out, cwd=str(REPO), env=subprocess_env(MEMCLI_TOKEN="sekrit"))
+    sock = runtime_dir() / "mcp.sock"
+    try:
+        wait_for(lambda: "listening on" in log.read_text() or server.poll() is not None, "memcli mcp --http")
+        assert server.poll() is None, log.read_text()
+        assert oct(sock.stat().st_mode & 0o777) == "0o600" and oct(sock.parent.stat().st_mode & 0o777) == "0o700"
+        refused = httpx2.post(f"http://127.0.0.1:{port}/mcp", json={"jsonrpc": "2.0", "id": 1, "method": "ping"})
+        assert refused.status_code == 401
+
+        async def tools(client, url):
+            async with client, streamable_http_client(url, http_client=client) as (read, write):
+                async with ClientSession(read, write) as session:
+                    await session.initialize()
+                    return {tool.name for tool in (await session.list_tools()).tools}
+
+        async def work():
+            bearer = httpx2.AsyncClient(headers={"Authorization": "Bearer sekrit"})
+            assert await tools(bearer, f"http://127.0.0.1:{port}/mcp") == TOOLS
+            unix = httpx2.AsyncClient(transport=httpx2.AsyncHTTPTransport(uds=str(sock)))
+            assert await tools(unix, "http://localhost/mcp") == TOOLS
+
+        drive(work)
+    finally:
+        server.terminate()
+        server.wait(DEADLINE)
+    assert "Traceback" not in log.read_text()
+    assert not sock.exists()
+
+
+def test_http_beyond_loopback_needs_a_token():
+    from .helpers import assert_one_error, run
+
+    assert_one_error(run("mcp", "--http", "--host", "0.0.0.0"), "refusing to listen on 0.0.0.0",
+                     "without a bearer token")
+    assert_one_error(run("mcp", "--port", "9"), "--host and --port need --http", code=2)

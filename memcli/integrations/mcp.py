@@ -275,7 +275,9 @@ def build(settings, memory: Memory | None = None):
         except anyio.get_cancelled_exc_class():
             raise
         except Exception as err:  # noqa: BLE001 - every failure is the client's one line
-            raise ToolError(str(err) if isinstance(err, Refused) else one_line_error(err)) from None
+            from memcli.base.text import one_line
+
+            raise ToolError(one_line(err) if isinstance(err, Refused) else one_line_error(err)) from None
 
     def progress_of(ctx: Context, stop: threading.Event):
         """The inject's `on_event`: each chunk a progress notification (from the worker thread)."""

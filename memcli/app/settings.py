@@ -13,6 +13,7 @@ The config file is TOML at `paths.config_file()` (`memcli config set KEY VALUE` 
     threads = "auto"              # auto | N: CPU compute threads (memcli/core/threads.py)
     log = true                    # keep every answer in the log of answers (memcli log)
     log_max_mb = 100              # its size bound
+    mcp_allowed = ["~/notes"]     # folders `memcli mcp`'s inject_files may read (none by default)
 
 `KEYS` and `HELP` are the one table of the settings: the CLI's help, completion and errors list
 them from here. No torch here (`memcli config` and completion must stay light): only resolving
@@ -40,7 +41,7 @@ QUANTS = ("auto", "nf4", "int8", "fp32", "bf16", "fp16")
 ENV = {"model": "MEMCLI_MODEL", "pool": "MEMCLI_POOL", "device": "MEMCLI_DEVICE", "dtype": "MEMCLI_DTYPE",
        "quant": "MEMCLI_QUANT", "server": "MEMCLI_SERVER", "keep_alive": "MEMCLI_KEEP_ALIVE",
        "compile": "MEMCLI_COMPILE", "log": "MEMCLI_LOG", "log_max_mb": "MEMCLI_LOG_MAX_MB",
-       "threads": "MEMCLI_THREADS"}
+       "threads": "MEMCLI_THREADS", "mcp_allowed": "MEMCLI_MCP_ALLOWED"}
 KEYS = tuple(ENV)
 HELP = {
     "model": "model of new pools: an alias (memcli models), hub id or folder",
@@ -54,6 +55,7 @@ HELP = {
     "log": "true or false: whether answers are kept in the log of answers (memcli log)",
     "log_max_mb": "the log of answers' size bound in MB (the oldest answers go first); default 100",
     "threads": "auto or N: CPU compute threads (auto: by the model's size and the usable cores; OMP_NUM_THREADS wins)",
+    "mcp_allowed": f"folders memcli mcp's inject_files may read, separated by {os.pathsep!r} (default: none)",
 }
 
 
@@ -80,6 +82,8 @@ class Settings:
     # CPU compute threads: "auto" (by the model's size and the cores this process may use) or a
     # count; MEMCLI_THREADS, then OMP_NUM_THREADS, win over the config file (memcli/core/threads.py)
     threads: str = "auto"
+    # `memcli mcp`: the folders (absolute) whose files an assistant may inject; none by default
+    mcp_allowed: tuple[str, ...] = ()
     # where each value came from: "default" | "config file" | "environment" | "command line"
     origin: dict = field(default_factory=dict, compare=False, repr=False)
 
@@ -138,6 +142,9 @@ def _validate(values: dict, where: str) -> dict:
         if key == "log_max_mb":
             values[key] = _whole_number(value, where, key)
             continue
+        if key == "mcp_allowed":
+            values[key] = _folders(value, where, key)
+            continue
         if key in ("keep_alive", "threads") and isinstance(value, (int, float)) and not isinstance(value, bool):
             values[key] = value = str(value)
         if key == "threads":
@@ -178,6 +185,15 @@ def _whole_number(value, where: str, key: str) -> int:
     if isinstance(value, bool) or not number or int(text) < 1:
         raise SettingsError(f"{where}: {key} must be a whole number >= 1, not {value!r}")
     return int(text)
+
+
+def _folders(value, where: str, key: str) -> tuple[str, ...]:
+    """Folders as absolute paths: a list of strings in the config file, one string separated by
+    os.pathsep elsewhere ("" or []: none)."""
+    items = value.split(os.pathsep) if isinstance(value, str) else value
+    if not isinstance(items, (list, tuple)) or not all(isinstance(item, str) for item in items):
+        raise SettingsError(f"{where}: {key} must be a list of folders, not {value!r}")
+    return tuple(os.path.abspath(os.path.expanduser(item)) for item in items if item.strip())
 
 
 def read_config_file() -> dict:
@@ -234,7 +250,9 @@ def set_config(key: str, value: str | None) -> None:
     replace_file(path.parent, path.name, "".join(f"{k} = {_toml_value(v)}\n" for k, v in values.items()).encode())
 
 
-def _toml_value(value: str | bool | int) -> str:
+def _toml_value(value: str | bool | int | tuple) -> str:
+    if isinstance(value, (list, tuple)):
+        return "[" + ", ".join(_toml_string(item) for item in value) + "]"
     if isinstance(value, bool):
         return "true" if value else "false"
     if isinstance(value, int):
@@ -257,6 +275,8 @@ def shown_value(value) -> str:
     """A setting's value as one writes it in the config file: true/false, a duration as given."""
     if isinstance(value, bool):
         return "true" if value else "false"
+    if isinstance(value, tuple):
+        return os.pathsep.join(value)
     return "" if value is None else str(value)
 
 

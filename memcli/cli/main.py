@@ -3,11 +3,11 @@ module each, in the order help lists them."""
 
 from __future__ import annotations
 
-from memcli.cli import inject, ask, chat, pools, config, models, eval, serve, log  # noqa: I001 - help's order
+from memcli.cli import inject, ask, chat, pools, config, models, eval, serve, log, mcp  # noqa: I001 - help's order
 from memcli.cli.app import app
 from memcli.cli.interrupts import install
 
-COMMANDS = (inject, ask, chat, pools, config, models, eval, serve, log)  # each registers its commands on import
+COMMANDS = (inject, ask, chat, pools, config, models, eval, serve, log, mcp)  # each registers its commands on import
 
 
 def main() -> None:

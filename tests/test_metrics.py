@@ -135,6 +135,9 @@ def test_each_server_counts_in_its_own_registry():
         assert value(first, "memcli_requests_total", endpoint="/api/health", status="200") == 1
         assert value(first, "memcli_requests_total", endpoint="other", status="404") == 1
         assert value(second, "memcli_requests_total", endpoint="/api/health", status="200") == 0
+        openmetrics = one.get("/metrics", headers={"accept": "application/openmetrics-text; version=1.0.0"})
+        assert openmetrics.headers["content-type"].startswith("application/openmetrics-text")
+        assert openmetrics.text.endswith("# EOF\n")  # the scraper asked for OpenMetrics: it gets it
         assert REGISTRY.get_sample_value("memcli_requests_total", {"endpoint": "/api/health", "status": "200"}) is None
     finally:
         for resident in residents:

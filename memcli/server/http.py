@@ -7,6 +7,7 @@ Endpoints (JSON; streams are NDJSON, one object per line; the OpenAI routes: mem
     POST /api/stop                   stop the server (running work is cancelled; injects keep their commits)
     GET  /api/pools                  the pools (as `memcli pool ls --json`)
     GET  /api/pools/{name}           one pool (as `memcli pool info --json`)
+    GET  /metrics                    Prometheus' text format (memcli.server.metrics)
     POST /api/ask                    `wire.AskRequest` -> {"event": "model", …} (the model it runs on,
                                      "loading" when its weights load for it), {"event": "text", "text": …}
                                      per piece, then `wire.Answer.event()` ({"event": "answer", …,
@@ -67,6 +68,7 @@ from memcli import __version__
 from memcli.base.errors import Failure, NotFound, describe
 from memcli.server.address import spool_dir
 from memcli.server.bodies import check_pool_name, read_json
+from memcli.server.metrics import Counting, Metrics
 from memcli.server.queue import Cancelled, anonymous_client
 from memcli.server.uploads import receive
 from memcli.wire import AskRequest, BadRequest, InjectParams, ModelUse
@@ -145,6 +147,8 @@ class Server:
         self.uvicorn = None  # set by serve(): its should_exit ends the process
         self.started = time.time()
         self.spool = spool_dir()
+        self.metrics = Metrics(resident)  # GET /metrics (memcli.server.metrics); the hooks below feed it
+        resident.device.on_wait, resident.on_model_loaded = self.metrics.queue_waited, self.metrics.model_loaded
 
     # ------------------------------------------------------------------ plumbing
     def client_of(self, request: Request) -> str:
@@ -361,6 +365,7 @@ class Server:
                     answer = answer_from(loaded, pool, prompt, ask.question, sampling=ask.sampling,
                                          on_text=lambda text: emit({"event": "text", "text": text}),
                                          checkpoint=lambda: job.checkpoint("token"), sources=ask.sources)
+                self.metrics.answered("/api/ask", answer)
                 emit(answer.event())
             finally:
                 resident.done_with(model)
@@ -411,6 +416,7 @@ class Server:
             if stdin is not None:
                 stdin.close()
             resident.done_with(model)
+        self.metrics.injected(report)
         if not job.cancelled.is_set() or job.stopping:  # a client that left is told nothing
             emit(report.end_event())
 
@@ -425,7 +431,7 @@ class Server:
         return JSONResponse({"ok": True, "inject": inject_id})
 
     # ------------------------------------------------------------------ assembly
-    def app(self) -> "Guard":
+    def app(self) -> Counting:
         from memcli.server import openai
 
         def guarded(handler):
@@ -448,6 +454,7 @@ class Server:
             Route("/api/ask", guarded(self.ask), methods=["POST"]),
             Route("/api/inject", guarded(self.inject), methods=["POST"]),
             Route("/api/inject/{id}/stop", guarded(self.stop_inject), methods=["POST"]),
+            Route("/metrics", guarded(self.metrics.endpoint), methods=["GET"]),
         ] + [Route(path, guarded(handler), methods=methods) for path, handler, methods in openai.routes(self)]
         app = Starlette(routes=routes)
 
@@ -459,7 +466,7 @@ class Server:
 
         app.add_exception_handler(404, not_found)
         app.add_exception_handler(405, not_found)
-        return Guard(app, self.token)
+        return self.metrics.instrument(Guard(app, self.token), routes)  # counts what the guard refuses too
 
 
 class Guard:

@@ -100,6 +100,7 @@ class OpenAI:
                                            stop=chat.stop, checkpoint=lambda: job.checkpoint("token"))
             finally:
                 resident.done_with(model)
+            server.metrics.answered("/v1/chat/completions", answer)
             finish_reason = "stop" if answer.stopped else "length"
             usage = {"prompt_tokens": answer.prompt_tokens, "completion_tokens": answer.new_tokens,
                      "total_tokens": answer.prompt_tokens + answer.new_tokens}

@@ -25,7 +25,7 @@ import threading
 from collections import OrderedDict, deque
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Callable, Protocol
 
 from memcli.base import pause
 from memcli.ingest.pipeline import StopAfterChunk
@@ -46,11 +46,13 @@ class DeviceQueue:
         self._waiting: OrderedDict[str, deque] = OrderedDict()  # client -> its tickets, oldest first
         self.turns = 0  # turns granted so far
         self.slices = 0  # slices of work ended so far (`slice_done`)
+        self.on_wait: Callable[[float], None] | None = None  # each turn's wait in seconds (server metrics)
 
     def acquire(self, client: str, cancelled: threading.Event | None = None, waited: list | None = None) -> object:
         """Wait for the device; `waited`, when given, gets the number of slices others ended while
         this ticket waited appended."""
         ticket = object()
+        asked = time.monotonic()
         with self._cond:
             before = self.slices
             self._waiting.setdefault(client, deque()).append(ticket)
@@ -70,7 +72,9 @@ class DeviceQueue:
             self.turns += 1
             if waited is not None:
                 waited.append(self.slices - before)
-            return ticket
+        if self.on_wait is not None:
+            self.on_wait(time.monotonic() - asked)
+        return ticket
 
     def slice_done(self) -> None:
         with self._cond:

@@ -109,6 +109,7 @@ class Resident:
         self._readers: dict[tuple[str, str], threading.Lock] = {}  # (model, pool) -> its answers' lock
         self._jobs: set[Job] = set()  # requests with a claim on the device
         self._ended: deque = deque(maxlen=32)  # reports of the last requests that ended
+        self.on_model_loaded: Callable[[float], None] | None = None  # seconds a model's weights took (metrics)
 
     def job(self, client: str, kind: str = "", pool: str = "") -> Job:
         return Job(self.device, client, kind=kind, pool=pool, registry=self)
@@ -173,8 +174,17 @@ class Resident:
                 self._models[name] = resident
             resident.active += 1
             resident.expires_at = None
+        loading: list[float] = []
+
+        def timed_load(model: str, device: str) -> None:
+            loading.append(time.monotonic())
+            if on_load is not None:
+                on_load(model, device)
+
         try:
-            loaded = resident.app.model(name, on_load=on_load)  # loads the weights on first use (under the device turn)
+            loaded = resident.app.model(name, on_load=timed_load)  # loads the weights on first use (under the device turn)
+            if loading and self.on_model_loaded is not None:
+                self.on_model_loaded(time.monotonic() - loading[0])
             resident.device = loaded.device
             if not resident.weights_bytes:
                 resident.weights_bytes = _module_bytes(loaded.engine.model)

@@ -9,7 +9,6 @@ Synchronised on events only: a progress notification received, the server's test
 from __future__ import annotations
 
 import json
-import os
 import sys
 from contextlib import asynccontextmanager
 from pathlib import Path

@@ -31,9 +31,8 @@ checked and created as `memcli serve`'s), and with --host/--port on TCP, as `mem
 loopback only with MEMCLI_TOKEN set, and a TCP request without `Authorization: Bearer $MEMCLI_TOKEN`
 is refused (401) when it is set.
 
-Test hook: with MEMCLI_TEST_PAUSE=FILE (FILE holding "chunk"), an in-process inject waits after
-sending a chunk's progress while FILE exists and the request is not cancelled (a server's queue has
-the same hook for injects it runs), so a test cancels at a known chunk.
+Test hook: MEMCLI_TEST_PAUSE (`memcli.base.pause`): an inject, in this process or in a server, waits
+at a boundary after its progress is sent, so a test cancels at a known chunk.
 """
 
 
@@ -49,7 +48,6 @@ NOTE_NAME = "mcp-note"
 POOL_URI = "memcli://pool/{name}"
 SOCKET_NAME = "mcp.sock"
 DEFAULT_PORT = 11436  # `memcli serve` is 11435
-PAUSE_ENV = "MEMCLI_TEST_PAUSE"  # tests only (see the module docstring)
 
 
 def say(line: str) -> None:
@@ -72,26 +70,6 @@ class Refused(Exception):
 
 def _inside(path: str, folder: str) -> bool:
     return os.path.commonpath([path, folder]) == folder
-
-
-def _test_pause(stop: threading.Event) -> None:
-    """MEMCLI_TEST_PAUSE (tests only): wait here while FILE exists, after creating FILE.reached;
-    a cancel (`stop`) ends the wait."""
-    import time
-
-    path = os.environ.get(PAUSE_ENV)
-    if not path:
-        return
-    try:
-        with open(path) as f:
-            wanted = f.read().strip()
-    except OSError:
-        return
-    if wanted not in ("", "chunk"):
-        return
-    open(path + ".reached", "a").close()
-    while os.path.exists(path) and not stop.is_set():
-        time.sleep(0.02)
 
 
 class Memory:
@@ -294,7 +272,6 @@ def build(settings, memory: Memory | None = None):
                     anyio.from_thread.run(ctx.report_progress, count[0], None, message)
                 except Exception:  # noqa: BLE001 - a progress that cannot be sent never ends the inject
                     pass
-            _test_pause(stop)
 
         return on_event
 

@@ -256,3 +256,39 @@ def test_llm_goes_through_the_running_server(work, served):
     assert type(llm_plugin.shared_backend()).__name__ == "RemoteBackend"
     assert any("work" in pools for pools in loaded_pools().values())  # the server loaded it for llm
     assert facts.exact_hit(fact.value, text) and text == tiny_ask(work, fact.question).strip()
+
+
+def test_the_first_answer_starts_a_server_when_none_runs(work, monkeypatch):
+    """As `memcli ask` does: with the server allowed and none running, the first answer starts one
+    in the background (it stays for the next llm command); listing the models had started none."""
+    import os
+
+    from memcli.integrations import llm_plugin
+    from memcli.server import address
+    from memcli.server.client import Client
+
+    from .helpers import wait_for
+
+    monkeypatch.delenv("MEMCLI_SERVER")
+    assert "memcli pool: memcli/work (memcli-tiny)" in llm("models").stdout.splitlines()
+    assert address.read_info() is None
+    try:
+        text = llm("-m", "memcli/work", NOTE[0].question).stdout.strip()
+        assert type(llm_plugin.shared_backend()).__name__ == "RemoteBackend"
+        info = address.read_info()
+        assert info is not None and any("work" in pools for pools in loaded_pools().values())
+        assert facts.exact_hit(NOTE[0].value, text)
+    finally:
+        llm_plugin.close_backend()
+        info = address.read_info()
+        if info is not None:
+            with Client() as client:
+                client.stop()
+
+            def gone():  # the server is this process's child (started by the plugin): reap it
+                try:
+                    return os.waitpid(info["pid"], os.WNOHANG)[0] == info["pid"]
+                except ChildProcessError:
+                    return True  # reaped already
+
+            wait_for(gone, "the started server to stop")

@@ -29,6 +29,7 @@ version it was read from, its tokens and timings, the turns the prompt carried.
 from __future__ import annotations
 
 import queue
+import sys
 import threading
 from typing import Iterator, Optional
 
@@ -91,6 +92,9 @@ def _say(line: str) -> None:
 _backend = None
 _backend_lock = threading.Lock()
 _held: set[str] = set()  # the pools a conversation keeps loaded
+# one answer at a time: a stream its reader left (a Python caller that stopped iterating) finishes
+# on its thread before the next answer uses the backend
+_asking = threading.Lock()
 
 
 def shared_backend():
@@ -101,8 +105,17 @@ def shared_backend():
             from memcli.app.settings import load_settings
             from memcli.server.launch import open_backend
 
-            _backend = open_backend(load_settings(), start=True, via="llm", say=_say)
+            _backend = open_backend(load_settings(), start=True, via="llm", say=_say, on_model=_loading,
+                                    on_load=lambda model, device: _loading(wire.ModelUse(model, device, True)))
         return _backend
+
+
+def _loading(use: wire.ModelUse) -> None:
+    """One line on a terminal while a model's weights load for an answer (they can take minutes)."""
+    if use.loading and sys.stderr.isatty():
+        from memcli.base.text import shown
+
+        _say(f"memcli: loading {shown(use.model)} on {use.device}...")
 
 
 def close_backend() -> None:
@@ -207,7 +220,8 @@ class PoolModel(llm.Model):
         if stream:
             answer = yield from _streamed(backend, self.pool, question, ask)
         else:
-            answer = _answered(backend, self.pool, question, ask)
+            with _asking:
+                answer = _answered(backend, self.pool, question, ask)
             yield answer.text
         response.set_usage(input=answer.prompt_tokens, output=answer.new_tokens)
         facts = answer.event()
@@ -269,7 +283,8 @@ def _streamed(backend, pool: str, question: str, ask: dict):
 
     def work() -> None:
         try:
-            outcome["answer"] = _answered(backend, pool, question, ask, on_text=pieces.put)
+            with _asking:
+                outcome["answer"] = _answered(backend, pool, question, ask, on_text=pieces.put)
         except BaseException as err:  # noqa: BLE001 - handed to the reading thread as it is
             outcome["error"] = err
         pieces.put(end)

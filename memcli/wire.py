@@ -45,6 +45,11 @@ MAX_CHUNK_TOKENS = 1 << 20
 MAX_MODEL_NAME = 512
 MAX_OPTION = 64  # characters of an inject's --type or --encoding
 
+# the entry points an answer comes through (the log of answers names them): the command line, a
+# client of POST /api/ask that does not say, the OpenAI API, the MCP server, the llm plugin
+VIA = ("cli", "server", "openai", "mcp", "llm")
+MAX_CONVERSATION_ID = 64
+
 INITIAL_MEMORY = "(initial memory)"  # attribution: the rows that came with the checkpoint, no user's source
 
 MIN_TEMPERATURE = 0.01  # positive temperatures below this decode greedily
@@ -248,6 +253,7 @@ class Answer:
     pool: str = ""
     pool_version: int | None = None  # the pool version the answer was read from
     attribution: dict | None = None  # the sources the question read (`ask --sources`)
+    model: str = ""  # the model that answered (where it was decoded; the log of answers keeps it)
     tokens: list[int] = field(default_factory=list, repr=False, compare=False)
 
     @classmethod
@@ -465,11 +471,15 @@ class AskRequest:
     model: str | None = None
     model_explicit: bool = False
     sources: bool = False  # also which sources the question read (attribution)
+    via: str = "server"  # the entry point, for the log of answers (VIA; a client that does not say: "server")
+    conversation: str | None = None  # a chat's id and turn number, for the log of answers
+    turn: int | None = None
 
     def to_json(self) -> dict:
         return {"pool": self.pool, "question": self.question, "max_new_tokens": self.max_new_tokens,
                 **self.sampling.to_json(), "history": [list(turn) for turn in self.history],
-                "model": self.model, "model_explicit": self.model_explicit, "sources": self.sources}
+                "model": self.model, "model_explicit": self.model_explicit, "sources": self.sources,
+                "via": self.via, "conversation": self.conversation, "turn": self.turn}
 
     @classmethod
     def from_json(cls, data: Mapping, check_pool: Callable[[str], object] | None = None) -> "AskRequest":
@@ -482,8 +492,15 @@ class AskRequest:
         max_new = integer(data, "max_new_tokens", None, 1, MAX_NEW_TOKENS)
         sampling = Sampling.from_json(data)
         model = model_name(data.get("model"))
+        via = data.get("via", "server")
+        if via not in VIA:
+            raise BadRequest(f"via must be one of {', '.join(VIA)}, not {_json_shown(via)}")
+        conversation = data.get("conversation")
+        if conversation is not None:
+            conversation = text(conversation, "conversation", MAX_CONVERSATION_ID)
+        turn = integer(data, "turn", None, 1, MAX_TURNS + 1)
         return cls(pool, question, history, max_new, sampling, model, _flag(data.get("model_explicit")),
-                   _flag(data.get("sources")))
+                   _flag(data.get("sources")), via, conversation, turn)
 
 
 def _messages(value: object) -> tuple[dict, ...]:

@@ -324,9 +324,11 @@ class FakeBackend:
         self.answers.append((error, []))
 
     # ------------------------------------------------------------------ the Backend protocol
-    def ask(self, pool, question, *, history=(), sampling=None, max_new_tokens=None, sources=False, on_text=None):
+    def ask(self, pool, question, *, history=(), sampling=None, max_new_tokens=None, sources=False, on_text=None,
+            conversation=None, turn=None):
         self.calls.append(("ask", {"pool": pool, "question": question, "history": list(history), "sampling": sampling,
-                                   "max_new_tokens": max_new_tokens, "sources": sources}))
+                                   "max_new_tokens": max_new_tokens, "sources": sources, "conversation": conversation,
+                                   "turn": turn}))
         answer, pieces = self.answers.popleft()
         if isinstance(answer, BaseException):
             raise answer

@@ -129,6 +129,13 @@ def test_llm_answers_held_facts_as_memcli_does_and_logs_them(work):
         assert answer["pool"] == "work" and answer["pool_version"] >= 1 and answer["turns_in_prompt"] == 0
         assert (row["input_tokens"], row["output_tokens"]) == (answer["prompt_tokens"], answer["new_tokens"])
         assert answer["new_tokens"] > 0
+    # and memcli's own log of answers has each one, through llm
+    from memcli.app import answer_log
+
+    ours = answer_log.entries(pool="work", limit=None)
+    for via in ("llm", "cli"):  # one row per answer: llm's, and `memcli ask`'s for the comparison
+        assert sorted(row["question"] for row in ours if row["via"] == via) == sorted(f.question for f in NOTE)
+    assert len(ours) == 2 * len(NOTE)
 
 
 def test_streamed_and_unstreamed_answers_are_the_same(work):

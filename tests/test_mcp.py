@@ -116,6 +116,13 @@ def test_tools_remember_and_ask(tmp_path):
             assert result(await client.call_tool("pool_info", {"pool": "notes"}))["sources"] == 1
 
     drive(work)
+    # every answer is in the log of answers, through MCP, with its sources
+    from memcli.app import answer_log
+
+    logged = answer_log.entries(pool="notes", limit=None)
+    assert sorted(row["question"] for row in logged) == sorted(fact.question for fact in NOTE)
+    assert {row["via"] for row in logged} == {"mcp"} and all(row["model"] == "memcli-tiny" for row in logged)
+    assert all(row["sources"] for row in logged)
 
 
 def test_inject_files_reads_only_allowed_folders(tmp_path):

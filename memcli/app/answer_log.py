@@ -50,9 +50,9 @@ from memcli.base.clock import iso_z, now_iso
 from memcli.base.durable import create_exclusive, file_kind
 from memcli.base.errors import MemcliError
 from memcli.base.text import one_line
+from memcli.wire import VIA  # the entry points an answer can come through
 
 FILE_NAME = "log.db"
-VIA = ("cli", "server", "openai", "mcp", "llm")  # the entry points an answer can come through
 MAX_TEXT_CHARS = 65_536  # per question and per answer; beyond it: cut, with a marker
 MAX_SOURCES_CHARS = 65_536  # the sources' JSON; beyond it: kept as a marked, cut string
 DEFAULT_MAX_MB = 100
@@ -458,6 +458,23 @@ def record(entry: Entry | Mapping, settings=None, on_error: Callable[[str], None
         close()  # the next record opens (and checks) the file again
         _say_once(f"answer not logged: {_problem(err, p)}", on_error)
         return None
+
+
+def log_answer(answer, *, via: str, sampling=None, conversation: str | None = None, turn: int | None = None,
+               settings=None, on_error: Callable[[str], None] | None = None) -> int | None:
+    """Log an answer (`wire.Answer`) where it was decoded: in this process (`LocalBackend`) or in a
+    server (/api/ask with the client's `via`, /v1/chat/completions as "openai"), so every answer is
+    one row whichever way it came. Its sources are kept when they were asked for. Never raises
+    (`record`)."""
+    return record(Entry(
+        pool=answer.pool, question=answer.question, answer=answer.text, via=via, model=answer.model or None,
+        pool_version=answer.pool_version, sources=answer.attribution,
+        seconds_to_first_token=answer.seconds_to_first_token, seconds=answer.seconds,
+        prompt_tokens=answer.prompt_tokens, new_tokens=answer.new_tokens, conversation=conversation, turn=turn,
+        temperature=sampling.temperature if sampling is not None else 0.0,
+        top_p=sampling.top_p if sampling is not None else 1.0,
+        seed=sampling.seed if sampling is not None else None,
+    ), settings, on_error)
 
 
 # A process that answers many questions (a server) keeps one connection per thread: a record is then

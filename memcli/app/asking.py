@@ -233,5 +233,5 @@ def decode_answer(loaded: "LoadedModel", state, ids: list[int], max_new_tokens: 
         seconds_to_first_token=(first_token_at[0] if first_token_at else finished) - started,
         seconds=finished - started,
         stopped=bool(cut) or (bool(generated) and generated[-1] in stops),
-        turns_in_prompt=turns_in_prompt, unknown_words=unknown, question=question or "",
+        turns_in_prompt=turns_in_prompt, unknown_words=unknown, question=question or "", model=loaded.name,
     )

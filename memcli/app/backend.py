@@ -21,6 +21,7 @@ from __future__ import annotations
 import threading
 from typing import BinaryIO, Callable, Iterable, Protocol, Sequence
 
+from memcli.app.answer_log import new_conversation_id
 from memcli.base.errors import MemcliError
 from memcli.wire import Answer, Event, InjectReport, Sampling
 
@@ -30,10 +31,13 @@ class Backend(Protocol):
 
     def ask(self, pool: str, question: str, *, history: Iterable[tuple[str, str]] = (),
             sampling: Sampling | None = None, max_new_tokens: int | None = None, sources: bool = False,
-            on_text: Callable[[str], None] | None = None) -> Answer:
+            on_text: Callable[[str], None] | None = None, conversation: str | None = None,
+            turn: int | None = None) -> Answer:
         """Answer `question` from the pool (the newest `history` turns that fit the window go into
         the prompt), passing its text to `on_text` as it is decoded; with `sources`, the answer's
-        `attribution` says which sources the question read (computed where the pool is)."""
+        `attribution` says which sources the question read (computed where the pool is). The
+        answer is logged where it is decoded (the log of answers), a chat's turn with its
+        `conversation` id and `turn` number."""
 
     def chat(self, pool: str, *, sampling: Sampling | None = None,
              max_new_tokens: int | None = None) -> "ChatSession":
@@ -97,6 +101,8 @@ class ChatSession:
         self.backend, self.pool = backend, pool
         self.max_new_tokens, self.sampling = max_new_tokens, sampling
         self.turns: list[tuple[str, str]] = []
+        self.conversation = new_conversation_id()  # the log of answers groups the session's turns by it
+        self.asked = 0  # turns asked (the log's turn numbers; /reset does not restart them)
         # the pool did not exist when the session began: it is empty until an inject creates it, and
         # a question before that is refused (an answer from the model's own memory alone would look
         # like one from documents)
@@ -112,8 +118,10 @@ class ChatSession:
     def ask(self, question: str, on_text: Callable[[str], None] | None = None) -> Answer:
         if not self._started():
             raise MemcliError(f"pool {self.pool} is still empty: /inject PATH... adds documents to it")
+        self.asked += 1
         answer = self.backend.ask(self.pool, question, max_new_tokens=self.max_new_tokens, sampling=self.sampling,
-                                  on_text=on_text, history=list(self.turns))
+                                  on_text=on_text, history=list(self.turns), conversation=self.conversation,
+                                  turn=self.asked)
         self.turns.append((question.strip(), answer.text.strip()))
         return answer
 

@@ -39,9 +39,16 @@ class LocalBackend:
 
     def ask(self, pool: str, question: str, *, history: Iterable[tuple[str, str]] = (),
             sampling: Sampling | None = None, max_new_tokens: int | None = None, sources: bool = False,
-            on_text: Callable[[str], None] | None = None) -> Answer:
-        return self.app.ask(pool, question, max_new_tokens=max_new_tokens, sampling=sampling, on_text=on_text,
-                            history=list(history), sources=sources)
+            on_text: Callable[[str], None] | None = None, conversation: str | None = None,
+            turn: int | None = None) -> Answer:
+        """The answer, logged here where it was decoded (the log of answers, `via` this backend's)."""
+        from memcli.app.answer_log import log_answer
+
+        answer = self.app.ask(pool, question, max_new_tokens=max_new_tokens, sampling=sampling, on_text=on_text,
+                              history=list(history), sources=sources)
+        log_answer(answer, via=self.via, sampling=sampling, conversation=conversation, turn=turn,
+                   settings=self.app.settings)
+        return answer
 
     def chat(self, pool: str, *, sampling: Sampling | None = None, max_new_tokens: int | None = None) -> ChatSession:
         return open_session(self, pool, sampling=sampling, max_new_tokens=max_new_tokens)

@@ -348,6 +348,7 @@ class Server:
         """A question as `Memcli.ask` answers it (`memcli.app.asking`: the same prompt, turns of
         `history` within the window, the same decoding; with `sources`, the attribution computed
         here, where the pool is): NDJSON {"event": "text"} pieces, then the answer's event."""
+        from memcli.app.answer_log import log_answer
         from memcli.app.asking import answer_from, answer_prompt
 
         ask = AskRequest.from_json(await read_json(request), check_pool=check_pool_name)
@@ -366,6 +367,8 @@ class Server:
                                          on_text=lambda text: emit({"event": "text", "text": text}),
                                          checkpoint=lambda: job.checkpoint("token"), sources=ask.sources)
                 self.metrics.answered("/api/ask", answer)
+                # logged before its last line goes out: a client that has the answer finds it in the log
+                log_answer(answer, via=ask.via, sampling=ask.sampling, conversation=ask.conversation, turn=ask.turn)
                 emit(answer.event())
             finally:
                 resident.done_with(model)

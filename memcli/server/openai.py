@@ -73,6 +73,7 @@ class OpenAI:
         raise PoolNotFound(f"pool {name} not found")
 
     async def chat_completions(self, request: Request):
+        from memcli.app.answer_log import log_answer
         from memcli.app.asking import answer_budget, conversation_prompt, decode_answer
 
         chat = ChatRequest.from_json(await read_json(request), check_pool=check_pool_name)
@@ -98,9 +99,12 @@ class OpenAI:
                     on_text = (lambda text: emit(chunk({"content": text}))) if chat.stream else None
                     answer = decode_answer(loaded, pool.state, ids, budget, sampling=chat.sampling, on_text=on_text,
                                            stop=chat.stop, checkpoint=lambda: job.checkpoint("token"))
+                    answer.pool, answer.pool_version = chat.pool, pool.version
             finally:
                 resident.done_with(model)
             server.metrics.answered("/v1/chat/completions", answer)
+            answer.question = next((m["content"] for m in reversed(chat.messages) if m["role"] == "user"), "")
+            log_answer(answer, via="openai", sampling=chat.sampling)  # before the answer's last line goes out
             finish_reason = "stop" if answer.stopped else "length"
             usage = {"prompt_tokens": answer.prompt_tokens, "completion_tokens": answer.new_tokens,
                      "total_tokens": answer.prompt_tokens + answer.new_tokens}

@@ -49,9 +49,11 @@ class RemoteBackend:
     # ------------------------------------------------------------------ asking
     def ask(self, pool: str, question: str, *, history: Iterable[tuple[str, str]] = (),
             sampling: Sampling | None = None, max_new_tokens: int | None = None, sources: bool = False,
-            on_text: Callable[[str], None] | None = None) -> Answer:
+            on_text: Callable[[str], None] | None = None, conversation: str | None = None,
+            turn: int | None = None) -> Answer:
+        """The server's answer (the server logs it, with this backend's `via`)."""
         request = AskRequest(pool, question, tuple((q, a) for q, a in history), max_new_tokens,
-                             sampling or Sampling(), self.model, self.explicit, sources)
+                             sampling or Sampling(), self.model, self.explicit, sources, self.via, conversation, turn)
         try:
             return self.client.ask(request, on_text=on_text, on_model=self.on_model)
         except GONE:

@@ -345,7 +345,7 @@ def run_http(settings, host: str | None = None, port: int | None = None) -> int:
 
     from memcli.server.address import TOKEN_ENV, AddressError, ensure_runtime_dir
     from memcli.server.http import Guard
-    from memcli.server.process import bind_unix_socket, check_tcp, owner_only_protocol
+    from memcli.server.process import bind_tcp_socket, bind_unix_socket, check_tcp, owner_only_protocol
 
     token = os.environ.get(TOKEN_ENV) or None
     tcp = check_tcp(host, port if port is not None else (DEFAULT_PORT if host else None), token)
@@ -361,14 +361,7 @@ def run_http(settings, host: str | None = None, port: int | None = None) -> int:
         probe.close()
     sockets = [bind_unix_socket(path)]
     if tcp is not None:
-        tcp_sock = socket.socket(socket.AF_INET6 if ":" in tcp[0] else socket.AF_INET, socket.SOCK_STREAM)
-        tcp_sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        try:
-            tcp_sock.bind(tcp)
-        except OSError as err:
-            raise AddressError(f"cannot listen on {tcp[0]}:{tcp[1]}: {err.strerror}") from None
-        tcp_sock.listen(128)
-        sockets.append(tcp_sock)
+        sockets.append(bind_tcp_socket(tcp))
     from mcp.server.transport_security import TransportSecuritySettings
 
     from memcli.server.address import is_loopback

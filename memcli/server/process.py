@@ -58,6 +58,19 @@ def bind_unix_socket(path: Path) -> socket.socket:
     return sock
 
 
+def bind_tcp_socket(tcp: tuple[str, int]) -> socket.socket:
+    """A listening TCP socket on (host, port) as `check_tcp` allowed it; AddressError in one line."""
+    sock = socket.socket(socket.AF_INET6 if ":" in tcp[0] else socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind(tcp)
+    except OSError as err:
+        sock.close()
+        raise AddressError(f"cannot listen on {tcp[0]}:{tcp[1]}: {err.strerror}") from None
+    sock.listen(128)
+    return sock
+
+
 def check_tcp(host: str | None, port: int | None, token: str | None) -> tuple[str, int] | None:
     """The TCP address to listen on, or None. Beyond loopback only with a bearer token."""
     if host is None and port is None:
@@ -137,14 +150,7 @@ def serve(settings, keep_alive: float | None, host: str | None = None, port: int
         raise ServerRunning(f"a memcli server is already running ({socket_path()}); memcli stop ends it")
     sockets = [bind_unix_socket(socket_path())]
     if tcp is not None:
-        tcp_sock = socket.socket(socket.AF_INET6 if ":" in tcp[0] else socket.AF_INET, socket.SOCK_STREAM)
-        tcp_sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        try:
-            tcp_sock.bind(tcp)
-        except OSError as err:
-            raise AddressError(f"cannot listen on {tcp[0]}:{tcp[1]}: {err.strerror}") from None
-        tcp_sock.listen(128)
-        sockets.append(tcp_sock)
+        sockets.append(bind_tcp_socket(tcp))
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%Y-%m-%dT%H:%M:%S")
     resident = Resident(settings, store=store, keep_alive=keep_alive, budget_bytes=budget_bytes, log=log.info)
     server = Server(resident, token)

@@ -6,8 +6,10 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parent.parent
-SHARED = Path(os.environ.get("MEMCLI_SHARED", REPO.parent / "shared"))
-CONFORMANCE = Path(os.environ.get("MEMCLI_CONFORMANCE_DIR", SHARED / "conformance"))
+# resolved: memcli records a model folder by its real path, so a ../shared that is a symbolic link
+# (a worktree beside the checkout) compares equal to what pools and answers name
+SHARED = Path(os.environ.get("MEMCLI_SHARED", REPO.parent / "shared")).resolve()
+CONFORMANCE = Path(os.environ.get("MEMCLI_CONFORMANCE_DIR", SHARED / "conformance")).resolve()
 REAL_CONFIGS = SHARED / "reference" / "real-configs"
 
 

@@ -84,13 +84,14 @@ def ndjson_events(stdout: str) -> list[dict]:
 
 
 # --------------------------------------------------------------------------- a process without torch
-TORCH_BLOCKER = """
+LIGHT_PROCESS = """
 import sys
-class _NoTorch:
+class _Blocked:
     def find_spec(self, name, path=None, target=None):
-        if name == "torch" or name.startswith("torch."):
-            raise ImportError("torch imported by a light command")
-sys.meta_path.insert(0, _NoTorch())
+        for heavy in {blocked!r}:
+            if name == heavy or name.startswith(heavy + "."):
+                raise ImportError(heavy + " imported by a light command")
+sys.meta_path.insert(0, _Blocked())
 sys.argv = ["memcli"] + sys.argv[1:]
 from memcli.cli.main import main
 try:
@@ -99,15 +100,24 @@ except SystemExit as exit:
     code = exit.code
 else:
     code = 0
-print("TORCH" if "torch" in sys.modules else "NO-TORCH", file=sys.stderr)
+{report}
 sys.exit(code)
 """
+TORCH_REPORT = 'print("TORCH" if "torch" in sys.modules else "NO-TORCH", file=sys.stderr)'
+
+
+def run_light(*args: str, cwd: Path, env: dict | None = None, blocked: tuple[str, ...] = ("torch",),
+              report: str = TORCH_REPORT) -> subprocess.CompletedProcess:
+    """The CLI in a fresh process where importing any of `blocked` raises (a light command must
+    still work); `report`: the line of Python that ends its stderr with what it loaded."""
+    script = LIGHT_PROCESS.format(blocked=tuple(blocked), report=report)
+    return subprocess.run([sys.executable, "-c", script, *args], cwd=cwd, env=env or subprocess_env(NO_COLOR="1"),
+                          capture_output=True, text=True, timeout=120)
 
 
 def run_without_torch(*args: str, cwd: Path, env: dict | None = None) -> subprocess.CompletedProcess:
     """The CLI in a fresh process where importing torch raises: a light command must still work."""
-    return subprocess.run([sys.executable, "-c", TORCH_BLOCKER, *args], cwd=cwd, env=env or subprocess_env(NO_COLOR="1"),
-                          capture_output=True, text=True, timeout=120)
+    return run_light(*args, cwd=cwd, env=env)
 
 
 # --------------------------------------------------------------------------- PDFs (tests/documents.py)

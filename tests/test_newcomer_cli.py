@@ -22,7 +22,7 @@ from memcli.cli import main as cli
 from memcli.app import settings
 from memcli.store import PoolStore
 
-from .helpers import ALICE, ISO_Z, assert_one_error, err_lines, info, run, subprocess_env, write
+from .helpers import ALICE, ISO_Z, assert_one_error, err_lines, info, run, run_light, subprocess_env, write
 from .support import REPO, fixture_checkpoint
 
 TINY = ["--model", "memcli-tiny"]
@@ -338,25 +338,8 @@ def test_item11_through_a_server_ps_times_are_iso_and_ask_json_is_the_same(ck, t
 
 
 # =========================================================================== item 12: light commands
-BLOCKER = """
-import sys
-class _Blocked:
-    def find_spec(self, name, path=None, target=None):
-        for heavy in ("torch", "pydantic"):
-            if name == heavy or name.startswith(heavy + "."):
-                raise ImportError(heavy + " imported by a light command")
-sys.meta_path.insert(0, _Blocked())
-sys.argv = ["memcli"] + sys.argv[1:]
-from memcli.cli.main import main
-try:
-    main()
-except SystemExit as exit:
-    code = exit.code
-else:
-    code = 0
-print("LOADED:" + ",".join(sorted(m for m in ("torch", "pydantic", "memcli.app.api") if m in sys.modules)), file=sys.stderr)
-sys.exit(code)
-"""
+REPORT = ('print("LOADED:" + ",".join(sorted(m for m in ("torch", "pydantic", "memcli.app.api") if m in sys.modules)), '
+          'file=sys.stderr)')
 
 
 @pytest.mark.parametrize("args", [["--version"], ["--help"], ["pool", "ls"], ["pool", "info", "people"], ["config", "get"],
@@ -365,8 +348,8 @@ def test_item12_light_commands_build_no_pydantic_adapter(tiny_pool, tmp_path, ar
     """typer 0.29 converts parameters through pydantic: memcli's own converters stand in for it, so a
     light command imports neither torch nor pydantic; pool info and models read what they show without
     the library facade (memcli.app.api)."""
-    done = subprocess.run([sys.executable, "-c", BLOCKER, *args], cwd=tmp_path, capture_output=True, text=True,
-                          env=subprocess_env(NO_COLOR="1", MEMCLI_DEBUG="1"), timeout=120)
+    done = run_light(*args, cwd=tmp_path, env=subprocess_env(NO_COLOR="1", MEMCLI_DEBUG="1"),
+                     blocked=("torch", "pydantic"), report=REPORT)
     assert done.returncode == 0, done.stderr[-3000:]
     loaded = done.stderr.strip().splitlines()[-1]
     assert loaded == "LOADED:", done.stderr[-3000:]

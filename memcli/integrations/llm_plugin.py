@@ -35,7 +35,7 @@ from typing import Iterator, Optional
 
 import click
 import llm
-from pydantic import Field, field_validator
+from pydantic import Field, ValidationInfo, field_validator
 
 from memcli import wire
 
@@ -161,26 +161,14 @@ class Options(llm.Options):
     max_tokens: Optional[int] = Field(None, description="the most tokens of the answer (default: 256, or what "
                                                         "the model's window leaves)")
 
-    @field_validator("temperature", mode="before")
+    @field_validator("temperature", "top_p", "seed", mode="before")
     @classmethod
-    def _temperature(cls, value):
+    def _sampling(cls, value, info: ValidationInfo):
+        """Checked as every sampling parameter is (`wire.Sampling.checked`), one field at a time."""
         if value is None:
             return None
-        return _checked(wire.Sampling.checked, temperature=_number(value)).temperature
-
-    @field_validator("top_p", mode="before")
-    @classmethod
-    def _top_p(cls, value):
-        if value is None:
-            return None
-        return _checked(wire.Sampling.checked, top_p=_number(value)).top_p
-
-    @field_validator("seed", mode="before")
-    @classmethod
-    def _seed(cls, value):
-        if value is None:
-            return None
-        return _checked(wire.Sampling.checked, seed=_number(value)).seed
+        name = info.field_name
+        return getattr(_checked(wire.Sampling.checked, **{name: _number(value)}), name)
 
     @field_validator("max_tokens", mode="before")
     @classmethod

@@ -13,11 +13,35 @@ import time
 from collections import deque
 from pathlib import Path
 
+from click.testing import Result
 from typer.testing import CliRunner
 
 from .support import REPO
 
 runner = CliRunner()
+
+
+# A model's answer may hold any character, "\r" among them (random weights' byte soup; whether
+# one does changes from run to run with the pool's random drops). click's Result turns "\r\n"
+# into "\n" and subprocess's text mode turns every "\r" into "\n", so what a command printed is
+# read here as it was written, or an answer compared with an in-process one fails by chance.
+class Printed(Result):
+    """click's Result, its stdout and stderr exactly as the command wrote them."""
+
+    @property
+    def stdout(self) -> str:
+        return self.stdout_bytes.decode(self.runner.charset, "replace")
+
+    @property
+    def stderr(self) -> str:
+        return self.stderr_bytes.decode(self.runner.charset, "replace")
+
+
+def run_process(cmd: list[str], *, input: str | None = None, **kw) -> subprocess.CompletedProcess:
+    """`cmd` in a process of its own, its stdout and stderr as the exact text it wrote (UTF-8)."""
+    done = subprocess.run(cmd, input=None if input is None else input.encode(), capture_output=True, **kw)
+    return subprocess.CompletedProcess(done.args, done.returncode, done.stdout.decode("utf-8", "replace"),
+                                       done.stderr.decode("utf-8", "replace"))
 
 ALICE = "Alice took the train to Paris on Monday and met Bob at the station near the old river bridge."
 CAROL = "The meeting with Carol is on Friday at ten in the big room upstairs, next to the kitchen."
@@ -48,6 +72,7 @@ def run(*args, input: str | None = None, env: dict | None = None, device: str | 
     result = runner.invoke(cli_app(), argv, input=input, env=env)
     if result.exception is not None and not isinstance(result.exception, SystemExit):
         raise result.exception
+    result.__class__ = Printed  # the same fields, read exactly
     return result
 
 

@@ -26,6 +26,17 @@ def test_ask_streams_the_pieces_and_hands_over_the_options(fake_backend):
     assert call["sampling"] == Sampling(0.5, 0.9, 3)
 
 
+def test_a_piped_answer_is_printed_as_the_model_wrote_it(fake_backend):
+    """Off a terminal the answer's characters go out untouched, "\r" and control bytes included
+    (random weights write them): what a script reads is the answer. On a terminal they would be
+    shown as U+FFFD (cli.output.write_answer)."""
+    text = "Y.\x17]<\x1f p E\r\n at\r an\x0b\x85end"
+    fake_backend.enqueue_answer(text, pieces=[text[:8], text[8:13], text[13:]])
+    result = run("ask", "When?", "--pool", "work")
+    assert result.exit_code == 0, result.stderr
+    assert result.stdout_bytes == (text + "\n").encode() and result.stdout == text + "\n"
+
+
 def test_ask_json_is_text_events_then_the_answer_event(fake_backend):
     fake_backend.enqueue_answer("Friday.", pieces=["Fri", "day."], pool_version=4)
     events = [json.loads(line) for line in run("ask", "When?", "--pool", "work", "--json").stdout.splitlines()]

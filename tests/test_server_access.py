@@ -17,7 +17,8 @@ from memcli.server import address as server_address
 from memcli.server.client import Client, ServerError
 from memcli.wire import AskRequest
 
-from .helpers import DEADLINE, QUESTION, TEXTS, env_for_server, local, make_pool, run_cli, served_answer, start_server, streamed
+from .helpers import (DEADLINE, QUESTION, TEXTS, env_for_server, local, make_pool, run_cli, run_process, served_answer,
+                      start_server, streamed)
 from .support import REPO
 
 
@@ -92,13 +93,13 @@ def test_client_imports_no_torch(server, tmp_path, ck):
     subprocess.run([sys.executable, "-c", code], check=True, env=env_for_server(), timeout=DEADLINE)
     app = local(ck)
     make_pool(app, tmp_path, "light", TEXTS[:1])
-    traced = subprocess.run([sys.executable, "-X", "importtime", "-m", "memcli", "--device", "cpu", "ask", QUESTION,
-                             "--pool", "light"], capture_output=True, text=True, env=env_for_server(), timeout=DEADLINE)
+    traced = run_process([sys.executable, "-X", "importtime", "-m", "memcli", "--device", "cpu", "ask", QUESTION,
+                          "--pool", "light"], env=env_for_server(), timeout=DEADLINE)
     assert traced.returncode == 0 and traced.stdout == streamed(app, "light", QUESTION) + "\n"
     imported = [line.rsplit("|", 1)[-1].strip() for line in traced.stderr.splitlines() if line.startswith("import time:")]
     assert "httpx" in imported and not [m for m in imported if m.split(".")[0] == "torch"]
-    chat = subprocess.run([sys.executable, "-X", "importtime", "-m", "memcli", "--device", "cpu", "chat", "--pool", "light"],
-                          input=QUESTION + "\n", capture_output=True, text=True, env=env_for_server(), timeout=DEADLINE)
+    chat = run_process([sys.executable, "-X", "importtime", "-m", "memcli", "--device", "cpu", "chat", "--pool", "light"],
+                       input=QUESTION + "\n", env=env_for_server(), timeout=DEADLINE)
     assert chat.returncode == 0 and chat.stdout == streamed(app, "light", QUESTION) + "\n", chat.stderr[-2000:]
     imported = [line.rsplit("|", 1)[-1].strip() for line in chat.stderr.splitlines() if line.startswith("import time:")]
     assert not [m for m in imported if m.split(".")[0] == "torch"]

@@ -28,7 +28,7 @@ from memcli.server import address as server_address
 from memcli.server.client import Client
 
 from .helpers import (DEADLINE, QUESTION, TEXTS, assert_clean_log, env_for_server, local, make_pool, run_cli,
-                      served_answer, start_server, streamed, wait_for)
+                      run_process, served_answer, start_server, streamed, wait_for)
 from .support import fixture_checkpoint
 
 NOBODY = 65534
@@ -258,8 +258,8 @@ def test_own_leftovers_are_repaired(ck, tmp_path, monkeypatch):
     monkeypatch.delenv("MEMCLI_SERVER")
     env = env_for_server()
     try:
-        asked = subprocess.run([sys.executable, "-m", "memcli", "--device", "cpu", "ask", QUESTION, "--pool", "p"],
-                               capture_output=True, text=True, env=env, timeout=DEADLINE)
+        asked = run_process([sys.executable, "-m", "memcli", "--device", "cpu", "ask", QUESTION, "--pool", "p"],
+                            env=env, timeout=DEADLINE)
         assert asked.returncode == 0 and asked.stdout == streamed(app, "p", QUESTION) + "\n", asked.stderr
         assert [line for line in asked.stderr.splitlines() if "server" in line] == [
             "the memcli server ended without stopping; its pools are at their last commit — starting a fresh server"]
@@ -746,8 +746,8 @@ def test_the_working_directory_cannot_shadow_the_servers_package(ck, tmp_path, m
     (cwd / "memcli" / "__main__.py").write_text(f"open({str(marker)!r}, 'w').close()\n")
     env = env_for_server()
     try:
-        asked = subprocess.run([str(script), "--device", "cpu", "ask", QUESTION, "--pool", "p"], cwd=cwd,
-                               capture_output=True, text=True, env=env, timeout=DEADLINE)
+        asked = run_process([str(script), "--device", "cpu", "ask", QUESTION, "--pool", "p"], cwd=cwd, env=env,
+                            timeout=DEADLINE)
         assert asked.returncode == 0 and asked.stdout == streamed(app, "p", QUESTION) + "\n", asked.stderr
         assert "running in this process" not in asked.stderr and not marker.exists()
         with Client() as client:

@@ -27,8 +27,8 @@ from memcli.store import PoolStore
 from memcli.wire import Event, InjectParams, InjectReport
 
 from .helpers import (
-    DEADLINE, QUESTION, TEXTS, env_for_server, local, logged_sources, make_pool, many_texts, run_cli, served_answer,
-    streamed, upload, wait_for,
+    DEADLINE, QUESTION, TEXTS, env_for_server, local, logged_sources, make_pool, many_texts, run_cli, run_process,
+    served_answer, streamed, upload, wait_for,
 )
 
 
@@ -209,8 +209,8 @@ def test_sigkill_mid_inject_leaves_the_last_commit_and_the_next_command_works(ck
 
     # the next command says so in one line, starts a fresh server and answers
     env = env_for_server()
-    ask = subprocess.run([sys.executable, "-m", "memcli", "--device", "cpu", "ask", QUESTION, "--pool", "k"],
-                         capture_output=True, text=True, env=env, timeout=DEADLINE)
+    ask = run_process([sys.executable, "-m", "memcli", "--device", "cpu", "ask", QUESTION, "--pool", "k"],
+                      env=env, timeout=DEADLINE)
     try:
         assert ask.returncode == 0, ask.stderr
         notes = [line for line in ask.stderr.splitlines() if "ended without stopping" in line]

@@ -150,6 +150,37 @@ def test_item8_config_get_prints_values_as_the_config_file_writes_them():
     assert (Path(os.environ["MEMCLI_HOME"]) / "config" / "config.toml").read_text() == 'server = false\nkeep_alive = "90s"\n'
 
 
+def test_item8_config_set_refuses_a_value_that_can_never_work_and_writes_nothing():
+    """The class of item 8 (a value taken silently that fails later): a keep_alive that is no
+    duration, a model that is neither bundled, a folder, an alias nor an OWNER/NAME hub id. Each is
+    one line naming what is wrong (with the known name a typo was near), and the file is kept."""
+    config = Path(os.environ["MEMCLI_HOME"]) / "config" / "config.toml"
+    assert run("config", "set", "keep_alive", "90s").exit_code == 0
+    before = config.read_bytes()
+    assert_one_error(run("config", "set", "keep_alive", "soon"), "keep_alive must be a duration like 5m", "'soon'")
+    assert_one_error(run("config", "set", "model", "memcli-tiyn"), "model 'memcli-tiyn' is neither a folder nor a hub id",
+                     "did you mean memcli-tiny?")
+    assert_one_error(run("config", "set", "model", "/no/such/folder"), "neither a folder nor a hub id")
+    assert config.read_bytes() == before
+    assert run("config", "set", "model", "someone/some-model").exit_code == 0  # a hub id: fetched when first used
+    assert tomllib.loads(config.read_text())["model"] == "someone/some-model"
+
+
+def test_item8_a_bad_value_in_the_config_file_is_named_and_config_repairs_it():
+    """A config file edited by hand (or by an older memcli) with bad values: every command names the
+    file and the key; `config unset` and `config set` repair one key while another is still bad."""
+    config = Path(os.environ["MEMCLI_HOME"]) / "config" / "config.toml"
+    config.parent.mkdir(parents=True, exist_ok=True)
+    config.write_text('device = "gpu9"\nkeep_alive = "soon"\npool = "notes"\n')
+    assert_one_error(run("config", "get", "pool", device=None), str(config), "keep_alive must be a duration")
+    assert run("config", "set", "keep_alive", "10m", device=None).exit_code == 0
+    assert_one_error(run("config", "get", "pool", device=None), str(config), "device must be auto, cpu, cuda")
+    unset = run("config", "unset", "device", device=None)
+    assert unset.exit_code == 0, unset.stderr
+    assert tomllib.loads(config.read_text()) == {"keep_alive": "10m", "pool": "notes"}
+    assert run("config", "get", "pool", device=None).stdout == "notes\n"
+
+
 # =========================================================================== item 9: help
 def command_tree():
     """(path, click command) for every command and group of memcli, the root first."""

@@ -7,7 +7,7 @@ import json
 
 import pytest
 
-from memcli.app.settings import load_settings
+from memcli.app.settings import load_settings, parse_keep_alive
 from memcli.server import address as server_address
 from memcli.server.client import Client
 
@@ -44,10 +44,10 @@ def test_keep_alive_zero_unloads_after_each_request_and_forever_keeps(ck, tmp_pa
             wait_for(lambda: client.ps()["models"] == [] and client.ps()["unloads"] == 1, "the unload")
     finally:
         running.stop()
-    assert server_address.parse_keep_alive("-1") is None
-    assert server_address.parse_keep_alive("5m") == 300 and server_address.parse_keep_alive(0) == 0
+    assert parse_keep_alive("-1") is None
+    assert parse_keep_alive("5m") == 300 and parse_keep_alive(0) == 0
     with pytest.raises(ValueError):
-        server_address.parse_keep_alive("soon")
+        parse_keep_alive("soon")
 
 
 def test_a_server_started_by_a_command_stops_when_idle(ck, tmp_path):

@@ -93,7 +93,7 @@ def model_identity(name: str) -> ModelIdentity:
     """The family and config fingerprint of a model from its config.json only: a local folder's,
     the Hugging Face cache's, or (online) the one file downloaded. Never reads weights."""
     from memcli.core.config import ConfigError, read_config
-    from memcli.loading.catalog import ALIASES, BUNDLED
+    from memcli.loading.catalog import BUNDLED, hub_id, not_a_model
 
     name = normalize_model(name)
     local = Path(name)
@@ -102,9 +102,9 @@ def model_identity(name: str) -> ModelIdentity:
     elif local.is_dir():
         folder = local
     else:
-        repo_id = ALIASES.get(name, name)
-        if repo_id.count("/") != 1 or local.suffix or repo_id.startswith("/"):
-            raise MemcliError(f"model {name!r} is neither a folder nor a hub id (known: {', '.join(ALIASES)})")
+        repo_id = hub_id(name)
+        if repo_id is None:
+            raise MemcliError(not_a_model(name))
         from huggingface_hub import hf_hub_download, try_to_load_from_cache
 
         cached = try_to_load_from_cache(repo_id, "config.json")

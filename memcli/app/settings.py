@@ -23,6 +23,7 @@ them from here. No torch here (`memcli config` and completion must stay light): 
 from __future__ import annotations
 
 import os
+import re
 from dataclasses import dataclass, field, replace
 
 from memcli.base import paths
@@ -147,6 +148,8 @@ def _validate(values: dict, where: str) -> dict:
             continue
         if key in ("keep_alive", "threads") and isinstance(value, (int, float)) and not isinstance(value, bool):
             values[key] = value = str(value)
+        if key == "keep_alive":
+            parse_keep_alive(value, f"{where}: keep_alive")
         if key == "threads":
             from memcli.core.threads import parse_count  # torch-free
 
@@ -164,6 +167,20 @@ def _validate(values: dict, where: str) -> dict:
     if device and not (device in DEVICES or (device.startswith("cuda:") and device[5:].isdigit())):
         raise SettingsError(f"{where}: device must be auto, cpu, cuda or cuda:N, not {device!r}")
     return values  # a pool name is checked by the store where it is used
+
+
+_DURATION = re.compile(r"^\s*(-?\d+(?:\.\d+)?)\s*(ms|s|m|h)?\s*$")
+_UNIT_SECONDS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, None: 1.0}
+
+
+def parse_keep_alive(value: object, what: str = "keep-alive") -> float | None:
+    """ollama's keep-alive: "5m", "30s", "1h", a number of seconds; any negative value keeps models
+    forever (None); 0 unloads after each request. Anything else is a SettingsError naming `what`."""
+    match = None if isinstance(value, bool) else _DURATION.match(str(value))
+    if not match:
+        raise SettingsError(f"{what} must be a duration like 5m, 30s, 0 or -1, not {str(value)!r}")
+    seconds = float(match.group(1)) * _UNIT_SECONDS[match.group(2)]
+    return None if seconds < 0 else seconds
 
 
 def _boolean(value, where: str, key: str) -> bool:
@@ -196,8 +213,8 @@ def _folders(value, where: str, key: str) -> tuple[str, ...]:
     return tuple(os.path.abspath(os.path.expanduser(item)) for item in items if item.strip())
 
 
-def read_config_file() -> dict:
-    """The config file's values (validated); {} when there is none."""
+def _config_toml() -> dict:
+    """The config file parsed but not checked; {} when there is none."""
     import tomllib
 
     path = paths.config_file()
@@ -208,9 +225,14 @@ def read_config_file() -> dict:
     except OSError as err:
         raise SettingsError(f"{path}: {err.strerror or err}") from None
     try:
-        return _validate(tomllib.loads(text), str(path))
+        return tomllib.loads(text)
     except tomllib.TOMLDecodeError as err:
         raise SettingsError(f"{path}: not valid TOML ({err})") from None
+
+
+def read_config_file() -> dict:
+    """The config file's values (validated); {} when there is none."""
+    return _validate(_config_toml(), str(paths.config_file()))
 
 
 def load_settings(**flags: str | None) -> Settings:
@@ -240,23 +262,43 @@ def set_config(key: str, value: str | None) -> None:
     the file is replaced atomically (comments are not kept: it is rewritten from its values)."""
     if key not in KEYS:
         raise SettingsError(f"unknown setting {key!r} (known: {', '.join(KEYS)})")
-    values = read_config_file()
-    if value is None:
-        values.pop(key, None)
-    else:
-        values.update(_validate({key: _normalized(key, value)}, "memcli config set"))
     path = paths.config_file()
+    # the other keys as they are, even bad ones (each is named where it is read): one bad value
+    # must not stop the repair of another
+    values = {k: v for k, v in _config_toml().items() if k != key}
+    for other, kept in values.items():
+        if not _writable(kept):
+            raise SettingsError(f"{path}: {other} is not a setting's value ({type(kept).__name__}); edit the file")
+    if value is not None:
+        value = _normalized(key, value)
+        if key == "model":  # a default that names no model would fail every command that loads one
+            from memcli.loading.catalog import not_a_model  # torch-free
+
+            problem = not_a_model(value)
+            if problem is not None:
+                raise SettingsError(problem)
+        values.update(_validate({key: value}, "memcli config set"))
     path.parent.mkdir(parents=True, exist_ok=True)
     replace_file(path.parent, path.name, "".join(f"{k} = {_toml_value(v)}\n" for k, v in values.items()).encode())
 
 
-def _toml_value(value: str | bool | int | tuple) -> str:
+def _writable(value) -> bool:
+    """A value `_toml_value` writes back: what settings hold (strings, booleans, numbers, lists of
+    strings)."""
+    if isinstance(value, (list, tuple)):
+        return all(isinstance(item, str) for item in value)
+    return isinstance(value, (str, bool, int, float))
+
+
+def _toml_value(value: str | bool | int | float | tuple) -> str:
     if isinstance(value, (list, tuple)):
         return "[" + ", ".join(_toml_string(item) for item in value) + "]"
     if isinstance(value, bool):
         return "true" if value else "false"
     if isinstance(value, int):
         return str(value)
+    if isinstance(value, float):  # TOML writes inf and nan as Python does
+        return repr(value)
     return _toml_string(value)
 
 

@@ -10,6 +10,7 @@ from typing import Optional
 
 import typer
 
+from memcli.app.settings import parse_keep_alive
 from memcli.base.text import shown
 from memcli.cli.app import invocation, app
 from memcli.cli.output import console, human_bytes, print_json, quiet_libraries, say, table
@@ -59,7 +60,7 @@ def serve(
     from memcli.server.process import serve as run_server
 
     settings = invocation(ctx).settings()
-    seconds = server_address.parse_keep_alive(keep_alive if keep_alive is not None else settings.keep_alive)
+    seconds = parse_keep_alive(keep_alive if keep_alive is not None else settings.keep_alive)
     budget = _parse_bytes(memory) if memory else None
     quiet_libraries()
     code = run_server(settings, seconds, host=host, port=port, budget_bytes=budget, exit_when_idle=exit_when_idle)

@@ -107,6 +107,27 @@ def model_folder(name: str) -> Path | None:
     return local if local.is_dir() else None
 
 
+def hub_id(name: str) -> str | None:
+    """The hub id that an alias or an OWNER/NAME names; None when `name` can name no hub model."""
+    repo_id = ALIASES.get(name, name)
+    if repo_id.count("/") != 1 or repo_id.startswith("/") or Path(name).suffix:
+        return None
+    return repo_id
+
+
+def not_a_model(name: str) -> str | None:
+    """Why `name` names no model (it is neither bundled, a folder, an alias nor an OWNER/NAME hub
+    id), with the closest known name; None when it may name one."""
+    import difflib
+
+    if model_folder(name) is not None or hub_id(name) is not None:
+        return None
+    names = [*BUNDLED, *ALIASES]
+    close = difflib.get_close_matches(name, names, n=1, cutoff=0.6)
+    hint = f"; did you mean {close[0]}?" if close else ""
+    return f"model {name!r} is neither a folder nor a hub id (known: {', '.join(names)}){hint}"
+
+
 def declared(name: str) -> dict:
     """The `memcli_*` keys of a bundled model's or a local folder's config.json; {} for a hub id,
     or where the file cannot be read (loading the model says what is wrong with it)."""

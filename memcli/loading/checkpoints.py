@@ -22,7 +22,7 @@ from memcli.core.model import Projection, Selector, Transformer
 from memcli.core.quant import first_line
 from memcli.core.state import CHECKPOINT_ORIGIN, LongTermMemory, MemoryState, new_generator
 
-from memcli.loading.catalog import ALIASES, BUNDLED  # torch-free tables (memcli models, completion)
+from memcli.loading.catalog import ALIASES, BUNDLED, hub_id, not_a_model  # torch-free tables (memcli models, completion)
 
 HUB_PATTERNS = ["*.json", "*.safetensors", "tokenizer*", "*.model", "*.jinja"]
 PROJECTIONS = {
@@ -113,9 +113,9 @@ def resolve_checkpoint(model: str, revision: str | None = None) -> Path:
         return local
     if model in BUNDLED:
         return BUNDLED[model]
-    repo_id = ALIASES.get(model, model)
-    if repo_id.count("/") != 1 or local.suffix:
-        raise CheckpointError(f"model {model!r} is neither a folder nor a hub id (known: {', '.join(ALIASES)})")
+    repo_id = hub_id(model)
+    if repo_id is None:
+        raise CheckpointError(not_a_model(model))
     from huggingface_hub import snapshot_download
     from huggingface_hub.errors import LocalEntryNotFoundError
 

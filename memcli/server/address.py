@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import stat
 from pathlib import Path
 
@@ -227,22 +226,6 @@ def read_info() -> dict | None:
     except (OSError, ValueError):
         return None
     return data if isinstance(data, dict) else None
-
-
-_DURATION = re.compile(r"^\s*(-?\d+(?:\.\d+)?)\s*(ms|s|m|h)?\s*$")
-_UNIT_SECONDS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, None: 1.0}
-
-
-def parse_keep_alive(value: object) -> float | None:
-    """ollama's keep-alive: "5m", "30s", "1h", a number of seconds; any negative value keeps models
-    forever (None); 0 unloads after each request."""
-    if isinstance(value, bool):
-        raise AddressError(f"keep-alive must be a duration like 5m, 30s, 0 or -1, not {value!r}")
-    match = _DURATION.match(str(value))
-    if not match:
-        raise AddressError(f"keep-alive must be a duration like 5m, 30s, 0 or -1, not {str(value)!r}")
-    seconds = float(match.group(1)) * _UNIT_SECONDS[match.group(2)]
-    return None if seconds < 0 else seconds
 
 
 def is_loopback(host: str) -> bool:

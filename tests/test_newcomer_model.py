@@ -156,6 +156,8 @@ def test_a_short_note_alone_is_refused_and_packed_beside_a_longer_file(tmp_path)
     result = invoke("inject", short, "--pool", "p")
     assert result.exit_code == 3
     assert "only 5 tokens and nothing to pack it with: memcli-tiny needs at least 20 tokens per chunk" in result.stderr
+    # the summary names the reason by its first clause, never cut mid-sentence
+    assert result.stderr.splitlines()[-1] == "nothing injected into pool p — 1 skipped (1 only 5 tokens and nothing to pack it with)"
     # with a longer file in the same run, the note goes in after it, filled up with the end of its
     # last chunk (as context: those rows stay the longer file's)
     long = tmp_path / "long.txt"

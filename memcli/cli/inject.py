@@ -19,6 +19,19 @@ from memcli.base.errors import EXIT_INTERRUPTED, EXIT_SKIPPED
 from memcli.wire import InjectInterrupted, InjectReport
 
 
+def short_reason(reason: str, limit: int = 60) -> str:
+    """A skip reason in a summary line: whole when short, else its first clause (before ": " or
+    "; "), else cut at a word with "…" (each skipped file's line above the summary has it whole)."""
+    text = one_line(reason)
+    if len(text) <= limit:
+        return text
+    for mark in (": ", "; "):
+        clause = text.split(mark, 1)[0]
+        if 0 < len(clause) <= limit:
+            return clause
+    return text[:limit].rsplit(" ", 1)[0] + "…"
+
+
 def report_lines(report: InjectReport) -> list[str]:
     """The per-file notes (skipped, already there, changed) and the one-line summary of an inject:
     injected / changed / resumed / already in / skipped by reason / ignored by type."""
@@ -46,7 +59,7 @@ def report_lines(report: InjectReport) -> list[str]:
             notes.append(f"{counts[key]:,} {label}")
     if report.skipped:
         reasons = sorted(counts["skipped_by_reason"].items(), key=lambda kv: -kv[1])
-        shown_reasons = ", ".join(f"{n:,} {one_line(reason)[:60]}" for reason, n in reasons[:3])
+        shown_reasons = ", ".join(f"{n:,} {short_reason(reason)}" for reason, n in reasons[:3])
         more = f", {len(reasons) - 3} other reasons" if len(reasons) > 3 else ""
         notes.append(f"{len(report.skipped):,} skipped ({shown_reasons}{more})")
     ignored = counts["ignored_by_type"]

@@ -69,6 +69,7 @@ def test_metrics_count_an_inject_an_ask_and_a_chat_behind_the_token(tmp_path):
             assert chunks and chunks[-1]["usage"]["completion_tokens"] >= 1
             with pytest.raises(ServerError):  # a pool that is not there: counted under the route's template
                 client.pool_info("no-such-pool-xyz")
+            [loaded] = client.ps()["models"]
 
         # over TCP: refused without the token (and that refusal is counted), read with it
         assert httpx.get(url).status_code == 401
@@ -106,7 +107,7 @@ def test_metrics_count_an_inject_an_ask_and_a_chat_behind_the_token(tmp_path):
         assert value(after, "memcli_device_queue_depth") == 0
         assert value(after, "memcli_model_load_seconds_count") == 1  # memcli-tiny, once
         assert value(after, "memcli_loaded_models") == 1
-        assert value(after, "memcli_model_weights_bytes") > 0
+        assert value(after, "memcli_model_weights_bytes", model=loaded["model"]) == loaded["weights_bytes"] > 0
         assert value(after, "memcli_pool_states") == 1
         assert value(after, "memcli_pool_state_bytes", pool="notes") > 0
         assert value(after, "memcli_pool_state_version", pool="notes") == answer.pool_version

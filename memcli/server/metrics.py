@@ -23,7 +23,7 @@ default registry: two servers in one process, as in tests, count apart), named `
     computed at each scrape from the server's state:
     memcli_device_queue_depth                        requests waiting for a turn on the device
     memcli_loaded_models                             models whose weights are loaded
-    memcli_model_weights_bytes                       their weights' bytes, all together
+    memcli_model_weights_bytes{model}                each one's weights' bytes (as `ps` names the model)
     memcli_pool_states                               pool states kept loaded (one per pool at most)
     memcli_pool_state_bytes{pool}                    each one's bytes (rows + memory K/V)
     memcli_pool_state_version{pool}                  the pool version each one holds
@@ -31,8 +31,8 @@ default registry: two servers in one process, as in tests, count apart), named `
     memcli_process_…                                 this process's CPU time, memory, open files (Linux)
 
 Labels stay few: `endpoint` is the route's template (`/api/pools/{name:path}`, "other" for no route,
-never the path a client sent), and pool names label only the pool-state gauges (one series per pool
-state held, gone when it is evicted).
+never the path a client sent); pool names label only the pool-state gauges (one series per pool
+state held, gone when it is evicted) and model names the weights gauge (one per model loaded).
 
 The server calls the helpers (`answered`, `injected`) and installs `queue_waited` and `model_loaded`
 as the device queue's and the resident's hooks; `instrument` wraps the ASGI app to count requests.
@@ -162,8 +162,11 @@ class _ResidentCollector:
         yield GaugeMetricFamily("memcli_device_queue_depth", "Requests waiting for a turn on the device",
                                 value=resident.device.waiting())
         yield GaugeMetricFamily("memcli_loaded_models", "Models whose weights are loaded", value=len(models))
-        yield GaugeMetricFamily("memcli_model_weights_bytes", "Bytes of the loaded models' weights",
-                                value=sum(model["weights_bytes"] for model in models))
+        weights = GaugeMetricFamily("memcli_model_weights_bytes", "Bytes of a loaded model's weights",
+                                    labels=["model"])
+        for model in models:
+            weights.add_metric([model["model"]], model["weights_bytes"])
+        yield weights
         yield GaugeMetricFamily("memcli_pool_states", "Pool states kept loaded", value=len(states))
         by_bytes = GaugeMetricFamily("memcli_pool_state_bytes", "Bytes of a pool state kept loaded (rows and "
                                      "memory keys/values)", labels=["pool"])

@@ -36,6 +36,7 @@ from memcli.app.settings import Settings
 from memcli.store import PoolError, PoolStore
 from tests.support import REPO, fixture_checkpoint
 from tests.documents import BROKEN_PAGE, encrypt_pdf, make_pdf, text_page
+from tests.helpers import flip_in_tensor
 
 TINY = "memoryllm-8b-chat-tiny"
 OTHER = "mplus-8b-tiny"
@@ -615,22 +616,6 @@ def test_hostile_store_input(app, tmp_path, case):
 
 # ============================================================ 2c. damaged parts, odd homes (issue 17)
 
-def _flip_in_tensor(path: Path, tensor: str, index: int = 5) -> None:
-    """Flip a byte inside one tensor's data (the header stays valid: the file still loads as a
-    safetensors file), then give the file another mtime: timestamps are as coarse as a kernel tick,
-    and the store remembers a checked file by its identity (size, inode, mtime, ctime)."""
-    import struct
-
-    data = bytearray(path.read_bytes())
-    (n,) = struct.unpack("<Q", data[:8])
-    start = json.loads(data[8:8 + n])[tensor]["data_offsets"][0]
-    data[8 + n + start + index] ^= 0x01
-    os.chmod(path, 0o600)
-    path.write_bytes(bytes(data))
-    st_ = os.stat(path)
-    os.utime(path, ns=(st_.st_atime_ns, st_.st_mtime_ns + 1_000_000_000))
-
-
 def _one_error_line(result) -> str:
     assert result.exit_code != 0, (result.stdout, result.stderr)
     lines = [line for line in result.stderr.splitlines() if line.strip()]
@@ -668,7 +653,7 @@ def test_damaged_part_through_the_cli(app, tmp_path, command):
     `pool ls` marks the pool and its fork (they share the part) and `pool info` says so; nothing is
     written (an inject loads the bytes it would commit again under new names: refused, no laundering)."""
     pid, sha = _three_pools(app, tmp_path)
-    _flip_in_tensor(app.store.root / ".objects" / sha, "origin")
+    flip_in_tensor(app.store.root / ".objects" / sha, "origin")
     objects_before = sorted(os.listdir(app.store.root / ".objects"))
     out = tmp_path / "out"
     out.mkdir()
@@ -695,7 +680,7 @@ def test_damaged_part_pool_verify_repair(app, tmp_path):
     it, and exits non-zero: those pools stay damaged (lost bytes cannot be made again); they can be
     removed; the third pool never noticed."""
     pid, sha = _three_pools(app, tmp_path)
-    _flip_in_tensor(app.store.root / ".objects" / sha, "origin")
+    flip_in_tensor(app.store.root / ".objects" / sha, "origin")
     result = _cli("pool", "verify", POOL, "--repair")
     assert result.exit_code != 0
     said = [line for line in result.stderr.splitlines() if line.strip()]

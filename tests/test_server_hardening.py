@@ -27,8 +27,8 @@ import pytest
 from memcli.server import address as server_address
 from memcli.server.client import Client
 
-from .helpers import (DEADLINE, QUESTION, TEXTS, assert_clean_log, env_for_server, local, make_pool, run_cli,
-                      run_process, served_answer, start_server, streamed, wait_for)
+from .helpers import (DEADLINE, QUESTION, TEXTS, assert_clean_log, env_for_server, err_lines, flip_in_tensor, local,
+                      make_pool, run_cli, run_process, served_answer, start_server, streamed, wait_for)
 from .support import fixture_checkpoint
 
 NOBODY = 65534
@@ -755,3 +755,32 @@ def test_the_working_directory_cannot_shadow_the_servers_package(ck, tmp_path, m
         assert [p["pool"] for m in ps["models"] for p in m["pools"]] == ["p"]  # answered by the server
     finally:
         subprocess.run([sys.executable, "-m", "memcli", "stop"], env=env, capture_output=True, timeout=DEADLINE)
+
+
+# =========================================================================== 6. damage found where the server reads it
+def test_a_damaged_part_fails_through_the_server_while_another_pool_answers(ck, tmp_path, server, monkeypatch):
+    """The server is the default path: a pool one of whose parts was damaged before the server read
+    it fails `ask` and `inject` with the store's one line (the pool, the part, `pool verify
+    --repair`), passed on by the command; the server writes nothing (no laundering of the bad
+    bytes) and goes on answering from another pool."""
+    app = local(ck)
+    make_pool(app, tmp_path, "p", TEXTS[:1])
+    make_pool(app, tmp_path, "q", TEXTS[1:2])
+    manifest = app.store.read_manifest("p")
+    pid = manifest["meta"]["state"]["stm_meta"]
+    objects = app.store.root / ".objects"
+    flip_in_tensor(objects / manifest["parts"][pid]["sha256"], "origin")
+    before = sorted(os.listdir(objects))
+    note = tmp_path / "more.txt"
+    note.write_text(TEXTS[2])
+    monkeypatch.delenv("MEMCLI_SERVER")
+    said = f"memcli: error: pool p: part {pid} is damaged (sha256 mismatch); run memcli pool verify p --repair"
+    for args in (("ask", QUESTION, "--pool", "p"), ("inject", str(note), "--pool", "p")):
+        result = run_cli(*args)
+        assert result.exit_code == 1 and err_lines(result) == [said], (args, result.stderr)
+    asked = run_cli("ask", QUESTION, "--pool", "q")
+    assert asked.exit_code == 0 and asked.stdout == streamed(app, "q", QUESTION) + "\n", asked.stderr
+    with Client() as client:
+        assert [p["pool"] for m in client.ps()["models"] for p in m["pools"]] == ["q"]  # the server answered
+    assert sorted(os.listdir(objects)) == before
+    assert app.store.read_manifest("p")["version"] == manifest["version"]

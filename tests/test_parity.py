@@ -61,12 +61,25 @@ def server(tmp_path):
     running.stop()
 
 
-def both(monkeypatch, *args, input: str | None = None):
-    """(in this process, through the server): each command's outcome."""
+def requests_answered(server) -> float:
+    """How many requests the server has answered (its /metrics, leaving out the scrapes themselves)."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    families = text_string_to_metric_families(server.client.http.get("/metrics").text)
+    return sum(sample.value for family in families for sample in family.samples
+               if sample.name == "memcli_requests_total" and sample.labels["endpoint"] != "/metrics")
+
+
+def both(monkeypatch, server, *args, input: str | None = None):
+    """(in this process, through the server): each command's outcome. The first never reaches the
+    server; the second does (a client that quietly ran in its own process would compare equal too)."""
     monkeypatch.setenv("MEMCLI_SERVER", "0")
+    before = requests_answered(server)
     here = outcome(run(*args, input=input))
+    assert requests_answered(server) == before, args
     monkeypatch.delenv("MEMCLI_SERVER")
     served = outcome(run(*args, input=input))
+    assert requests_answered(server) > before, args
     return here, served
 
 
@@ -84,21 +97,21 @@ def test_reading_commands_are_the_same_in_process_and_through_a_server(ck, tmp_p
         ("pool", "info", "nope"),
     ]
     for args in commands:
-        here, served = both(monkeypatch, *args)
+        here, served = both(monkeypatch, server, *args)
         assert here == served, args
     # the commands did run: an answer, its sources, and the errors
-    assert both(monkeypatch, *commands[3])[0][0] == 0
-    assert '"attribution"' in both(monkeypatch, *commands[3])[0][1]
-    assert both(monkeypatch, *commands[6])[0][0] != 0 and "same" in both(monkeypatch, *commands[6])[0][2]
+    assert both(monkeypatch, server, *commands[3])[0][0] == 0
+    assert '"attribution"' in both(monkeypatch, server, *commands[3])[0][1]
+    assert both(monkeypatch, server, *commands[6])[0][0] != 0 and "same" in both(monkeypatch, server, *commands[6])[0][2]
 
 
 def test_chat_is_the_same_in_process_and_through_a_server(ck, tmp_path, server, monkeypatch):
     make_pool(local(ck), tmp_path, "talk", [ALICE])
     turns = "Where did Alice go?\nWho did she meet?\n/reset\nWhere did Alice go?\n"
-    here, served = both(monkeypatch, "chat", "--pool", "talk", "--max-new-tokens", "4", input=turns)
+    here, served = both(monkeypatch, server, "chat", "--pool", "talk", "--max-new-tokens", "4", input=turns)
     assert here == served
     assert here[0] == 0 and here[1].strip()
-    here, served = both(monkeypatch, "chat", "--pool", "talk", "--max-new-tokens", "4", "--json", input=turns)
+    here, served = both(monkeypatch, server, "chat", "--pool", "talk", "--max-new-tokens", "4", "--json", input=turns)
     assert here == served and here[1].count("\n") >= 2  # a JSON line per turn
 
 
@@ -115,8 +128,10 @@ def test_inject_is_the_same_in_process_and_through_a_server(ck, tmp_path, server
             monkeypatch.setenv("MEMCLI_SERVER", "0")
         else:
             monkeypatch.delenv("MEMCLI_SERVER", raising=False)
+        before = requests_answered(server)
         first = outcome(run("inject", folder, "--pool", "fresh", "--model", ck))
         again = outcome(run("inject", folder, "--pool", "fresh", "--json"))  # every file already in
+        assert (requests_answered(server) > before) == (where == "served")
         outcomes.append((first, again))
         removed = run("pool", "rm", "fresh", "--yes")
         assert removed.exit_code == 0, (removed.stdout, removed.stderr)
@@ -161,7 +176,9 @@ def test_a_ctrl_c_report_is_the_same_in_process_and_through_a_server(ck, tmp_pat
     running = start_server(tmp_path, "--keep-alive", "-1", env=env_for_server(MEMCLI_TEST_PAUSE=str(pause)))
     try:
         make_pool(local(ck), tmp_path, "int", [ALICE])
+        before = requests_answered(running)
         outcomes.append(_interrupted_inject(folder, pause, env_for_server()))
+        assert requests_answered(running) > before  # the inject went to the server
     finally:
         running.stop()
     assert run("pool", "rm", "int", "--yes").exit_code == 0

@@ -46,8 +46,12 @@ DRIVER = r"""
 import json, os, sys, time
 started = time.perf_counter()
 import memcli
-from memcli.app.api import Memcli
-from memcli.app.settings import load_settings
+try:  # the layered package (issue 18), else the flat one before it (the baseline b6f0760)
+    from memcli.app.api import Memcli
+    from memcli.app.settings import load_settings
+except ModuleNotFoundError:
+    from memcli.api import Memcli
+    from memcli.settings import load_settings
 import torch
 
 app = Memcli(load_settings(model="memcli-tiny", device="cpu"))

@@ -21,7 +21,7 @@ from memcli.wire import InjectInterrupted, InjectReport
 
 def short_reason(reason: str, limit: int = 60) -> str:
     """A skip reason in a summary line: whole when short, else its first clause (before ": " or
-    "; "), else cut at a word with "…" (each skipped file's line above the summary has it whole)."""
+    "; "), else cut with "…" (each skipped file's line above the summary has it whole)."""
     text = one_line(reason)
     if len(text) <= limit:
         return text
@@ -29,7 +29,7 @@ def short_reason(reason: str, limit: int = 60) -> str:
         clause = text.split(mark, 1)[0]
         if 0 < len(clause) <= limit:
             return clause
-    return text[:limit].rsplit(" ", 1)[0] + "…"
+    return one_line(text, limit)
 
 
 def report_lines(report: InjectReport) -> list[str]:

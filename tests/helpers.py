@@ -161,6 +161,17 @@ def env_for_server(**extra) -> dict:
     return env
 
 
+def metric_samples(text: str) -> dict[str, list]:
+    """A /metrics exposition's samples by name (each a prometheus_client Sample: name, labels, value)."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    found: dict[str, list] = {}
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            found.setdefault(sample.name, []).append(sample)
+    return found
+
+
 def wait_for(predicate, what: str, deadline: float = DEADLINE):
     end = time.monotonic() + deadline
     while time.monotonic() < end:

@@ -12,22 +12,11 @@ import pytest
 
 from memcli.loading.checkpoints import BUNDLED
 
-from .helpers import assert_clean_log, env_for_server, start_server, tiny_note, upload
+from .helpers import assert_clean_log, env_for_server, metric_samples as samples, start_server, tiny_note, upload
 
 pytestmark = pytest.mark.skipif(not (BUNDLED["memcli-tiny"] / "model.safetensors").is_file(),
                                 reason="memcli-tiny not shipped")
 TOKEN = "s3cret-metrics"
-
-
-def samples(text: str) -> dict[str, list]:
-    """The exposition's samples by name (each a prometheus_client Sample: name, labels, value)."""
-    from prometheus_client.parser import text_string_to_metric_families
-
-    found: dict[str, list] = {}
-    for family in text_string_to_metric_families(text):
-        for sample in family.samples:
-            found.setdefault(sample.name, []).append(sample)
-    return found
 
 
 def value(found: dict, name: str, **labels) -> float:

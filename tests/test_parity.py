@@ -15,7 +15,8 @@ from pathlib import Path
 import pytest
 
 from .helpers import (
-    ALICE, CAROL, DEADLINE, env_for_server, local, make_pool, many_texts, run, start_server, subprocess_env, wait_for,
+    ALICE, CAROL, DEADLINE, env_for_server, local, make_pool, many_texts, metric_samples, run, start_server, subprocess_env,
+    wait_for,
 )
 
 TIMING_KEYS = ("seconds", "seconds_to_first_token", "decode_tokens_per_second", "tokens_per_second")
@@ -63,11 +64,8 @@ def server(tmp_path):
 
 def requests_answered(server) -> float:
     """How many requests the server has answered (its /metrics, leaving out the scrapes themselves)."""
-    from prometheus_client.parser import text_string_to_metric_families
-
-    families = text_string_to_metric_families(server.client.http.get("/metrics").text)
-    return sum(sample.value for family in families for sample in family.samples
-               if sample.name == "memcli_requests_total" and sample.labels["endpoint"] != "/metrics")
+    counted = metric_samples(server.client.http.get("/metrics").text).get("memcli_requests_total", [])
+    return sum(sample.value for sample in counted if sample.labels["endpoint"] != "/metrics")
 
 
 def both(monkeypatch, server, *args, input: str | None = None):
